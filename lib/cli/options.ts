@@ -1,0 +1,56 @@
+/**
+ * Option parsers shared by the commands: each turns a flag's text into a value or a
+ * {@link UsageError} (exit status 2) that names the flag.
+ *
+ * @module
+ */
+import { UsageError } from "../errors.ts";
+import type { Endpoint } from "../io.ts";
+import type { ProgressMode } from "../progress.ts";
+import { parseSize } from "../size.ts";
+
+/** `--flag SIZE` with K/M/G suffixes. */
+export function sizeOption(flag: string): (v: string) => number {
+  return (v) => parseSize(v, flag);
+}
+
+/** A file descriptor number (`--output-fd N`). */
+export function fdOption(flag: string): (v: string) => number {
+  return (v) => {
+    if (!/^\d+$/.test(v)) {
+      throw new UsageError(`${flag} needs a file descriptor number, got '${v}'`);
+    }
+    return Number(v);
+  };
+}
+
+/** A power of two between `min` and `max` (sizes with suffixes accepted). */
+export function powerOfTwoOption(flag: string, min: number, max: number): (v: string) => number {
+  return (v) => {
+    const n = parseSize(v, flag);
+    if (n < min || n > max || (n & (n - 1)) !== 0) {
+      throw new UsageError(`${flag} must be a power of two from ${min} to ${max}, got '${v}'`);
+    }
+    return n;
+  };
+}
+
+/** The endpoint named by a path option (`-` = std) or an fd option; std by default. */
+export function endpointFrom(
+  path: string | undefined,
+  fd: number | undefined,
+  flags: string,
+): Endpoint {
+  if (path !== undefined && fd !== undefined) {
+    throw new UsageError(`give only one of ${flags}`);
+  }
+  if (fd !== undefined) return { kind: "fd", fd };
+  if (path === undefined || path === "-") return { kind: "std" };
+  return { kind: "path", path };
+}
+
+/** `--progress` / `--machine` → the progress mode. */
+export function progressMode(opts: { progress?: boolean; machine?: boolean }): ProgressMode {
+  if (opts.machine) return "machine";
+  return opts.progress ? "bar" : "none";
+}

@@ -1,0 +1,86 @@
+/**
+ * Typed errors. Every failure a user can cause or meet is a {@link DiskstreamError}
+ * whose message says what went wrong, where (byte offset, cluster) and what to do;
+ * the command line prints that message on one line, never a stack trace.
+ *
+ * @module
+ */
+
+/** Base class of every error diskstream raises on purpose. Exit status 1. */
+export class DiskstreamError extends Error {
+  /** The exit status the command line uses for this error. */
+  readonly exitCode: number = 1;
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = new.target.name;
+  }
+}
+
+/** Bad command-line usage or option value. Exit status 2. */
+export class UsageError extends DiskstreamError {
+  override readonly exitCode: number = 2;
+}
+
+/**
+ * The input image is malformed, truncated or inconsistent. `offset` is the byte
+ * offset in the image (or stream) where the problem was found, when known.
+ */
+export class CorruptImageError extends DiskstreamError {
+  /** Byte offset in the image or stream where the problem was found. */
+  readonly offset?: number;
+  constructor(message: string, offset?: number, options?: ErrorOptions) {
+    super(offset === undefined ? message : `${message} (at byte offset ${offset})`, options);
+    this.offset = offset;
+  }
+}
+
+/** A valid image that uses a feature diskstream does not handle (encryption, ...). */
+export class UnsupportedError extends DiskstreamError {}
+
+/** Deno did not grant a permission the operation needs; the message names the flag. */
+export class PermissionError extends DiskstreamError {}
+
+/** The reader of our output went away (EPIPE); the command line exits 1 quietly. */
+export class BrokenPipeError extends DiskstreamError {}
+
+/** A resource limit (for example import's `--max-buffer`) was reached. */
+export class LimitError extends DiskstreamError {}
+
+/** The source changed while it was being read (size differs between passes). */
+export class SourceChangedError extends DiskstreamError {}
+
+/**
+ * Turns what Deno throws for a path into a DiskstreamError that names the path and
+ * says what to do. Errors that are already DiskstreamErrors pass through.
+ */
+export function describeIoError(err: unknown, path: string, action: string): DiskstreamError {
+  if (err instanceof DiskstreamError) return err;
+  if (err instanceof Deno.errors.NotFound) {
+    return new DiskstreamError(`cannot ${action} ${path}: no such file or directory`, {
+      cause: err,
+    });
+  }
+  if (err instanceof Deno.errors.NotCapable) {
+    return new PermissionError(
+      `cannot ${action} ${path}: Deno was not given the permission (${
+        path.startsWith("/dev/")
+          ? "devices need --allow-all"
+          : "run with --allow-read --allow-write"
+      }, or use 'deno task diskstream')`,
+      { cause: err },
+    );
+  }
+  if (err instanceof Deno.errors.PermissionDenied) {
+    return new PermissionError(`cannot ${action} ${path}: permission denied`, { cause: err });
+  }
+  if (err instanceof Deno.errors.IsADirectory) {
+    return new DiskstreamError(`cannot ${action} ${path}: it is a directory`, { cause: err });
+  }
+  if (err instanceof Deno.errors.BrokenPipe) {
+    return new BrokenPipeError(`cannot ${action} ${path}: the reader closed the pipe`, {
+      cause: err,
+    });
+  }
+  const msg = err instanceof Error ? err.message : String(err);
+  return new DiskstreamError(`cannot ${action} ${path}: ${msg}`, { cause: err });
+}

@@ -1,0 +1,169 @@
+/**
+ * Inputs and outputs of the streaming commands: stdout/stdin, a path, or an
+ * inherited file descriptor (`--output-fd N` / `--input-fd N`, opened through
+ * `/dev/fd/N`). Reads and writes move megabytes at a time.
+ *
+ * @module
+ */
+import { BrokenPipeError, describeIoError, UsageError } from "./errors.ts";
+
+/** Where a stream goes or comes from. */
+export type Endpoint =
+  | { kind: "std" }
+  | { kind: "path"; path: string }
+  | { kind: "fd"; fd: number };
+
+/** Size of the chunks read from inputs. */
+export const CHUNK_SIZE = 4 * 1024 * 1024;
+
+/** A byte sink that the export stream is written to. */
+export interface Output {
+  /** A name for messages: "stdout", a path, or "fd 5". */
+  readonly name: string;
+  /** True when the output is this process's stdout. */
+  readonly isStdout: boolean;
+  /** Writes all of `chunk`. */
+  write(chunk: Uint8Array): Promise<void>;
+  /** Flushes and closes (stdout is left open). */
+  close(): Promise<void>;
+}
+
+/** Describes an endpoint for messages. */
+export function endpointName(e: Endpoint, std: "stdin" | "stdout"): string {
+  return e.kind === "std" ? std : e.kind === "path" ? e.path : `fd ${e.fd}`;
+}
+
+async function writeAll(w: { write(p: Uint8Array): Promise<number> }, chunk: Uint8Array) {
+  let off = 0;
+  while (off < chunk.length) off += await w.write(chunk.subarray(off));
+}
+
+/**
+ * Opens an output. stdout is refused when it is a terminal (an image would garble
+ * it); a path is created or truncated.
+ */
+export async function openOutput(target: Endpoint): Promise<Output> {
+  const name = endpointName(target, "stdout");
+  if (target.kind === "std") {
+    if (Deno.stdout.isTerminal()) {
+      throw new UsageError(
+        "refusing to write a disk image to a terminal: redirect stdout or use -o FILE",
+      );
+    }
+    return wrap(name, true, Deno.stdout, () => Promise.resolve());
+  }
+  const path = target.kind === "path" ? target.path : `/dev/fd/${target.fd}`;
+  let file: Deno.FsFile;
+  try {
+    file = await Deno.open(
+      path,
+      target.kind === "path" ? { write: true, create: true, truncate: true } : { write: true },
+    );
+  } catch (err) {
+    throw describeIoError(err, name, "open for writing");
+  }
+  return wrap(name, false, file, () => Promise.resolve(file.close()));
+}
+
+function wrap(
+  name: string,
+  isStdout: boolean,
+  w: { write(p: Uint8Array): Promise<number> },
+  close: () => Promise<void>,
+): Output {
+  return {
+    name,
+    isStdout,
+    async write(chunk) {
+      try {
+        await writeAll(w, chunk);
+      } catch (err) {
+        if (err instanceof Deno.errors.BrokenPipe) {
+          throw new BrokenPipeError(`${name}: the reader closed the pipe`, { cause: err });
+        }
+        throw describeIoError(err, name, "write to");
+      }
+    },
+    close,
+  };
+}
+
+/** Writes every chunk of `stream` to `output`, then closes the output. */
+export async function pipeToOutput(
+  stream: ReadableStream<Uint8Array>,
+  output: Output,
+): Promise<void> {
+  try {
+    for await (const chunk of stream) await output.write(chunk);
+  } finally {
+    await output.close();
+  }
+}
+
+/** An opened input: a byte stream of large chunks and a way to release it. */
+export interface Input {
+  /** A name for messages: "stdin", a path, or "fd 5". */
+  readonly name: string;
+  /** The bytes, in chunks of up to {@link CHUNK_SIZE}. */
+  readonly stream: ReadableStream<Uint8Array>;
+}
+
+/** Opens an input stream (stdin, a path, or an inherited descriptor). */
+export async function openInput(source: Endpoint): Promise<Input> {
+  const name = endpointName(source, "stdin");
+  if (source.kind === "std") return { name, stream: readableFrom(Deno.stdin, name) };
+  const path = source.kind === "path" ? source.path : `/dev/fd/${source.fd}`;
+  let file: Deno.FsFile;
+  try {
+    file = await Deno.open(path, { read: true });
+  } catch (err) {
+    throw describeIoError(err, name, "open");
+  }
+  return { name, stream: readableFrom(file, name, () => file.close()) };
+}
+
+/**
+ * A ReadableStream over a reader that moves `chunkSize` bytes per chunk (Deno's own
+ * `.readable` moves 64 KiB), each chunk a fresh buffer the consumer may keep.
+ */
+export function readableFrom(
+  reader: { read(p: Uint8Array): Promise<number | null> },
+  name: string,
+  close: () => void = () => {},
+  chunkSize = CHUNK_SIZE,
+): ReadableStream<Uint8Array> {
+  let closed = false;
+  const done = () => {
+    if (!closed) {
+      closed = true;
+      close();
+    }
+  };
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      const buf = new Uint8Array(chunkSize);
+      let filled = 0;
+      try {
+        while (filled < chunkSize) {
+          const n = await reader.read(buf.subarray(filled));
+          if (n === null) break;
+          filled += n;
+          // A pipe gives what it has: pass on a large enough piece without waiting.
+          if (filled >= chunkSize / 4) break;
+        }
+      } catch (err) {
+        done();
+        throw describeIoError(err, name, "read");
+      }
+      if (filled === 0) {
+        done();
+        controller.close();
+        return;
+      }
+      controller.enqueue(buf.subarray(0, filled));
+    },
+    cancel() {
+      done();
+    },
+  });
+}
