@@ -1,11 +1,48 @@
 /**
- * diskstream: stream virtual disks.
+ * diskstream: stream virtual disks. Export a raw disk or block device as a qcow2
+ * stream without a temporary file, import a qcow2/VHD stream into a raw file or block
+ * device without seeking, diff against a base disk, and read image headers to list the
+ * allocated clusters.
  *
- * @example Parse a size
+ * @example Parse a size and format allocation JSON
  * ```ts
- * import { parseSize } from "@diskstream/diskstream";
- * console.assert(parseSize("64K") === 65536);
+ * import { ClusterSet, formatAllocation, parseSize } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const clusters = new ClusterSet(16, parseSize("2M"));
+ * clusters.addRange(0, 2);
+ * assert.equal(
+ *   formatAllocation({ virtualSize: parseSize("32M"), clusters }),
+ *   '{"virtual_size":33554432,"cluster_bits":21,"data_clusters":[[0,2]]}',
+ * );
  * ```
  * @module
  */
+
+// Foundation: errors, sizes, cluster sets, allocation JSON, progress.
+export {
+  BrokenPipeError,
+  CorruptImageError,
+  DiskstreamError,
+  LimitError,
+  PermissionError,
+  SourceChangedError,
+  UnsupportedError,
+  UsageError,
+} from "./lib/errors.ts";
 export { formatBytes, parseSize } from "./lib/size.ts";
+export { ClusterSet } from "./lib/cluster_set.ts";
+export {
+  type Allocation,
+  AllocationJsonError,
+  formatAllocation,
+  type ImageInfoJson,
+  parseAllocation,
+} from "./lib/allocation.ts";
+export { createProgress, type ProgressMode, type ProgressSink } from "./lib/progress.ts";
+
+// Export (raw → qcow2 stream).
+
+// Headers and info.
+
+// Import (qcow2/VHD stream → raw).
