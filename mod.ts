@@ -44,5 +44,27 @@ export { createProgress, type ProgressMode, type ProgressSink } from "./lib/prog
 // Export (raw → qcow2 stream).
 
 // Headers and info.
+export { readImageAllocation } from "./lib/image_allocation.ts";
+export {
+  formatImageInfo,
+  type ImageInfo,
+  type LayerInfo,
+  type Qcow2InfoJson,
+  readImageInfo,
+  type VhdInfoJson,
+} from "./lib/info.ts";
+export {
+  buildVhdFooter,
+  parseVhdFooter,
+  type VhdFooter,
+  type VhdFooterOptions,
+} from "./lib/vhd/footer.ts";
+export {
+  buildVhdDynamicHeader,
+  parseVhdDynamicHeader,
+  type VhdDynamicHeader,
+  type VhdDynamicHeaderOptions,
+  type VhdParentLocator,
+} from "./lib/vhd/dynamic_header.ts";
 
 // Import (qcow2/VHD stream → raw).

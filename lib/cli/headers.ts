@@ -1,9 +1,69 @@
 /**
- * The `headers` command family (placeholder until implemented).
+ * The `headers` command family: `headers IMAGE [--legacy]`, vhd-tool's drop-in names
+ * `read_headers FILE` and `read_headers_interval FILE`, and `info IMAGE [--json]`.
  *
  * @module
  */
 import type { Command } from "commander";
+import { formatAllocation } from "../allocation.ts";
+import { BrokenPipeError, describeIoError } from "../errors.ts";
+import { readImageAllocation } from "../image_allocation.ts";
+import { formatImageInfo, readImageInfo } from "../info.ts";
 
 /** Registers the headers commands on `program`. */
-export function registerHeaders(_program: Command): void {}
+export function registerHeaders(program: Command): void {
+  program
+    .command("headers")
+    .description(
+      "Print the allocation JSON of a qcow2 or VHD image (and its backing/parent chain),\n" +
+        "byte-compatible with vhd-tool: inclusive [first,last] intervals, or the flat\n" +
+        "list with --legacy. Only the image's tables are read.",
+    )
+    .argument("<IMAGE>", "qcow2 (v2/v3) or VHD (dynamic, differencing, fixed) image")
+    .option("--legacy", "flat list of cluster numbers (vhd-tool read_headers)")
+    .action(async (image: string, opts: { legacy?: boolean }) => {
+      await printHeaders(image, opts.legacy === true);
+    });
+  program
+    .command("read_headers")
+    .description("Drop-in for 'vhd-tool read_headers FILE': 'headers FILE --legacy'.")
+    .argument("<FILE>", "qcow2 or VHD image")
+    .action(async (file: string) => await printHeaders(file, true));
+  program
+    .command("read_headers_interval")
+    .description("Drop-in for 'vhd-tool read_headers_interval FILE': 'headers FILE'.")
+    .argument("<FILE>", "qcow2 or VHD image")
+    .action(async (file: string) => await printHeaders(file, false));
+  program
+    .command("info")
+    .description(
+      "A summary of a qcow2 or VHD image: format and version, virtual size, cluster or\n" +
+        "block size, allocated bytes, backing/parent chain and features.",
+    )
+    .argument("<IMAGE>", "qcow2 or VHD image")
+    .option("--json", "print JSON for scripts (fields in the README)")
+    .action(async (image: string, opts: { json?: boolean }) => {
+      const info = await readImageInfo(image);
+      await writeStdout(
+        opts.json ? JSON.stringify(info, null, 2) + "\n" : formatImageInfo(info),
+      );
+    });
+}
+
+async function printHeaders(path: string, legacy: boolean): Promise<void> {
+  await writeStdout(formatAllocation(await readImageAllocation(path), legacy));
+}
+
+/** Writes all of `text` to stdout; a closed pipe ends quietly. */
+async function writeStdout(text: string): Promise<void> {
+  const bytes = new TextEncoder().encode(text);
+  let done = 0;
+  try {
+    while (done < bytes.length) done += await Deno.stdout.write(bytes.subarray(done));
+  } catch (err) {
+    if (err instanceof Deno.errors.BrokenPipe) {
+      throw new BrokenPipeError("stdout: the reader closed the pipe", { cause: err });
+    }
+    throw describeIoError(err, "stdout", "write to");
+  }
+}

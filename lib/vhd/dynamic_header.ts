@@ -76,6 +76,24 @@ export function isVhdDynamicHeader(bytes: Uint8Array): boolean {
  * `base` is the header's byte offset in the file or stream (the footer's
  * `dataOffset`), used in error messages. Throws {@link CorruptImageError} for a short
  * buffer, a wrong cookie, a checksum mismatch or an invalid block size.
+ *
+ * @example Parse a differencing disk's header and decode its parent locator
+ * ```ts
+ * import { buildVhdDynamicHeader, parseVhdDynamicHeader } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const path = new TextEncoder().encode("file://./parent.vhd");
+ * const bytes = buildVhdDynamicHeader({
+ *   tableOffset: 1536,
+ *   maxTableEntries: 16,
+ *   parentUnicodeName: "parent.vhd",
+ *   parentLocators: [{ platformCode: "MacX", dataSpace: 1, dataLength: path.length, dataOffset: 2048 }],
+ * });
+ * const header = parseVhdDynamicHeader(bytes, 512);
+ * assert.equal(header.blockSize, 2 << 20);
+ * assert.equal(header.parentUnicodeName, "parent.vhd");
+ * assert.equal(header.parentLocators[0].platformCode, "MacX");
+ * ```
  */
 export function parseVhdDynamicHeader(bytes: Uint8Array, base = 0): VhdDynamicHeader {
   if (bytes.length < DYNAMIC_HEADER_SIZE) {
@@ -244,7 +262,19 @@ export interface VhdDynamicHeaderOptions {
   parentLocators?: Omit<VhdParentLocator, "index">[];
 }
 
-/** Builds a 1024-byte dynamic header with a valid checksum. */
+/**
+ * Builds a 1024-byte dynamic header with a valid checksum.
+ *
+ * @example The header of a dynamic disk with 4 KiB blocks
+ * ```ts
+ * import { buildVhdDynamicHeader, parseVhdDynamicHeader } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const bytes = buildVhdDynamicHeader({ tableOffset: 1536, maxTableEntries: 256, blockSize: 4096 });
+ * assert.equal(bytes.length, 1024);
+ * assert.equal(parseVhdDynamicHeader(bytes).maxTableEntries, 256);
+ * ```
+ */
 export function buildVhdDynamicHeader(opts: VhdDynamicHeaderOptions): Uint8Array {
   const b = new Uint8Array(DYNAMIC_HEADER_SIZE);
   const v = viewOf(b);

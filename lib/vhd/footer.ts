@@ -96,6 +96,20 @@ export function isVhdFooter(bytes: Uint8Array): boolean {
  * footer's byte offset in the file or stream, used in error messages. Throws
  * {@link CorruptImageError} for a short buffer, a wrong cookie, a checksum mismatch or
  * an unknown disk type.
+ *
+ * @example Parse a footer and catch a damaged one
+ * ```ts
+ * import { buildVhdFooter, CorruptImageError, parseVhdFooter } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const bytes = buildVhdFooter({ diskType: 3, currentSize: 32 << 20 });
+ * const footer = parseVhdFooter(bytes);
+ * assert.equal(footer.currentSize, 32 << 20);
+ * assert.equal(footer.dataOffset, 512);
+ *
+ * bytes[50] ^= 1; // the checksum no longer matches
+ * assert.throws(() => parseVhdFooter(bytes, 4096), (e) => e instanceof CorruptImageError && e.offset === 4160);
+ * ```
  */
 export function parseVhdFooter(bytes: Uint8Array, base = 0): VhdFooter {
   if (bytes.length < FOOTER_SIZE) {
@@ -220,7 +234,20 @@ export function vhdTimestamp(date: Date): number {
   return Math.min(Math.max(s, 0), 0xffffffff);
 }
 
-/** Builds a 512-byte footer with a valid checksum. */
+/**
+ * Builds a 512-byte footer with a valid checksum.
+ *
+ * @example A fixed disk's footer
+ * ```ts
+ * import { buildVhdFooter, parseVhdFooter } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const footer = buildVhdFooter({ diskType: 2, currentSize: 1 << 20, creatorApplication: "test" });
+ * assert.equal(footer.length, 512);
+ * assert.equal(new TextDecoder().decode(footer.subarray(0, 8)), "conectix");
+ * assert.equal(parseVhdFooter(footer).dataOffset, null); // fixed disks have no header
+ * ```
+ */
 export function buildVhdFooter(opts: VhdFooterOptions): Uint8Array {
   const b = new Uint8Array(FOOTER_SIZE);
   const v = viewOf(b);

@@ -1,0 +1,111 @@
+/**
+ * An image file opened for random access: its size and positional reads that refuse to
+ * run past the end (a {@link CorruptImageError} naming what was being read and where).
+ * Used by the header readers, which read tables, never data.
+ *
+ * @module
+ */
+import { CorruptImageError, describeIoError, DiskstreamError, UnsupportedError } from "./errors.ts";
+
+/** A read-only image file (regular file or block device) with positional reads. */
+export class ImageFile {
+  /** The path as given. */
+  readonly path: string;
+  /** Size in bytes (for a block device, its length). */
+  readonly size: number;
+  readonly #file: Deno.FsFile;
+
+  private constructor(path: string, file: Deno.FsFile, size: number) {
+    this.path = path;
+    this.#file = file;
+    this.size = size;
+  }
+
+  /** Opens `path` read-only; errors name the path. */
+  static async open(path: string): Promise<ImageFile> {
+    let file: Deno.FsFile;
+    try {
+      file = await Deno.open(path, { read: true });
+    } catch (err) {
+      throw describeIoError(err, path, "open");
+    }
+    try {
+      const size = await file.seek(0, Deno.SeekMode.End);
+      return new ImageFile(path, file, size);
+    } catch (err) {
+      file.close();
+      throw describeIoError(err, path, "read");
+    }
+  }
+
+  /**
+   * Reads exactly `length` bytes at `offset`. `what` names the structure for the
+   * error raised when it lies (partly) past the end of the file.
+   */
+  async readAt(offset: number, length: number, what: string): Promise<Uint8Array> {
+    if (offset + length > this.size) {
+      throw new CorruptImageError(
+        `${what} (${length} bytes at ${offset}) lies past the end of the ${this.size}-byte file`,
+        offset,
+      );
+    }
+    const buf = new Uint8Array(length);
+    try {
+      await this.#file.seek(offset, Deno.SeekMode.Start);
+      let done = 0;
+      while (done < length) {
+        const n = await this.#file.read(buf.subarray(done));
+        if (n === null) {
+          throw new CorruptImageError(
+            `${what} ends early: the file shrank while being read`,
+            offset + done,
+          );
+        }
+        done += n;
+      }
+    } catch (err) {
+      throw describeIoError(err, this.path, "read");
+    }
+    return buf;
+  }
+
+  /** Closes the file. */
+  close(): void {
+    this.#file.close();
+  }
+}
+
+/** Opens `path`, runs `fn` with it and closes it, whatever happens. */
+export async function withImageFile<T>(
+  path: string,
+  fn: (file: ImageFile) => Promise<T>,
+): Promise<T> {
+  const file = await ImageFile.open(path);
+  try {
+    return await fn(file);
+  } finally {
+    file.close();
+  }
+}
+
+/** A CorruptImageError's message without its "(at byte offset N)" suffix. */
+function stripOffset(message: string): string {
+  return message.replace(/ \(at byte offset \d+\)$/, "");
+}
+
+/**
+ * `err` with `path: ` in front of its message (unless already there), keeping its
+ * class and byte offset, so that an error deep in a backing chain names its file.
+ */
+export function inFile(path: string, err: unknown): unknown {
+  if (!(err instanceof DiskstreamError) || err.message.startsWith(`${path}: `)) return err;
+  if (err instanceof CorruptImageError) {
+    return new CorruptImageError(`${path}: ${stripOffset(err.message)}`, err.offset, {
+      cause: err,
+    });
+  }
+  if (err instanceof UnsupportedError) {
+    return new UnsupportedError(`${path}: ${err.message}`, { cause: err });
+  }
+  return err;
+}

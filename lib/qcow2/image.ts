@@ -1,0 +1,186 @@
+/**
+ * Random-access qcow2 reader for `headers`/`info`: reads the header, the active L1
+ * table in one go and then only the allocated L2 tables (adjacent tables in one read),
+ * never the data, and classifies every guest cluster (formats.md): COMPRESSED, ZERO
+ * (plain or with stale host data), NORMAL, or UNALLOCATED (reads from the backing
+ * file). A cluster "reads data from this image" exactly when `qemu-img map` says
+ * `"data": true` for it at depth 0: normal and compressed clusters.
+ *
+ * @module
+ */
+import { dirname, isAbsolute, join } from "node:path";
+import { ClusterSet } from "../cluster_set.ts";
+import { CorruptImageError, UnsupportedError } from "../errors.ts";
+import type { ImageFile } from "../image_file.ts";
+import { CHUNK_SIZE } from "../io.ts";
+import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, OFFSET_MASK } from "./constants.ts";
+import { HEADER_PROBE_BYTES, parseQcow2Header, type Qcow2Header } from "./header.ts";
+
+/** How many guest clusters (within the virtual size) are of each kind in one image. */
+export interface Qcow2ClusterCounts {
+  /** Data in this image, uncompressed. */
+  normal: number;
+  /** Data in this image, compressed. */
+  compressed: number;
+  /** Reads as zeros (ZERO flag, or every subcluster zero with extended L2). */
+  zero: number;
+  /** Not in this image: reads from the backing file, or zeros without one. */
+  unallocated: number;
+}
+
+/** What the tables of one qcow2 file say. */
+export interface Qcow2Map {
+  header: Qcow2Header;
+  /** Guest clusters that read data from this file (normal or compressed). */
+  data: ClusterSet;
+  /** Guest clusters that read as zeros whatever the backing file holds; null if none. */
+  zero: ClusterSet | null;
+  counts: Qcow2ClusterCounts;
+  /** Number of L2 tables read. */
+  l2Tables: number;
+}
+
+/** Reads and validates the header of the qcow2 image in `file` (cluster 0 whole). */
+export async function readQcow2Header(file: ImageFile): Promise<Qcow2Header> {
+  const probe = await file.readAt(0, Math.min(file.size, HEADER_PROBE_BYTES), "qcow2 header");
+  const header = parseQcow2Header(probe, file.size);
+  const cluster0 = Math.min(header.clusterSize, file.size);
+  if (cluster0 <= probe.length) return header;
+  return parseQcow2Header(await file.readAt(0, cluster0, "qcow2 header cluster"), file.size);
+}
+
+/**
+ * Reads the active L1 table and the allocated L2 tables of the qcow2 image in `file`
+ * and classifies every guest cluster. Throws {@link CorruptImageError} (with the byte
+ * offset of the offending table entry) for an L2 table that is misaligned or lies past
+ * the end of the file.
+ */
+export async function readQcow2Map(file: ImageFile): Promise<Qcow2Map> {
+  const header = await readQcow2Header(file);
+  const cs = header.clusterSize;
+  const extL2 = (header.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
+  const hasDataFile = (header.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+  const entryBytes = extL2 ? 16 : 8;
+  const l2Entries = cs / entryBytes;
+  const nbClusters = Math.ceil(header.size / cs);
+  const l1Needed = Math.ceil(nbClusters / l2Entries);
+  if (header.l1Size < l1Needed) {
+    throw new CorruptImageError(
+      `qcow2 l1_size ${header.l1Size} cannot map the virtual size ${header.size} with ${entryBytes}-byte L2 entries (needs ${l1Needed})`,
+      36,
+    );
+  }
+  const data = new ClusterSet(nbClusters, cs);
+  const counts: Qcow2ClusterCounts = { normal: 0, compressed: 0, zero: 0, unallocated: 0 };
+  const map: Qcow2Map = { header, data, zero: null, counts, l2Tables: 0 };
+
+  const tables = l1Needed === 0 ? [] : await readL1(file, header, l1Needed);
+  const markZero = (c: number) => {
+    map.zero ??= new ClusterSet(nbClusters, cs);
+    map.zero.add(c);
+    counts.zero++;
+  };
+  for (const group of groupAdjacent(tables, cs)) {
+    const first = group[0];
+    const bytes = await file.readAt(first.offset, group.length * cs, `qcow2 L2 tables`);
+    const view = new DataView(bytes.buffer);
+    for (let t = 0; t < group.length; t++) {
+      map.l2Tables++;
+      const base = t * cs;
+      const firstCluster = group[t].l1Index * l2Entries;
+      const n = Math.min(l2Entries, nbClusters - firstCluster);
+      for (let j = 0; j < n; j++) {
+        const p = base + j * entryBytes;
+        const hi = view.getUint32(p);
+        const lo = view.getUint32(p + 4);
+        const c = firstCluster + j;
+        if ((hi & 0x40000000) !== 0) {
+          data.add(c);
+          counts.compressed++;
+          continue;
+        }
+        const hasOffset = (hi & 0x00ffffff) !== 0 || (lo & 0xfffffe00) !== 0 ||
+          (hasDataFile && (hi & 0x80000000) !== 0);
+        if (extL2) {
+          const zeroBits = view.getUint32(p + 8);
+          const allocBits = view.getUint32(p + 12);
+          if (hasOffset && allocBits !== 0) {
+            data.add(c);
+            counts.normal++;
+          } else if (zeroBits === 0xffffffff) {
+            markZero(c);
+          }
+        } else if ((lo & 1) !== 0) {
+          markZero(c);
+        } else if (hasOffset) {
+          data.add(c);
+          counts.normal++;
+        }
+      }
+    }
+  }
+  counts.unallocated = nbClusters - counts.normal - counts.compressed - counts.zero;
+  return map;
+}
+
+interface L2Ref {
+  l1Index: number;
+  offset: number;
+}
+
+/** The L2 tables the first `entries` L1 entries point to, checked against the file. */
+async function readL1(file: ImageFile, header: Qcow2Header, entries: number): Promise<L2Ref[]> {
+  const cs = header.clusterSize;
+  const bytes = await file.readAt(header.l1TableOffset, entries * 8, "qcow2 L1 table");
+  const view = new DataView(bytes.buffer);
+  const refs: L2Ref[] = [];
+  for (let i = 0; i < entries; i++) {
+    const offset = Number(view.getBigUint64(i * 8) & OFFSET_MASK);
+    if (offset === 0) continue;
+    const at = header.l1TableOffset + i * 8;
+    if (offset % cs !== 0) {
+      throw new CorruptImageError(
+        `qcow2 L1 entry ${i} points to an L2 table at ${offset}, not cluster aligned`,
+        at,
+      );
+    }
+    if (offset + cs > file.size) {
+      throw new CorruptImageError(
+        `qcow2 L1 entry ${i} points to an L2 table at ${offset}, past the end of the ${file.size}-byte file`,
+        at,
+      );
+    }
+    refs.push({ l1Index: i, offset });
+  }
+  return refs;
+}
+
+/** Tables sorted by file offset, in runs of adjacent clusters of at most 4 MiB each. */
+function groupAdjacent(refs: L2Ref[], cs: number): L2Ref[][] {
+  const sorted = [...refs].sort((a, b) => a.offset - b.offset);
+  const maxTables = Math.max(1, Math.floor(CHUNK_SIZE / cs));
+  const groups: L2Ref[][] = [];
+  for (const r of sorted) {
+    const g = groups.at(-1);
+    const last = g?.at(-1);
+    if (g && last && last.offset + cs === r.offset && g.length < maxTables) g.push(r);
+    else groups.push([r]);
+  }
+  return groups;
+}
+
+/**
+ * Where the backing file of the image at `imagePath` is: its name resolved against the
+ * image's folder (absolute names as they are), or undefined without a backing file.
+ * Protocol or `json:` names are refused.
+ */
+export function qcow2BackingPath(imagePath: string, header: Qcow2Header): string | undefined {
+  const name = header.backingFile;
+  if (name === undefined || name === "") return undefined;
+  if (name.startsWith("json:") || /^[a-z][a-z0-9+.-]*:\/\//i.test(name)) {
+    throw new UnsupportedError(
+      `backing file ${JSON.stringify(name)} is not a plain file name; only local files are read`,
+    );
+  }
+  return isAbsolute(name) ? name : join(dirname(imagePath), name);
+}

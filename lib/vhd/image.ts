@@ -1,0 +1,221 @@
+/**
+ * Random-access VHD reader for `headers`/`info`: footer (the copy at offset 0 and the
+ * original at the end of a dynamic disk), dynamic header and BAT, read in one go each;
+ * the blocks themselves are never read. A block is allocated when its BAT entry is
+ * set, among the `ceil(current_size / block_size)` entries that count (vhd-tool's
+ * rule). A differencing disk's parent is found through its parent locators the way
+ * vhd-tool does, relative to the child's folder.
+ *
+ * @module
+ */
+import { basename, dirname, isAbsolute, join } from "node:path";
+import { ClusterSet } from "../cluster_set.ts";
+import { CorruptImageError } from "../errors.ts";
+import type { ImageFile } from "../image_file.ts";
+import { dataExtents } from "../seek_data.ts";
+import {
+  BAT_UNUSED,
+  DEFAULT_BLOCK_SIZE,
+  DISK_TYPE_DIFFERENCING,
+  DISK_TYPE_FIXED,
+  DYNAMIC_HEADER_SIZE,
+  FOOTER_SIZE,
+  PLATFORM_MACX,
+  PLATFORM_W2KU,
+  PLATFORM_W2RU,
+  PLATFORM_WI2K,
+  PLATFORM_WI2R,
+  SECTOR_SIZE,
+} from "./constants.ts";
+import {
+  blockBitmapSize,
+  checkVhdTables,
+  decodeParentLocator,
+  parseVhdDynamicHeader,
+  usedBatEntries,
+  type VhdDynamicHeader,
+} from "./dynamic_header.ts";
+import { isVhdFooter, parseVhdFooter, type VhdFooter } from "./footer.ts";
+
+/** Where a differencing disk's parent is, as far as its locators say. */
+export interface VhdParentRef {
+  /** The first name the locators give (for messages and `info`). */
+  name: string;
+  /** The first candidate that exists, or undefined when none does. */
+  path?: string;
+  /** Every path tried, in order. */
+  tried: string[];
+}
+
+/** What the metadata of one VHD file says. */
+export interface VhdMap {
+  footer: VhdFooter;
+  /** Null for a fixed disk. */
+  header: VhdDynamicHeader | null;
+  /** Block size of the dynamic disk; 2 MiB for a fixed disk (vhd-tool's unit). */
+  blockSize: number;
+  /** Blocks that hold data in this file (fixed disks: every block with data extents). */
+  data: ClusterSet;
+  /** The parent of a differencing disk. */
+  parent?: VhdParentRef;
+}
+
+/**
+ * Reads the VHD in `file`: a dynamic or differencing disk when it starts with the
+ * footer copy, else a fixed disk (footer in the last 512 bytes only). Throws
+ * {@link CorruptImageError} with the byte offset for a bad cookie or checksum, a
+ * missing or disagreeing end footer (a truncated file), tables past the end of the
+ * file, or a BAT entry pointing past it.
+ */
+export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
+  if (file.size < FOOTER_SIZE) {
+    throw new CorruptImageError(
+      `VHD truncated: the file has ${file.size} bytes, less than one footer`,
+      file.size,
+    );
+  }
+  const endAt = file.size - FOOTER_SIZE;
+  const head = await file.readAt(0, FOOTER_SIZE, "VHD footer copy");
+  if (!isVhdFooter(head)) {
+    const footer = parseVhdFooter(await file.readAt(endAt, FOOTER_SIZE, "VHD footer"), endAt);
+    if (footer.diskType !== DISK_TYPE_FIXED) {
+      throw new CorruptImageError(
+        `VHD footer copy at offset 0 is missing for a ${
+          footer.diskType === DISK_TYPE_DIFFERENCING ? "differencing" : "dynamic"
+        } disk`,
+        0,
+      );
+    }
+    return readFixed(file, footer);
+  }
+  const copy = parseVhdFooter(head, 0);
+  const tail = await file.readAt(endAt, FOOTER_SIZE, "VHD footer");
+  if (!isVhdFooter(tail)) {
+    throw new CorruptImageError(
+      "VHD footer missing from the last 512 bytes of the file (a truncated file?)",
+      endAt,
+    );
+  }
+  const footer = parseVhdFooter(tail, endAt);
+  if (footer.currentSize !== copy.currentSize || footer.diskType !== copy.diskType) {
+    throw new CorruptImageError(
+      `VHD footer at the end (${footer.currentSize} bytes, type ${footer.diskType}) disagrees with its copy at offset 0 (${copy.currentSize} bytes, type ${copy.diskType})`,
+      endAt,
+    );
+  }
+  if (footer.diskType === DISK_TYPE_FIXED) {
+    throw new CorruptImageError("fixed VHD with a footer copy at offset 0", 0);
+  }
+  const at = copy.dataOffset;
+  if (at === null) {
+    throw new CorruptImageError("dynamic VHD footer has no dynamic header offset", 16);
+  }
+  const header = parseVhdDynamicHeader(
+    await file.readAt(at, DYNAMIC_HEADER_SIZE, "VHD dynamic header"),
+    at,
+  );
+  checkVhdTables(header, footer.currentSize, at, file.size);
+  const data = await readBat(file, header, footer.currentSize);
+  const map: VhdMap = { footer, header, blockSize: header.blockSize, data };
+  if (footer.diskType === DISK_TYPE_DIFFERENCING) map.parent = await findParent(file, header);
+  return map;
+}
+
+async function readBat(
+  file: ImageFile,
+  header: VhdDynamicHeader,
+  currentSize: number,
+): Promise<ClusterSet> {
+  const used = usedBatEntries(currentSize, header.blockSize);
+  const data = new ClusterSet(used, header.blockSize);
+  if (used === 0) return data;
+  const bat = await file.readAt(header.tableOffset, used * 4, "VHD BAT");
+  const view = new DataView(bat.buffer);
+  const bitmap = blockBitmapSize(header.blockSize);
+  for (let i = 0; i < used; i++) {
+    const sector = view.getUint32(i * 4);
+    if (sector === BAT_UNUSED) continue;
+    if (sector * SECTOR_SIZE + bitmap > file.size) {
+      throw new CorruptImageError(
+        `VHD BAT entry ${i} points to sector ${sector}, past the end of the ${file.size}-byte file`,
+        header.tableOffset + i * 4,
+      );
+    }
+    data.add(i);
+  }
+  return data;
+}
+
+/**
+ * A fixed disk has no BAT: every 2 MiB block counts as data, except where the file is
+ * known to be sparse (SEEK_DATA, when Deno may use FFI).
+ */
+function readFixed(file: ImageFile, footer: VhdFooter): VhdMap {
+  const size = footer.currentSize;
+  if (size + FOOTER_SIZE > file.size) {
+    throw new CorruptImageError(
+      `fixed VHD of ${size} bytes needs a ${
+        size + FOOTER_SIZE
+      }-byte file, this one has ${file.size} (truncated?)`,
+      file.size,
+    );
+  }
+  const data = new ClusterSet(Math.ceil(size / DEFAULT_BLOCK_SIZE), DEFAULT_BLOCK_SIZE);
+  const extents = dataExtents(file.path, size);
+  if (extents === null) data.addRange(0, data.length - 1);
+  else for (const [start, end] of extents) data.addBytes(start, end - start);
+  return { footer, header: null, blockSize: DEFAULT_BLOCK_SIZE, data };
+}
+
+/** Locator platforms that hold a path, in the order they are tried. */
+const PATH_PLATFORMS = [PLATFORM_MACX, PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_WI2R, PLATFORM_WI2K];
+
+/**
+ * Candidate paths of a differencing disk's parent: every path-bearing locator (MacX
+ * first, as vhd-tool; then the Windows ones), then the parent unicode name, each
+ * resolved against the child's folder. A Windows absolute path (`C:\…`) is tried by
+ * its last component in the child's folder.
+ */
+export async function parentCandidates(file: ImageFile, header: VhdDynamicHeader) {
+  const names: string[] = [];
+  const locators = [...header.parentLocators].sort((a, b) =>
+    PATH_PLATFORMS.indexOf(a.platformCode) - PATH_PLATFORMS.indexOf(b.platformCode)
+  );
+  for (const loc of locators) {
+    if (!PATH_PLATFORMS.includes(loc.platformCode) || loc.dataLength === 0) continue;
+    const bytes = await file.readAt(
+      loc.dataOffset,
+      loc.dataLength,
+      `VHD parent locator ${loc.index}`,
+    );
+    const name = decodeParentLocator(loc.platformCode, bytes);
+    if (name) names.push(name);
+  }
+  if (header.parentUnicodeName) names.push(header.parentUnicodeName);
+  const dir = dirname(file.path);
+  const paths: string[] = [];
+  for (const name of names) {
+    let p = name.startsWith("/") ? name : name.replaceAll("\\", "/");
+    if (/^[A-Za-z]:\//.test(p) || p.startsWith("//")) p = basename(p);
+    const full = isAbsolute(p) ? p : join(dir, p);
+    if (!paths.includes(full)) paths.push(full);
+  }
+  return { names, paths };
+}
+
+async function findParent(file: ImageFile, header: VhdDynamicHeader): Promise<VhdParentRef> {
+  const { names, paths } = await parentCandidates(file, header);
+  const ref: VhdParentRef = { name: names[0] ?? "", tried: paths };
+  for (const p of paths) {
+    try {
+      const st = await Deno.stat(p);
+      if (st.isFile || st.isBlockDevice === true) {
+        ref.path = p;
+        break;
+      }
+    } catch {
+      // not there: try the next candidate
+    }
+  }
+  return ref;
+}
