@@ -27,14 +27,14 @@ export class ClusterSet {
 
   /** True if cluster `i` is in the set. */
   has(i: number): boolean {
-    return (this.#words[i >>> 5] & (1 << (i & 31))) !== 0;
+    return (this.#words[Math.floor(i / 32)] & (1 << (i % 32))) !== 0;
   }
 
   /** Adds cluster `i` (ignored when out of range). */
   add(i: number): void {
     if (i < 0 || i >= this.length) return;
-    const w = i >>> 5;
-    const bit = 1 << (i & 31);
+    const w = Math.floor(i / 32);
+    const bit = 1 << (i % 32);
     if ((this.#words[w] & bit) === 0) {
       this.#words[w] |= bit;
       this.#count++;
@@ -44,8 +44,8 @@ export class ClusterSet {
   /** Removes cluster `i`. */
   delete(i: number): void {
     if (i < 0 || i >= this.length) return;
-    const w = i >>> 5;
-    const bit = 1 << (i & 31);
+    const w = Math.floor(i / 32);
+    const bit = 1 << (i % 32);
     if ((this.#words[w] & bit) !== 0) {
       this.#words[w] &= ~bit;
       this.#count--;
@@ -57,8 +57,8 @@ export class ClusterSet {
     const lo = Math.max(0, first);
     const hi = Math.min(this.length - 1, last);
     for (let i = lo; i <= hi; i++) {
-      if ((i & 31) === 0 && i + 31 <= hi) {
-        const w = i >>> 5;
+      if (i % 32 === 0 && i + 31 <= hi) {
+        const w = i / 32;
         this.#count += 32 - popcount(this.#words[w]);
         this.#words[w] = 0xffffffff;
         i += 31;
@@ -79,6 +79,33 @@ export class ClusterSet {
     this.addRange(first, last);
   }
 
+  /** The first cluster ≥ `from` in the set, or -1; skips empty words. */
+  nextSet(from: number): number {
+    const words = this.#words;
+    let w = Math.floor(Math.max(0, from) / 32);
+    if (w >= words.length) return -1;
+    let bits = words[w] & (~0 << (Math.max(0, from) & 31));
+    while (bits === 0) {
+      if (++w >= words.length) return -1;
+      bits = words[w];
+    }
+    const i = w * 32 + 31 - Math.clz32(bits & -bits);
+    return i < this.length ? i : -1;
+  }
+
+  /** The first cluster ≥ `from` not in the set (`length` if none); skips full words. */
+  nextClear(from: number): number {
+    const words = this.#words;
+    let w = Math.floor(Math.max(0, from) / 32);
+    if (w >= words.length) return this.length;
+    let bits = ~words[w] & (~0 << (Math.max(0, from) & 31));
+    while (bits === 0) {
+      if (++w >= words.length) return this.length;
+      bits = ~words[w];
+    }
+    return Math.min(this.length, w * 32 + 31 - Math.clz32(bits & -bits));
+  }
+
   /** Adds every cluster of `other`. Both sets must have the same length. */
   addAll(other: ClusterSet): void {
     for (const i of other) this.add(i);
@@ -91,7 +118,7 @@ export class ClusterSet {
       let bits = words[w];
       while (bits !== 0) {
         const low = bits & -bits;
-        const i = (w << 5) + 31 - Math.clz32(low);
+        const i = w * 32 + 31 - Math.clz32(low);
         yield i;
         bits ^= low;
       }
