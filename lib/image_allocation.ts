@@ -9,10 +9,9 @@
 import type { Allocation } from "./allocation.ts";
 import { ClusterSet } from "./cluster_set.ts";
 import { CorruptImageError, DiskstreamError, UnsupportedError } from "./errors.ts";
-import { ImageFile, inFile } from "./image_file.ts";
+import { ImageFile, inFile, isImagePath, rawDataClusters } from "./image_file.ts";
 import { isQcow2 } from "./qcow2/header.ts";
 import { qcow2BackingPath, type Qcow2Map, readQcow2Map } from "./qcow2/image.ts";
-import { dataExtents } from "./seek_data.ts";
 import { FOOTER_SIZE } from "./vhd/constants.ts";
 import { isVhdFooter } from "./vhd/footer.ts";
 import { readVhdMap, type VhdMap } from "./vhd/image.ts";
@@ -83,7 +82,7 @@ export async function readImageLayer(
         backing: backingPath === undefined ? undefined : {
           name: h.backingFile!,
           format: h.backingFormat,
-          path: await exists(backingPath) ? backingPath : undefined,
+          path: await isImagePath(backingPath) ? backingPath : undefined,
           tried: [backingPath],
         },
         qcow2: map,
@@ -168,20 +167,8 @@ function describeUnknown(p: Probe): string {
 }
 
 function readRaw(path: string, size: number, clusterSize: number): ImageLayer {
-  const data = new ClusterSet(Math.ceil(size / clusterSize), clusterSize);
-  const extents = dataExtents(path, size);
-  if (extents === null) data.addRange(0, data.length - 1);
-  else for (const [start, end] of extents) data.addBytes(start, end - start);
+  const data = rawDataClusters(path, size, clusterSize);
   return { path, format: "raw", virtualSize: size, clusterSize, data, zero: null };
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    const st = await Deno.stat(path);
-    return st.isFile || st.isBlockDevice === true;
-  } catch {
-    return false;
-  }
 }
 
 async function identity(path: string): Promise<string> {

@@ -5,7 +5,9 @@
  *
  * @module
  */
+import { ClusterSet } from "./cluster_set.ts";
 import { CorruptImageError, describeIoError, DiskstreamError, UnsupportedError } from "./errors.ts";
+import { dataExtents } from "./seek_data.ts";
 
 /** A read-only image file (regular file or block device) with positional reads. */
 export class ImageFile {
@@ -108,4 +110,27 @@ export function inFile(path: string, err: unknown): unknown {
     return new UnsupportedError(`${path}: ${err.message}`, { cause: err });
   }
   return err;
+}
+
+/** True when `path` exists and is a regular file or a block device. */
+export async function isImagePath(path: string): Promise<boolean> {
+  try {
+    const st = await Deno.stat(path);
+    return st.isFile || st.isBlockDevice === true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * The clusters of `[0, size)` of the file at `path` that hold data when its bytes are
+ * the disk's bytes (raw files, fixed VHDs): those with data extents when the file's
+ * holes can be found (SEEK_DATA), else all of them.
+ */
+export function rawDataClusters(path: string, size: number, clusterSize: number): ClusterSet {
+  const set = new ClusterSet(Math.ceil(size / clusterSize), clusterSize);
+  const extents = dataExtents(path, size);
+  if (extents === null) set.addRange(0, set.length - 1);
+  else for (const [start, end] of extents) set.addBytes(start, end - start);
+  return set;
 }

@@ -11,8 +11,7 @@
 import { basename, dirname, isAbsolute, join } from "node:path";
 import { ClusterSet } from "../cluster_set.ts";
 import { CorruptImageError } from "../errors.ts";
-import type { ImageFile } from "../image_file.ts";
-import { dataExtents } from "../seek_data.ts";
+import { type ImageFile, isImagePath, rawDataClusters } from "../image_file.ts";
 import {
   BAT_UNUSED,
   DEFAULT_BLOCK_SIZE,
@@ -160,10 +159,7 @@ function readFixed(file: ImageFile, footer: VhdFooter): VhdMap {
       file.size,
     );
   }
-  const data = new ClusterSet(Math.ceil(size / DEFAULT_BLOCK_SIZE), DEFAULT_BLOCK_SIZE);
-  const extents = dataExtents(file.path, size);
-  if (extents === null) data.addRange(0, data.length - 1);
-  else for (const [start, end] of extents) data.addBytes(start, end - start);
+  const data = rawDataClusters(file.path, size, DEFAULT_BLOCK_SIZE);
   return { footer, header: null, blockSize: DEFAULT_BLOCK_SIZE, data };
 }
 
@@ -207,14 +203,9 @@ async function findParent(file: ImageFile, header: VhdDynamicHeader): Promise<Vh
   const { names, paths } = await parentCandidates(file, header);
   const ref: VhdParentRef = { name: names[0] ?? "", tried: paths };
   for (const p of paths) {
-    try {
-      const st = await Deno.stat(p);
-      if (st.isFile || st.isBlockDevice === true) {
-        ref.path = p;
-        break;
-      }
-    } catch {
-      // not there: try the next candidate
+    if (await isImagePath(p)) {
+      ref.path = p;
+      break;
     }
   }
   return ref;
