@@ -44,7 +44,12 @@ export class ImageFile {
    * Reads exactly `length` bytes at `offset`. `what` names the structure for the
    * error raised when it lies (partly) past the end of the file.
    */
-  async readAt(offset: number, length: number, what: string): Promise<Uint8Array> {
+  readAt(offset: number, length: number, what: string): Promise<Uint8Array> {
+    return Promise.resolve().then(() => this.readAtSync(offset, length, what));
+  }
+
+  /** {@link readAt}, synchronously. */
+  readAtSync(offset: number, length: number, what: string): Uint8Array {
     if (offset + length > this.size) {
       throw new CorruptImageError(
         `${what} (${length} bytes at ${offset}) lies past the end of the ${this.size}-byte file`,
@@ -53,10 +58,12 @@ export class ImageFile {
     }
     const buf = new Uint8Array(length);
     try {
-      await this.#file.seek(offset, Deno.SeekMode.Start);
+      // Synchronous calls: these reads are small and many, and an async op per table
+      // costs more than the read itself.
+      this.#file.seekSync(offset, Deno.SeekMode.Start);
       let done = 0;
       while (done < length) {
-        const n = await this.#file.read(buf.subarray(done));
+        const n = this.#file.readSync(buf.subarray(done));
         if (n === null) {
           throw new CorruptImageError(
             `${what} ends early: the file shrank while being read`,

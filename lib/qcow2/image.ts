@@ -75,52 +75,80 @@ export async function readQcow2Map(file: ImageFile): Promise<Qcow2Map> {
   const map: Qcow2Map = { header, data, zero: null, counts, l2Tables: 0 };
 
   const tables = l1Needed === 0 ? [] : await readL1(file, header, l1Needed);
-  const markZero = (c: number) => {
-    map.zero ??= new ClusterSet(nbClusters, cs);
-    map.zero.add(c);
-    counts.zero++;
-  };
+  const scan: TableScan = { map, extL2, hasDataFile, entryBytes, nbClusters };
   for (const group of groupAdjacent(tables, cs)) {
-    const first = group[0];
-    const bytes = await file.readAt(first.offset, group.length * cs, `qcow2 L2 tables`);
-    const view = new DataView(bytes.buffer);
+    const bytes = await file.readAt(group[0].offset, group.length * cs, "qcow2 L2 tables");
     for (let t = 0; t < group.length; t++) {
       map.l2Tables++;
-      const base = t * cs;
-      const firstCluster = group[t].l1Index * l2Entries;
-      const n = Math.min(l2Entries, nbClusters - firstCluster);
-      for (let j = 0; j < n; j++) {
-        const p = base + j * entryBytes;
-        const hi = view.getUint32(p);
-        const lo = view.getUint32(p + 4);
-        const c = firstCluster + j;
-        if ((hi & 0x40000000) !== 0) {
-          data.add(c);
-          counts.compressed++;
-          continue;
-        }
-        const hasOffset = (hi & 0x00ffffff) !== 0 || (lo & 0xfffffe00) !== 0 ||
-          (hasDataFile && (hi & 0x80000000) !== 0);
-        if (extL2) {
-          const zeroBits = view.getUint32(p + 8);
-          const allocBits = view.getUint32(p + 12);
-          if (hasOffset && allocBits !== 0) {
-            data.add(c);
-            counts.normal++;
-          } else if (zeroBits === 0xffffffff) {
-            markZero(c);
-          }
-        } else if ((lo & 1) !== 0) {
-          markZero(c);
-        } else if (hasOffset) {
-          data.add(c);
-          counts.normal++;
-        }
-      }
+      scanTable(scan, bytes, t * cs, group[t].l1Index * l2Entries, l2Entries);
     }
   }
   counts.unallocated = nbClusters - counts.normal - counts.compressed - counts.zero;
   return map;
+}
+
+interface TableScan {
+  map: Qcow2Map;
+  extL2: boolean;
+  hasDataFile: boolean;
+  entryBytes: number;
+  nbClusters: number;
+}
+
+/**
+ * Classifies the `l2Entries` entries of the L2 table at `base` in `bytes`, which map
+ * the guest clusters from `firstCluster` on. Empty entries (the common case in a
+ * sparse table) are skipped with one read of each word.
+ */
+function scanTable(
+  s: TableScan,
+  bytes: Uint8Array,
+  base: number,
+  firstCluster: number,
+  l2Entries: number,
+): void {
+  const { map, extL2, hasDataFile, entryBytes } = s;
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const words = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength >>> 2);
+  const wordsPerEntry = entryBytes >>> 2;
+  const n = Math.min(l2Entries, s.nbClusters - firstCluster);
+  const counts = map.counts;
+  for (let j = 0, w = base >>> 2; j < n; j++, w += wordsPerEntry) {
+    if (words[w] === 0 && words[w + 1] === 0 && (!extL2 || words[w + 2] === 0)) continue;
+    const p = w << 2;
+    const hi = view.getUint32(p);
+    const lo = view.getUint32(p + 4);
+    const c = firstCluster + j;
+    if ((hi & 0x40000000) !== 0) {
+      map.data.add(c);
+      counts.compressed++;
+      continue;
+    }
+    const hasOffset = (hi & 0x00ffffff) !== 0 || (lo & 0xfffffe00) !== 0 ||
+      (hasDataFile && (hi & 0x80000000) !== 0);
+    let zero: boolean;
+    if (extL2) {
+      // Second word: bits 32–63 read-as-zero subclusters, bits 0–31 allocated ones.
+      if (hasOffset && view.getUint32(p + 12) !== 0) {
+        map.data.add(c);
+        counts.normal++;
+        continue;
+      }
+      zero = view.getUint32(p + 8) === 0xffffffff;
+    } else {
+      zero = (lo & 1) !== 0;
+      if (!zero && hasOffset) {
+        map.data.add(c);
+        counts.normal++;
+        continue;
+      }
+    }
+    if (zero) {
+      map.zero ??= new ClusterSet(s.nbClusters, map.data.clusterSize);
+      map.zero.add(c);
+      counts.zero++;
+    }
+  }
 }
 
 interface L2Ref {
