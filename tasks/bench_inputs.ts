@@ -1,0 +1,171 @@
+/**
+ * The benchmark's inputs, built on demand in a work directory: a fully allocated raw
+ * disk, a base differing from it in 5% of its clusters, an allocation hint, a sparse
+ * disk and its data as a dense file, a qcow2 made by qemu-img, and a huge qcow2 with
+ * scattered data.
+ *
+ * @module
+ */
+import { pseudoRandom, qemu, writeSparse } from "../tests/helpers.ts";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const GiB = 1024 * MiB;
+const CLUSTER = 64 * KiB;
+
+/** Sizes of the inputs: the real ones, or small ones for a smoke run. */
+export interface InputSizes {
+  /** The fully allocated disk. */
+  full: number;
+  /** The sparse disk's virtual size. */
+  sparseVirtual: number;
+  /** Number of 64 KiB pieces of data in the sparse disk. */
+  sparsePieces: number;
+  /** The huge qcow2's virtual size. */
+  hugeVirtual: number;
+  /** Number of 64 KiB writes scattered over the huge qcow2. */
+  hugeWrites: number;
+}
+
+/** The sizes the issue asks for. */
+export const FULL_SIZES: InputSizes = {
+  full: 2 * GiB,
+  sparseVirtual: 64 * GiB,
+  sparsePieces: 1280, // 80 MiB
+  hugeVirtual: 1024 * GiB,
+  hugeWrites: 4000,
+};
+
+/** Small sizes for `--quick`. */
+export const QUICK_SIZES: InputSizes = {
+  full: 256 * MiB,
+  sparseVirtual: 8 * GiB,
+  sparsePieces: 160, // 10 MiB
+  hugeVirtual: 64 * GiB,
+  hugeWrites: 500,
+};
+
+/** A deterministic sequence of distinct integers in `[0, n)`. */
+function distinctIndexes(count: number, n: number, seed: number): number[] {
+  const chosen = new Set<number>();
+  let x = seed >>> 0 || 1;
+  while (chosen.size < Math.min(count, n)) {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    chosen.add(x % n);
+  }
+  return [...chosen].sort((a, b) => a - b);
+}
+
+async function writeAll(f: Deno.FsFile, bytes: Uint8Array): Promise<void> {
+  let off = 0;
+  while (off < bytes.length) off += await f.write(bytes.subarray(off));
+}
+
+/** Builds each input once, when first asked for. */
+export class Inputs {
+  #made = new Map<string, Promise<string>>();
+  constructor(
+    readonly dir: string,
+    readonly sizes: InputSizes,
+    readonly log: (s: string) => void,
+  ) {}
+
+  #once(name: string, make: (path: string) => Promise<void>): Promise<string> {
+    let p = this.#made.get(name);
+    if (p === undefined) {
+      const path = `${this.dir}/${name}`;
+      p = (async () => {
+        const t = performance.now();
+        await make(path);
+        this.log(`  made ${name} in ${((performance.now() - t) / 1000).toFixed(1)} s`);
+        return path;
+      })();
+      this.#made.set(name, p);
+    }
+    return p;
+  }
+
+  /** A fully allocated raw disk of pseudo-random data (no two clusters alike). */
+  fullRaw(): Promise<string> {
+    return this.#once("full.raw", async (path) => {
+      const block = pseudoRandom(64 * MiB, 7);
+      const view = new DataView(block.buffer);
+      await using f = await Deno.open(path, { write: true, create: true, truncate: true });
+      for (let done = 0, n = 0; done < this.sizes.full; n++) {
+        const len = Math.min(block.length, this.sizes.full - done);
+        for (let c = 0; c < len; c += CLUSTER) view.setUint32(c, n, true);
+        await writeAll(f, block.subarray(0, len));
+        done += len;
+      }
+    });
+  }
+
+  /** The base for `--diff`: the full disk with 5% of its 64 KiB clusters changed. */
+  diffBase(): Promise<string> {
+    return this.#once("base.raw", async (path) => {
+      await Deno.copyFile(await this.fullRaw(), path);
+      const clusters = Math.ceil(this.sizes.full / CLUSTER);
+      const changed = distinctIndexes(Math.round(clusters * 0.05), clusters, 99);
+      const data = pseudoRandom(CLUSTER, 1234);
+      await using f = await Deno.open(path, { write: true });
+      for (const c of changed) {
+        new DataView(data.buffer).setUint32(0, c, true);
+        await f.seek(c * CLUSTER, Deno.SeekMode.Start);
+        await writeAll(f, data);
+      }
+    });
+  }
+
+  /** An allocation hint for the full disk: `qemu-img map --output=json` of it. */
+  hint(): Promise<string> {
+    return this.#once("hint.json", async (path) => {
+      const raw = await this.fullRaw();
+      await Deno.writeTextFile(path, await qemu(["map", "--output=json", "-f", "raw", raw]));
+    });
+  }
+
+  /** A sparse disk with 64 KiB pieces of data spread evenly over its virtual size. */
+  sparse(): Promise<string> {
+    return this.#once("sparse.raw", async (path) => {
+      const { sparseVirtual: size, sparsePieces: n } = this.sizes;
+      const step = Math.floor(size / n / CLUSTER) * CLUSTER;
+      const writes: [number, Uint8Array][] = [];
+      for (let i = 0; i < n; i++) writes.push([i * step, pseudoRandom(CLUSTER, 1000 + i)]);
+      await writeSparse(path, size, writes);
+    });
+  }
+
+  /** The sparse disk's data, back to back, as a dense file. */
+  dense(): Promise<string> {
+    return this.#once("dense.raw", async (path) => {
+      await using f = await Deno.open(path, { write: true, create: true, truncate: true });
+      for (let i = 0; i < this.sizes.sparsePieces; i++) {
+        await writeAll(f, pseudoRandom(CLUSTER, 1000 + i));
+      }
+    });
+  }
+
+  /** The full disk as qcow2, written by `qemu-img convert` (L2 tables among the data). */
+  fullQcow2(): Promise<string> {
+    return this.#once("full.qcow2", async (path) => {
+      await qemu(["convert", "-f", "raw", "-O", "qcow2", await this.fullRaw(), path]);
+    });
+  }
+
+  /** A huge qcow2 with 64 KiB of data written at scattered clusters by qemu-io. */
+  hugeQcow2(): Promise<string> {
+    return this.#once("huge.qcow2", async (path) => {
+      const { hugeVirtual: size, hugeWrites: n } = this.sizes;
+      await qemu(["create", "-q", "-f", "qcow2", path, String(size)]);
+      const args = ["-f", "qcow2"];
+      distinctIndexes(n, size / CLUSTER, 4242).forEach((c, i) => {
+        args.push("-c", `write -q -P ${(i % 255) + 1} ${c * CLUSTER} 64k`);
+      });
+      await qemu([...args, path], "qemu-io");
+    });
+  }
+}

@@ -1,0 +1,131 @@
+/**
+ * Benchmark measurement: runs a pipeline of commands through bash, times it, and
+ * reads each stage's peak RSS from GNU time (`/usr/bin/time -f %M`).
+ *
+ * @module
+ */
+
+/** A command line to measure: the stages of a shell pipeline and its redirections. */
+export interface Pipeline {
+  /** The stages, each an argv, joined with `|`. */
+  stages: string[][];
+  /** A file redirected to the first stage's stdin. */
+  stdin?: string;
+  /** A file the last stage's stdout is redirected to (default /dev/null). */
+  stdout?: string;
+  /** The stage whose peak RSS is reported (default 0). */
+  mainStage?: number;
+}
+
+/** One timed run: wall seconds and the peak RSS (KiB) of every stage (NaN if unknown). */
+export interface Sample {
+  seconds: number;
+  rssKiB: number[];
+}
+
+const GNU_TIME = "/usr/bin/time";
+
+/** True when GNU time is there to measure peak RSS. */
+export const HAVE_GNU_TIME = await (async () => {
+  try {
+    const r = await new Deno.Command(GNU_TIME, {
+      args: ["-f", "%M", "true"],
+      stdout: "null",
+      stderr: "piped",
+    }).output();
+    return r.success && /^\d+\s*$/.test(new TextDecoder().decode(r.stderr));
+  } catch {
+    return false;
+  }
+})();
+
+/** Quotes an argument for bash. */
+export function shellQuote(arg: string): string {
+  return /^[\w@%+=:,./-]+$/.test(arg) ? arg : `'${arg.replaceAll("'", `'\\''`)}'`;
+}
+
+/** The bash text of a pipeline, one GNU time per stage writing to `rssFile(i)`. */
+export function pipelineScript(p: Pipeline, rssFile?: (stage: number) => string): string {
+  const stages = p.stages.map((argv, i) => {
+    const cmd = argv.map(shellQuote).join(" ");
+    return rssFile ? `${GNU_TIME} -f %M -o ${shellQuote(rssFile(i))} ${cmd}` : cmd;
+  });
+  if (p.stdin !== undefined) stages[0] += ` < ${shellQuote(p.stdin)}`;
+  stages[stages.length - 1] += ` > ${shellQuote(p.stdout ?? "/dev/null")}`;
+  return stages.join(" | ");
+}
+
+/** The pipeline as a person would type it (no timing wrappers), for the report. */
+export function displayPipeline(p: Pipeline, shorten: (script: string) => string): string {
+  return shorten(pipelineScript(p));
+}
+
+/** The child being run, so that an interrupt can stop it. */
+let current: Deno.ChildProcess | null = null;
+
+/** Kills the pipeline being measured, if any (for Ctrl-C). */
+export function killCurrent(): void {
+  try {
+    current?.kill("SIGKILL");
+  } catch {
+    // already gone
+  }
+}
+
+/** Thrown when a measured command exits non-zero. */
+export class CommandFailed extends Error {}
+
+/**
+ * Runs `p` once under bash with pipefail and returns its wall time and per-stage peak
+ * RSS. `scratch` is a directory for GNU time's output files.
+ */
+export async function measure(p: Pipeline, scratch: string): Promise<Sample> {
+  const rssFile = (i: number) => `${scratch}/rss.${i}`;
+  const script = "set -o pipefail; " + pipelineScript(p, HAVE_GNU_TIME ? rssFile : undefined);
+  const start = performance.now();
+  const child = new Deno.Command("bash", {
+    args: ["-c", script],
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  current = child;
+  const out = await child.output();
+  const seconds = (performance.now() - start) / 1000;
+  current = null;
+  const stderr = new TextDecoder().decode(out.stderr);
+  if (!out.success) {
+    const lines = stderr.split("\n").filter((l) => l.trim() && !/^Command exited with/.test(l));
+    // An error line ("Error: ...", "diskstream: ...") says more than a stack trace's tail.
+    const said = lines.find((l) => /^(\w*Error\b|diskstream:)/.test(l.trim())) ?? lines.at(-1);
+    throw new CommandFailed(`exit ${out.code}: ${said?.trim() ?? "(no message)"}`);
+  }
+  const rssKiB = await Promise.all(p.stages.map(async (_, i) => {
+    if (!HAVE_GNU_TIME) return NaN;
+    try {
+      const text = await Deno.readTextFile(rssFile(i));
+      return Number(text.trim().split("\n").at(-1));
+    } catch {
+      return NaN;
+    }
+  }));
+  return { seconds, rssKiB };
+}
+
+/** The median of `xs` (NaN for an empty list). */
+export function median(xs: number[]): number {
+  const s = xs.filter((x) => !Number.isNaN(x)).sort((a, b) => a - b);
+  if (s.length === 0) return NaN;
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+/** Runs a command and returns its trimmed stdout, or null if it cannot run or fails. */
+export async function commandOutput(cmd: string, args: string[]): Promise<string | null> {
+  try {
+    const r = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
+    return r.success ? new TextDecoder().decode(r.stdout).trim() : null;
+  } catch {
+    return null;
+  }
+}
