@@ -42,6 +42,9 @@ export {
 export { createProgress, type ProgressMode, type ProgressSink } from "./lib/progress.ts";
 
 // Export (raw → qcow2 stream).
+export { type ExportOptions, exportQcow2, type Qcow2Export } from "./lib/export.ts";
+export type { StreamLayout } from "./lib/qcow2/layout.ts";
+export { resolveAllocationSpec } from "./lib/allocation_spec.ts";
 
 // Headers and info.
 export { readImageAllocation } from "./lib/image_allocation.ts";

@@ -1,9 +1,257 @@
 /**
- * The `export` command family (placeholder until implemented).
+ * The `export` command family: `export SOURCE` (raw disk → qcow2 stream) and
+ * `qcow2-to-stdout`, a drop-in for XAPI's `qcow2-to-stdout.py` with its flags.
  *
  * @module
  */
 import type { Command } from "commander";
+import type { Allocation, ImageInfoJson } from "../allocation.ts";
+import { parseImageInfo, readSpecText, resolveAllocationSpec } from "../allocation_spec.ts";
+import { UnsupportedError, UsageError } from "../errors.ts";
+import { exportQcow2 } from "../export.ts";
+import { type Endpoint, openOutput, pipeToOutput } from "../io.ts";
+import { createProgress, type ProgressMode } from "../progress.ts";
+import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
+import { endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
+
+const clusterSizeOption = powerOfTwoOption("-c/--cluster-size", 512, 2 * 1024 * 1024);
+const refcountBitsOption = powerOfTwoOption("-r/--refcount-bits", 1, 64);
+
+interface ExportFlags {
+  output?: string;
+  outputFd?: number;
+  format: string;
+  clusterSize: number;
+  refcountBits: number;
+  allocation?: string;
+  zeroCheck?: boolean;
+  diff?: string;
+  baseAllocation?: string;
+  progress?: boolean;
+  machine?: boolean;
+}
+
+/** What one export run needs, however the flags were spelled. */
+interface ExportRun {
+  source: string;
+  target: Endpoint;
+  clusterSize: number;
+  refcountBits: number;
+  allocation?: () => Promise<Allocation>;
+  zeroCheck?: boolean;
+  base?: string;
+  baseAllocation?: () => Promise<Allocation>;
+  progress: ProgressMode;
+}
 
 /** Registers the export commands on `program`. */
-export function registerExport(_program: Command): void {}
+export function registerExport(program: Command): void {
+  program
+    .command("export")
+    .description(
+      "Export a raw disk (file or block device) as a qcow2 v3 stream, without a temporary\n" +
+        "file and without seeking the output. All-zero clusters are left out (the bytes\n" +
+        "are those of QEMU's qcow2-to-stdout.py); with --allocation only the hinted\n" +
+        "clusters are read; with --diff only the clusters that differ from BASE are written.",
+    )
+    .argument("<SOURCE>", "raw disk image or block device (/dev/... needs --allow-all)")
+    .option("-o, --output <OUT>", "write the image to OUT ('-' = stdout, the default)")
+    .option(
+      "--output-fd <N>",
+      "write the image to inherited file descriptor N",
+      fdOption("--output-fd"),
+    )
+    .option("-f, --format <FORMAT>", "output format: qcow2 (vhd is not available yet)", "qcow2")
+    .option(
+      "-c, --cluster-size <SIZE>",
+      "cluster size, a power of two from 512 to 2M",
+      clusterSizeOption,
+      DEFAULT_CLUSTER_SIZE,
+    )
+    .option(
+      "-r, --refcount-bits <BITS>",
+      "refcount width: 1, 2, 4, 8, 16, 32 or 64",
+      refcountBitsOption,
+      DEFAULT_REFCOUNT_BITS,
+    )
+    .option(
+      "--allocation <SPEC>",
+      "clusters that may hold data: a path or fd:N with allocation JSON (legacy list,\n" +
+        "intervals, or 'qemu-img map --output=json'), or a qcow2/VHD image file",
+    )
+    .option("--zero-check", "with --allocation: also leave out hinted clusters that are all zeros")
+    .option("--diff <BASE>", "export only the clusters that differ from BASE (raw file or device)")
+    .option("--base-allocation <SPEC>", "clusters of BASE that may hold data (like --allocation)")
+    .option("--progress", "show a progress bar on stderr")
+    .option("--machine", "with --progress: vhd-tool's 3-digit percentages on stdout")
+    .addHelpText(
+      "after",
+      "\nExamples:\n" +
+        "  diskstream export disk.raw > disk.qcow2\n" +
+        "  diskstream export /dev/vg/lv -c 2M --allocation lv.json -o out.qcow2\n" +
+        "  diskstream export new.raw --diff old.raw -o delta.qcow2\n" +
+        "    (rebuild: qemu-img rebase -u -b old.raw -F raw delta.qcow2)",
+    )
+    .action(async (source: string, flags: ExportFlags) => {
+      if (flags.format === "vhd") {
+        throw new UnsupportedError("export to VHD is not supported yet: use -f qcow2");
+      }
+      if (flags.format !== "qcow2") {
+        throw new UsageError(
+          `-f/--format must be qcow2 (or vhd, not available yet), got '${flags.format}'`,
+        );
+      }
+      if (flags.baseAllocation !== undefined && flags.diff === undefined) {
+        throw new UsageError("--base-allocation needs --diff BASE");
+      }
+      const cs = flags.clusterSize;
+      await runExport({
+        source,
+        target: endpointFrom(flags.output, flags.outputFd, "-o/--output and --output-fd"),
+        clusterSize: cs,
+        refcountBits: flags.refcountBits,
+        allocation: flags.allocation === undefined
+          ? undefined
+          : () => resolveAllocationSpec(flags.allocation!, cs),
+        zeroCheck: flags.zeroCheck,
+        base: flags.diff,
+        baseAllocation: flags.baseAllocation === undefined
+          ? undefined
+          : () => resolveAllocationSpec(flags.baseAllocation!, cs),
+        progress: progressMode(flags),
+      });
+    });
+
+  program
+    .command("qcow2-to-stdout")
+    .description(
+      "Drop-in for XAPI's qcow2-to-stdout.py: export input_file as qcow2 on stdout,\n" +
+        "optionally only what differs from --diff BASE, with allocation from\n" +
+        "'qemu-img map/info --output=json' on inherited file descriptors.",
+    )
+    .argument("<input_file>", "raw disk image or block device")
+    .option("-f <input_format>", "format of the input file (only raw)", "raw")
+    .option("-c <cluster_size>", "qcow2 cluster size", clusterSizeOption, DEFAULT_CLUSTER_SIZE)
+    .option("-r <refcount_bits>", "refcount width", refcountBitsOption, DEFAULT_REFCOUNT_BITS)
+    .option("--diff <diff_file_name>", "export only the clusters that differ from this file")
+    .option(
+      "--json-header-map <FD>",
+      "qemu-img map --output=json of input_file",
+      fdOption("--json-header-map"),
+    )
+    .option(
+      "--json-header-info <FD>",
+      "qemu-img info --output=json of input_file",
+      fdOption("--json-header-info"),
+    )
+    .option(
+      "--json-header-diff-map <FD>",
+      "qemu-img map --output=json of the diff file",
+      fdOption("--json-header-diff-map"),
+    )
+    .option(
+      "--json-header-diff-info <FD>",
+      "qemu-img info --output=json of the diff file",
+      fdOption("--json-header-diff-info"),
+    )
+    .option("--json-header", "allocation JSON of input_file on stdin")
+    .option(
+      "--json-header-diff <FD>",
+      "allocation JSON of the diff file",
+      fdOption("--json-header-diff"),
+    )
+    .option("-d", "input_file as an external data file (not supported)")
+    .option("-R", "data_file_raw (not supported)")
+    .action(async (input: string, flags: XapiFlags) => {
+      if (flags.d || flags.R) {
+        throw new UnsupportedError("external data files (-d, -R) are not supported");
+      }
+      if (flags.f !== "raw") {
+        throw new UnsupportedError(`input format '${flags.f}' is not supported: only raw`);
+      }
+      const cs = flags.c;
+      const hint = (map: number | undefined, info: number | undefined, json?: string) => {
+        if (map === undefined && info === undefined && json === undefined) return undefined;
+        if (map === undefined && json === undefined) {
+          throw new UsageError("a --json-header-*info descriptor needs its --json-header-*map");
+        }
+        return async () =>
+          await resolveAllocationSpec(
+            json ?? `fd:${map}`,
+            cs,
+            info === undefined ? undefined : await readInfo(`fd:${info}`),
+          );
+      };
+      await runExport({
+        source: input,
+        target: { kind: "std" },
+        clusterSize: cs,
+        refcountBits: flags.r,
+        allocation: hint(
+          flags.jsonHeaderMap,
+          flags.jsonHeaderInfo,
+          flags.jsonHeader ? "fd:0" : undefined,
+        ),
+        base: flags.diff,
+        baseAllocation: hint(
+          flags.jsonHeaderDiffMap,
+          flags.jsonHeaderDiffInfo,
+          flags.jsonHeaderDiff === undefined ? undefined : `fd:${flags.jsonHeaderDiff}`,
+        ),
+        progress: "none",
+      });
+    });
+}
+
+interface XapiFlags {
+  f: string;
+  c: number;
+  r: number;
+  diff?: string;
+  jsonHeaderMap?: number;
+  jsonHeaderInfo?: number;
+  jsonHeaderDiffMap?: number;
+  jsonHeaderDiffInfo?: number;
+  jsonHeader?: boolean;
+  jsonHeaderDiff?: number;
+  d?: boolean;
+  R?: boolean;
+}
+
+async function readInfo(spec: string): Promise<ImageInfoJson> {
+  return parseImageInfo(await readSpecText(spec), `image info ${spec}`);
+}
+
+async function runExport(run: ExportRun): Promise<void> {
+  if (run.progress === "machine" && run.target.kind === "std") {
+    throw new UsageError(
+      "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",
+    );
+  }
+  if (run.base === undefined && run.baseAllocation !== undefined) {
+    throw new UsageError("a base allocation needs --diff BASE");
+  }
+  // Refuse a terminal before any work.
+  if (run.target.kind === "std") await openOutput(run.target);
+  const allocation = await run.allocation?.();
+  const baseAllocation = await run.baseAllocation?.();
+  const progress = createProgress(run.progress, "export");
+  const planned = await exportQcow2(run.source, {
+    clusterSize: run.clusterSize,
+    refcountBits: run.refcountBits,
+    allocation,
+    zeroCheck: run.zeroCheck,
+    base: run.base,
+    baseAllocation,
+    progress,
+    reuseBuffers: true, // pipeToOutput writes each chunk before reading the next
+  });
+  let output;
+  try {
+    output = await openOutput(run.target);
+  } catch (err) {
+    await planned.stream.cancel();
+    throw err;
+  }
+  await pipeToOutput(planned.stream, output);
+}

@@ -1,0 +1,108 @@
+/**
+ * Resolving an allocation SPEC (`--allocation SPEC`, `--base-allocation SPEC`): a path
+ * or `fd:N` (an inherited descriptor, e.g. a pipe from `qemu-img map --output=json`).
+ * Content that starts with `{` or `[` is allocation JSON in any of the three shapes
+ * (lib/allocation.ts); any other file is an image (qcow2 or VHD) whose header is read.
+ *
+ * @module
+ */
+import { type Allocation, type ImageInfoJson, parseAllocation } from "./allocation.ts";
+import { describeIoError, DiskstreamError, UsageError } from "./errors.ts";
+import { readImageAllocation } from "./image_allocation.ts";
+
+/** Bytes looked at to tell JSON from an image. */
+const SNIFF_BYTES = 4096;
+
+/** The path to open for a SPEC: `fd:N` → `/dev/fd/N`. */
+function specPath(spec: string): string {
+  const m = /^fd:(\d+)$/.exec(spec);
+  if (m) return `/dev/fd/${m[1]}`;
+  if (spec.startsWith("fd:")) {
+    throw new UsageError(`'${spec}' is not a file descriptor: use fd:N with a number N`);
+  }
+  return spec;
+}
+
+/** True when `text` (after leading whitespace) starts like JSON. */
+function looksLikeJson(text: string): boolean {
+  return /^\s*[[{]/.test(text);
+}
+
+/** Reads the whole text of a SPEC (a path or `fd:N`). */
+export async function readSpecText(spec: string): Promise<string> {
+  try {
+    return await Deno.readTextFile(specPath(spec));
+  } catch (err) {
+    throw describeIoError(err, spec, "read");
+  }
+}
+
+/** Parses `qemu-img info --output=json` text (the part an allocation needs). */
+export function parseImageInfo(text: string, where: string): ImageInfoJson {
+  let info: unknown;
+  try {
+    info = JSON.parse(text);
+  } catch (err) {
+    throw new DiskstreamError(`${where}: not valid JSON (${(err as Error).message})`);
+  }
+  if (info === null || typeof info !== "object" || !("virtual-size" in info)) {
+    throw new DiskstreamError(`${where}: not 'qemu-img info --output=json' output`);
+  }
+  return info as ImageInfoJson;
+}
+
+/**
+ * The allocation a SPEC names, mapped onto clusters of `clusterSize` bytes. `info`
+ * (from `qemu-img info --output=json`) gives the virtual size of `qemu-img map` JSON.
+ *
+ * @example Read a vhd-tool style hint with 2 MiB blocks as 64 KiB clusters
+ * ```ts
+ * import { resolveAllocationSpec } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await Deno.writeTextFile(
+ *   `${dir}/hint.json`,
+ *   '{"virtual_size":8388608,"cluster_bits":21,"data_clusters":[[1,1]]}',
+ * );
+ * const hint = await resolveAllocationSpec(`${dir}/hint.json`, 65536);
+ * assert.equal(hint.virtualSize, 8388608);
+ * assert.deepEqual([...hint.clusters.runs()], [[32, 63]]);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export async function resolveAllocationSpec(
+  spec: string,
+  clusterSize: number,
+  info?: ImageInfoJson,
+): Promise<Allocation> {
+  const path = specPath(spec);
+  const where = `allocation ${spec}`;
+  if (path !== spec) {
+    const text = await readSpecText(spec);
+    if (!looksLikeJson(text)) {
+      throw new DiskstreamError(
+        `${where}: a descriptor must carry allocation JSON (an image file needs a path)`,
+      );
+    }
+    return parseAllocation(text, clusterSize, where, info);
+  }
+  let head: string;
+  try {
+    using file = await Deno.open(path, { read: true });
+    const buf = new Uint8Array(SNIFF_BYTES);
+    const n = (await file.read(buf)) ?? 0;
+    head = new TextDecoder().decode(buf.subarray(0, n));
+  } catch (err) {
+    throw describeIoError(err, spec, "read");
+  }
+  if (looksLikeJson(head)) {
+    return parseAllocation(await readSpecText(spec), clusterSize, where, info);
+  }
+  const image = await readImageAllocation(path);
+  const set = image.clusters;
+  return set.clusterSize === clusterSize ? image : {
+    virtualSize: image.virtualSize,
+    clusters: set.remap(clusterSize, image.virtualSize),
+  };
+}

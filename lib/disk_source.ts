@@ -1,0 +1,122 @@
+/**
+ * A raw disk to read from: a regular file or a block device. Its size comes from
+ * `stat` for a file and from seeking to the end for a device (whose `stat` size is
+ * 0). Reads are positional and large; one read runs at a time per source (a seek and
+ * a read are one step), so callers may overlap reads of different sources.
+ *
+ * @module
+ */
+import { describeIoError, DiskstreamError, SourceChangedError } from "./errors.ts";
+
+/** An opened raw disk. */
+export interface DiskSource {
+  /** The path it was opened with (for messages). */
+  readonly path: string;
+  /** Size in bytes when it was opened. */
+  readonly size: number;
+  /** True for a regular file (hole detection may apply), false for a device. */
+  readonly isFile: boolean;
+  /**
+   * Fills all of `buf` with the bytes at `position`. Bytes at or past `limit`
+   * (default: the size) read as zeros. Throws {@link SourceChangedError} when the
+   * source ends before `limit`.
+   */
+  readAt(buf: Uint8Array, position: number, limit?: number): Promise<void>;
+  /** The size now (to detect a source that changed between passes). */
+  currentSize(): Promise<number>;
+  /** Releases the file; later calls do nothing. */
+  close(): void;
+}
+
+/**
+ * Opens `path` for reading and learns its size. Errors name the path and what to do
+ * (a device under `/dev` needs Deno's `--allow-all`, e.g. `deno task diskstream`).
+ */
+export async function openDiskSource(path: string): Promise<DiskSource> {
+  let file: Deno.FsFile;
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.stat(path);
+    if (info.isDirectory) throw new DiskstreamError(`cannot read ${path}: it is a directory`);
+    file = await Deno.open(path, { read: true });
+  } catch (err) {
+    throw describeIoError(err, path, "open");
+  }
+  let size: number;
+  try {
+    size = info.isFile ? info.size : await file.seek(0, Deno.SeekMode.End);
+  } catch (err) {
+    file.close();
+    throw describeIoError(err, path, "find the size of");
+  }
+  return new FileSource(path, file, size, info.isFile);
+}
+
+class FileSource implements DiskSource {
+  #file: Deno.FsFile;
+  #closed = false;
+  /** The last queued operation: seek + read pairs must not interleave. */
+  #queue: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    readonly path: string,
+    file: Deno.FsFile,
+    readonly size: number,
+    readonly isFile: boolean,
+  ) {
+    this.#file = file;
+  }
+
+  #serial<T>(op: () => Promise<T>): Promise<T> {
+    const next = this.#queue.then(op, op);
+    this.#queue = next.catch(() => {});
+    return next;
+  }
+
+  readAt(buf: Uint8Array, position: number, limit = this.size): Promise<void> {
+    const want = Math.max(0, Math.min(buf.length, limit - position));
+    if (want < buf.length) buf.fill(0, want);
+    if (want === 0) return Promise.resolve();
+    return this.#serial(async () => {
+      let got = 0;
+      try {
+        await this.#file.seek(position, Deno.SeekMode.Start);
+        while (got < want) {
+          const n = await this.#file.read(buf.subarray(got, want));
+          if (n === null) break;
+          got += n;
+        }
+      } catch (err) {
+        throw describeIoError(err, this.path, "read");
+      }
+      if (got < want) {
+        throw new SourceChangedError(
+          `${this.path} ended at byte ${
+            position + got
+          } while ${limit} bytes were expected: the source shrank during the export`,
+        );
+      }
+    });
+  }
+
+  currentSize(): Promise<number> {
+    return this.#serial(async () => {
+      try {
+        if (this.isFile) return (await this.#file.stat()).size;
+        return await this.#file.seek(0, Deno.SeekMode.End);
+      } catch (err) {
+        throw describeIoError(err, this.path, "find the size of");
+      }
+    });
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      this.#file.close();
+    } catch {
+      // already closed by an aborted operation
+    }
+  }
+}

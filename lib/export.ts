@@ -1,0 +1,330 @@
+/**
+ * Export: a raw disk (regular file or block device) as a qcow2 v3 stream, without a
+ * temporary file and without seeking the output. First the plan — which clusters
+ * to write: the non-zero ones (pass 1 reads the data extents, or everything), the
+ * hinted ones (`allocation`), or those that differ from a base disk (`base`) — then
+ * the stream in the layout of QEMU's `qcow2-to-stdout.py` (pass 2 reads the planned
+ * clusters straight into the output chunks).
+ *
+ * @module
+ */
+import type { Allocation } from "./allocation.ts";
+import { alignUp } from "./bytes.ts";
+import {
+  candidateCount,
+  candidateRuns,
+  type Candidates,
+  candidatesOf,
+  scanWindows,
+} from "./cluster_scan.ts";
+import { ClusterSet } from "./cluster_set.ts";
+import { diffScanBytes, planDiff } from "./diff.ts";
+import { type DiskSource, openDiskSource } from "./disk_source.ts";
+import { DiskstreamError, SourceChangedError, UsageError } from "./errors.ts";
+import {
+  checkGeometry,
+  DEFAULT_CLUSTER_SIZE,
+  DEFAULT_REFCOUNT_BITS,
+  l1Geometry,
+  type StreamLayout,
+  streamLayout,
+} from "./qcow2/layout.ts";
+import { countL2Tables, qcow2Chunks, type WriterOptions } from "./qcow2/writer.ts";
+import type { ProgressSink } from "./progress.ts";
+import { zeroTest } from "./zero.ts";
+
+/** Options of {@link exportQcow2}. */
+export interface ExportOptions {
+  /** Output cluster size in bytes, a power of two from 512 to 2 MiB (default 64 KiB). */
+  clusterSize?: number;
+  /** Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64 (default 16). */
+  refcountBits?: number;
+  /**
+   * Which clusters of the source may hold data (any cluster size; see
+   * `parseAllocation`). Only those are read, and they are written without looking
+   * at them unless `zeroCheck` is set. Its virtual size must be the source's.
+   */
+  allocation?: Allocation;
+  /** With `allocation`: also leave out the hinted clusters that are all zeros. */
+  zeroCheck?: boolean;
+  /** Export only what differs from this base disk (path of a raw file or device). */
+  base?: string;
+  /** Which clusters of `base` may hold data (its virtual size must be the base's). */
+  baseAllocation?: Allocation;
+  /** Receives progress in bytes (pass 1 reads, then the bytes of the stream). */
+  progress?: ProgressSink;
+  /** Size of the stream's chunks in bytes (default 4 MiB). */
+  chunkSize?: number;
+  /**
+   * Recycle a small ring of chunk buffers (much faster for large disks): each chunk
+   * then stays valid only until the next one is read, so write or copy it first
+   * (as `for await (const c of stream) await out.write(c)` does). Default false:
+   * every chunk is a fresh buffer the consumer may keep.
+   */
+  reuseBuffers?: boolean;
+}
+
+/** A planned export: its stream and what it will contain. */
+export interface Qcow2Export {
+  /**
+   * The image bytes, in chunks of megabytes. Reading it runs pass 2; cancel it to
+   * stop early (the source is closed either way).
+   */
+  readonly stream: ReadableStream<Uint8Array>;
+  /** Where everything goes; `layout.fileSize` is the exact length of the stream. */
+  readonly layout: StreamLayout;
+  /** The guest clusters written as data clusters. */
+  readonly clusters: ClusterSet;
+  /** Size of the source in bytes (the virtual size is this rounded up to 512). */
+  readonly sourceSize: number;
+  /** Bytes read while planning (pass 1). */
+  readonly scannedBytes: number;
+}
+
+/**
+ * The clusters (at `clusterSize`, within the first `clip` bytes) that a hint for a
+ * disk of `size` bytes names, refusing a hint made for a disk of another size.
+ */
+function hintClusters(
+  hint: Allocation,
+  size: number,
+  clusterSize: number,
+  what: string,
+  path: string,
+  clip = size,
+): ClusterSet {
+  if (hint.virtualSize !== size && hint.virtualSize !== alignUp(size, 512)) {
+    throw new DiskstreamError(
+      `${what} describes a disk of ${hint.virtualSize} bytes but ${path} has ${size} bytes: ` +
+        `the allocation does not belong to this disk`,
+    );
+  }
+  const set = hint.clusters;
+  return set.clusterSize === clusterSize && set.length === Math.ceil(clip / clusterSize)
+    ? set
+    : set.remap(clusterSize, clip);
+}
+
+/** Pass 1 without a base: the candidate clusters that hold a non-zero byte. */
+async function planNonZero(
+  source: DiskSource,
+  candidates: Candidates,
+  clusterSize: number,
+  onRead: (bytes: number) => void,
+): Promise<ClusterSet> {
+  if (candidates.trusted && candidates.set !== null) return candidates.set;
+  const out = new ClusterSet(candidates.clusters, clusterSize);
+  await scanWindows(
+    candidateRuns(candidates),
+    clusterSize,
+    [{ source, limit: source.size, wants: () => true }],
+    ({ first, parts, buffers: [buf] }) => {
+      const zero = zeroTest(buf);
+      for (const [a, b] of parts) {
+        const start = (a - first) * clusterSize;
+        if (zero(start, (b - first + 1) * clusterSize)) continue;
+        for (let c = a, at = start; c <= b; c++, at += clusterSize) {
+          if (!zero(at, at + clusterSize)) out.add(c);
+        }
+      }
+    },
+    onRead,
+  );
+  return out;
+}
+
+/**
+ * Plans the export of the raw disk at `source` as a qcow2 v3 image and returns the
+ * image as a stream of large chunks, with its layout. Without `allocation`, the
+ * all-zero clusters are left out and the bytes are those QEMU's
+ * `scripts/qcow2-to-stdout.py` writes for the same input and options.
+ *
+ * Memory: one bit per cluster (a few bitmaps) and a few chunk buffers. Errors are
+ * {@link DiskstreamError}s (missing source, hint for another disk, disk too large for
+ * the cluster size, source changed size between the passes, ...).
+ *
+ * @example Export a sparse disk to a qcow2 file
+ * ```ts
+ * import { exportQcow2 } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const disk = `${dir}/disk.raw`;
+ * // A 64 MiB disk holding 1 MiB of data at 16 MiB; the rest is a hole.
+ * const file = await Deno.open(disk, { write: true, create: true });
+ * await file.truncate(64 << 20);
+ * await file.seek(16 << 20, Deno.SeekMode.Start);
+ * await file.write(new Uint8Array(1 << 20).fill(0xab));
+ * file.close();
+ *
+ * const exported = await exportQcow2(disk, { clusterSize: 65536 });
+ * assert.equal(exported.clusters.count, 16); // 1 MiB in 64 KiB clusters
+ * assert.deepEqual([...exported.clusters.runs()], [[256, 271]]);
+ * await Deno.writeFile(`${dir}/disk.qcow2`, exported.stream);
+ * assert.equal((await Deno.stat(`${dir}/disk.qcow2`)).size, exported.layout.fileSize);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ *
+ * @example Export only what differs from a base disk, with an allocation hint
+ * ```ts
+ * import { ClusterSet, exportQcow2 } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const base = new Uint8Array(4 << 20).fill(1);
+ * const changed = base.slice();
+ * changed.fill(2, 3 << 20, (3 << 20) + 10); // 10 bytes of cluster 48 change
+ * await Deno.writeFile(`${dir}/base.raw`, base);
+ * await Deno.writeFile(`${dir}/new.raw`, changed);
+ * // The hint says where the new disk may hold data (here: everywhere).
+ * const clusters = new ClusterSet(2, 2 << 20);
+ * clusters.addRange(0, 1);
+ * const diff = await exportQcow2(`${dir}/new.raw`, {
+ *   base: `${dir}/base.raw`,
+ *   allocation: { virtualSize: 4 << 20, clusters },
+ * });
+ * assert.deepEqual([...diff.clusters], [48]);
+ * await diff.stream.cancel(); // not needed after all: release the source
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export async function exportQcow2(
+  source: string,
+  options: ExportOptions = {},
+): Promise<Qcow2Export> {
+  const cs = options.clusterSize ?? DEFAULT_CLUSTER_SIZE;
+  const refcountBits = options.refcountBits ?? DEFAULT_REFCOUNT_BITS;
+  checkGeometry(cs, refcountBits);
+  if (options.baseAllocation !== undefined && options.base === undefined) {
+    throw new UsageError("a base allocation needs a base disk (--base-allocation needs --diff)");
+  }
+  const progress = options.progress;
+  const src = await openDiskSource(source);
+  try {
+    const virtualSize = alignUp(src.size, 512);
+    l1Geometry(virtualSize, cs); // refuse a disk too large for the cluster size first
+    const hint = options.allocation &&
+      hintClusters(options.allocation, src.size, cs, "the allocation hint", src.path);
+    const sourceCandidates = candidatesOf(src, virtualSize, cs, hint, options.zeroCheck);
+    let scanned = 0;
+    const onRead = (bytes: number) => {
+      scanned += bytes;
+      progress?.update(scanned);
+    };
+    let clusters: ClusterSet;
+    if (options.base !== undefined) {
+      clusters = await planAgainstBase(
+        src,
+        options.base,
+        options.baseAllocation,
+        sourceCandidates,
+        cs,
+        progress,
+        onRead,
+      );
+    } else {
+      const estimate = sourceCandidates.trusted ? 0 : candidateCount(sourceCandidates) * cs;
+      if (estimate > 0) progress?.setTotal(2 * estimate);
+      clusters = await planNonZero(src, sourceCandidates, cs, onRead);
+    }
+    const layout = streamLayout({
+      virtualSize,
+      clusterSize: cs,
+      refcountBits,
+      l2Tables: countL2Tables(clusters, cs / 8),
+      dataClusters: clusters.count,
+    });
+    progress?.setTotal(scanned + layout.fileSize);
+    const stream = streamOf(
+      src,
+      layout,
+      clusters,
+      { chunkSize: options.chunkSize, reuseBuffers: options.reuseBuffers },
+      (sent) => progress?.update(scanned + sent),
+      () => progress?.finish(),
+    );
+    return { stream, layout, clusters, sourceSize: src.size, scannedBytes: scanned };
+  } catch (err) {
+    src.close();
+    throw err;
+  }
+}
+
+/** Pass 1 with a base: the clusters that differ from it (lib/diff.ts). */
+async function planAgainstBase(
+  src: DiskSource,
+  basePath: string,
+  baseAllocation: Allocation | undefined,
+  sourceCandidates: Candidates,
+  cs: number,
+  progress: ProgressSink | undefined,
+  onRead: (bytes: number) => void,
+): Promise<ClusterSet> {
+  const base = await openDiskSource(basePath);
+  try {
+    const virtualSize = alignUp(src.size, 512);
+    const baseLimit = Math.min(base.size, virtualSize);
+    const baseHint = baseAllocation &&
+      hintClusters(baseAllocation, base.size, cs, "the base allocation hint", base.path, baseLimit);
+    const input = {
+      source: src,
+      base,
+      clusterSize: cs,
+      virtualSize,
+      sourceCandidates,
+      baseCandidates: candidatesOf(base, baseLimit, cs, baseHint),
+      onRead,
+    };
+    const estimate = diffScanBytes(input);
+    if (estimate > 0) progress?.setTotal(2 * estimate);
+    return await planDiff(input);
+  } finally {
+    base.close();
+  }
+}
+
+/** Pass 2 as a ReadableStream that prefetches two chunks while one is written. */
+function streamOf(
+  src: DiskSource,
+  layout: StreamLayout,
+  clusters: ClusterSet,
+  writerOptions: WriterOptions,
+  onSent: (bytes: number) => void,
+  onDone: () => void,
+): ReadableStream<Uint8Array> {
+  let sent = 0;
+  let chunks: AsyncGenerator<Uint8Array> | null = null;
+  const start = async () => {
+    const now = await src.currentSize();
+    if (now !== src.size) {
+      throw new SourceChangedError(
+        `${src.path} changed size between the passes (${src.size} → ${now} bytes); export it again`,
+      );
+    }
+    return qcow2Chunks(layout, clusters, src, { ...writerOptions, sourceSize: src.size });
+  };
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      try {
+        chunks ??= await start();
+        const r = await chunks.next();
+        if (r.done) {
+          src.close();
+          onDone();
+          controller.close();
+          return;
+        }
+        sent += r.value.length;
+        onSent(sent);
+        controller.enqueue(r.value);
+      } catch (err) {
+        src.close();
+        throw err;
+      }
+    },
+    async cancel() {
+      src.close();
+      await chunks?.return(undefined).catch(() => {});
+    },
+  }, new CountQueuingStrategy({ highWaterMark: 2 }));
+}

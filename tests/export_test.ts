@@ -1,0 +1,359 @@
+/**
+ * `diskstream export` and the library's exportQcow2, checked with qemu-img: sparse,
+ * unaligned and empty sources, allocation hints in the three JSON shapes (any hint
+ * cluster size), --zero-check, the command line's outputs, progress and error paths.
+ */
+import assert from "node:assert/strict";
+import { parseAllocation } from "../lib/allocation.ts";
+import { ClusterSet } from "../lib/cluster_set.ts";
+import { DiskstreamError, SourceChangedError } from "../lib/errors.ts";
+import { type ExportOptions, exportQcow2 } from "../lib/export.ts";
+import {
+  checkClean,
+  CLI,
+  imagesEqual,
+  pseudoRandom,
+  qemu,
+  qemuTest,
+  run,
+  runCli,
+  withTempDir,
+  writeSparse,
+} from "./helpers.ts";
+
+const MiB = 1 << 20;
+
+/** Exports `src` with the library into `out` and returns the plan. */
+async function exportTo(src: string, out: string, options: ExportOptions = {}) {
+  const e = await exportQcow2(src, options);
+  await Deno.writeFile(out, e.stream);
+  assert.equal((await Deno.stat(out)).size, e.layout.fileSize);
+  return e;
+}
+
+/** The `[start, length]` of the extents qemu-img map lists as data (depth 0). */
+async function dataExtents(image: string): Promise<[number, number][]> {
+  const map = JSON.parse(await qemu(["map", "--output=json", image])) as {
+    start: number;
+    length: number;
+    data: boolean;
+    depth: number;
+  }[];
+  return map.filter((e) => e.data && e.depth === 0).map((e) => [e.start, e.length]);
+}
+
+/** A sparse 64 MiB + 1000 byte disk with data in clusters 0, 16–17, 500 and the last. */
+async function sparseDisk(path: string): Promise<number> {
+  const size = 64 * MiB + 1000;
+  await writeSparse(path, size, [
+    [0, pseudoRandom(4096, 1)],
+    [16 * 65536 + 100, pseudoRandom(65536, 2)],
+    [500 * 65536, pseudoRandom(10, 3)],
+    [size - 1000, pseudoRandom(1000, 4)],
+  ]);
+  return size;
+}
+
+qemuTest("export: a sparse unaligned disk; only its non-zero clusters, last one kept", async () => {
+  await withTempDir(async (dir) => {
+    const src = `${dir}/disk.raw`;
+    const size = await sparseDisk(src);
+    const out = `${dir}/disk.qcow2`;
+    const e = await exportTo(src, out);
+    assert.equal(e.layout.virtualSize, Math.ceil(size / 512) * 512);
+    assert.deepEqual([...e.clusters], [0, 16, 17, 500, 1024]);
+    await checkClean(out);
+    assert.ok(await imagesEqual(src, out, "raw", "qcow2"));
+    assert.deepEqual(await dataExtents(out), [
+      [0, 65536],
+      [16 * 65536, 2 * 65536],
+      [500 * 65536, 65536],
+      [1024 * 65536, e.layout.virtualSize - 1024 * 65536],
+    ]);
+    const info = JSON.parse(await qemu(["info", "--output=json", out]));
+    assert.equal(info["virtual-size"], 64 * MiB + 1024);
+    // With hole detection, pass 1 reads only the data extents, not 64 MiB.
+    if (Deno.build.os === "linux") assert.ok(e.scannedBytes < 4 * MiB, `${e.scannedBytes}`);
+  });
+});
+
+qemuTest("export: empty, all-zero and tiny sources", async () => {
+  await withTempDir(async (dir) => {
+    const empty = `${dir}/empty.raw`;
+    await Deno.writeFile(empty, new Uint8Array(0));
+    const e = await exportTo(empty, `${dir}/empty.qcow2`);
+    assert.equal(e.layout.fileSize, 3 * 65536);
+    await checkClean(`${dir}/empty.qcow2`);
+    const zeros = `${dir}/zeros.raw`;
+    await Deno.writeFile(zeros, new Uint8Array(3 * MiB));
+    const z = await exportTo(zeros, `${dir}/zeros.qcow2`, { clusterSize: 4096 });
+    assert.equal(z.clusters.count, 0);
+    assert.ok(await imagesEqual(zeros, `${dir}/zeros.qcow2`, "raw", "qcow2"));
+    assert.deepEqual(await dataExtents(`${dir}/zeros.qcow2`), []);
+    const tiny = `${dir}/tiny.raw`;
+    await Deno.writeFile(tiny, new TextEncoder().encode("hello, disk"));
+    const t = await exportTo(tiny, `${dir}/tiny.qcow2`, { clusterSize: 512 });
+    assert.equal(t.layout.virtualSize, 512);
+    assert.ok(await imagesEqual(tiny, `${dir}/tiny.qcow2`, "raw", "qcow2"));
+  });
+});
+
+qemuTest("export: a 1 TiB sparse disk (and an allocation hint for it)", async () => {
+  await withTempDir(async (dir) => {
+    const src = `${dir}/big.raw`;
+    const size = 2 ** 40;
+    await writeSparse(src, size, [[700 * 2 ** 30, pseudoRandom(1000, 7)]]);
+    const hint = new ClusterSet(size / 2 ** 21, 2 ** 21);
+    hint.add((700 * 2 ** 30) / 2 ** 21);
+    const e = await exportTo(src, `${dir}/big.qcow2`, {
+      allocation: { virtualSize: size, clusters: hint },
+    });
+    assert.equal(e.scannedBytes, 0, "a trusted hint needs no pass 1");
+    assert.equal(e.clusters.count, 32);
+    await checkClean(`${dir}/big.qcow2`);
+    assert.deepEqual(await dataExtents(`${dir}/big.qcow2`), [[700 * 2 ** 30, 2 ** 21]]);
+  });
+});
+
+/** The disk of the hint tests: 8 MiB + 1000 bytes, data in the last partial 2 MiB block. */
+async function hintDisk(dir: string) {
+  const src = `${dir}/h.raw`;
+  const size = 8 * MiB + 1000;
+  await writeSparse(src, size, [
+    [100, pseudoRandom(5000, 11)], // block 0
+    [5 * MiB, pseudoRandom(70000, 12)], // block 2
+    [size - 500, pseudoRandom(500, 13)], // block 4, partial
+  ]);
+  return { src, size };
+}
+
+qemuTest("export --allocation: legacy, interval and qemu-img map hints", async () => {
+  await withTempDir(async (dir) => {
+    const { src, size } = await hintDisk(dir);
+    const legacy = `{"virtual_size":${size},"cluster_bits":21,"data_clusters":[0,2,4]}`;
+    const interval =
+      `{"virtual_size":${size},"cluster_bits":21,"data_clusters":[[0,0],[2,2],[4,4]]}`;
+    // qemu-img map of a qcow2 copy with 512-byte clusters: an unaligned last extent.
+    await qemu([
+      "convert",
+      "-f",
+      "raw",
+      "-O",
+      "qcow2",
+      "-o",
+      "cluster_size=512",
+      src,
+      `${dir}/h.q`,
+    ]);
+    const map = await qemu(["map", "--output=json", `${dir}/h.q`]);
+    const info = await qemu(["info", "--output=json", `${dir}/h.q`]);
+    await Deno.writeTextFile(`${dir}/legacy.json`, legacy);
+    await Deno.writeTextFile(`${dir}/interval.json`, "\n  " + interval);
+    await Deno.writeTextFile(`${dir}/map.json`, map);
+    for (const [name, cs] of [["legacy", 65536], ["interval", 512], ["map", 2 ** 21]] as const) {
+      const out = `${dir}/${name}.qcow2`;
+      const r = await runCli([
+        "export",
+        src,
+        "-o",
+        out,
+        "-c",
+        String(cs),
+        "--allocation",
+        `${dir}/${name}.json`,
+      ]);
+      assert.equal(r.code, 0, r.stderr);
+      await checkClean(out);
+      assert.ok(await imagesEqual(src, out, "raw", "qcow2"), `${name} hint`);
+      // The last data extent reaches the end of the disk: the partial cluster is kept.
+      const extents = await dataExtents(out);
+      const [start, length] = extents[extents.length - 1];
+      assert.equal(start + length, Math.ceil(size / 512) * 512, name);
+    }
+    // The hint's clusters are written as they are: the whole 2 MiB blocks.
+    const blocks = await dataExtents(`${dir}/legacy.qcow2`);
+    assert.deepEqual(blocks[0], [0, 2 * MiB]);
+    // qemu-img map with its info on descriptors (fd:N).
+    const out = `${dir}/fd.qcow2`;
+    const r = await run("bash", [
+      "-c",
+      `exec 3<"$1" 4<"$2"; "${Deno.execPath()}" run -A "${CLI}" export "$3" -o "$4" --allocation fd:3`,
+      "x",
+      `${dir}/map.json`,
+      `${dir}/legacy.json`,
+      src,
+      out,
+    ]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.ok(await imagesEqual(src, out, "raw", "qcow2"));
+    // parseAllocation of the map with its info gives the disk's clusters at 2 MiB.
+    const parsed = parseAllocation(map, 2 ** 21, "map", JSON.parse(info));
+    assert.deepEqual([...parsed.clusters.runs()], [[0, 0], [2, 2], [4, 4]]);
+    assert.equal(parsed.virtualSize, Math.ceil(size / 512) * 512);
+  });
+});
+
+qemuTest(
+  "export --allocation: only hinted clusters are read; --zero-check drops zeros",
+  async () => {
+    await withTempDir(async (dir) => {
+      const { src, size } = await hintDisk(dir);
+      // Hint blocks 1 (all zero) and 2, not 0 or 4 which hold data.
+      const hint = { virtualSize: size, clusters: new ClusterSet(5, 2 ** 21) };
+      hint.clusters.addRange(1, 2);
+      const plain = await exportTo(src, `${dir}/a.qcow2`, { allocation: hint, clusterSize: 65536 });
+      assert.equal(plain.clusters.count, 64);
+      assert.deepEqual(await dataExtents(`${dir}/a.qcow2`), [[2 * MiB, 4 * MiB]]);
+      assert.equal(await imagesEqual(src, `${dir}/a.qcow2`, "raw", "qcow2"), false);
+      const checked = await exportTo(src, `${dir}/b.qcow2`, {
+        allocation: hint,
+        zeroCheck: true,
+        clusterSize: 65536,
+      });
+      // 70000 bytes at 5 MiB: clusters 80 and 81 only.
+      assert.deepEqual([...checked.clusters], [80, 81]);
+      assert.deepEqual(await dataExtents(`${dir}/b.qcow2`), [[5 * MiB, 2 * 65536]]);
+      await checkClean(`${dir}/b.qcow2`);
+    });
+  },
+);
+
+Deno.test("export --allocation: a hint for another disk size is refused", async () => {
+  await withTempDir(async (dir) => {
+    const { src, size } = await hintDisk(dir);
+    const wrong = { virtualSize: size + 4096, clusters: new ClusterSet(5, 2 ** 21) };
+    await assert.rejects(
+      () => exportQcow2(src, { allocation: wrong }),
+      (err) =>
+        err instanceof DiskstreamError && /describes a disk of .* bytes but/.test(err.message),
+    );
+    // The size rounded up to 512 (what qemu-img reports for the raw file) is accepted.
+    const rounded = {
+      virtualSize: Math.ceil(size / 512) * 512,
+      clusters: new ClusterSet(5, 2 ** 21),
+    };
+    const e = await exportQcow2(src, { allocation: rounded });
+    await e.stream.cancel();
+    await Deno.writeTextFile(
+      `${dir}/bad.json`,
+      `{"virtual_size":${size * 2},"cluster_bits":16,"data_clusters":[]}`,
+    );
+    const r = await runCli([
+      "export",
+      src,
+      "-o",
+      `${dir}/x.qcow2`,
+      "--allocation",
+      `${dir}/bad.json`,
+    ]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /^diskstream: the allocation hint describes a disk of \d+ bytes/);
+  });
+});
+
+Deno.test("export: a source that changes size between the passes is refused", async () => {
+  await withTempDir(async (dir) => {
+    const src = `${dir}/s.raw`;
+    await Deno.writeFile(src, pseudoRandom(MiB));
+    const e = await exportQcow2(src);
+    await Deno.truncate(src, MiB / 2);
+    await assert.rejects(() => new Response(e.stream).arrayBuffer(), SourceChangedError);
+  });
+});
+
+qemuTest("export CLI: stdout, -o, --output-fd and --machine progress", async () => {
+  await withTempDir(async (dir) => {
+    const src = `${dir}/disk.raw`;
+    await sparseDisk(src);
+    const viaStdout = await runCli(["export", src, "-c", "4K", "-r", "1"]);
+    assert.equal(viaStdout.code, 0, viaStdout.stderr);
+    await Deno.writeFile(`${dir}/1.qcow2`, viaStdout.stdout);
+    await checkClean(`${dir}/1.qcow2`);
+    assert.ok(await imagesEqual(src, `${dir}/1.qcow2`, "raw", "qcow2"));
+    const machine = await runCli([
+      "export",
+      src,
+      "-o",
+      `${dir}/2.qcow2`,
+      "-c",
+      "4096",
+      "-r",
+      "1",
+      "--progress",
+      "--machine",
+    ]);
+    assert.equal(machine.code, 0, machine.stderr);
+    const digits = new TextDecoder().decode(machine.stdout);
+    assert.match(digits, /^(\d{3})+$/);
+    assert.ok(digits.endsWith("100"));
+    const steps = digits.match(/\d{3}/g)!.map(Number);
+    assert.deepEqual(steps, [...steps].sort((a, b) => a - b));
+    assert.deepEqual(await Deno.readFile(`${dir}/2.qcow2`), viaStdout.stdout, "same bytes");
+    const fd = await run("bash", [
+      "-c",
+      `"${Deno.execPath()}" run -A "${CLI}" export "$1" -c 4096 -r 1 --output-fd 5 5>"$2"`,
+      "x",
+      src,
+      `${dir}/3.qcow2`,
+    ]);
+    assert.equal(fd.code, 0, fd.stderr);
+    assert.deepEqual(await Deno.readFile(`${dir}/3.qcow2`), viaStdout.stdout);
+  });
+});
+
+Deno.test("export CLI: bad input gives one line and the right status", async () => {
+  await withTempDir(async (dir) => {
+    const src = `${dir}/s.raw`;
+    await Deno.writeFile(src, pseudoRandom(4096));
+    const out = `${dir}/o.qcow2`;
+    const cases: [string[], number, RegExp][] = [
+      [["export", `${dir}/missing.raw`, "-o", out], 1, /cannot open .*missing\.raw: no such file/],
+      [["export", dir, "-o", out], 1, /is a directory/],
+      [["export", src, "-o", out, "-c", "1000"], 2, /-c\/--cluster-size must be a power of two/],
+      [["export", src, "-o", out, "-c", "4M"], 2, /-c\/--cluster-size/],
+      [["export", src, "-o", out, "-r", "3"], 2, /-r\/--refcount-bits/],
+      [["export", src, "-o", out, "-r", "128"], 2, /-r\/--refcount-bits/],
+      [["export", src, "--machine"], 2, /--machine prints progress on stdout/],
+      [["export", src, "-o", out, "-f", "vhd"], 1, /VHD is not supported yet/],
+      [["export", src, "-o", out, "--base-allocation", src], 2, /needs --diff/],
+      [["export", src, "-o", out, "--output-fd", "x"], 2, /--output-fd needs a file descriptor/],
+      [["export", src, "-o", out, "--allocation", `${dir}/nope.json`], 1, /nope\.json/],
+      [["export", src, "-o", out, "--allocation", "fd:x"], 2, /not a file descriptor/],
+    ];
+    for (const [args, code, message] of cases) {
+      const r = await runCli(args);
+      assert.equal(r.code, code, `${args.join(" ")}: ${r.stderr}`);
+      assert.match(r.stderr, message, args.join(" "));
+      assert.equal(r.stderr.trim().split("\n").length, 1, `one line: ${r.stderr}`);
+      assert.doesNotMatch(r.stderr, /\bat .*\.ts:\d+/, "no stack trace");
+    }
+  });
+});
+
+Deno.test("export CLI: an image too large for the cluster size", async () => {
+  await withTempDir(async (dir) => {
+    const src = `${dir}/huge.raw`;
+    await writeSparse(src, 129 * 2 ** 30);
+    const r = await runCli(["export", src, "-o", `${dir}/o.qcow2`, "-c", "512"]);
+    assert.equal(r.code, 1);
+    assert.match(
+      r.stderr,
+      /^diskstream: image too large for 512 B clusters.*use a larger cluster size/,
+    );
+  });
+});
+
+Deno.test("export CLI: a closed pipe ends quietly with status 1", async () => {
+  await withTempDir(async (dir) => {
+    const src = `${dir}/s.raw`;
+    await Deno.writeFile(src, pseudoRandom(16 * MiB));
+    const r = await run("bash", [
+      "-c",
+      `set -o pipefail; "${Deno.execPath()}" run -A "${CLI}" export "$1" | head -c 1000 >/dev/null`,
+      "x",
+      src,
+    ]);
+    assert.equal(r.code, 1);
+    assert.equal(r.stderr, "");
+  });
+});
