@@ -50,20 +50,28 @@ export class ImageFile {
 
   /** {@link readAt}, synchronously. */
   readAtSync(offset: number, length: number, what: string): Uint8Array {
+    const buf = new Uint8Array(length);
+    this.readInto(offset, buf, what);
+    return buf;
+  }
+
+  /**
+   * Fills all of `target` from `offset`, synchronously: for many small reads into one
+   * reused buffer (an async op and a fresh buffer per table cost more than the read).
+   */
+  readInto(offset: number, target: Uint8Array, what: string): void {
+    const length = target.length;
     if (offset + length > this.size) {
       throw new CorruptImageError(
         `${what} (${length} bytes at ${offset}) lies past the end of the ${this.size}-byte file`,
         offset,
       );
     }
-    const buf = new Uint8Array(length);
     try {
-      // Synchronous calls: these reads are small and many, and an async op per table
-      // costs more than the read itself.
       this.#file.seekSync(offset, Deno.SeekMode.Start);
       let done = 0;
       while (done < length) {
-        const n = this.#file.readSync(buf.subarray(done));
+        const n = this.#file.readSync(target.subarray(done));
         if (n === null) {
           throw new CorruptImageError(
             `${what} ends early: the file shrank while being read`,
@@ -75,7 +83,6 @@ export class ImageFile {
     } catch (err) {
       throw describeIoError(err, this.path, "read");
     }
-    return buf;
   }
 
   /** Closes the file. */

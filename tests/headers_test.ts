@@ -313,7 +313,7 @@ qemuTest("headers: dynamic and fixed VHD agree with qemu-img map", async () => {
     if (dataExtents(fixed, a.virtualSize) === null) {
       assert.equal(a.clusters.count, a.clusters.length); // no hole detection: everything
     } else {
-      // qemu-img maps a fixed VHD like a raw file (its footer included): clip to the disk.
+      // qemu-img probes a fixed VHD as raw (footer included): clip its map to the disk.
       const map = JSON.parse(await qemu(["map", "--output=json", fixed])).filter(
         (e: { start: number }) => e.start < a.virtualSize,
       );

@@ -76,8 +76,11 @@ export async function readQcow2Map(file: ImageFile): Promise<Qcow2Map> {
 
   const tables = l1Needed === 0 ? [] : await readL1(file, header, l1Needed);
   const scan: TableScan = { map, extL2, hasDataFile, entryBytes, nbClusters };
-  for (const group of groupAdjacent(tables, cs)) {
-    const bytes = await file.readAt(group[0].offset, group.length * cs, "qcow2 L2 tables");
+  const groups = groupAdjacent(tables, cs);
+  const buffer = new Uint8Array(Math.max(0, ...groups.map((g) => g.length)) * cs);
+  for (const group of groups) {
+    const bytes = buffer.subarray(0, group.length * cs);
+    file.readInto(group[0].offset, bytes, "qcow2 L2 tables");
     for (let t = 0; t < group.length; t++) {
       map.l2Tables++;
       scanTable(scan, bytes, t * cs, group[t].l1Index * l2Entries, l2Entries);
@@ -97,8 +100,9 @@ interface TableScan {
 
 /**
  * Classifies the `l2Entries` entries of the L2 table at `base` in `bytes`, which map
- * the guest clusters from `firstCluster` on. Empty entries (the common case in a
- * sparse table) are skipped with one read of each word.
+ * the guest clusters from `firstCluster` on. Empty entries (most of a sparse table)
+ * are skipped a 64-bit word at a time: an all-zero entry reads as the double 0 (and an
+ * entry with only COPIED set, also unallocated without a data file, as -0).
  */
 function scanTable(
   s: TableScan,
@@ -109,16 +113,22 @@ function scanTable(
 ): void {
   const { map, extL2, hasDataFile, entryBytes } = s;
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const words = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength >>> 2);
-  const wordsPerEntry = entryBytes >>> 2;
+  const doubles = new Float64Array(bytes.buffer, bytes.byteOffset, bytes.byteLength >>> 3);
+  const step = entryBytes >>> 3;
   const n = Math.min(l2Entries, s.nbClusters - firstCluster);
+  const first = base >>> 3;
+  const end = first + n * step;
+  const next = hasDataFile
+    ? (e: number) => e
+    : step === 1
+    ? (e: number) => nextNonZero(doubles, e, end)
+    : (e: number) => nextNonZeroPair(doubles, e, end);
   const counts = map.counts;
-  for (let j = 0, w = base >>> 2; j < n; j++, w += wordsPerEntry) {
-    if (words[w] === 0 && words[w + 1] === 0 && (!extL2 || words[w + 2] === 0)) continue;
-    const p = w << 2;
+  for (let e = next(first); e < end; e = next(e + step)) {
+    const p = e << 3;
+    const c = firstCluster + (e - first) / step;
     const hi = view.getUint32(p);
     const lo = view.getUint32(p + 4);
-    const c = firstCluster + j;
     if ((hi & 0x40000000) !== 0) {
       map.data.add(c);
       counts.compressed++;
@@ -149,6 +159,18 @@ function scanTable(
       counts.zero++;
     }
   }
+}
+
+/** The first index from `e` (below `end`) whose 8-byte entry is not zero, else `end`. */
+function nextNonZero(d: Float64Array, e: number, end: number): number {
+  while (e < end && d[e] === 0) e++;
+  return e;
+}
+
+/** {@link nextNonZero} for 16-byte entries (extended L2), stepping by two. */
+function nextNonZeroPair(d: Float64Array, e: number, end: number): number {
+  while (e < end && d[e] === 0 && d[e + 1] === 0) e += 2;
+  return e;
 }
 
 interface L2Ref {
