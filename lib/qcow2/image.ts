@@ -77,7 +77,7 @@ export async function readQcow2Map(file: ImageFile): Promise<Qcow2Map> {
   const tables = l1Needed === 0 ? [] : await readL1(file, header, l1Needed);
   const scan: TableScan = { map, extL2, hasDataFile, entryBytes, nbClusters };
   const groups = groupAdjacent(tables, cs);
-  const buffer = new Uint8Array(Math.max(0, ...groups.map((g) => g.length)) * cs);
+  const buffer = new Uint8Array(groups.reduce((m, g) => Math.max(m, g.length), 0) * cs);
   for (const group of groups) {
     const bytes = buffer.subarray(0, group.length * cs);
     file.readInto(group[0].offset, bytes, "qcow2 L2 tables");
@@ -183,8 +183,13 @@ async function readL1(file: ImageFile, header: Qcow2Header, entries: number): Pr
   const cs = header.clusterSize;
   const bytes = await file.readAt(header.l1TableOffset, entries * 8, "qcow2 L1 table");
   const view = new DataView(bytes.buffer);
+  const doubles = new Float64Array(bytes.buffer);
   const refs: L2Ref[] = [];
-  for (let i = 0; i < entries; i++) {
+  for (
+    let i = nextNonZero(doubles, 0, entries);
+    i < entries;
+    i = nextNonZero(doubles, i + 1, entries)
+  ) {
     const offset = Number(view.getBigUint64(i * 8) & OFFSET_MASK);
     if (offset === 0) continue;
     const at = header.l1TableOffset + i * 8;
