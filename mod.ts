@@ -71,3 +71,11 @@ export {
 } from "./lib/vhd/dynamic_header.ts";
 
 // Import (qcow2/VHD stream → raw).
+export {
+  DEFAULT_MAX_BUFFER,
+  type ImportFormat,
+  importImage,
+  type ImportOptions,
+  type ImportResult,
+} from "./lib/import.ts";
+export type { DestinationKind, DestinationOptions } from "./lib/raw_destination.ts";

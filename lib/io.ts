@@ -108,10 +108,17 @@ export interface Input {
   readonly stream: ReadableStream<Uint8Array>;
 }
 
+/** Options of {@link openInput}. */
+export interface InputOptions {
+  /** Read with blocking reads, whole chunks at a time ({@link blockingReadableFrom}). */
+  blocking?: boolean;
+}
+
 /** Opens an input stream (stdin, a path, or an inherited descriptor). */
-export async function openInput(source: Endpoint): Promise<Input> {
+export async function openInput(source: Endpoint, opts: InputOptions = {}): Promise<Input> {
   const name = endpointName(source, "stdin");
-  if (source.kind === "std") return { name, stream: readableFrom(Deno.stdin, name) };
+  const from = opts.blocking ? blockingReadableFrom : readableFrom;
+  if (source.kind === "std") return { name, stream: from(Deno.stdin, name) };
   const path = source.kind === "path" ? source.path : `/dev/fd/${source.fd}`;
   let file: Deno.FsFile;
   try {
@@ -119,7 +126,66 @@ export async function openInput(source: Endpoint): Promise<Input> {
   } catch (err) {
     throw describeIoError(err, name, "open");
   }
-  return { name, stream: readableFrom(file, name, () => file.close()) };
+  return { name, stream: from(file, name, () => file.close()) };
+}
+
+/**
+ * Like {@link readableFrom}, but each chunk is filled completely with blocking reads
+ * (`readSync`: no thread hop per 64 KiB pipe read, about twice as fast for a single
+ * consumer such as import, whose writes still run in the background). A
+ * non-blocking descriptor (EAGAIN) falls back to asynchronous reads.
+ */
+export function blockingReadableFrom(
+  reader: {
+    read(p: Uint8Array): Promise<number | null>;
+    readSync(p: Uint8Array): number | null;
+  },
+  name: string,
+  close: () => void = () => {},
+  chunkSize = CHUNK_SIZE,
+): ReadableStream<Uint8Array> {
+  let closed = false;
+  let blocking = true;
+  const done = () => {
+    if (!closed) {
+      closed = true;
+      close();
+    }
+  };
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      const buf = new Uint8Array(chunkSize);
+      let filled = 0;
+      try {
+        while (filled < chunkSize) {
+          let n: number | null;
+          try {
+            n = blocking
+              ? reader.readSync(buf.subarray(filled))
+              : await reader.read(buf.subarray(filled));
+          } catch (err) {
+            if (!(blocking && err instanceof Deno.errors.WouldBlock)) throw err;
+            blocking = false;
+            continue;
+          }
+          if (n === null) break;
+          filled += n;
+        }
+      } catch (err) {
+        done();
+        throw describeIoError(err, name, "read");
+      }
+      if (filled === 0) {
+        done();
+        controller.close();
+        return;
+      }
+      controller.enqueue(filled === chunkSize ? buf : buf.subarray(0, filled));
+    },
+    cancel() {
+      done();
+    },
+  });
 }
 
 /**

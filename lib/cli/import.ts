@@ -1,9 +1,150 @@
 /**
- * The `import` command family (placeholder until implemented).
+ * The `import` command family: `import DEST` (qcow2/VHD stream → raw file or block
+ * device) and `stream_decode OUTPUT`, a drop-in for XAPI's qcow-stream-tool.
  *
  * @module
  */
 import type { Command } from "commander";
+import { UsageError } from "../errors.ts";
+import { DEFAULT_MAX_BUFFER, type ImportFormat, importImage } from "../import.ts";
+import { type Endpoint, openInput } from "../io.ts";
+import { createProgress, type ProgressMode } from "../progress.ts";
+import { endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
+
+interface ImportFlags {
+  input?: string;
+  inputFd?: number;
+  format: string;
+  size?: number;
+  prezeroed?: boolean;
+  delta?: boolean;
+  maxBuffer: number;
+  progress?: boolean;
+  machine?: boolean;
+}
+
+interface ImportRun {
+  dest: string;
+  source: Endpoint;
+  format: ImportFormat;
+  size?: number;
+  prezeroed?: boolean;
+  delta?: boolean;
+  maxBuffer: number;
+  progress: ProgressMode;
+}
 
 /** Registers the import commands on `program`. */
-export function registerImport(_program: Command): void {}
+export function registerImport(program: Command): void {
+  program
+    .command("import")
+    .description(
+      "Import a qcow2 or VHD image arriving as a stream (stdin, a pipe, a socket) into a raw\n" +
+        "file or block device, in one pass without seeking. A new file is created at the\n" +
+        "virtual size and stays sparse; an existing file or device gets zeros where the image\n" +
+        "has none (unless --prezeroed); --delta applies a diff onto DEST.",
+    )
+    .argument("<DEST>", "raw file or block device to write (/dev/... needs --allow-all)")
+    .option("-i, --input <IN>", "read the image from IN ('-' = stdin, the default)")
+    .option(
+      "--input-fd <N>",
+      "read the image from inherited file descriptor N",
+      fdOption("--input-fd"),
+    )
+    .option("-f, --format <FORMAT>", "auto, qcow2 or vhd (a fixed VHD needs vhd)", "auto")
+    .option(
+      "--size <BYTES>",
+      "usable size of DEST: a larger image is refused before writing",
+      sizeOption("--size"),
+    )
+    .option("--prezeroed", "DEST already reads as zeros: write only the image's data")
+    .option(
+      "--delta",
+      "apply a diff (qcow2 with a backing file, differencing VHD) onto DEST: unallocated\n" +
+        "ranges are left untouched, zero ranges are written as zeros",
+    )
+    .option(
+      "--max-buffer <SIZE>",
+      "memory for data that arrives before the metadata mapping it",
+      sizeOption("--max-buffer"),
+      DEFAULT_MAX_BUFFER,
+    )
+    .option("--progress", "show a progress bar on stderr")
+    .option("--machine", "with --progress: vhd-tool's 3-digit percentages on stdout")
+    .addHelpText(
+      "after",
+      "\nExamples:\n" +
+        "  diskstream import disk.raw < disk.qcow2\n" +
+        "  curl -s http://host/disk.qcow2 | diskstream import /dev/vg/lv --progress\n" +
+        "  diskstream import base-copy.raw --delta -i diff.qcow2",
+    )
+    .action(async (dest: string, flags: ImportFlags) => {
+      if (!["auto", "qcow2", "vhd"].includes(flags.format)) {
+        throw new UsageError(`-f/--format must be auto, qcow2 or vhd, got '${flags.format}'`);
+      }
+      if (flags.delta && flags.prezeroed) {
+        throw new UsageError("--delta and --prezeroed do not go together");
+      }
+      await runImport({
+        dest,
+        source: endpointFrom(flags.input, flags.inputFd, "-i/--input and --input-fd"),
+        format: flags.format as ImportFormat,
+        size: flags.size,
+        prezeroed: flags.prezeroed,
+        delta: flags.delta,
+        maxBuffer: flags.maxBuffer,
+        progress: progressMode(flags),
+      });
+    });
+
+  program
+    .command("stream_decode")
+    .description(
+      "Drop-in for XAPI's 'qcow-stream-tool stream_decode': read a qcow2 (or VHD) stream on\n" +
+        "stdin and write the raw disk to OUTPUT (usually a block device).",
+    )
+    .argument("<OUTPUT>", "raw file or block device to write")
+    .action(async (output: string) => {
+      await runImport({
+        dest: output,
+        source: { kind: "std" },
+        format: "auto",
+        maxBuffer: DEFAULT_MAX_BUFFER,
+        progress: "none",
+      });
+    });
+}
+
+async function runImport(run: ImportRun): Promise<void> {
+  if (run.source.kind === "std" && Deno.stdin.isTerminal()) {
+    throw new UsageError(
+      "refusing to read a disk image from a terminal: pipe it in or use -i FILE",
+    );
+  }
+  const input = await openInput(run.source, { blocking: true });
+  const progress = createProgress(run.progress, "import");
+  await importImage(input.stream, run.dest, {
+    format: run.format,
+    size: run.size,
+    prezeroed: run.prezeroed,
+    delta: run.delta,
+    maxBuffer: run.maxBuffer,
+    progress,
+    streamLength: await streamLength(run.source),
+  });
+}
+
+/** The input's length when it is a regular file (for progress and fixed VHD sizes). */
+async function streamLength(source: Endpoint): Promise<number | undefined> {
+  try {
+    const path = source.kind === "std"
+      ? "/dev/stdin"
+      : source.kind === "path"
+      ? source.path
+      : `/dev/fd/${source.fd}`;
+    const info = await Deno.stat(path);
+    return info.isFile ? info.size : undefined;
+  } catch {
+    return undefined;
+  }
+}

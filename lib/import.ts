@@ -1,0 +1,179 @@
+/**
+ * `import`: a qcow2 or VHD image arriving as a stream (a pipe, a socket, stdin) is
+ * written to a raw file or block device in one pass, without seeking the input.
+ *
+ * @module
+ */
+import { CorruptImageError, UnsupportedError } from "./errors.ts";
+import type { ProgressSink } from "./progress.ts";
+import { decodeQcow2Stream, type StreamImageInfo } from "./qcow2/stream_reader.ts";
+import {
+  type DestinationKind,
+  type DestinationOptions,
+  RawDestination,
+} from "./raw_destination.ts";
+import { ChunkStream } from "./stream_walker.ts";
+import { decodeVhdStream } from "./vhd/stream_reader.ts";
+
+/** The stream's format: detected from its first bytes, or forced. */
+export type ImportFormat = "auto" | "qcow2" | "vhd";
+
+/**
+ * Default of {@link ImportOptions.maxBuffer}: 256 MiB.
+ *
+ * @example
+ * ```ts
+ * import { DEFAULT_MAX_BUFFER, parseSize } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(DEFAULT_MAX_BUFFER, parseSize("256M"));
+ * ```
+ */
+export const DEFAULT_MAX_BUFFER = 256 * 1024 * 1024;
+
+/** Options of {@link importImage}. */
+export interface ImportOptions extends DestinationOptions {
+  /**
+   * `auto` (default) recognises qcow2 (`QFI\xfb`) and dynamic VHD (`conectix`) from
+   * the first bytes; a fixed VHD (raw data, footer at the end) needs `vhd`.
+   */
+  format?: ImportFormat;
+  /**
+   * Most memory (bytes) for data that arrives before the metadata that maps it
+   * (default {@link DEFAULT_MAX_BUFFER}); beyond it the import fails with a
+   * `LimitError`.
+   */
+  maxBuffer?: number;
+  /** Receives progress in stream bytes. */
+  progress?: ProgressSink;
+  /** The stream's length when known (a regular file), for progress. */
+  streamLength?: number;
+}
+
+/** What an import did. */
+export interface ImportResult {
+  format: "qcow2" | "vhd";
+  /** The image's virtual size: the bytes of the destination that were set. */
+  virtualSize: number;
+  /** Bytes of guest data written (zeros not counted). */
+  dataBytes: number;
+  /** What the destination was: a new file (left sparse), an existing file, a device. */
+  destination: DestinationKind;
+}
+
+const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
+const VHD_COOKIE = [...new TextEncoder().encode("conectix")];
+
+/**
+ * Imports the qcow2 or VHD image in `stream` into the raw file or block device at
+ * `dest`. A new file is created at the virtual size and left sparse; an existing
+ * file or device gets zeros where the image has none unless `prezeroed`; `delta`
+ * applies a diff onto `dest`. The data is synced before the promise resolves. On
+ * failure a file created by the import is removed.
+ *
+ * Errors are `DiskstreamError`s: {@link CorruptImageError} (truncated or
+ * inconsistent stream, with the byte offset), {@link UnsupportedError} (encryption,
+ * external data file, backing file without `delta`), `LimitError` (`maxBuffer`).
+ *
+ * @example Export a disk as a qcow2 stream and import it again
+ * ```ts
+ * import { exportQcow2, importImage } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const disk = new Uint8Array(4 << 20);
+ * disk.fill(0xab, 1 << 20, 2 << 20); // 1 MiB of data at 1 MiB, zeros elsewhere
+ * await Deno.writeFile(`${dir}/disk.raw`, disk);
+ *
+ * const exported = await exportQcow2(`${dir}/disk.raw`);
+ * const result = await importImage(exported.stream, `${dir}/copy.raw`);
+ * assert.equal(result.format, "qcow2");
+ * assert.equal(result.virtualSize, 4 << 20);
+ * assert.equal(result.destination, "new file"); // created sparse
+ * assert.deepEqual(await Deno.readFile(`${dir}/copy.raw`), disk);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ *
+ * @example Apply a diff onto a copy of its base
+ * ```ts
+ * import { exportQcow2, importImage } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const base = new Uint8Array(1 << 20).fill(1);
+ * const next = base.slice().fill(2, 0, 1000);
+ * await Deno.writeFile(`${dir}/base.raw`, base);
+ * await Deno.writeFile(`${dir}/next.raw`, next);
+ * await Deno.writeFile(`${dir}/copy.raw`, base);
+ *
+ * const diff = await exportQcow2(`${dir}/next.raw`, { base: `${dir}/base.raw` });
+ * await importImage(diff.stream, `${dir}/copy.raw`, { delta: true });
+ * assert.deepEqual(await Deno.readFile(`${dir}/copy.raw`), next);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export async function importImage(
+  stream: ReadableStream<Uint8Array> | AsyncIterator<Uint8Array>,
+  dest: string,
+  options: ImportOptions = {},
+): Promise<ImportResult> {
+  const input = new ChunkStream(stream);
+  let target: RawDestination | null = null;
+  const progress = options.progress;
+  let lastTotal = -1;
+  const decodeOpts = {
+    maxBuffer: options.maxBuffer ?? DEFAULT_MAX_BUFFER,
+    delta: options.delta,
+    streamLength: options.streamLength,
+    onProgress: progress
+      ? (done: number, total: number) => {
+        const t = options.streamLength ?? total;
+        if (t !== lastTotal) progress.setTotal(lastTotal = t);
+        progress.update(done);
+      }
+      : undefined,
+  };
+  const open = async (info: StreamImageInfo, sizeKnown = true) => {
+    target = await RawDestination.open(
+      dest,
+      sizeKnown ? info.virtualSize : null,
+      info.unit,
+      options,
+    );
+    return target;
+  };
+  try {
+    const format = await detectFormat(input, options.format ?? "auto");
+    const info = format === "qcow2"
+      ? await decodeQcow2Stream(input, decodeOpts, open)
+      : await decodeVhdStream(input, decodeOpts, open);
+    const t = target as RawDestination | null;
+    if (!t) throw new Error("the decoder did not open the destination");
+    await t.finish(info.virtualSize);
+    progress?.finish();
+    return {
+      format: info.format,
+      virtualSize: info.virtualSize,
+      dataBytes: t.dataBytes,
+      destination: t.kind,
+    };
+  } catch (err) {
+    await (target as RawDestination | null)?.abort();
+    await input.cancel().catch(() => {});
+    throw err;
+  }
+}
+
+async function detectFormat(input: ChunkStream, format: ImportFormat): Promise<"qcow2" | "vhd"> {
+  if (format !== "auto") return format;
+  const head = await input.read(8);
+  input.unshift(head);
+  if (head.length === 0) throw new CorruptImageError("the input stream is empty", 0);
+  if (QCOW2_MAGIC.every((b, i) => head[i] === b)) return "qcow2";
+  if (head.length === 8 && VHD_COOKIE.every((b, i) => head[i] === b)) return "vhd";
+  const hex = Array.from(head, (b) => b.toString(16).padStart(2, "0")).join(" ");
+  throw new UnsupportedError(
+    `the stream is neither qcow2 (magic QFI\\xfb) nor a dynamic VHD (cookie "conectix"): ` +
+      `it starts with ${hex}; for a fixed VHD give the format (-f vhd)`,
+  );
+}

@@ -1,0 +1,433 @@
+/**
+ * The one-pass qcow2 decoder: reads a qcow2 image from a stream (a pipe, a socket),
+ * front to back, without seeking, and writes the guest's bytes to an
+ * {@link ImageTarget}. It copes with any layout: metadata first (QEMU's
+ * qcow2-to-stdout.py, `diskstream export`) or L2 tables interleaved with data
+ * (`qemu-img convert`), compressed clusters (deflate, zstd), ZERO entries, v2 and v3.
+ *
+ * How: the header gives the L1 table's place; the L1 table gives the L2 tables'
+ * places; each L2 table gives the places of its data and compressed clusters. Those
+ * ranges form an agenda (see {@link StreamWalker}); data is written as it streams by.
+ * Bytes that arrive before the table that maps them are held in a bounded buffer
+ * and claimed later; once every L2 table is known the rest of the stream is skipped.
+ * Memory is proportional to the metadata plus that buffer, not to the disk.
+ *
+ * @module
+ */
+import { viewOf } from "../bytes.ts";
+import { CorruptImageError, UnsupportedError } from "../errors.ts";
+import type { ImageTarget } from "../raw_destination.ts";
+import { StreamBuffer, ZERO_RANGE } from "../stream_buffer.ts";
+import {
+  type ChunkStream,
+  type Expected,
+  Mode,
+  RecordRun,
+  StreamWalker,
+  walkChunks,
+  type WalkerFormat,
+} from "../stream_walker.ts";
+import {
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_EXTL2,
+  MAX_CLUSTER_BITS,
+  MIN_CLUSTER_BITS,
+  QCOW2_MAGIC,
+} from "./constants.ts";
+import { decompressCluster } from "./decompress.ts";
+import { HEADER_PROBE_BYTES, parseQcow2Header, type Qcow2Header } from "./header.ts";
+
+/** What a decoder learned from the image's header, before any data is written. */
+export interface StreamImageInfo {
+  format: "qcow2" | "vhd";
+  /** Virtual size in bytes. */
+  virtualSize: number;
+  /** Grain of the allocation: the cluster size (qcow2) or block size (VHD). */
+  unit: number;
+}
+
+/** Options of the stream decoders. */
+export interface StreamDecodeOptions {
+  /** Most memory for bytes that arrive before the metadata mapping them. */
+  maxBuffer: number;
+  /**
+   * The stream is a diff to apply onto its base: a backing file (qcow2) or parent
+   * (VHD) is allowed, and unallocated ranges are left alone.
+   */
+  delta?: boolean;
+  /** Called after every chunk with the bytes read and the expected total (0 if unknown). */
+  onProgress?: (done: number, total: number) => void;
+  /** The stream's length, when known (a regular file). */
+  streamLength?: number;
+}
+
+const DATA = 0;
+const COMPRESSED = 1;
+const L2 = 2;
+const L1 = 3;
+const REFCOUNT_TABLE = 4;
+
+/** Decodes a qcow2 stream; `open` gets the destination once the header is read. */
+export async function decodeQcow2Stream(
+  input: ChunkStream,
+  opts: StreamDecodeOptions,
+  open: (info: StreamImageInfo) => Promise<ImageTarget>,
+): Promise<StreamImageInfo> {
+  const header = await readHeader(input, !!opts.delta);
+  const info: StreamImageInfo = {
+    format: "qcow2",
+    virtualSize: header.size,
+    unit: header.clusterSize,
+  };
+  const target = await open(info);
+  const reader = new Qcow2StreamReader(header, target, opts.maxBuffer);
+  await walkChunks(input, reader.walker, target, () => {
+    opts.onProgress?.(reader.walker.pos, reader.expectedEnd());
+  });
+  return info;
+}
+
+/** Reads cluster 0 and checks that the image can be imported on its own. */
+async function readHeader(input: ChunkStream, delta: boolean): Promise<Qcow2Header> {
+  const probe = await input.read(HEADER_PROBE_BYTES);
+  if (probe.length >= 4 && viewOf(probe).getUint32(0) !== QCOW2_MAGIC) {
+    const magic = viewOf(probe).getUint32(0).toString(16).padStart(8, "0");
+    throw new CorruptImageError(`not a qcow2 image: bad magic 0x${magic}`, 0);
+  }
+  if (probe.length < 24) parseQcow2Header(probe); // throws the precise error
+  const bits = viewOf(probe).getUint32(20);
+  if (bits < MIN_CLUSTER_BITS || bits > MAX_CLUSTER_BITS) parseQcow2Header(probe);
+  input.unshift(probe);
+  const cluster0 = await input.read(2 ** bits);
+  if (cluster0.length < 2 ** bits) {
+    parseQcow2Header(cluster0); // a clear message if the header itself is cut
+    throw new CorruptImageError(
+      `the stream ends at byte ${cluster0.length}, inside the qcow2 header cluster ` +
+        `(${2 ** bits} bytes): the stream is truncated`,
+      cluster0.length,
+    );
+  }
+  const h = parseQcow2Header(cluster0);
+  if (h.cryptMethod !== 0) {
+    throw new UnsupportedError(
+      `the qcow2 image is encrypted (${
+        h.cryptMethod === 1 ? "AES" : h.cryptMethod === 2 ? "LUKS" : `method ${h.cryptMethod}`
+      }); decrypt it first (qemu-img convert with --object secret,...)`,
+    );
+  }
+  if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n || h.dataFile !== undefined) {
+    throw new UnsupportedError(
+      `the qcow2 image keeps its data in an external data file${
+        h.dataFile ? ` (${h.dataFile})` : ""
+      }, which a stream cannot carry; import that raw file instead`,
+    );
+  }
+  if ((h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n) {
+    throw new UnsupportedError(
+      "the qcow2 image uses extended L2 entries (subclusters), which import does not read; " +
+        "convert it first: qemu-img convert -O qcow2 -o extended_l2=off",
+    );
+  }
+  if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) {
+    throw new CorruptImageError(
+      "the qcow2 image is marked corrupt; repair it with qemu-img check -r all",
+      72,
+    );
+  }
+  if (h.backingFileOffset !== 0 && h.backingFileSize > 0 && !delta) {
+    throw new UnsupportedError(
+      `the qcow2 image has a backing file${
+        h.backingFile ? ` (${h.backingFile})` : ""
+      }, so its unallocated clusters are not in the stream; apply it onto a copy of the base ` +
+        "with --delta, or flatten it first (qemu-img convert)",
+    );
+  }
+  return h;
+}
+
+/** The qcow2 side of the walk: what tables, data and compressed ranges mean. */
+class Qcow2StreamReader implements WalkerFormat {
+  readonly modes = [Mode.Stream, Mode.Assemble, Mode.Assemble, Mode.Assemble, Mode.Skip];
+  readonly sharesTail = [false, true, false, false, false];
+  readonly partialOk = [false, true, false, false, false];
+  readonly walker: StreamWalker;
+  readonly #h: Qcow2Header;
+  readonly #target: ImageTarget;
+  readonly #cs: number;
+  readonly #size: number;
+  readonly #l2Entries: number;
+  readonly #clusters: number;
+  readonly #l1Used: number;
+  readonly #csizeShift: number;
+  #l1Read = false;
+  #pendingL2 = 0;
+  /** Sorted host offsets of the L2 tables, for messages. */
+  #l2Offsets = new Float64Array(0);
+  #expectedEnd: number;
+
+  constructor(h: Qcow2Header, target: ImageTarget, maxBuffer: number) {
+    this.#h = h;
+    this.#target = target;
+    this.#cs = h.clusterSize;
+    this.#size = h.size;
+    this.#l2Entries = h.clusterSize / 8;
+    this.#clusters = Math.ceil(h.size / h.clusterSize);
+    this.#l1Used = Math.min(h.l1Size, Math.ceil(this.#clusters / this.#l2Entries));
+    this.#csizeShift = 62 - (h.clusterBits - 8);
+    this.walker = new StreamWalker(this, h.clusterSize, new StreamBuffer(maxBuffer, h.clusterSize));
+    this.#expectedEnd = h.clusterSize;
+    const run = new RecordRun(2);
+    if (h.refcountTableClusters > 0) {
+      this.#expect(
+        run,
+        REFCOUNT_TABLE,
+        h.refcountTableOffset,
+        h.refcountTableClusters * this.#cs,
+        0,
+      );
+    }
+    if (this.#l1Used > 0) {
+      this.#expect(run, L1, h.l1TableOffset, this.#l1Used * 8, 0);
+    } else {
+      this.#l1Read = true;
+      this.walker.stopBuffering();
+    }
+    this.walker.add(run);
+  }
+
+  /** The stream offset up to which the metadata known so far reaches. */
+  expectedEnd(): number {
+    return Math.max(this.#expectedEnd, this.walker.pos);
+  }
+
+  /** Queues a future range, or claims a past one from the buffer right away. */
+  #expect(run: RecordRun, kind: number, start: number, length: number, aux: number) {
+    const end = start + length;
+    if (end > this.#expectedEnd) this.#expectedEnd = end;
+    if (start >= this.walker.pos) {
+      run.add(kind, start, length, aux);
+      if (kind === L2) this.#pendingL2++;
+      return;
+    }
+    const buffer = this.walker.buffer;
+    if (kind === COMPRESSED) {
+      const bytes = buffer?.read(start, length);
+      if (!bytes) throw this.#missing(kind, aux, start);
+      try {
+        this.onRange(kind, start, aux, bytes);
+      } catch (err) {
+        if (bytes.length < length) throw this.#missing(kind, aux, start + bytes.length);
+        throw err;
+      }
+      return;
+    }
+    const got = buffer?.take(start, length);
+    if (got === undefined) throw this.#missing(kind, aux, start);
+    if (kind === DATA) {
+      if (got === ZERO_RANGE) this.#zero(aux);
+      else this.onBytes(DATA, aux, 0, got, 0, got.length);
+    } else if (kind === L2 && got !== ZERO_RANGE) {
+      this.#readL2(got, aux, start);
+    }
+  }
+
+  /** Stream-mode bytes: data clusters go straight to the destination. */
+  onBytes(_kind: number, aux: number, at: number, chunk: Uint8Array, from: number, to: number) {
+    const guest = aux * this.#cs + at;
+    const end = Math.min(guest + (to - from), this.#size);
+    if (end > guest) this.#target.write(guest, chunk, from, from + (end - guest));
+  }
+
+  onRange(kind: number, start: number, aux: number, bytes: Uint8Array): number | void {
+    if (kind === L2) {
+      this.#pendingL2--;
+      return this.#readL2(bytes, aux, start);
+    }
+    if (kind === L1) return this.#readL1(bytes);
+    if (kind === COMPRESSED) {
+      const { data, used } = decompressCluster(bytes, this.#cs, this.#h.compressionType, start);
+      this.onBytes(DATA, aux, 0, data, 0, data.length);
+      return used;
+    }
+  }
+
+  #zero(cluster: number) {
+    const guest = cluster * this.#cs;
+    this.#target.zero(guest, Math.min(this.#cs, this.#size - guest));
+  }
+
+  #readL1(bytes: Uint8Array) {
+    const v = viewOf(bytes);
+    const run = new RecordRun(this.#l1Used);
+    const base = this.#h.l1TableOffset;
+    for (let i = 0; i < this.#l1Used; i++) {
+      const hi = v.getUint32(i * 8);
+      const lo = v.getUint32(i * 8 + 4);
+      if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) {
+        throw new CorruptImageError(
+          `L1 entry ${i} has reserved bits set (0x${hex(hi, lo)})`,
+          base + i * 8,
+        );
+      }
+      const off = (hi & 0x00ffffff) * 2 ** 32 + lo;
+      if (off === 0) continue;
+      if (off % this.#cs !== 0) {
+        throw new CorruptImageError(
+          `L1 entry ${i} points to an L2 table at ${off}, which is not cluster aligned`,
+          base + i * 8,
+        );
+      }
+      run.add(L2, off, this.#cs, i);
+    }
+    this.#l2Offsets = run.start.slice(0, run.count).sort();
+    const future = new RecordRun(run.count);
+    for (let i = 0; i < run.count; i++) {
+      this.#expect(future, L2, run.start[i], this.#cs, run.aux[i]);
+    }
+    this.walker.add(future);
+    this.#l1Read = true; // only now: L2 tables read above from the buffer need it
+    this.#checkAllKnown();
+  }
+
+  #readL2(bytes: Uint8Array, l1Index: number, start: number) {
+    const v = viewOf(bytes);
+    const cs = this.#cs;
+    const first = l1Index * this.#l2Entries;
+    const n = Math.min(this.#l2Entries, this.#clusters - first);
+    const run = new RecordRun(64);
+    const shift = this.#csizeShift - 32;
+    const offMask = 2 ** shift - 1;
+    for (let j = 0; j < n; j++) {
+      const hi = v.getUint32(j * 8);
+      const lo = v.getUint32(j * 8 + 4);
+      if ((hi | lo) === 0) continue;
+      const cluster = first + j;
+      if ((hi & 0x40000000) !== 0) {
+        // Compressed: host byte offset in bits 0..x-1, extra sectors in bits x..61.
+        const offHi = hi & offMask;
+        const sectors = (hi & 0x3fffffff) >>> shift;
+        if (offHi >= 2 ** 21) {
+          throw this.#badEntry(start, j, cluster, hi, lo, "a compressed offset beyond 2^53");
+        }
+        const off = offHi * 2 ** 32 + lo;
+        this.#expect(run, COMPRESSED, off, (sectors + 1) * 512 - (off % 512), cluster);
+        continue;
+      }
+      if ((hi & 0x3f000000) !== 0 || (lo & 0x1fe) !== 0) {
+        throw this.#badEntry(start, j, cluster, hi, lo, "reserved bits set");
+      }
+      if ((lo & 1) !== 0) {
+        // ZERO (or ZERO_ALLOC: the host cluster's stale bytes must not be read).
+        this.#zero(cluster);
+        continue;
+      }
+      const host = (hi & 0x00ffffff) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
+      if (host === 0) continue;
+      if (host % cs !== 0) {
+        throw this.#badEntry(
+          start,
+          j,
+          cluster,
+          hi,
+          lo,
+          "a host offset that is not cluster aligned",
+        );
+      }
+      this.#expect(run, DATA, host, cs, cluster);
+    }
+    this.walker.add(run);
+    this.#checkAllKnown();
+  }
+
+  /** Called when an L2 table (or the L1 table) has been read. */
+  #checkAllKnown() {
+    if (!this.#l1Read || this.walker.buffer === null) return;
+    if (this.#pendingL2 === 0) this.walker.stopBuffering();
+  }
+
+  describe(kind: number, aux: number): string {
+    const cs = this.#cs;
+    switch (kind) {
+      case DATA:
+        return `the data of guest cluster ${aux} (guest offset ${aux * cs})`;
+      case COMPRESSED:
+        return `the compressed data of guest cluster ${aux} (guest offset ${aux * cs})`;
+      case L2: {
+        const from = aux * this.#l2Entries * cs;
+        const to = Math.min(this.#size, from + this.#l2Entries * cs) - 1;
+        return `the L2 table for guest offsets ${from}–${to} (L1 entry ${aux})`;
+      }
+      case L1:
+        return `the L1 table (${this.#h.l1Size} entries)`;
+      default:
+        return "the refcount table";
+    }
+  }
+
+  overlap(a: Expected, b: Expected): Error {
+    const meta = (k: number) => k === L1 || k === L2 || k === REFCOUNT_TABLE;
+    const da = this.describe(a.kind, a.aux);
+    const db = this.describe(b.kind, b.aux);
+    let what: string;
+    if (meta(a.kind) && !meta(b.kind)) what = `an L2 entry places ${db} inside metadata: ${da}`;
+    else if (!meta(a.kind) && meta(b.kind)) {
+      what = `an L2 entry places ${da} inside metadata: ${db}`;
+    } else if (!meta(a.kind)) {
+      what = `two L2 entries claim the same host bytes at ${b.start}: ${da} and ${db}`;
+    } else what = `${da} and ${db} overlap in the stream`;
+    return new CorruptImageError(what, b.start);
+  }
+
+  /** The error for a claim on bytes that went by and are not held. */
+  #missing(kind: number, aux: number, at: number): CorruptImageError {
+    const what = this.describe(kind, aux);
+    const h = this.#h;
+    const cs = this.#cs;
+    let where: string;
+    if (at < cs) where = "the qcow2 header";
+    else if (at >= h.l1TableOffset && at < h.l1TableOffset + h.l1Size * 8) where = "the L1 table";
+    else if (
+      at >= h.refcountTableOffset && at < h.refcountTableOffset + h.refcountTableClusters * cs
+    ) where = "the refcount table";
+    else if (this.#isL2(at - (at % cs))) where = "an L2 table";
+    else {
+      return new CorruptImageError(
+        `${what} is placed at byte ${at}, which another L2 entry already claims`,
+        at,
+      );
+    }
+    return new CorruptImageError(`${what} is placed inside metadata: ${where}`, at);
+  }
+
+  #isL2(off: number): boolean {
+    const a = this.#l2Offsets;
+    let lo = 0;
+    let hi = a.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      if (a[mid] === off) return true;
+      if (a[mid] < off) lo = mid + 1;
+      else hi = mid - 1;
+    }
+    return false;
+  }
+
+  #badEntry(
+    l2Start: number,
+    j: number,
+    cluster: number,
+    hi: number,
+    lo: number,
+    what: string,
+  ): CorruptImageError {
+    return new CorruptImageError(
+      `the L2 entry for guest cluster ${cluster} (0x${hex(hi, lo)}) has ${what}`,
+      l2Start + j * 8,
+    );
+  }
+}
+
+function hex(hi: number, lo: number): string {
+  return hi.toString(16).padStart(8, "0") + lo.toString(16).padStart(8, "0");
+}

@@ -1,0 +1,483 @@
+/**
+ * The one-pass engine under `import`: walks an image stream chunk by chunk, never
+ * seeking, against an agenda of byte ranges the metadata read so far says are coming
+ * (tables, data clusters, compressed clusters, blocks). Bytes no known range covers
+ * are kept in a bounded {@link StreamBuffer} until the metadata that claims them
+ * arrives, or forgotten once the format says every table is known. The format
+ * decoders (qcow2, VHD) supply what each kind of range means.
+ *
+ * @module
+ */
+import { CorruptImageError } from "./errors.ts";
+import type { ImageTarget } from "./raw_destination.ts";
+import type { StreamBuffer } from "./stream_buffer.ts";
+
+/** How the bytes of a kind of range are consumed. */
+export const Mode = {
+  /** Handed over piece by piece as they arrive (data written straight through). */
+  Stream: 0,
+  /** Collected into one buffer and handed over whole (tables, compressed data). */
+  Assemble: 1,
+  /** Passed over (tables the import does not need). */
+  Skip: 2,
+} as const;
+/** One of {@link Mode}'s values. */
+export type Mode = typeof Mode[keyof typeof Mode];
+
+/** A range of the stream that the metadata says is coming. */
+export interface Expected {
+  kind: number;
+  start: number;
+  length: number;
+  /** What the format attaches: a guest cluster, a table index… */
+  aux: number;
+}
+
+/**
+ * A batch of expected ranges (for example the entries of one L2 table), sorted by
+ * stream offset before it joins the agenda.
+ */
+export class RecordRun {
+  start: Float64Array;
+  length: Float64Array;
+  aux: Float64Array;
+  kind: Uint8Array;
+  count = 0;
+  /** Read position while the run is on the agenda. */
+  next = 0;
+
+  constructor(capacity: number) {
+    this.start = new Float64Array(capacity);
+    this.length = new Float64Array(capacity);
+    this.aux = new Float64Array(capacity);
+    this.kind = new Uint8Array(capacity);
+  }
+
+  /** Appends a range (the run grows as needed). */
+  add(kind: number, start: number, length: number, aux: number): void {
+    if (this.count === this.start.length) this.#grow();
+    const i = this.count++;
+    this.start[i] = start;
+    this.length[i] = length;
+    this.aux[i] = aux;
+    this.kind[i] = kind;
+  }
+
+  #grow() {
+    const cap = Math.max(16, this.start.length * 2);
+    const grow = <T extends Float64Array | Uint8Array>(a: T, b: T) => (b.set(a), b);
+    this.start = grow(this.start, new Float64Array(cap));
+    this.length = grow(this.length, new Float64Array(cap));
+    this.aux = grow(this.aux, new Float64Array(cap));
+    this.kind = grow(this.kind, new Uint8Array(cap));
+  }
+
+  /** Sorts by start (stable); a run that is already in order costs one scan. */
+  sort(): void {
+    const n = this.count;
+    let sorted = true;
+    for (let i = 1; i < n && sorted; i++) sorted = this.start[i - 1] <= this.start[i];
+    if (sorted) return;
+    const order = Array.from({ length: n }, (_, i) => i);
+    const s = this.start;
+    order.sort((a, b) => s[a] - s[b] || a - b);
+    const pick = <T extends Float64Array | Uint8Array>(a: T, b: T) => {
+      for (let i = 0; i < n; i++) b[i] = a[order[i]];
+      return b;
+    };
+    this.start = pick(this.start, new Float64Array(n));
+    this.length = pick(this.length, new Float64Array(n));
+    this.aux = pick(this.aux, new Float64Array(n));
+    this.kind = pick(this.kind, new Uint8Array(n));
+  }
+}
+
+/** The agenda: sorted runs merged by a min-heap on each run's next start. */
+class RecordQueue {
+  #heap: RecordRun[] = [];
+  #size = 0;
+
+  get size(): number {
+    return this.#size;
+  }
+
+  push(run: RecordRun) {
+    if (run.count === 0) return;
+    run.next = 0;
+    this.#size += run.count;
+    const h = this.#heap;
+    h.push(run);
+    let i = h.length - 1;
+    while (i > 0) {
+      const p = (i - 1) >> 1;
+      if (h[p].start[h[p].next] <= run.start[0]) break;
+      h[i] = h[p];
+      i = p;
+    }
+    h[i] = run;
+  }
+
+  peekStart(): number {
+    const top = this.#heap[0];
+    return top === undefined ? Infinity : top.start[top.next];
+  }
+
+  pop(out: Expected) {
+    const h = this.#heap;
+    const top = h[0];
+    const i = top.next++;
+    out.kind = top.kind[i];
+    out.start = top.start[i];
+    out.length = top.length[i];
+    out.aux = top.aux[i];
+    this.#size--;
+    if (top.next === top.count) {
+      const last = h.pop()!;
+      if (h.length === 0) return;
+      h[0] = last;
+    }
+    if (h.length > 1) this.#siftDown();
+  }
+
+  #siftDown() {
+    const h = this.#heap;
+    const item = h[0];
+    const key = item.start[item.next];
+    let i = 0;
+    for (;;) {
+      const l = 2 * i + 1;
+      if (l >= h.length) break;
+      const r = l + 1;
+      let c = l;
+      if (r < h.length && h[r].start[h[r].next] < h[l].start[h[l].next]) c = r;
+      if (h[c].start[h[c].next] >= key) break;
+      h[i] = h[c];
+      i = c;
+    }
+    h[i] = item;
+  }
+}
+
+/** What a format decoder tells the walker. */
+export interface WalkerFormat {
+  /** Consumption mode per kind (index = kind). */
+  readonly modes: readonly Mode[];
+  /**
+   * Per kind: ranges of such kinds may begin inside the last 512-byte sector of the
+   * previous one (qcow2 compressed clusters share sectors).
+   */
+  readonly sharesTail: readonly boolean[];
+  /** Per kind: at the end of the stream a partly received range may still be usable. */
+  readonly partialOk: readonly boolean[];
+  /** Stream-mode bytes: `chunk[from, to)` are the bytes at `at` within the range. */
+  onBytes(kind: number, aux: number, at: number, chunk: Uint8Array, from: number, to: number): void;
+  /**
+   * A whole assemble-mode range (`bytes` may be a view into the input, or shorter
+   * than the range at the end of the stream when `partialOk`). Returns how many of
+   * its bytes the range really used when fewer (the rest may belong to others).
+   */
+  onRange(kind: number, start: number, aux: number, bytes: Uint8Array): number | void;
+  /** A stream-mode range ended. */
+  onEnd?(kind: number, aux: number): void;
+  /** Words for messages: "the L2 table for guest offsets …". */
+  describe(kind: number, aux: number): string;
+  /** The error for range `b` starting inside range `a`. */
+  overlap(a: Expected, b: Expected): Error;
+}
+
+/** The input of a decoder: chunks with a push-back, and the count of bytes read. */
+export class ChunkStream {
+  readonly #it: AsyncIterator<Uint8Array>;
+  readonly #back: Uint8Array[] = [];
+
+  constructor(source: ReadableStream<Uint8Array> | AsyncIterator<Uint8Array>) {
+    this.#it = source instanceof ReadableStream
+      ? source[Symbol.asyncIterator]()
+      : source as AsyncIterator<Uint8Array>;
+  }
+
+  /** The next non-empty chunk, or null at the end. */
+  async next(): Promise<Uint8Array | null> {
+    const back = this.#back.pop();
+    if (back) return back;
+    for (;;) {
+      const r = await this.#it.next();
+      if (r.done) return null;
+      if (r.value.length > 0) return r.value;
+    }
+  }
+
+  /** Puts `chunk` back in front. */
+  unshift(chunk: Uint8Array): void {
+    if (chunk.length > 0) this.#back.push(chunk);
+  }
+
+  /**
+   * The next `n` bytes (fewer only at the end of the stream); the rest of the last
+   * chunk is put back.
+   */
+  async read(n: number): Promise<Uint8Array> {
+    const first = await this.next();
+    if (!first) return new Uint8Array(0);
+    if (first.length >= n) {
+      this.unshift(first.subarray(n));
+      return first.subarray(0, n);
+    }
+    const out = new Uint8Array(n);
+    out.set(first);
+    let have = first.length;
+    while (have < n) {
+      const c = await this.next();
+      if (!c) return out.subarray(0, have);
+      const take = Math.min(c.length, n - have);
+      out.set(c.subarray(0, take), have);
+      have += take;
+      this.unshift(c.subarray(take));
+    }
+    return out;
+  }
+
+  /** Stops reading (releases the source). */
+  async cancel(): Promise<void> {
+    await this.#it.return?.();
+  }
+}
+
+interface Current extends Expected {
+  end: number;
+  bytes: Uint8Array | null;
+  filled: number;
+}
+
+/** Walks the stream from `pos` on against the agenda; see the module comment. */
+export class StreamWalker implements ChunkConsumer {
+  /** Stream offset of the next byte to come. */
+  pos: number;
+  /** Kept bytes that no range claimed yet; null once every table is known. */
+  buffer: StreamBuffer | null;
+  readonly #fmt: WalkerFormat;
+  readonly #queue = new RecordQueue();
+  readonly #rec: Expected = { kind: 0, start: 0, length: 0, aux: 0 };
+  #cur: Current | null = null;
+  #prev: Expected & { end: number; bytes: Uint8Array | null } = {
+    kind: -1,
+    start: 0,
+    length: 0,
+    aux: 0,
+    end: 0,
+    bytes: null,
+  };
+
+  constructor(format: WalkerFormat, pos: number, buffer: StreamBuffer) {
+    this.#fmt = format;
+    this.pos = pos;
+    this.buffer = buffer;
+  }
+
+  /** Number of ranges still expected. */
+  get pending(): number {
+    return this.#queue.size + (this.#cur ? 1 : 0);
+  }
+
+  /** Adds sorted future ranges (every start ≥ pos) to the agenda. */
+  add(run: RecordRun): void {
+    run.sort();
+    this.#queue.push(run);
+  }
+
+  /** Every table is known: forget the kept bytes and keep no more. */
+  stopBuffering(): void {
+    this.buffer?.clear();
+    this.buffer = null;
+  }
+
+  /** Feeds the next chunk of the stream. */
+  push(chunk: Uint8Array): void {
+    const fmt = this.#fmt;
+    const n = chunk.length;
+    const base = this.pos;
+    const rec = this.#rec;
+    let i = 0;
+    while (i < n) {
+      const cur = this.#cur;
+      if (cur) {
+        const take = Math.min(cur.end - (base + i), n - i);
+        const mode = fmt.modes[cur.kind];
+        if (mode === Mode.Stream) {
+          fmt.onBytes(cur.kind, cur.aux, base + i - cur.start, chunk, i, i + take);
+        } else if (mode === Mode.Assemble) {
+          cur.bytes!.set(chunk.subarray(i, i + take), cur.filled);
+          cur.filled += take;
+        }
+        i += take;
+        this.pos = base + i;
+        if (this.pos === cur.end) {
+          this.#cur = null;
+          this.#finish(cur, cur.bytes);
+        }
+        continue;
+      }
+      const at = base + i;
+      const next = this.#queue.peekStart();
+      if (next > at) {
+        const stop = Math.min(next, base + n);
+        this.buffer?.add(at, chunk, i, stop - base);
+        i = stop - base;
+        this.pos = stop;
+        continue;
+      }
+      this.#queue.pop(rec);
+      if (rec.start < at) {
+        this.#startInsidePrevious(rec);
+        continue;
+      }
+      const end = rec.start + rec.length;
+      const mode = fmt.modes[rec.kind];
+      if (end <= base + n) {
+        // The whole range is in this chunk: no copy.
+        if (mode === Mode.Stream) fmt.onBytes(rec.kind, rec.aux, 0, chunk, i, i + rec.length);
+        i += rec.length;
+        this.pos = end;
+        this.#finish(rec, mode === Mode.Assemble ? chunk.subarray(i - rec.length, i) : null);
+      } else {
+        this.#cur = {
+          ...rec,
+          end,
+          bytes: mode === Mode.Assemble ? new Uint8Array(rec.length) : null,
+          filled: 0,
+        };
+      }
+    }
+  }
+
+  #finish(r: Expected, bytes: Uint8Array | null) {
+    const fmt = this.#fmt;
+    const end = r.start + r.length;
+    const p = this.#prev;
+    p.kind = r.kind;
+    p.start = r.start;
+    p.length = r.length;
+    p.aux = r.aux;
+    p.end = end;
+    p.bytes = null;
+    if (fmt.modes[r.kind] === Mode.Stream) {
+      fmt.onEnd?.(r.kind, r.aux);
+      return;
+    }
+    if (fmt.modes[r.kind] !== Mode.Assemble) return;
+    const used = fmt.onRange(r.kind, r.start, r.aux, bytes!);
+    if (fmt.sharesTail[r.kind]) {
+      p.bytes = bytes;
+      // Bytes between the real end and the next known range may belong to a range
+      // not known yet (compressed data of an L2 table still to come): keep them.
+      if (typeof used === "number" && used < r.length && this.buffer) {
+        const gapEnd = Math.min(r.length, this.#queue.peekStart() - r.start);
+        if (gapEnd > used) this.buffer.add(r.start + used, bytes!, used, gapEnd);
+      }
+    }
+  }
+
+  /** A range starting before `pos`: only a sector shared with the previous range is allowed. */
+  #startInsidePrevious(r: Expected) {
+    const p = this.#prev;
+    const fmt = this.#fmt;
+    if (
+      !(fmt.sharesTail[r.kind] && fmt.sharesTail[p.kind] && p.bytes &&
+        r.start > p.start && r.start >= p.end - 512 && r.start < p.end)
+    ) {
+      throw fmt.overlap(p, r);
+    }
+    const end = r.start + r.length;
+    const bytes = new Uint8Array(r.length);
+    const have = Math.min(p.end, end) - r.start;
+    bytes.set(p.bytes.subarray(r.start - p.start, r.start - p.start + have));
+    if (end <= this.pos) {
+      this.#finish(r, bytes);
+    } else {
+      this.#cur = { ...r, end, bytes, filled: have };
+    }
+  }
+
+  /**
+   * The stream ended: a range still expected means the stream was cut short (or the
+   * metadata points past its end). Throws {@link CorruptImageError} naming the offset.
+   */
+  end(): void {
+    const fmt = this.#fmt;
+    for (;;) {
+      const cur = this.#cur;
+      if (cur) {
+        // Compressed data may stop short of its sector-rounded end at the end of the file.
+        if (!(fmt.partialOk[cur.kind] && cur.bytes && cur.filled > 0)) {
+          throw this.#truncatedInside(cur);
+        }
+        this.#cur = null;
+        try {
+          this.#finish({ ...cur, length: cur.filled }, cur.bytes.subarray(0, cur.filled));
+        } catch (err) {
+          throw this.#truncatedInside(cur, err);
+        }
+        continue;
+      }
+      if (this.#queue.size === 0) return;
+      const r = this.#rec;
+      this.#queue.pop(r);
+      if (r.start < this.pos) {
+        this.#startInsidePrevious(r);
+        continue;
+      }
+      throw new CorruptImageError(
+        `the stream ends at byte ${this.pos}, but ${fmt.describe(r.kind, r.aux)} was expected ` +
+          `at byte ${r.start}: the stream is truncated or the image refers past its end` +
+          (this.#queue.size > 0 ? ` (${this.#queue.size} more ranges missing)` : ""),
+        this.pos,
+      );
+    }
+  }
+
+  #truncatedInside(cur: Current, cause?: unknown): CorruptImageError {
+    return new CorruptImageError(
+      `the stream ends at byte ${this.pos}, inside ${
+        this.#fmt.describe(cur.kind, cur.aux)
+      } (bytes ${cur.start}–${cur.end - 1}): the stream is truncated`,
+      this.pos,
+      { cause },
+    );
+  }
+}
+
+/** Something that consumes a stream chunk by chunk ({@link StreamWalker} is one). */
+export interface ChunkConsumer {
+  /** Decodes one chunk, queueing writes. */
+  push(chunk: Uint8Array): void;
+  /** The stream ended; throws if it ended too early. */
+  end(): void;
+}
+
+/**
+ * Runs the read–decode–write loop: each chunk is decoded (queueing writes on
+ * `target`), and its writes run while the next chunk is read.
+ */
+export async function walkChunks(
+  input: ChunkStream,
+  walker: ChunkConsumer,
+  target: ImageTarget,
+  onChunk: (chunk: Uint8Array) => void,
+): Promise<void> {
+  let writing: Promise<void> = Promise.resolve();
+  try {
+    for (;;) {
+      const chunk = await input.next();
+      if (!chunk) break;
+      walker.push(chunk);
+      onChunk(chunk);
+      await writing;
+      writing = target.flush();
+    }
+  } finally {
+    await writing.catch(() => {});
+  }
+  await writing;
+  walker.end();
+  await target.flush();
+}

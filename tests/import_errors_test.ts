@@ -1,0 +1,194 @@
+/**
+ * `diskstream import` refusing bad streams: truncated at several points, L2 entries
+ * pointing into metadata, at the same host cluster, past the end, reserved bits,
+ * corrupt compressed data, bad magic, encryption, external data files, extended L2,
+ * a backing file without --delta, a too small --max-buffer, and a destination too
+ * small for the image. Each fails with status 1, one line on stderr, and leaves no
+ * half-written new file behind.
+ */
+import assert from "node:assert/strict";
+import { DiskstreamError, LimitError } from "../lib/errors.ts";
+import { importImage } from "../lib/import.ts";
+import { qemu, qemuTest, runCli, withTempDir } from "./helpers.ts";
+import {
+  assertOneLineError,
+  importPiped,
+  patchAt,
+  qcow2Tables,
+  readU64At,
+  sourceDisk,
+  truncatedCopy,
+  writeU64At,
+} from "./import_fixtures.ts";
+
+const COPIED = 1n << 63n;
+
+/** Imports `image` into a new file and checks the one-line failure and that no file is left. */
+async function refused(dir: string, image: string, re: RegExp, args: string[] = []) {
+  const out = `${dir}/refused.raw`;
+  assertOneLineError(await importPiped(image, out, args), re);
+  await assert.rejects(Deno.stat(out), Deno.errors.NotFound, "the new file is removed");
+}
+
+/** A qcow2 made by qemu-img convert from the source disk, with 4 KiB clusters. */
+async function qcow2Image(dir: string, name: string, opts: string[] = []): Promise<string> {
+  const src = `${dir}/src.raw`;
+  try {
+    await Deno.stat(src);
+  } catch {
+    await sourceDisk(src);
+  }
+  const img = `${dir}/${name}.qcow2`;
+  await qemu(["convert", "-O", "qcow2", "-o", "cluster_size=4096", ...opts, src, img]);
+  return img;
+}
+
+/** The file offsets of the first L2 table's allocated entries. */
+async function dataEntries(img: string): Promise<number[]> {
+  const t = await qcow2Tables(img);
+  const l2 = t.l2.find((o) => o !== 0)!;
+  const out: number[] = [];
+  for (let j = 0; j < t.clusterSize / 8; j++) {
+    if ((await readU64At(img, l2 + j * 8)) !== 0n) out.push(l2 + j * 8);
+  }
+  return out;
+}
+
+qemuTest("import refuses truncated streams, naming the offset", async () => {
+  await withTempDir(async (dir) => {
+    const img = await qcow2Image(dir, "full");
+    const size = (await Deno.stat(img)).size;
+    const t = await qcow2Tables(img);
+    const cuts: [number, RegExp][] = [
+      [100, /header truncated.*at byte offset 100/],
+      [2000, /ends at byte 2000, inside the qcow2 header cluster/],
+      [t.l1Offset + 4, /ends at byte \d+, inside the L1 table/],
+      [Math.floor(size / 2), /ends at byte \d+.*truncated/],
+      [size - 1, new RegExp(`ends at byte ${size - 1}, inside the data of guest cluster`)],
+    ];
+    for (const [at, re] of cuts) {
+      const cut = `${dir}/cut.qcow2`;
+      await truncatedCopy(img, cut, at);
+      await refused(dir, cut, re);
+    }
+    await Deno.writeFile(`${dir}/empty`, new Uint8Array(0));
+    await refused(dir, `${dir}/empty`, /the input stream is empty/);
+  });
+});
+
+qemuTest("import refuses L2 entries into metadata, duplicated, or past the end", async () => {
+  await withTempDir(async (dir) => {
+    const img = await qcow2Image(dir, "base");
+    const t = await qcow2Tables(img);
+    const entries = await dataEntries(img);
+    assert.ok(entries.length >= 3);
+    const l2 = t.l2.find((o) => o !== 0)!;
+    const size = (await Deno.stat(img)).size;
+    const cases: [bigint, RegExp, number?][] = [
+      [BigInt(t.l1Offset) | COPIED, /inside metadata: the L1 table/],
+      [BigInt(t.refcountTableOffset) | COPIED, /inside metadata: the refcount table/],
+      [BigInt(l2) | COPIED, /inside metadata: an L2 table/],
+      [BigInt(size + 40960) | COPIED, /past its end/],
+      [0x4000n | 0x2n, /reserved bits set/],
+      [BigInt(t.l1Offset + 512) | COPIED, /not cluster aligned/],
+      [await readU64At(img, entries[1]), /two L2 entries claim the same host bytes/, 2],
+    ];
+    for (const [value, re, which] of cases) {
+      const bad = `${dir}/bad.qcow2`;
+      await Deno.copyFile(img, bad);
+      await writeU64At(bad, entries[which ?? 0], value);
+      await refused(dir, bad, re);
+    }
+  });
+});
+
+qemuTest("import refuses corrupt compressed data", async () => {
+  await withTempDir(async (dir) => {
+    const img = await qcow2Image(dir, "c", ["-c"]);
+    const entries = await dataEntries(img);
+    const compressed = [];
+    for (const e of entries) {
+      const v = await readU64At(img, e);
+      if ((v & (1n << 62n)) !== 0n) compressed.push(v);
+    }
+    assert.ok(compressed.length > 0);
+    const x = 62n - (12n - 8n);
+    const host = Number(compressed[0] & ((1n << x) - 1n));
+    await patchAt(img, host, new Uint8Array(64).fill(0xff));
+    await refused(dir, img, /compressed cluster .*(not valid deflate|decompresses to)/);
+  });
+});
+
+qemuTest("import refuses bad magic, encryption, external data, extended L2", async () => {
+  await withTempDir(async (dir) => {
+    const junk = `${dir}/junk`;
+    await Deno.writeFile(junk, new TextEncoder().encode("this is not a disk image at all"));
+    await refused(dir, junk, /neither qcow2 .* nor a dynamic VHD/);
+    await refused(dir, junk, /not a qcow2 image: bad magic/, ["-f", "qcow2"]);
+
+    const enc = await qcow2Image(dir, "enc");
+    await patchAt(enc, 32, new Uint8Array([0, 0, 0, 1]));
+    await refused(dir, enc, /encrypted \(AES\)/);
+
+    const ext = `${dir}/ext.qcow2`;
+    await qemu(["create", "-q", "-f", "qcow2", "-o", `data_file=${dir}/ext.data`, ext, "1M"]);
+    await refused(dir, ext, /external data file/);
+
+    const l2x = `${dir}/l2x.qcow2`;
+    await qemu(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", l2x, "1M"]);
+    await refused(dir, l2x, /extended L2/);
+  });
+});
+
+qemuTest("import refuses a backing file without --delta", async () => {
+  await withTempDir(async (dir) => {
+    const base = `${dir}/base.raw`;
+    await sourceDisk(base);
+    const diff = `${dir}/diff.qcow2`;
+    await qemu(["create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", diff]);
+    await refused(dir, diff, /has a backing file .*--delta/);
+  });
+});
+
+qemuTest("import: --max-buffer too small for data that precedes its tables", async () => {
+  await withTempDir(async (dir) => {
+    const img = `${dir}/r.qcow2`;
+    await qemu(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "1M"]);
+    await qemu(["-f", "qcow2", "-c", "write -P 0x11 0 300k", img], "qemu-io");
+    await qemu(["resize", "-q", img, "64M"]); // the L1 table moves after all the data
+    await refused(dir, img, /before the metadata that maps it .*larger --max-buffer/, [
+      "--max-buffer",
+      "64K",
+    ]);
+    const file = await Deno.open(img);
+    await assert.rejects(
+      importImage(file.readable, `${dir}/lib.raw`, { maxBuffer: 65536 }),
+      LimitError,
+    );
+  });
+});
+
+qemuTest("import refuses a destination smaller than the image before writing", async () => {
+  await withTempDir(async (dir) => {
+    const img = await qcow2Image(dir, "img");
+    // An existing destination: --size says how much it holds; it is left as it was.
+    const dest = `${dir}/dest.raw`;
+    const before = new Uint8Array(8192).fill(0x5a);
+    await Deno.writeFile(dest, before);
+    assertOneLineError(
+      await importPiped(img, dest, ["--size", "1M"]),
+      /holds 1048576 bytes .* less than the image's virtual size .* refusing to write/,
+    );
+    assert.deepEqual(await Deno.readFile(dest), before);
+    // The library, as for a device whose size is read: nothing created.
+    const file = await Deno.open(img);
+    await assert.rejects(
+      importImage(file.readable, `${dir}/new.raw`, { size: 2 * 1024 * 1024 }),
+      DiskstreamError,
+    );
+    await assert.rejects(Deno.stat(`${dir}/new.raw`), Deno.errors.NotFound);
+    // Bad usage is status 2.
+    const r = await runCli(["import", dest, "-f", "raw"], { stdinFile: img });
+    assert.equal(r.code, 2, r.stderr);
+  });
+});
