@@ -22,6 +22,11 @@ export interface DiskSource {
    * source ends before `limit`.
    */
   readAt(buf: Uint8Array, position: number, limit?: number): Promise<void>;
+  /**
+   * {@link readAt}, synchronously: for small reads (a few KiB), where an asynchronous
+   * operation would cost more than the read. Not while an asynchronous read runs.
+   */
+  readAtSync(buf: Uint8Array, position: number, limit?: number): void;
   /** The size now (to detect a source that changed between passes). */
   currentSize(): Promise<number>;
   /** Releases the file; later calls do nothing. */
@@ -74,8 +79,7 @@ class FileSource implements DiskSource {
   }
 
   readAt(buf: Uint8Array, position: number, limit = this.size): Promise<void> {
-    const want = Math.max(0, Math.min(buf.length, limit - position));
-    if (want < buf.length) buf.fill(0, want);
+    const want = this.#prepare(buf, position, limit);
     if (want === 0) return Promise.resolve();
     return this.#serial(async () => {
       let got = 0;
@@ -89,14 +93,41 @@ class FileSource implements DiskSource {
       } catch (err) {
         throw describeIoError(err, this.path, "read");
       }
-      if (got < want) {
-        throw new SourceChangedError(
-          `${this.path} ended at byte ${
-            position + got
-          } while ${limit} bytes were expected: the source shrank during the export`,
-        );
-      }
+      this.#check(got, want, position, limit);
     });
+  }
+
+  readAtSync(buf: Uint8Array, position: number, limit = this.size): void {
+    const want = this.#prepare(buf, position, limit);
+    let got = 0;
+    try {
+      if (want > 0) this.#file.seekSync(position, Deno.SeekMode.Start);
+      while (got < want) {
+        const n = this.#file.readSync(buf.subarray(got, want));
+        if (n === null) break;
+        got += n;
+      }
+    } catch (err) {
+      throw describeIoError(err, this.path, "read");
+    }
+    this.#check(got, want, position, limit);
+  }
+
+  /** Zero-fills what lies past `limit` and returns how many bytes to read. */
+  #prepare(buf: Uint8Array, position: number, limit: number): number {
+    const want = Math.max(0, Math.min(buf.length, limit - position));
+    if (want < buf.length) buf.fill(0, want);
+    return want;
+  }
+
+  #check(got: number, want: number, position: number, limit: number): void {
+    if (got < want) {
+      throw new SourceChangedError(
+        `${this.path} ended at byte ${
+          position + got
+        } while ${limit} bytes were expected: the source shrank during the export`,
+      );
+    }
   }
 
   currentSize(): Promise<number> {

@@ -98,6 +98,26 @@ qemuTest("export: empty, all-zero and tiny sources", async () => {
   });
 });
 
+qemuTest("export: data only late in a cluster, zeros written out (not holes)", async () => {
+  await withTempDir(async (dir) => {
+    // Written in full, so there are no holes to skip: every cluster is looked at.
+    const bytes = new Uint8Array(8 * MiB + 512);
+    bytes[3 * 65536 + 65535] = 1; // the last byte of cluster 3
+    bytes[9 * 65536 + 5000] = 2; // after the first 4 KiB of cluster 9
+    bytes.set(pseudoRandom(20 * 65536, 8), 20 * 65536); // clusters 20–39
+    bytes[bytes.length - 1] = 3; // the last, partial cluster
+    const src = `${dir}/late.raw`;
+    await Deno.writeFile(src, bytes);
+    for (const cs of [4096, 65536, 2 ** 21]) {
+      const e = await exportTo(src, `${dir}/late.qcow2`, { clusterSize: cs });
+      const expected = new Set<number>();
+      bytes.forEach((b, i) => b !== 0 && expected.add(Math.floor(i / cs)));
+      assert.deepEqual([...e.clusters], [...expected].sort((a, b) => a - b), `cs ${cs}`);
+      assert.ok(await imagesEqual(src, `${dir}/late.qcow2`, "raw", "qcow2"));
+    }
+  });
+});
+
 qemuTest("export: a 1 TiB sparse disk (and an allocation hint for it)", async () => {
   await withTempDir(async (dir) => {
     const src = `${dir}/big.raw`;
