@@ -144,47 +144,24 @@ export function blockingReadableFrom(
   close: () => void = () => {},
   chunkSize = CHUNK_SIZE,
 ): ReadableStream<Uint8Array> {
-  let closed = false;
   let blocking = true;
-  const done = () => {
-    if (!closed) {
-      closed = true;
-      close();
-    }
-  };
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      const buf = new Uint8Array(chunkSize);
-      let filled = 0;
+  return chunkedReadable(name, close, chunkSize, async (buf) => {
+    let filled = 0;
+    while (filled < buf.length) {
+      let n: number | null;
       try {
-        while (filled < chunkSize) {
-          let n: number | null;
-          try {
-            n = blocking
-              ? reader.readSync(buf.subarray(filled))
-              : await reader.read(buf.subarray(filled));
-          } catch (err) {
-            if (!(blocking && err instanceof Deno.errors.WouldBlock)) throw err;
-            blocking = false;
-            continue;
-          }
-          if (n === null) break;
-          filled += n;
-        }
+        n = blocking
+          ? reader.readSync(buf.subarray(filled))
+          : await reader.read(buf.subarray(filled));
       } catch (err) {
-        done();
-        throw describeIoError(err, name, "read");
+        if (!(blocking && err instanceof Deno.errors.WouldBlock)) throw err;
+        blocking = false;
+        continue;
       }
-      if (filled === 0) {
-        done();
-        controller.close();
-        return;
-      }
-      controller.enqueue(filled === chunkSize ? buf : buf.subarray(0, filled));
-    },
-    cancel() {
-      done();
-    },
+      if (n === null) break;
+      filled += n;
+    }
+    return filled;
   });
 }
 
@@ -198,6 +175,26 @@ export function readableFrom(
   close: () => void = () => {},
   chunkSize = CHUNK_SIZE,
 ): ReadableStream<Uint8Array> {
+  return chunkedReadable(name, close, chunkSize, async (buf) => {
+    let filled = 0;
+    while (filled < buf.length) {
+      const n = await reader.read(buf.subarray(filled));
+      if (n === null) break;
+      filled += n;
+      // A pipe gives what it has: pass on a large enough piece without waiting.
+      if (filled >= buf.length / 4) break;
+    }
+    return filled;
+  });
+}
+
+/** The stream both readers share: `fill` fills a fresh chunk; 0 bytes = the end. */
+function chunkedReadable(
+  name: string,
+  close: () => void,
+  chunkSize: number,
+  fill: (buf: Uint8Array) => Promise<number>,
+): ReadableStream<Uint8Array> {
   let closed = false;
   const done = () => {
     if (!closed) {
@@ -208,15 +205,9 @@ export function readableFrom(
   return new ReadableStream<Uint8Array>({
     async pull(controller) {
       const buf = new Uint8Array(chunkSize);
-      let filled = 0;
+      let filled: number;
       try {
-        while (filled < chunkSize) {
-          const n = await reader.read(buf.subarray(filled));
-          if (n === null) break;
-          filled += n;
-          // A pipe gives what it has: pass on a large enough piece without waiting.
-          if (filled >= chunkSize / 4) break;
-        }
+        filled = await fill(buf);
       } catch (err) {
         done();
         throw describeIoError(err, name, "read");
@@ -226,7 +217,7 @@ export function readableFrom(
         controller.close();
         return;
       }
-      controller.enqueue(buf.subarray(0, filled));
+      controller.enqueue(filled === chunkSize ? buf : buf.subarray(0, filled));
     },
     cancel() {
       done();

@@ -35,6 +35,17 @@ export function assertOk(r: RunResult): void {
   assert.equal(r.code, 0, `exit ${r.code}: ${r.stderr}`);
 }
 
+/** Imports `image` through a pipe into `dest` and asserts it equals the raw file `want`. */
+export async function importMatches(
+  image: string,
+  want: string,
+  dest: string,
+  args: string[] = [],
+): Promise<void> {
+  assertOk(await importPiped(image, dest, args));
+  await assertSameBytes(want, dest);
+}
+
 /** Asserts that `a` and `b` have the same bytes (and so the same size). */
 export async function assertSameBytes(a: string, b: string): Promise<void> {
   assert.equal((await Deno.stat(a)).size, (await Deno.stat(b)).size, `size of ${a} vs ${b}`);

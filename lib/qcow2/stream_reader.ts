@@ -162,8 +162,8 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly #csizeShift: number;
   #l1Read = false;
   #pendingL2 = 0;
-  /** Sorted host offsets of the L2 tables, for messages. */
-  #l2Offsets = new Float64Array(0);
+  /** Host offsets of the L2 tables, for messages. */
+  #l2Offsets = new Set<number>();
   #expectedEnd: number;
 
   constructor(h: Qcow2Header, target: ImageTarget, maxBuffer: number) {
@@ -280,7 +280,7 @@ class Qcow2StreamReader implements WalkerFormat {
       }
       run.add(L2, off, this.#cs, i);
     }
-    this.#l2Offsets = run.start.slice(0, run.count).sort();
+    this.#l2Offsets = new Set(run.start.subarray(0, run.count));
     const future = new RecordRun(run.count);
     for (let i = 0; i < run.count; i++) {
       this.#expect(future, L2, run.start[i], this.#cs, run.aux[i]);
@@ -390,7 +390,7 @@ class Qcow2StreamReader implements WalkerFormat {
     else if (
       at >= h.refcountTableOffset && at < h.refcountTableOffset + h.refcountTableClusters * cs
     ) where = "the refcount table";
-    else if (this.#isL2(at - (at % cs))) where = "an L2 table";
+    else if (this.#l2Offsets.has(at - (at % cs))) where = "an L2 table";
     else {
       return new CorruptImageError(
         `${what} is placed at byte ${at}, which another L2 entry already claims`,
@@ -398,19 +398,6 @@ class Qcow2StreamReader implements WalkerFormat {
       );
     }
     return new CorruptImageError(`${what} is placed inside metadata: ${where}`, at);
-  }
-
-  #isL2(off: number): boolean {
-    const a = this.#l2Offsets;
-    let lo = 0;
-    let hi = a.length - 1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >>> 1;
-      if (a[mid] === off) return true;
-      if (a[mid] < off) lo = mid + 1;
-      else hi = mid - 1;
-    }
-    return false;
   }
 
   #badEntry(
