@@ -32,6 +32,42 @@ async function assertRebuilds(diff: string, base: string, source: string): Promi
   assert.ok(await imagesEqual(diff, source, "qcow2", "raw"), `${diff} over ${base} ≠ ${source}`);
 }
 
+/** `export SOURCE --diff BASE` with hint files through the CLI; checks the rebuild. */
+async function cliDiff(
+  source: string,
+  base: string,
+  out: string,
+  sourceHint: string,
+  baseHint: string,
+  extra: string[] = [],
+): Promise<void> {
+  const r = await runCli([
+    "export",
+    source,
+    "-o",
+    out,
+    "--diff",
+    base,
+    "--allocation",
+    sourceHint,
+    "--base-allocation",
+    baseHint,
+    ...extra,
+  ]);
+  assert.equal(r.code, 0, r.stderr);
+  await assertRebuilds(out, base, source);
+}
+
+/** qemu-img map and info (JSON) of a qcow2 copy of `dir/NAME.raw`, as `dir/NAME.map|info`. */
+async function qemuHints(dir: string, ...names: string[]): Promise<void> {
+  for (const name of names) {
+    const q = `${dir}/${name}.q`;
+    await qemu(["convert", "-f", "raw", "-O", "qcow2", `${dir}/${name}.raw`, q]);
+    await Deno.writeTextFile(`${dir}/${name}.map`, await qemu(["map", "--output=json", q]));
+    await Deno.writeTextFile(`${dir}/${name}.info`, await qemu(["info", "--output=json", q]));
+  }
+}
+
 async function exportTo(src: string, out: string, options: ExportOptions) {
   const e = await exportQcow2(src, options);
   await Deno.writeFile(out, e.stream);
@@ -121,31 +157,10 @@ qemuTest("diff with allocation hints for SOURCE and BASE (CLI, any cluster size)
   await withTempDir(async (dir) => {
     const { base, source } = await pair(dir);
     // Hints from qemu-img map of qcow2 copies (what XAPI passes).
-    for (const name of ["base", "source"]) {
-      await qemu(["convert", "-f", "raw", "-O", "qcow2", `${dir}/${name}.raw`, `${dir}/${name}.q`]);
-      await Deno.writeTextFile(
-        `${dir}/${name}.map`,
-        await qemu(["map", "--output=json", `${dir}/${name}.q`]),
-      );
-    }
+    await qemuHints(dir, "base", "source");
     for (const cs of ["512", "64K", "2M"]) {
-      const out = `${dir}/d-${cs}.qcow2`;
-      const r = await runCli([
-        "export",
-        source,
-        "-o",
-        out,
-        "-c",
-        cs,
-        "--diff",
-        base,
-        "--allocation",
-        `${dir}/source.map`,
-        "--base-allocation",
-        `${dir}/base.map`,
-      ]);
-      assert.equal(r.code, 0, r.stderr);
-      await assertRebuilds(out, base, source);
+      const [hs, hb] = [`${dir}/source.map`, `${dir}/base.map`];
+      await cliDiff(source, base, `${dir}/d-${cs}.qcow2`, hs, hb, ["-c", cs]);
     }
   });
 });
@@ -196,33 +211,14 @@ qemuTest("diff: interval hints that overlap are never counted twice", async () =
         8 * MiB + 1000
       },"cluster_bits":16,"data_clusters":[[0,3],[2,2],[10,20],[128,128]]}`,
     );
-    const out = `${dir}/d.qcow2`;
-    const r = await runCli([
-      "export",
-      source,
-      "-o",
-      out,
-      "--diff",
-      base,
-      "--allocation",
-      `${dir}/s.json`,
-      "--base-allocation",
-      `${dir}/b.json`,
-    ]);
-    assert.equal(r.code, 0, r.stderr);
-    await assertRebuilds(out, base, source);
+    await cliDiff(source, base, `${dir}/d.qcow2`, `${dir}/s.json`, `${dir}/b.json`);
   });
 });
 
 qemuTest("qcow2-to-stdout: XAPI's flags, with qemu-img map/info on descriptors", async () => {
   await withTempDir(async (dir) => {
     const { base, source } = await pair(dir);
-    for (const name of ["base", "source"]) {
-      const q = `${dir}/${name}.q`;
-      await qemu(["convert", "-f", "raw", "-O", "qcow2", `${dir}/${name}.raw`, q]);
-      await Deno.writeTextFile(`${dir}/${name}.map`, await qemu(["map", "--output=json", q]));
-      await Deno.writeTextFile(`${dir}/${name}.info`, await qemu(["info", "--output=json", q]));
-    }
+    await qemuHints(dir, "base", "source");
     // Plain: the same bytes as `export` with the defaults.
     const plain = await runCli(["qcow2-to-stdout", source]);
     assert.equal(plain.code, 0, plain.stderr);
