@@ -1,6 +1,6 @@
 /**
  * Benchmark measurement: runs a pipeline of commands through bash, times it, and
- * reads each stage's peak RSS from GNU time (`/usr/bin/time -f %M`).
+ * reads each stage's peak RSS and CPU time from GNU time (`/usr/bin/time -f '%M %U %S'`).
  *
  * @module
  */
@@ -17,10 +17,14 @@ export interface Pipeline {
   mainStage?: number;
 }
 
-/** One timed run: wall seconds and the peak RSS (KiB) of every stage (NaN if unknown). */
+/**
+ * One timed run: wall seconds, and per stage the peak RSS (KiB) and CPU seconds (user +
+ * system), NaN when unknown.
+ */
 export interface Sample {
   seconds: number;
   rssKiB: number[];
+  cpuSeconds: number[];
 }
 
 const GNU_TIME = "/usr/bin/time";
@@ -29,11 +33,11 @@ const GNU_TIME = "/usr/bin/time";
 export const HAVE_GNU_TIME = await (async () => {
   try {
     const r = await new Deno.Command(GNU_TIME, {
-      args: ["-f", "%M", "true"],
+      args: ["-f", "%M %U %S", "true"],
       stdout: "null",
       stderr: "piped",
     }).output();
-    return r.success && /^\d+\s*$/.test(new TextDecoder().decode(r.stderr));
+    return r.success && /^\d+ [\d.]+ [\d.]+\s*$/.test(new TextDecoder().decode(r.stderr));
   } catch {
     return false;
   }
@@ -48,7 +52,7 @@ export function shellQuote(arg: string): string {
 export function pipelineScript(p: Pipeline, rssFile?: (stage: number) => string): string {
   const stages = p.stages.map((argv, i) => {
     const cmd = argv.map(shellQuote).join(" ");
-    return rssFile ? `${GNU_TIME} -f %M -o ${shellQuote(rssFile(i))} ${cmd}` : cmd;
+    return rssFile ? `${GNU_TIME} -f '%M %U %S' -o ${shellQuote(rssFile(i))} ${cmd}` : cmd;
   });
   if (p.stdin !== undefined) stages[0] += ` < ${shellQuote(p.stdin)}`;
   stages[stages.length - 1] += ` > ${shellQuote(p.stdout ?? "/dev/null")}`;
@@ -100,16 +104,17 @@ export async function measure(p: Pipeline, scratch: string): Promise<Sample> {
     const said = lines.find((l) => /^(\w*Error\b|diskstream:)/.test(l.trim())) ?? lines.at(-1);
     throw new CommandFailed(`exit ${out.code}: ${said?.trim() ?? "(no message)"}`);
   }
-  const rssKiB = await Promise.all(p.stages.map(async (_, i) => {
-    if (!HAVE_GNU_TIME) return NaN;
+  const stats = await Promise.all(p.stages.map(async (_, i) => {
+    if (!HAVE_GNU_TIME) return [NaN, NaN];
     try {
-      const text = await Deno.readTextFile(rssFile(i));
-      return Number(text.trim().split("\n").at(-1));
+      const last = (await Deno.readTextFile(rssFile(i))).trim().split("\n").at(-1)!;
+      const [rss, user, sys] = last.split(" ").map(Number);
+      return [rss, user + sys];
     } catch {
-      return NaN;
+      return [NaN, NaN];
     }
   }));
-  return { seconds, rssKiB };
+  return { seconds, rssKiB: stats.map((s) => s[0]), cpuSeconds: stats.map((s) => s[1]) };
 }
 
 /** The median of `xs` (NaN for an empty list). */
