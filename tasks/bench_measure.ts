@@ -67,10 +67,21 @@ export function displayPipeline(p: Pipeline, shorten: (script: string) => string
 /** The child being run, so that an interrupt can stop it. */
 let current: Deno.ChildProcess | null = null;
 
-/** Kills the pipeline being measured, if any (for Ctrl-C). */
-export function killCurrent(): void {
+/** True when util-linux's setsid can put each pipeline in a process group of its own. */
+const HAVE_SETSID = await (async () => {
   try {
-    current?.kill("SIGKILL");
+    return (await new Deno.Command("setsid", { args: ["true"] }).output()).success;
+  } catch {
+    return false;
+  }
+})();
+
+/** Kills the pipeline being measured, all its processes, if any (for Ctrl-C). */
+export function killCurrent(): void {
+  if (current === null) return;
+  try {
+    if (HAVE_SETSID) Deno.kill(-current.pid, "SIGKILL");
+    else current.kill("SIGKILL");
   } catch {
     // already gone
   }
@@ -87,8 +98,10 @@ export async function measure(p: Pipeline, scratch: string): Promise<Sample> {
   const rssFile = (i: number) => `${scratch}/rss.${i}`;
   const script = "set -o pipefail; " + pipelineScript(p, HAVE_GNU_TIME ? rssFile : undefined);
   const start = performance.now();
-  const child = new Deno.Command("bash", {
-    args: ["-c", script],
+  const bash = ["bash", "-c", script];
+  const argv = HAVE_SETSID ? ["setsid", ...bash] : bash;
+  const child = new Deno.Command(argv[0], {
+    args: argv.slice(1),
     stdin: "null",
     stdout: "null",
     stderr: "piped",
