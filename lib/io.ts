@@ -133,7 +133,9 @@ export async function openInput(source: Endpoint, opts: InputOptions = {}): Prom
  * Like {@link readableFrom}, but each chunk is filled completely with blocking reads
  * (`readSync`: no thread hop per 64 KiB pipe read, about twice as fast for a single
  * consumer such as import, whose writes still run in the background). A
- * non-blocking descriptor (EAGAIN) falls back to asynchronous reads.
+ * non-blocking descriptor (EAGAIN) falls back to asynchronous reads. It is a byte
+ * stream: a BYOB reader can hand its buffers back for reuse (import does, so its
+ * memory stays at a few chunks).
  */
 export function blockingReadableFrom(
   reader: {
@@ -162,7 +164,7 @@ export function blockingReadableFrom(
       filled += n;
     }
     return filled;
-  });
+  }, true);
 }
 
 /**
@@ -188,12 +190,16 @@ export function readableFrom(
   });
 }
 
-/** The stream both readers share: `fill` fills a fresh chunk; 0 bytes = the end. */
+/**
+ * The stream both readers share: `fill` fills a chunk; 0 bytes = the end. A byte
+ * stream fills the reader's own buffer (BYOB) or one of `chunkSize`.
+ */
 function chunkedReadable(
   name: string,
   close: () => void,
   chunkSize: number,
   fill: (buf: Uint8Array) => Promise<number>,
+  byteStream = false,
 ): ReadableStream<Uint8Array> {
   let closed = false;
   const done = () => {
@@ -202,6 +208,33 @@ function chunkedReadable(
       close();
     }
   };
+  if (byteStream) {
+    return new ReadableStream({
+      type: "bytes",
+      autoAllocateChunkSize: chunkSize,
+      async pull(controller) {
+        const req = controller.byobRequest!;
+        const view = req.view!;
+        let filled: number;
+        try {
+          filled = await fill(new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
+        } catch (err) {
+          done();
+          throw describeIoError(err, name, "read");
+        }
+        if (filled === 0) {
+          done();
+          controller.close();
+          req.respond(0);
+          return;
+        }
+        req.respond(filled);
+      },
+      cancel() {
+        done();
+      },
+    });
+  }
   return new ReadableStream<Uint8Array>({
     async pull(controller) {
       const buf = new Uint8Array(chunkSize);

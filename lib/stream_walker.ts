@@ -9,6 +9,7 @@
  * @module
  */
 import { CorruptImageError } from "./errors.ts";
+import { CHUNK_SIZE } from "./io.ts";
 import type { ImageTarget } from "./raw_destination.ts";
 import type { StreamBuffer } from "./stream_buffer.ts";
 
@@ -185,15 +186,30 @@ export interface WalkerFormat {
   overlap(a: Expected, b: Expected): Error;
 }
 
-/** The input of a decoder: chunks with a push-back, and the count of bytes read. */
+/**
+ * The input of a decoder: chunks with a push-back. A byte stream is read with a BYOB
+ * reader into a few recycled buffers ({@link ChunkStream.release} hands one back once
+ * nothing refers to it), so memory stays at a few chunks however long the stream.
+ */
 export class ChunkStream {
-  readonly #it: AsyncIterator<Uint8Array>;
+  readonly #it: AsyncIterator<Uint8Array> | null = null;
+  readonly #byob: ReadableStreamBYOBReader | null = null;
   readonly #back: Uint8Array[] = [];
+  readonly #pool: ArrayBuffer[] = [];
+  /** Buffers handed out, with the number of their pieces not released yet. */
+  readonly #lent = new Map<ArrayBufferLike, number>();
+  #ended = false;
 
   constructor(source: ReadableStream<Uint8Array> | AsyncIterator<Uint8Array>) {
-    this.#it = source instanceof ReadableStream
-      ? source[Symbol.asyncIterator]()
-      : source as AsyncIterator<Uint8Array>;
+    if (!(source instanceof ReadableStream)) {
+      this.#it = source;
+      return;
+    }
+    try {
+      this.#byob = source.getReader({ mode: "byob" });
+    } catch {
+      this.#it = source[Symbol.asyncIterator](); // not a byte stream
+    }
   }
 
   /** The next non-empty chunk, or null at the end. */
@@ -201,15 +217,51 @@ export class ChunkStream {
     const back = this.#back.pop();
     if (back) return back;
     for (;;) {
-      const r = await this.#it.next();
-      if (r.done) return null;
-      if (r.value.length > 0) return r.value;
+      const chunk = await this.#pull();
+      if (chunk === null) return null;
+      if (chunk.length > 0) return chunk;
     }
   }
 
-  /** Puts `chunk` back in front. */
+  async #pull(): Promise<Uint8Array | null> {
+    if (this.#it) {
+      const r = await this.#it.next();
+      return r.done ? null : r.value;
+    }
+    if (this.#ended) return null;
+    const buf = this.#pool.pop() ?? new ArrayBuffer(CHUNK_SIZE);
+    const r = await this.#byob!.read(new Uint8Array(buf));
+    if (r.done) {
+      this.#ended = true;
+      return null;
+    }
+    this.#lent.set(r.value.buffer, 1);
+    return r.value;
+  }
+
+  /**
+   * `chunk` (from {@link ChunkStream.next}) is no longer referred to: once every
+   * piece of its buffer is released, the buffer is reused. Pieces returned by
+   * {@link ChunkStream.read} are never released, so their buffers are not reused.
+   */
+  release(chunk: Uint8Array): void {
+    const buf = chunk.buffer;
+    const pieces = this.#lent.get(buf);
+    if (pieces === undefined) return;
+    if (pieces > 1) {
+      this.#lent.set(buf, pieces - 1);
+      return;
+    }
+    this.#lent.delete(buf);
+    if (this.#pool.length < 4 && buf instanceof ArrayBuffer) this.#pool.push(buf);
+  }
+
+  /** Puts `chunk` back in front (one more piece of its buffer to release). */
   unshift(chunk: Uint8Array): void {
-    if (chunk.length > 0) this.#back.push(chunk);
+    if (chunk.length === 0) return;
+    const pieces = this.#lent.get(chunk.buffer);
+    if (pieces !== undefined) this.#lent.set(chunk.buffer, pieces + 1);
+    this.#back.push(chunk);
   }
 
   /**
@@ -239,7 +291,8 @@ export class ChunkStream {
 
   /** Stops reading (releases the source). */
   async cancel(): Promise<void> {
-    await this.#it.return?.();
+    if (this.#byob) await this.#byob.cancel();
+    else await this.#it?.return?.();
   }
 }
 
@@ -259,13 +312,15 @@ export class StreamWalker implements ChunkConsumer {
   readonly #queue = new RecordQueue();
   readonly #rec: Expected = { kind: 0, start: 0, length: 0, aux: 0 };
   #cur: Current | null = null;
-  #prev: Expected & { end: number; bytes: Uint8Array | null } = {
+  /** The last range, with a copy of its last sector when ranges may share it. */
+  #prev: Expected & { end: number; tail: Uint8Array | null; tailStart: number } = {
     kind: -1,
     start: 0,
     length: 0,
     aux: 0,
     end: 0,
-    bytes: null,
+    tail: null,
+    tailStart: 0,
   };
 
   constructor(format: WalkerFormat, pos: number, buffer: StreamBuffer) {
@@ -359,7 +414,7 @@ export class StreamWalker implements ChunkConsumer {
     p.length = r.length;
     p.aux = r.aux;
     p.end = end;
-    p.bytes = null;
+    p.tail = null;
     if (fmt.modes[r.kind] === Mode.Stream) {
       fmt.onEnd?.(r.kind, r.aux);
       return;
@@ -367,7 +422,10 @@ export class StreamWalker implements ChunkConsumer {
     if (fmt.modes[r.kind] !== Mode.Assemble) return;
     const used = fmt.onRange(r.kind, r.start, r.aux, bytes!);
     if (fmt.sharesTail[r.kind]) {
-      p.bytes = bytes;
+      // A copy: `bytes` may be a view of an input chunk that gets reused.
+      const keep = Math.max(0, r.length - 512);
+      p.tail = bytes!.slice(keep);
+      p.tailStart = r.start + keep;
       // Bytes between the real end and the next known range may belong to a range
       // not known yet (compressed data of an L2 table still to come): keep them.
       if (typeof used === "number" && used < r.length && this.buffer) {
@@ -382,7 +440,7 @@ export class StreamWalker implements ChunkConsumer {
     const p = this.#prev;
     const fmt = this.#fmt;
     if (
-      !(fmt.sharesTail[r.kind] && fmt.sharesTail[p.kind] && p.bytes &&
+      !(fmt.sharesTail[r.kind] && fmt.sharesTail[p.kind] && p.tail &&
         r.start > p.start && r.start >= p.end - 512 && r.start < p.end)
     ) {
       throw fmt.overlap(p, r);
@@ -390,7 +448,7 @@ export class StreamWalker implements ChunkConsumer {
     const end = r.start + r.length;
     const bytes = new Uint8Array(r.length);
     const have = Math.min(p.end, end) - r.start;
-    bytes.set(p.bytes.subarray(r.start - p.start, r.start - p.start + have));
+    bytes.set(p.tail.subarray(r.start - p.tailStart, r.start - p.tailStart + have));
     if (end <= this.pos) {
       this.#finish(r, bytes);
     } else {
@@ -465,6 +523,7 @@ export async function walkChunks(
   onChunk: (chunk: Uint8Array) => void,
 ): Promise<void> {
   let writing: Promise<void> = Promise.resolve();
+  let writingFrom: Uint8Array | null = null;
   try {
     for (;;) {
       const chunk = await input.next();
@@ -472,7 +531,9 @@ export async function walkChunks(
       walker.push(chunk);
       onChunk(chunk);
       await writing;
+      if (writingFrom) input.release(writingFrom);
       writing = target.flush();
+      writingFrom = chunk;
     }
   } finally {
     await writing.catch(() => {});

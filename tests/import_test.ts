@@ -99,6 +99,27 @@ qemuTest("import: compressed clusters spread over many L2 tables share sectors",
   });
 });
 
+qemuTest(
+  "import: streams of many chunks (input buffers reused), plain and compressed",
+  async () => {
+    await withTempDir(async (dir) => {
+      // 40 MiB: ten 4 MiB input chunks; half random, half compressible.
+      const size = 40 * MiB;
+      const src = `${dir}/src.raw`;
+      const text = new Uint8Array(MiB).map((_, i) => 40 + ((i * 13) % 50));
+      const writes: [number, Uint8Array][] = [];
+      for (let m = 0; m < 40; m += 2) {
+        writes.push([m * MiB, pseudoRandom(MiB, m)], [(m + 1) * MiB, text]);
+      }
+      await writeSparse(src, size, writes);
+      await Promise.all([
+        roundTrip(dir, src, "plain", ["-o", "cluster_size=16384"]),
+        roundTrip(dir, src, "compressed", ["-c", "-o", "cluster_size=4096"]),
+      ]);
+    });
+  },
+);
+
 qemuTest("import: ZERO_ALLOC clusters read as zeros, never their stale host bytes", async () => {
   await withTempDir(async (dir) => {
     const img = `${dir}/z.qcow2`;

@@ -109,7 +109,7 @@ export async function decodeVhdStream(
 
 /** The last `n` bytes of `tail` followed by `chunk`. */
 function lastBytes(tail: Uint8Array, chunk: Uint8Array, n: number): Uint8Array {
-  if (chunk.length >= n) return chunk.subarray(chunk.length - n);
+  if (chunk.length >= n) return chunk.slice(chunk.length - n); // chunks get reused
   const out = new Uint8Array(Math.min(n, tail.length + chunk.length));
   const fromTail = out.length - chunk.length;
   out.set(tail.subarray(tail.length - fromTail));
@@ -337,7 +337,7 @@ class FixedVhdReader {
     if (chunk.length >= FOOTER_SIZE) {
       this.#put(this.#tail, 0, this.#tail.length);
       this.#put(chunk, 0, chunk.length - FOOTER_SIZE);
-      this.#tail = chunk.subarray(chunk.length - FOOTER_SIZE);
+      this.#tail = chunk.slice(chunk.length - FOOTER_SIZE); // chunks get reused
       return;
     }
     const all = new Uint8Array(this.#tail.length + chunk.length);
