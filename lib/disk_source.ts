@@ -60,6 +60,8 @@ export async function openDiskSource(path: string): Promise<DiskSource> {
 class FileSource implements DiskSource {
   #file: Deno.FsFile;
   #closed = false;
+  /** The file position, when known: a read where it already is needs no seek. */
+  #position = -1;
   /** The last queued operation: seek + read pairs must not interleave. */
   #queue: Promise<unknown> = Promise.resolve();
 
@@ -84,15 +86,20 @@ class FileSource implements DiskSource {
     return this.#serial(async () => {
       let got = 0;
       try {
-        await this.#file.seek(position, Deno.SeekMode.Start);
+        if (this.#position !== position) {
+          this.#position = -1;
+          await this.#file.seek(position, Deno.SeekMode.Start);
+        }
         while (got < want) {
           const n = await this.#file.read(buf.subarray(got, want));
           if (n === null) break;
           got += n;
         }
       } catch (err) {
+        this.#position = -1;
         throw describeIoError(err, this.path, "read");
       }
+      this.#position = position + got;
       this.#check(got, want, position, limit);
     });
   }
@@ -101,15 +108,20 @@ class FileSource implements DiskSource {
     const want = this.#prepare(buf, position, limit);
     let got = 0;
     try {
-      if (want > 0) this.#file.seekSync(position, Deno.SeekMode.Start);
+      if (want > 0 && this.#position !== position) {
+        this.#position = -1;
+        this.#file.seekSync(position, Deno.SeekMode.Start);
+      }
       while (got < want) {
         const n = this.#file.readSync(buf.subarray(got, want));
         if (n === null) break;
         got += n;
       }
     } catch (err) {
+      this.#position = -1;
       throw describeIoError(err, this.path, "read");
     }
+    if (want > 0) this.#position = position + got;
     this.#check(got, want, position, limit);
   }
 
@@ -134,6 +146,7 @@ class FileSource implements DiskSource {
     return this.#serial(async () => {
       try {
         if (this.isFile) return (await this.#file.stat()).size;
+        this.#position = -1;
         return await this.#file.seek(0, Deno.SeekMode.End);
       } catch (err) {
         throw describeIoError(err, this.path, "find the size of");

@@ -17,11 +17,13 @@ import {
   type Candidates,
   candidatesOf,
   scanWindows,
+  setRuns,
 } from "./cluster_scan.ts";
 import { ClusterSet } from "./cluster_set.ts";
 import { diffScanBytes, planDiff } from "./diff.ts";
 import { type DiskSource, openDiskSource } from "./disk_source.ts";
-import { CHUNK_SIZE } from "./io.ts";
+import { CHUNK_SIZE, type Endpoint, endpointName, openOutput, pipeToOutput } from "./io.ts";
+import { COPY_STEP, type KernelCopy, openKernelCopy } from "./kernel_copy.ts";
 import { DiskstreamError, SourceChangedError, UsageError } from "./errors.ts";
 import {
   checkGeometry,
@@ -31,7 +33,12 @@ import {
   type StreamLayout,
   streamLayout,
 } from "./qcow2/layout.ts";
-import { countL2Tables, qcow2Chunks, type WriterOptions } from "./qcow2/writer.ts";
+import {
+  countL2Tables,
+  qcow2Chunks,
+  qcow2MetadataChunks,
+  type WriterOptions,
+} from "./qcow2/writer.ts";
 import type { ProgressSink } from "./progress.ts";
 import { zeroTest } from "./zero.ts";
 
@@ -81,6 +88,16 @@ export interface Qcow2Export {
   readonly sourceSize: number;
   /** Bytes of the source examined while planning (pass 1). */
   readonly scannedBytes: number;
+  /**
+   * Writes the image to `target` (stdout, a path — created or truncated — or an
+   * inherited descriptor) instead of reading {@link stream}; use one or the other.
+   * With FFI permitted on Linux the data clusters never pass through JavaScript:
+   * `splice(2)` moves them into a pipe, `copy_file_range(2)` into a file (the
+   * fastest way, though each kernel call of up to 8 MiB holds the event loop while
+   * the reader is slow); otherwise the stream is written. stdout is refused when it
+   * is a terminal.
+   */
+  writeTo(target: Endpoint): Promise<void>;
 }
 
 /**
@@ -290,15 +307,21 @@ export async function exportQcow2(
       dataClusters: clusters.count,
     });
     progress?.setTotal(scanned + layout.fileSize);
-    const stream = streamOf(
-      src,
+    const pass2 = new Pass2(src, layout, clusters, progress, scanned, {
+      chunkSize: options.chunkSize,
+      reuseBuffers: options.reuseBuffers,
+    });
+    return {
+      // Made on first use: a ReadableStream starts pulling (prefetching) at once.
+      get stream() {
+        return pass2.stream();
+      },
       layout,
       clusters,
-      { chunkSize: options.chunkSize, reuseBuffers: options.reuseBuffers },
-      (sent) => progress?.update(scanned + sent),
-      () => progress?.finish(),
-    );
-    return { stream, layout, clusters, sourceSize: src.size, scannedBytes: scanned };
+      sourceSize: src.size,
+      scannedBytes: scanned,
+      writeTo: (target) => pass2.writeTo(target),
+    };
   } catch (err) {
     src.close();
     throw err;
@@ -338,48 +361,115 @@ async function planAgainstBase(
   }
 }
 
-/** Pass 2 as a ReadableStream that prefetches two chunks while one is written. */
-function streamOf(
-  src: DiskSource,
-  layout: StreamLayout,
-  clusters: ClusterSet,
-  writerOptions: WriterOptions,
-  onSent: (bytes: number) => void,
-  onDone: () => void,
-): ReadableStream<Uint8Array> {
-  let sent = 0;
-  let chunks: AsyncGenerator<Uint8Array> | null = null;
-  const start = async () => {
-    const now = await src.currentSize();
-    if (now !== src.size) {
+/** Pass 2: the image from the plan, as a stream or written to an endpoint. */
+class Pass2 {
+  #sent = 0;
+  #started = false;
+  #stream: ReadableStream<Uint8Array> | null = null;
+
+  constructor(
+    readonly src: DiskSource,
+    readonly layout: StreamLayout,
+    readonly clusters: ClusterSet,
+    readonly progress: ProgressSink | undefined,
+    readonly scanned: number,
+    readonly writerOptions: WriterOptions,
+  ) {}
+
+  /** Refuses a second start and a source whose size changed since pass 1. */
+  async #start(): Promise<void> {
+    if (this.#started) throw new UsageError("an export can be written only once");
+    this.#started = true;
+    const now = await this.src.currentSize();
+    if (now !== this.src.size) {
       throw new SourceChangedError(
-        `${src.path} changed size between the passes (${src.size} → ${now} bytes); export it again`,
+        `${this.src.path} changed size between the passes (${this.src.size} → ${now} bytes); export it again`,
       );
     }
-    return qcow2Chunks(layout, clusters, src, { ...writerOptions, sourceSize: src.size });
-  };
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      try {
-        chunks ??= await start();
-        const r = await chunks.next();
-        if (r.done) {
+  }
+
+  #sentBytes(bytes: number): void {
+    this.#sent += bytes;
+    this.progress?.update(this.scanned + this.#sent);
+  }
+
+  /** The image as a ReadableStream (made once) that prefetches two chunks. */
+  stream(): ReadableStream<Uint8Array> {
+    this.#stream ??= this.#makeStream();
+    return this.#stream;
+  }
+
+  #makeStream(): ReadableStream<Uint8Array> {
+    const { src, layout, clusters, writerOptions } = this;
+    let chunks: AsyncGenerator<Uint8Array> | null = null;
+    return new ReadableStream<Uint8Array>({
+      pull: async (controller) => {
+        try {
+          if (chunks === null) {
+            await this.#start();
+            chunks = qcow2Chunks(layout, clusters, src, { ...writerOptions, sourceSize: src.size });
+          }
+          const r = await chunks.next();
+          if (r.done) {
+            src.close();
+            this.progress?.finish();
+            controller.close();
+            return;
+          }
+          this.#sentBytes(r.value.length);
+          controller.enqueue(r.value);
+        } catch (err) {
           src.close();
-          onDone();
-          controller.close();
-          return;
+          throw err;
         }
-        sent += r.value.length;
-        onSent(sent);
-        controller.enqueue(r.value);
-      } catch (err) {
+      },
+      cancel: async () => {
         src.close();
-        throw err;
+        await chunks?.return(undefined).catch(() => {});
+      },
+    }, new CountQueuingStrategy({ highWaterMark: 2 }));
+  }
+
+  /** Writes the image to `target`, with kernel copies of the data when possible. */
+  async writeTo(target: Endpoint): Promise<void> {
+    if (this.#stream !== null || this.#started) {
+      throw new UsageError("an export can be written only once");
+    }
+    if (target.kind === "std") await openOutput(target); // refuses a terminal
+    const copier = openKernelCopy(
+      this.src.path,
+      target.kind === "path" ? { path: target.path } : { fd: target.kind === "fd" ? target.fd : 1 },
+      endpointName(target, "stdout"),
+    );
+    if (copier === null) return await pipeToOutput(this.stream(), await openOutput(target));
+    try {
+      await this.#start();
+      await this.#copyWith(copier);
+    } finally {
+      copier.close();
+      this.src.close();
+    }
+    this.progress?.finish();
+  }
+
+  async #copyWith(copier: KernelCopy): Promise<void> {
+    const { layout, clusters, src } = this;
+    const cs = layout.clusterSize;
+    for (const chunk of qcow2MetadataChunks(layout, clusters)) {
+      copier.write(chunk);
+      this.#sentBytes(chunk.length);
+    }
+    for (const [first, last] of setRuns(clusters)) {
+      const end = (last + 1) * cs;
+      for (let at = first * cs; at < end;) {
+        const step = Math.min(COPY_STEP, end - at);
+        const real = Math.max(0, Math.min(step, src.size - at));
+        if (real > 0) copier.copy(at, real);
+        if (real < step) copier.write(new Uint8Array(step - real)); // the last cluster's padding
+        this.#sentBytes(step);
+        at += step;
+        await new Promise((resolve) => setImmediate(resolve)); // let timers and signals run
       }
-    },
-    async cancel() {
-      src.close();
-      await chunks?.return(undefined).catch(() => {});
-    },
-  }, new CountQueuingStrategy({ highWaterMark: 2 }));
+    }
+  }
 }

@@ -377,3 +377,51 @@ Deno.test("export CLI: a closed pipe ends quietly with status 1", async () => {
     assert.equal(r.stderr, "");
   });
 });
+
+qemuTest(
+  "writeTo: kernel copies into a file, a pipe, another filesystem; the same bytes",
+  async () => {
+    await withTempDir(async (dir) => {
+      const src = `${dir}/disk.raw`;
+      await sparseDisk(src);
+      const viaStream = `${dir}/stream.qcow2`;
+      await exportTo(src, viaStream);
+      const want = await Deno.readFile(viaStream);
+      // In-process (tests run with FFI: copy_file_range into a file).
+      const e = await exportQcow2(src);
+      await e.writeTo({ kind: "path", path: `${dir}/kernel.qcow2` });
+      assert.deepEqual(await Deno.readFile(`${dir}/kernel.qcow2`), want);
+      await assert.rejects(() => e.writeTo({ kind: "path", path: `${dir}/again` }), /only once/);
+      const s = await exportQcow2(src);
+      await s.stream.cancel();
+      await assert.rejects(() => s.writeTo({ kind: "path", path: `${dir}/again` }), /only once/);
+      // tmpfs: copy_file_range refuses another filesystem, pread/write take over.
+      if ((await Deno.stat("/dev/shm").catch(() => null))?.isDirectory) {
+        const shm = await Deno.makeTempDir({ dir: "/dev/shm" });
+        try {
+          await (await exportQcow2(src)).writeTo({ kind: "path", path: `${shm}/o.qcow2` });
+          assert.deepEqual(await Deno.readFile(`${shm}/o.qcow2`), want);
+        } finally {
+          await Deno.remove(shm, { recursive: true });
+        }
+      }
+      // The CLI through a pipe (splice) and without FFI (the stream).
+      const piped = await runCli(["export", src]);
+      assert.deepEqual(piped.stdout, want);
+      const noFfi = await run(Deno.execPath(), [
+        "run",
+        "--allow-read",
+        "--allow-write",
+        "--allow-env",
+        CLI,
+        "export",
+        src,
+        "-o",
+        `${dir}/noffi.qcow2`,
+      ]);
+      assert.equal(noFfi.code, 0, noFfi.stderr);
+      assert.deepEqual(await Deno.readFile(`${dir}/noffi.qcow2`), want);
+      await checkClean(`${dir}/kernel.qcow2`);
+    });
+  },
+);

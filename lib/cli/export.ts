@@ -9,7 +9,7 @@ import type { Allocation, ImageInfoJson } from "../allocation.ts";
 import { parseImageInfo, readSpecText, resolveAllocationSpec } from "../allocation_spec.ts";
 import { UnsupportedError, UsageError } from "../errors.ts";
 import { exportQcow2 } from "../export.ts";
-import { type Endpoint, openOutput, pipeToOutput } from "../io.ts";
+import { type Endpoint, openOutput } from "../io.ts";
 import { createProgress, type ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
 import { endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
@@ -244,14 +244,7 @@ async function runExport(run: ExportRun): Promise<void> {
     base: run.base,
     baseAllocation,
     progress,
-    reuseBuffers: true, // pipeToOutput writes each chunk before reading the next
+    reuseBuffers: true, // without FFI, writeTo writes each chunk before reading the next
   });
-  let output;
-  try {
-    output = await openOutput(run.target);
-  } catch (err) {
-    await planned.stream.cancel();
-    throw err;
-  }
-  await pipeToOutput(planned.stream, output);
+  await planned.writeTo(run.target);
 }

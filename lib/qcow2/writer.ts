@@ -187,22 +187,23 @@ export function countL2Tables(clusters: ClusterSet, perTable: number): number {
   return n;
 }
 
+/** Whole clusters per chunk for a requested chunk size (at least one cluster). */
+function chunkBytes(layout: StreamLayout, requested = CHUNK_SIZE): number {
+  const cs = layout.clusterSize;
+  return Math.max(cs, Math.floor(requested / cs) * cs);
+}
+
 /**
- * The bytes of the image, in chunks of about `chunkSize`, for `layout` with the data
- * clusters `clusters` (guest indices) read from `source`.
+ * The metadata (header, refcount table and blocks, L1 and L2 tables) into `sink`,
+ * yielding each chunk as it fills.
  */
-export async function* qcow2Chunks(
+function* metadataInto(
+  sink: ChunkSink,
   layout: StreamLayout,
   clusters: ClusterSet,
-  source: ClusterReader,
-  options: WriterOptions = {},
-): AsyncGenerator<Uint8Array> {
+): Generator<Uint8Array> {
   const cs = layout.clusterSize;
-  const chunkSize = Math.max(cs, Math.floor((options.chunkSize ?? CHUNK_SIZE) / cs) * cs);
-  const sink = new ChunkSink(layout.fileSize, chunkSize, options.reuseBuffers === true);
   const perTable = cs / 8;
-  const limit = options.sourceSize ?? layout.virtualSize;
-
   writeHeaderCluster(sink.take(cs), layout);
 
   // Refcount table: entry i points at refcount block i.
@@ -256,6 +257,38 @@ export async function* qcow2Chunks(
     }
   }
   yield* sink.drain();
+}
+
+/**
+ * The image's bytes before the data clusters (`layout.dataOffset` of them), in chunks
+ * of about `chunkSize`: for writers that move the data by other means.
+ */
+export function* qcow2MetadataChunks(
+  layout: StreamLayout,
+  clusters: ClusterSet,
+  chunkSize = CHUNK_SIZE,
+): Generator<Uint8Array> {
+  const sink = new ChunkSink(layout.dataOffset, chunkBytes(layout, chunkSize), false);
+  yield* metadataInto(sink, layout, clusters);
+  sink.flush();
+  yield* sink.drain();
+}
+
+/**
+ * The bytes of the image, in chunks of about `chunkSize`, for `layout` with the data
+ * clusters `clusters` (guest indices) read from `source`.
+ */
+export async function* qcow2Chunks(
+  layout: StreamLayout,
+  clusters: ClusterSet,
+  source: ClusterReader,
+  options: WriterOptions = {},
+): AsyncGenerator<Uint8Array> {
+  const cs = layout.clusterSize;
+  const chunkSize = chunkBytes(layout, options.chunkSize);
+  const sink = new ChunkSink(layout.fileSize, chunkSize, options.reuseBuffers === true);
+  const limit = options.sourceSize ?? layout.virtualSize;
+  yield* metadataInto(sink, layout, clusters);
 
   // Data clusters, ascending, read in runs straight into the chunk buffers.
   for (const [first, last] of setRuns(clusters)) {

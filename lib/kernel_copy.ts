@@ -1,0 +1,191 @@
+/**
+ * Kernel-side copies for the export's data clusters, reached through FFI (Deno has no
+ * splice or copy_file_range of its own): `splice(2)` moves page-cache pages of the
+ * source into an output pipe without copying them through JavaScript, and
+ * `copy_file_range(2)` copies into an output file inside the kernel. When neither
+ * applies (a device source into a file, another filesystem, ...), `pread`/`write`
+ * with one buffer do the work. Optional: {@link openKernelCopy} returns null without
+ * `--allow-ffi` or off Linux, and callers use the stream instead.
+ *
+ * Calls are synchronous (errno is per thread, so it must be read on the calling
+ * thread): each moves at most {@link COPY_STEP} bytes, so the event loop runs between
+ * them, but a slow reader of the output pipe holds the thread inside a call.
+ *
+ * @module
+ */
+import { BrokenPipeError, DiskstreamError, SourceChangedError } from "./errors.ts";
+
+/** Bytes moved per call. */
+export const COPY_STEP = 8 * 1024 * 1024;
+/** Size asked for an output pipe's kernel buffer (the default unprivileged maximum). */
+const PIPE_BYTES = 1024 * 1024;
+
+const O_WRONLY = 0o1;
+const O_CREAT = 0o100;
+const O_TRUNC = 0o1000;
+const O_NONBLOCK = 0o4000;
+const O_CLOEXEC = 0o2000000;
+const F_GETFL = 3;
+const F_SETPIPE_SZ = 1031;
+const F_GETPIPE_SZ = 1032;
+const SPLICE_F_MOVE = 1;
+const SPLICE_F_MORE = 4;
+const EINTR = 4;
+const EPIPE = 32;
+/** errno values after which a plain pread/write copy is tried instead. */
+const UNSUPPORTED = new Set([1, 9, 18, 22, 38, 95]); // EPERM EBADF EXDEV EINVAL ENOSYS EOPNOTSUPP
+
+const SYMBOLS = {
+  open: { parameters: ["buffer", "i32", "i32"], result: "i32" },
+  close: { parameters: ["i32"], result: "i32" },
+  fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+  pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  splice: { parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"], result: "isize" },
+  copy_file_range: {
+    parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"],
+    result: "isize",
+  },
+  __errno_location: { parameters: [], result: "pointer" },
+} as const;
+
+type Libc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
+
+let libc: Libc | null | undefined;
+
+function load(): Libc | null {
+  if (libc !== undefined) return libc;
+  libc = null;
+  try {
+    if (Deno.build.os !== "linux") return null;
+    if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return null;
+    libc = Deno.dlopen("libc.so.6", SYMBOLS).symbols;
+  } catch {
+    libc = null;
+  }
+  return libc;
+}
+
+const encoder = new TextEncoder();
+
+/** How data reaches the output. */
+type Method = "splice" | "copy_file_range" | "bounce";
+
+/** An output descriptor and the source descriptor the data is copied from. */
+export interface KernelCopy {
+  /** Writes all of `bytes` to the output. */
+  write(bytes: Uint8Array): void;
+  /** Copies `length` source bytes at `offset` to the output (in the kernel when possible). */
+  copy(offset: number, length: number): void;
+  /** Closes what was opened here (an inherited output descriptor stays open). */
+  close(): void;
+}
+
+/**
+ * Opens `source` for kernel copies into `output` (a path, created or truncated, or an
+ * inherited descriptor), or returns null when FFI is unavailable or the output is a
+ * non-blocking descriptor. `name` names the output in messages.
+ */
+export function openKernelCopy(
+  source: string,
+  output: { path: string } | { fd: number },
+  name: string,
+): KernelCopy | null {
+  const c = load();
+  if (c === null) return null;
+  const errno = () => {
+    const p = c.__errno_location();
+    return p === null ? 0 : new Deno.UnsafePointerView(p).getInt32();
+  };
+  const fail = (what: string, path: string): never => {
+    const e = errno();
+    if (e === EPIPE) throw new BrokenPipeError(`${name}: the reader closed the pipe`);
+    throw new DiskstreamError(`cannot ${what} ${path}: errno ${e}`);
+  };
+  let outFd: number;
+  let ownOut = false;
+  if ("fd" in output) {
+    outFd = output.fd;
+    const flags = c.fcntl(outFd, F_GETFL, 0);
+    if (flags < 0 || (flags & O_NONBLOCK) !== 0) return null;
+  } else {
+    outFd = c.open(
+      encoder.encode(output.path + "\0"),
+      O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
+      0o666,
+    );
+    if (outFd < 0) return null; // let the ordinary path report it
+    ownOut = true;
+  }
+  const inFd = c.open(encoder.encode(source + "\0"), O_CLOEXEC, 0);
+  if (inFd < 0) {
+    if (ownOut) c.close(outFd);
+    return null;
+  }
+  let method: Method = "copy_file_range";
+  if (c.fcntl(outFd, F_GETPIPE_SZ, 0) > 0) {
+    method = "splice";
+    c.fcntl(outFd, F_SETPIPE_SZ, PIPE_BYTES); // a larger pipe: fewer wake-ups; optional
+  }
+  const offset = new BigInt64Array(1);
+  const offsetBytes = new Uint8Array(offset.buffer);
+  let bounce: Uint8Array | null = null;
+
+  const writeAll = (bytes: Uint8Array) => {
+    for (let done = 0; done < bytes.length;) {
+      const n = Number(c.write(outFd, bytes.subarray(done), BigInt(bytes.length - done)));
+      if (n < 0) {
+        if (errno() === EINTR) continue;
+        fail("write to", name);
+      }
+      done += n;
+    }
+  };
+
+  /** One call: moves up to `length` bytes at `at`; 0 = the source ended. */
+  const step = (at: number, length: number): number => {
+    offset[0] = BigInt(at);
+    if (method === "splice") {
+      return Number(
+        c.splice(inFd, offsetBytes, outFd, null, BigInt(length), SPLICE_F_MOVE | SPLICE_F_MORE),
+      );
+    }
+    if (method === "copy_file_range") {
+      return Number(c.copy_file_range(inFd, offsetBytes, outFd, null, BigInt(length), 0));
+    }
+    bounce ??= new Uint8Array(COPY_STEP);
+    const n = Number(c.pread(inFd, bounce, BigInt(Math.min(length, bounce.length)), BigInt(at)));
+    if (n > 0) writeAll(bounce.subarray(0, n));
+    return n;
+  };
+
+  return {
+    write: writeAll,
+    copy(at, length) {
+      let done = 0;
+      while (done < length) {
+        const n = step(at + done, Math.min(COPY_STEP, length - done));
+        if (n > 0) {
+          done += n;
+          continue;
+        }
+        if (n === 0) {
+          throw new SourceChangedError(
+            `${source} ended at byte ${at + done}: the source shrank during the export`,
+          );
+        }
+        const e = errno();
+        if (e === EINTR) continue;
+        if (method !== "bounce" && UNSUPPORTED.has(e)) {
+          method = "bounce"; // e.g. a device source, another filesystem: copy by hand
+          continue;
+        }
+        fail(method === "bounce" ? "read" : `copy (${method}) from`, source);
+      }
+    },
+    close() {
+      c.close(inFd);
+      if (ownOut) c.close(outFd);
+    },
+  };
+}
