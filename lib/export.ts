@@ -361,6 +361,15 @@ async function planAgainstBase(
   }
 }
 
+/** True when both paths name the same existing file. */
+async function sameFile(a: string, b: string): Promise<boolean> {
+  try {
+    return await Deno.realPath(a) === await Deno.realPath(b);
+  } catch {
+    return false; // the output does not exist yet
+  }
+}
+
 /** Pass 2: the image from the plan, as a stream or written to an endpoint. */
 class Pass2 {
   #sent = 0;
@@ -436,6 +445,9 @@ class Pass2 {
       throw new UsageError("an export can be written only once");
     }
     if (target.kind === "std") await openOutput(target); // refuses a terminal
+    if (target.kind === "path" && await sameFile(target.path, this.src.path)) {
+      throw new UsageError(`the output ${target.path} is the source itself: write elsewhere`);
+    }
     const copier = openKernelCopy(
       this.src.path,
       target.kind === "path" ? { path: target.path } : { fd: target.kind === "fd" ? target.fd : 1 },

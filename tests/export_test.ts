@@ -339,6 +339,7 @@ Deno.test("export CLI: bad input gives one line and the right status", async () 
       [["export", src, "-o", out, "--output-fd", "x"], 2, /--output-fd needs a file descriptor/],
       [["export", src, "-o", out, "--allocation", `${dir}/nope.json`], 1, /nope\.json/],
       [["export", src, "-o", out, "--allocation", "fd:x"], 2, /not a file descriptor/],
+      [["export", src, "-o", src], 2, /is the source itself/],
     ];
     for (const [args, code, message] of cases) {
       const r = await runCli(args);
