@@ -30,6 +30,8 @@ export interface ImageTarget {
   zero(offset: number, length: number): void;
   /** Performs the queued writes. */
   flush(): Promise<void>;
+  /** Bytes queued and not yet written. */
+  readonly queued: number;
 }
 
 /** Options of {@link RawDestination.open}. */
@@ -80,6 +82,7 @@ export class RawDestination implements ImageTarget {
   #bufOffs: number[] = [];
   #lens: number[] = [];
   #dataBytes = 0;
+  #queued = 0;
   /** Bytes written since the last background sync was started. */
   #unsynced = 0;
   #syncing: Promise<void> | null = null;
@@ -183,6 +186,10 @@ export class RawDestination implements ImageTarget {
     }
   }
 
+  get queued(): number {
+    return this.#queued;
+  }
+
   /** Bytes of image data (not zeros) written so far. */
   get dataBytes(): number {
     return this.#dataBytes;
@@ -240,6 +247,7 @@ export class RawDestination implements ImageTarget {
   }
 
   #queue(offset: number, buf: ArrayBufferLike, bufOff: number, len: number) {
+    this.#queued += len;
     const last = this.#offs.length - 1;
     if (last >= 0) {
       const lastLen = this.#lens[last];
@@ -267,6 +275,7 @@ export class RawDestination implements ImageTarget {
     this.#bufs = [];
     this.#bufOffs = [];
     this.#lens = [];
+    this.#queued = 0;
     const f = this.#file;
     try {
       for (let i = 0; i < offs.length; i++) {

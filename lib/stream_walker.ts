@@ -512,9 +512,15 @@ export interface ChunkConsumer {
   end(): void;
 }
 
+/** Chunks are decoded in slices of this size, so that writes can start in between. */
+const SLICE = 1024 * 1024;
+/** Queued bytes (decompressed data, buffered clusters) that make the loop write first. */
+const HIGH_WATER = 8 * 1024 * 1024;
+
 /**
  * Runs the read–decode–write loop: each chunk is decoded (queueing writes on
- * `target`), and its writes run while the next chunk is read.
+ * `target`), and its writes run while the next chunk is read. A chunk that queues
+ * much more than itself (compressed clusters) is written out as it is decoded.
  */
 export async function walkChunks(
   input: ChunkStream,
@@ -523,17 +529,25 @@ export async function walkChunks(
   onChunk: (chunk: Uint8Array) => void,
 ): Promise<void> {
   let writing: Promise<void> = Promise.resolve();
-  let writingFrom: Uint8Array | null = null;
+  let held: Uint8Array | null = null; // the chunk the running writes may still read
+  const write = async (chunk: Uint8Array) => {
+    await writing;
+    if (held !== null && held !== chunk) input.release(held);
+    held = chunk;
+    writing = target.flush();
+  };
   try {
     for (;;) {
       const chunk = await input.next();
       if (!chunk) break;
-      walker.push(chunk);
+      for (let at = 0; at < chunk.length;) {
+        const end = Math.min(chunk.length, at + SLICE);
+        walker.push(at === 0 && end === chunk.length ? chunk : chunk.subarray(at, end));
+        at = end;
+        if (at < chunk.length && target.queued >= HIGH_WATER) await write(chunk);
+      }
       onChunk(chunk);
-      await writing;
-      if (writingFrom) input.release(writingFrom);
-      writing = target.flush();
-      writingFrom = chunk;
+      await write(chunk);
     }
   } finally {
     await writing.catch(() => {});

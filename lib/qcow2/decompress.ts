@@ -69,6 +69,7 @@ function deflateCluster(input: Uint8Array, clusterSize: number, offset: number) 
       {
         finishFlush: constants.Z_SYNC_FLUSH,
         maxOutputLength: clusterSize,
+        chunkSize: clusterSize, // one output buffer: no growing and joining
         info: true,
       } as Parameters<typeof inflateRawSync>[1],
     ) as unknown as {
