@@ -14,6 +14,7 @@
  * @module
  */
 import { BrokenPipeError, DiskstreamError, SourceChangedError } from "./errors.ts";
+import { loadLibc, readErrno } from "./libc.ts";
 
 /** Bytes moved per call. */
 export const COPY_STEP = 8 * 1024 * 1024;
@@ -49,23 +50,6 @@ const SYMBOLS = {
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
-type Libc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
-
-let libc: Libc | null | undefined;
-
-function load(): Libc | null {
-  if (libc !== undefined) return libc;
-  libc = null;
-  try {
-    if (Deno.build.os !== "linux") return null;
-    if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return null;
-    libc = Deno.dlopen("libc.so.6", SYMBOLS).symbols;
-  } catch {
-    libc = null;
-  }
-  return libc;
-}
-
 const encoder = new TextEncoder();
 
 /** How data reaches the output. */
@@ -91,12 +75,9 @@ export function openKernelCopy(
   output: { path: string } | { fd: number },
   name: string,
 ): KernelCopy | null {
-  const c = load();
+  const c = loadLibc(SYMBOLS);
   if (c === null) return null;
-  const errno = () => {
-    const p = c.__errno_location();
-    return p === null ? 0 : new Deno.UnsafePointerView(p).getInt32();
-  };
+  const errno = () => readErrno(c.__errno_location);
   const fail = (what: string, path: string): never => {
     const e = errno();
     if (e === EPIPE) throw new BrokenPipeError(`${name}: the reader closed the pipe`);

@@ -6,6 +6,8 @@
  * @module
  */
 
+import { loadLibc, readErrno } from "./libc.ts";
+
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const O_RDONLY = 0;
@@ -21,25 +23,13 @@ const SYMBOLS = {
 
 type Libc = Deno.DynamicLibrary<typeof SYMBOLS>["symbols"];
 
-let libc: Libc | null | undefined;
-
 /** libc's symbols, loaded once; null when FFI is not permitted or libc is not there. */
-function loadLibc(): Libc | null {
-  if (libc !== undefined) return libc;
-  libc = null;
-  try {
-    if (Deno.build.os !== "linux") return null;
-    if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return null;
-    libc = Deno.dlopen("libc.so.6", SYMBOLS).symbols;
-  } catch {
-    libc = null;
-  }
-  return libc;
+function libc(): Libc | null {
+  return loadLibc(SYMBOLS);
 }
 
 function errno(c: Libc): number {
-  const p = c.__errno_location();
-  return p === null ? 0 : new Deno.UnsafePointerView(p).getInt32();
+  return readErrno(c.__errno_location);
 }
 
 /** An open read-only descriptor of `path`, or null. */
@@ -92,7 +82,7 @@ function seek(c: Libc, fd: number, offset: number, whence: number): number | "en
  * ```
  */
 export function dataExtents(path: string, size: number): Iterable<[number, number]> | null {
-  const c = loadLibc();
+  const c = libc();
   if (c === null) return null;
   try {
     if (!Deno.statSync(path).isFile) return null;
