@@ -147,6 +147,24 @@ qemuTest("import: ZERO_ALLOC clusters read as zeros, never their stale host byte
   });
 });
 
+qemuTest("import: internal snapshots ignored, bitmaps extension skipped", async () => {
+  await withTempDir(async (dir) => {
+    const img = `${dir}/s.qcow2`;
+    await qemu(["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img, "8M"]);
+    await qemu(["-f", "qcow2", "-c", "write -P 0x11 0 2M", img], "qemu-io");
+    await qemu(["snapshot", "-c", "s1", img]);
+    await qemu(
+      ["-f", "qcow2", "-c", "write -P 0x22 1M 2M", "-c", "write -z 0 64k", img],
+      "qemu-io",
+    );
+    await qemu(["bitmap", "--add", img, "b0"]);
+    await qemu(["-f", "qcow2", "-c", "write -P 0x33 4M 1M", img], "qemu-io");
+    const info = JSON.parse(await qemu(["info", "--output=json", img]));
+    assert.equal(info.snapshots.length, 1);
+    await importMatches(img, await qemuRaw(img, "qcow2", `${dir}/want.raw`), `${dir}/out.raw`);
+  });
+});
+
 qemuTest("import: tables after their data (a resized image) are held in the buffer", async () => {
   await withTempDir(async (dir) => {
     const img = `${dir}/r.qcow2`;
