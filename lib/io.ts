@@ -208,6 +208,16 @@ function chunkedReadable(
       close();
     }
   };
+  const read = async (buf: Uint8Array) => {
+    try {
+      const filled = await fill(buf);
+      if (filled === 0) done();
+      return filled;
+    } catch (err) {
+      done();
+      throw describeIoError(err, name, "read");
+    }
+  };
   if (byteStream) {
     return new ReadableStream({
       type: "bytes",
@@ -215,45 +225,20 @@ function chunkedReadable(
       async pull(controller) {
         const req = controller.byobRequest!;
         const view = req.view!;
-        let filled: number;
-        try {
-          filled = await fill(new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
-        } catch (err) {
-          done();
-          throw describeIoError(err, name, "read");
-        }
-        if (filled === 0) {
-          done();
-          controller.close();
-          req.respond(0);
-          return;
-        }
+        const filled = await read(new Uint8Array(view.buffer, view.byteOffset, view.byteLength));
+        if (filled === 0) controller.close();
         req.respond(filled);
       },
-      cancel() {
-        done();
-      },
+      cancel: done,
     });
   }
   return new ReadableStream<Uint8Array>({
     async pull(controller) {
       const buf = new Uint8Array(chunkSize);
-      let filled: number;
-      try {
-        filled = await fill(buf);
-      } catch (err) {
-        done();
-        throw describeIoError(err, name, "read");
-      }
-      if (filled === 0) {
-        done();
-        controller.close();
-        return;
-      }
-      controller.enqueue(filled === chunkSize ? buf : buf.subarray(0, filled));
+      const filled = await read(buf);
+      if (filled === 0) controller.close();
+      else controller.enqueue(filled === chunkSize ? buf : buf.subarray(0, filled));
     },
-    cancel() {
-      done();
-    },
+    cancel: done,
   });
 }
