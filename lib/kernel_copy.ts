@@ -1,11 +1,12 @@
 /**
  * Kernel-side copies for the export's data clusters, reached through FFI (Deno has no
  * splice or copy_file_range of its own): `splice(2)` moves page-cache pages of the
- * source into an output pipe without copying them through JavaScript, and
- * `copy_file_range(2)` copies into an output file inside the kernel. When neither
- * applies (a device source into a file, another filesystem, ...), `pread`/`write`
- * with one buffer do the work. Optional: {@link openKernelCopy} returns null without
- * `--allow-ffi` or off Linux, and callers use the stream instead.
+ * source into an output pipe without copying them through JavaScript,
+ * `copy_file_range(2)` copies into an output file inside the kernel, `sendfile(2)`
+ * into a socket (XAPI hands the HTTP connection over as stdout). Whatever the kernel
+ * refuses (a device source into a file, another filesystem, ...) falls back to
+ * `pread`/`write` with one buffer. Optional: {@link openKernelCopy} returns null
+ * without `--allow-ffi` or off Linux, and callers use the stream instead.
  *
  * Calls are synchronous (errno is per thread, so it must be read on the calling
  * thread): each moves at most {@link COPY_STEP} bytes, so the event loop runs between
@@ -43,6 +44,7 @@ const SYMBOLS = {
   write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   splice: { parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"], result: "isize" },
+  sendfile: { parameters: ["i32", "i32", "buffer", "usize"], result: "isize" },
   copy_file_range: {
     parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"],
     result: "isize",
@@ -53,7 +55,15 @@ const SYMBOLS = {
 const encoder = new TextEncoder();
 
 /** How data reaches the output. */
-type Method = "splice" | "copy_file_range" | "bounce";
+type Method = "splice" | "copy_file_range" | "sendfile" | "bounce";
+
+/** What to try after `method` is refused by the kernel for these descriptors. */
+const NEXT: Record<Method, Method | null> = {
+  splice: "bounce",
+  copy_file_range: "sendfile", // e.g. a socket, a device source, another filesystem
+  sendfile: "bounce",
+  bounce: null,
+};
 
 /** An output descriptor and the source descriptor the data is copied from. */
 export interface KernelCopy {
@@ -134,6 +144,9 @@ export function openKernelCopy(
     if (method === "copy_file_range") {
       return Number(c.copy_file_range(inFd, offsetBytes, outFd, null, BigInt(length), 0));
     }
+    if (method === "sendfile") {
+      return Number(c.sendfile(outFd, inFd, offsetBytes, BigInt(length)));
+    }
     bounce ??= new Uint8Array(COPY_STEP);
     const n = Number(c.pread(inFd, bounce, BigInt(Math.min(length, bounce.length)), BigInt(at)));
     if (n > 0) writeAll(bounce.subarray(0, n));
@@ -157,8 +170,9 @@ export function openKernelCopy(
         }
         const e = errno();
         if (e === EINTR) continue;
-        if (method !== "bounce" && UNSUPPORTED.has(e)) {
-          method = "bounce"; // e.g. a device source, another filesystem: copy by hand
+        const next = NEXT[method];
+        if (next !== null && UNSUPPORTED.has(e)) {
+          method = next;
           continue;
         }
         fail(method === "bounce" ? "read" : `copy (${method}) from`, source);

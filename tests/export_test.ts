@@ -380,7 +380,7 @@ Deno.test("export CLI: a closed pipe ends quietly with status 1", async () => {
 });
 
 qemuTest(
-  "writeTo: kernel copies into a file, a pipe, another filesystem; the same bytes",
+  "writeTo: kernel copies into files, pipes, sockets, other filesystems; same bytes",
   async () => {
     await withTempDir(async (dir) => {
       const src = `${dir}/disk.raw`;
@@ -406,9 +406,25 @@ qemuTest(
           await Deno.remove(shm, { recursive: true });
         }
       }
-      // The CLI through a pipe (splice) and without FFI (the stream).
+      // The CLI through a pipe (splice), into a TCP socket as stdout (sendfile, as XAPI
+      // hands over its HTTP connection) and without FFI (the stream).
       const piped = await runCli(["export", src]);
       assert.deepEqual(piped.stdout, want);
+      const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+      const received = (async () => {
+        const conn = await listener.accept();
+        return new Uint8Array(await new Response(conn.readable).arrayBuffer());
+      })();
+      const port = (listener.addr as Deno.NetAddr).port;
+      const sent = await run("bash", [
+        "-c",
+        `"${Deno.execPath()}" run -A "${CLI}" export "$1" > /dev/tcp/127.0.0.1/${port}`,
+        "x",
+        src,
+      ]);
+      assert.equal(sent.code, 0, sent.stderr);
+      assert.deepEqual(await received, want);
+      listener.close();
       const noFfi = await run(Deno.execPath(), [
         "run",
         "--allow-read",
