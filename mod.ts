@@ -43,6 +43,7 @@ export { createProgress, type ProgressMode, type ProgressSink } from "./lib/prog
 
 // Export (raw → qcow2 stream).
 export { type ExportOptions, exportQcow2, type Qcow2Export } from "./lib/export.ts";
+export type { Endpoint } from "./lib/io.ts";
 export type { StreamLayout } from "./lib/qcow2/layout.ts";
 export { resolveAllocationSpec } from "./lib/allocation_spec.ts";
 

@@ -237,6 +237,20 @@ async function probeNonZero(
  * await Deno.remove(dir, { recursive: true });
  * ```
  *
+ * @example Write the image to a file, the data copied by the kernel
+ * ```ts
+ * import { exportQcow2 } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await Deno.writeFile(`${dir}/disk.raw`, new Uint8Array(3 << 20).fill(7));
+ * const exported = await exportQcow2(`${dir}/disk.raw`, { clusterSize: 2 << 20 });
+ * await exported.writeTo({ kind: "path", path: `${dir}/disk.qcow2` });
+ * assert.equal((await Deno.stat(`${dir}/disk.qcow2`)).size, exported.layout.fileSize);
+ * assert.equal(exported.layout.dataClusters, 2); // the second 2 MiB cluster half full
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ *
  * @example Export only what differs from a base disk, with an allocation hint
  * ```ts
  * import { ClusterSet, exportQcow2 } from "@diskstream/diskstream";
