@@ -101,9 +101,6 @@ export function registerExport(program: Command): void {
           `-f/--format must be qcow2 (or vhd, not available yet), got '${flags.format}'`,
         );
       }
-      if (flags.baseAllocation !== undefined && flags.diff === undefined) {
-        throw new UsageError("--base-allocation needs --diff BASE");
-      }
       const cs = flags.clusterSize;
       await runExport({
         source,
@@ -229,7 +226,7 @@ async function runExport(run: ExportRun): Promise<void> {
     );
   }
   if (run.base === undefined && run.baseAllocation !== undefined) {
-    throw new UsageError("a base allocation needs --diff BASE");
+    throw new UsageError("a base allocation (--base-allocation) needs --diff BASE");
   }
   // Refuse a terminal before any work.
   if (run.target.kind === "std") await openOutput(run.target);
