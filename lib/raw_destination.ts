@@ -53,8 +53,6 @@ export type DestinationKind = "new file" | "file" | "device";
 const ZEROS = new Uint8Array(4 * 1024 * 1024);
 /** All-zero data is left as a hole in pieces of this size (when the destination is zero). */
 const ZERO_GRAIN = 64 * 1024;
-/** A background sync is started after this many bytes written. */
-const SYNC_EVERY = 256 * 1024 * 1024;
 /** Queued writes are merged up to this size. */
 const MAX_WRITE = 16 * 1024 * 1024;
 
@@ -83,10 +81,6 @@ export class RawDestination implements ImageTarget {
   #lens: number[] = [];
   #dataBytes = 0;
   #queued = 0;
-  /** Bytes written since the last background sync was started. */
-  #unsynced = 0;
-  #syncing: Promise<void> | null = null;
-  #syncError: unknown = null;
 
   private constructor(
     path: string,
@@ -286,30 +280,11 @@ export class RawDestination implements ImageTarget {
         let done = 0;
         while (done < view.length) done += await f.write(view.subarray(done));
         this.#filePos = offs[i] + lens[i];
-        this.#unsynced += lens[i];
       }
     } catch (err) {
       this.#filePos = -1;
       throw describeIoError(err, this.path, "write to");
     }
-    if (this.#unsynced >= SYNC_EVERY && this.#syncing === null) this.#startSync();
-  }
-
-  /**
-   * Starts flushing what was written to the device in the background, so that the
-   * final sync has little left to wait for (the writes go on meanwhile).
-   */
-  #startSync() {
-    this.#unsynced = 0;
-    this.#syncing = this.#file.syncData().then(
-      () => {
-        this.#syncing = null;
-      },
-      (err) => {
-        this.#syncError ??= err;
-        this.#syncing = null;
-      },
-    );
   }
 
   /**
@@ -342,8 +317,6 @@ export class RawDestination implements ImageTarget {
         await fill(written.length);
       }
       await this.flush();
-      await this.#syncing;
-      if (this.#syncError !== null) throw this.#syncError;
       await this.#file.syncData();
     } catch (err) {
       this.#close();
@@ -354,7 +327,6 @@ export class RawDestination implements ImageTarget {
 
   /** Gives up: closes, and removes the file if this import created it. */
   async abort(): Promise<void> {
-    await this.#syncing;
     this.#close();
     if (this.kind === "new file") await Deno.remove(this.path).catch(() => {});
   }
