@@ -6,11 +6,9 @@
  */
 import type { Command } from "commander";
 import type { Allocation, ImageInfoJson } from "../allocation.ts";
-import { parseImageInfo, readSpecText, resolveAllocationSpec } from "../allocation_spec.ts";
 import { UnsupportedError, UsageError } from "../errors.ts";
-import { exportQcow2 } from "../export.ts";
-import { type Endpoint, openOutput } from "../io.ts";
-import { createProgress, type ProgressMode } from "../progress.ts";
+import type { Endpoint } from "../io.ts";
+import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
 import { endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
 
@@ -43,6 +41,12 @@ interface ExportRun {
   baseAllocation?: () => Promise<Allocation>;
   progress: ProgressMode;
 }
+
+// The export machinery is loaded when a command runs, so that start-up only pays
+// for the command that is used.
+const resolveAllocationSpec: typeof import("../allocation_spec.ts").resolveAllocationSpec = async (
+  ...args
+) => (await import("../allocation_spec.ts")).resolveAllocationSpec(...args);
 
 /** Registers the export commands on `program`. */
 export function registerExport(program: Command): void {
@@ -216,6 +220,7 @@ interface XapiFlags {
 }
 
 async function readInfo(spec: string): Promise<ImageInfoJson> {
+  const { parseImageInfo, readSpecText } = await import("../allocation_spec.ts");
   return parseImageInfo(await readSpecText(spec), `image info ${spec}`);
 }
 
@@ -228,6 +233,11 @@ async function runExport(run: ExportRun): Promise<void> {
   if (run.base === undefined && run.baseAllocation !== undefined) {
     throw new UsageError("a base allocation (--base-allocation) needs --diff BASE");
   }
+  const [{ exportQcow2 }, { openOutput }, { createProgress }] = await Promise.all([
+    import("../export.ts"),
+    import("../io.ts"),
+    import("../progress.ts"),
+  ]);
   // Refuse a terminal before any work.
   if (run.target.kind === "std") await openOutput(run.target);
   const allocation = await run.allocation?.();

@@ -5,10 +5,10 @@
  * @module
  */
 import type { Command } from "commander";
-import { formatAllocation } from "../allocation.ts";
 import { BrokenPipeError, describeIoError } from "../errors.ts";
-import { readImageAllocation } from "../image_allocation.ts";
-import { formatImageInfo, readImageInfo } from "../info.ts";
+
+// The readers are loaded when a command runs, so that start-up only pays for the
+// command that is used.
 
 /** Registers the headers commands on `program`. */
 export function registerHeaders(program: Command): void {
@@ -43,6 +43,7 @@ export function registerHeaders(program: Command): void {
     .argument("<IMAGE>", "qcow2 or VHD image")
     .option("--json", "print JSON for scripts (fields in the README)")
     .action(async (image: string, opts: { json?: boolean }) => {
+      const { formatImageInfo, readImageInfo } = await import("../info.ts");
       const info = await readImageInfo(image);
       await writeStdout(
         opts.json ? JSON.stringify(info, null, 2) + "\n" : formatImageInfo(info),
@@ -51,6 +52,10 @@ export function registerHeaders(program: Command): void {
 }
 
 async function printHeaders(path: string, legacy: boolean): Promise<void> {
+  const [{ formatAllocation }, { readImageAllocation }] = await Promise.all([
+    import("../allocation.ts"),
+    import("../image_allocation.ts"),
+  ]);
   await writeStdout(formatAllocation(await readImageAllocation(path), legacy));
 }
 
