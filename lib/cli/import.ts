@@ -4,7 +4,7 @@
  *
  * @module
  */
-import type { Command } from "commander";
+import { type Command, Option } from "commander";
 import { UsageError } from "../errors.ts";
 import { DEFAULT_MAX_BUFFER, type ImportFormat, importImage } from "../import.ts";
 import { type Endpoint, openInput } from "../io.ts";
@@ -39,9 +39,9 @@ export function registerImport(program: Command): void {
   program
     .command("import")
     .description(
-      "Import a qcow2 or VHD image arriving as a stream (stdin, a pipe, a socket) into a raw\n" +
-        "file or block device, in one pass without seeking. A new file is created at the\n" +
-        "virtual size and stays sparse; an existing file or device gets zeros where the image\n" +
+      "Import a qcow2 or VHD image arriving as a stream (stdin, a pipe, a socket) into a raw " +
+        "file or block device, in one pass without seeking. A new file is created at the " +
+        "virtual size and stays sparse; an existing file or device gets zeros where the image " +
         "has none (unless --prezeroed); --delta applies a diff onto DEST.",
     )
     .argument("<DEST>", "raw file or block device to write (/dev/... needs --allow-all)")
@@ -60,14 +60,16 @@ export function registerImport(program: Command): void {
     .option("--prezeroed", "DEST already reads as zeros: write only the image's data")
     .option(
       "--delta",
-      "apply a diff (qcow2 with a backing file, differencing VHD) onto DEST: unallocated\n" +
+      "apply a diff (qcow2 with a backing file, differencing VHD) onto DEST: unallocated " +
         "ranges are left untouched, zero ranges are written as zeros",
     )
-    .option(
-      "--max-buffer <SIZE>",
-      "memory for data that arrives before the metadata mapping it",
-      sizeOption("--max-buffer"),
-      DEFAULT_MAX_BUFFER,
+    .addOption(
+      new Option(
+        "--max-buffer <SIZE>",
+        "memory for data that arrives before the metadata mapping it",
+      )
+        .argParser(sizeOption("--max-buffer"))
+        .default(DEFAULT_MAX_BUFFER, "256M"),
     )
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "with --progress: vhd-tool's 3-digit percentages on stdout")
@@ -100,7 +102,7 @@ export function registerImport(program: Command): void {
   program
     .command("stream_decode")
     .description(
-      "Drop-in for XAPI's 'qcow-stream-tool stream_decode': read a qcow2 (or VHD) stream on\n" +
+      "Drop-in for XAPI's 'qcow-stream-tool stream_decode': read a qcow2 (or VHD) stream on " +
         "stdin and write the raw disk to OUTPUT (usually a block device).",
     )
     .argument("<OUTPUT>", "raw file or block device to write")
