@@ -6,9 +6,9 @@
  */
 import { type Command, Option } from "commander";
 import { UsageError } from "../errors.ts";
-import { DEFAULT_MAX_BUFFER, type ImportFormat, importImage } from "../import.ts";
-import { type Endpoint, openInput } from "../io.ts";
-import { createProgress, type ProgressMode } from "../progress.ts";
+import type { ImportFormat } from "../import.ts";
+import type { Endpoint } from "../io.ts";
+import type { ProgressMode } from "../progress.ts";
 import { endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
 
 interface ImportFlags {
@@ -18,7 +18,7 @@ interface ImportFlags {
   size?: number;
   prezeroed?: boolean;
   delta?: boolean;
-  maxBuffer: number;
+  maxBuffer?: number;
   progress?: boolean;
   machine?: boolean;
 }
@@ -30,7 +30,7 @@ interface ImportRun {
   size?: number;
   prezeroed?: boolean;
   delta?: boolean;
-  maxBuffer: number;
+  maxBuffer?: number;
   progress: ProgressMode;
 }
 
@@ -66,10 +66,8 @@ export function registerImport(program: Command): void {
     .addOption(
       new Option(
         "--max-buffer <SIZE>",
-        "memory for data that arrives before the metadata mapping it",
-      )
-        .argParser(sizeOption("--max-buffer"))
-        .default(DEFAULT_MAX_BUFFER, "256M"),
+        "memory for data that arrives before the metadata mapping it (default: 256M)",
+      ).argParser(sizeOption("--max-buffer")),
     )
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "with --progress: vhd-tool's 3-digit percentages on stdout")
@@ -111,7 +109,6 @@ export function registerImport(program: Command): void {
         dest: output,
         source: { kind: "std" },
         format: "auto",
-        maxBuffer: DEFAULT_MAX_BUFFER,
         progress: "none",
       });
     });
@@ -123,6 +120,12 @@ async function runImport(run: ImportRun): Promise<void> {
       "refusing to read a disk image from a terminal: pipe it in or use -i FILE",
     );
   }
+  // The import machinery is loaded only when the command runs (faster start-up).
+  const [{ importImage }, { openInput }, { createProgress }] = await Promise.all([
+    import("../import.ts"),
+    import("../io.ts"),
+    import("../progress.ts"),
+  ]);
   const input = await openInput(run.source, { blocking: true });
   const progress = createProgress(run.progress, "import");
   await importImage(input.stream, run.dest, {
