@@ -1,10 +1,12 @@
 /**
- * Export: a raw disk (regular file or block device) as a qcow2 v3 stream, without a
+ * Export: a raw disk (regular file or block device) as an image stream, without a
  * temporary file and without seeking the output. First the plan — which clusters
  * to write: the non-zero ones (pass 1 reads the data extents, or everything), the
  * hinted ones (`allocation`), or those that differ from a base disk (`base`) — then
- * the stream in the layout of QEMU's `qcow2-to-stdout.py` (pass 2 reads the planned
- * clusters straight into the output chunks).
+ * pass 2 writes the image from the plan, reading the planned clusters straight into
+ * the output chunks or copying them in the kernel. The plan and pass 2 are shared by
+ * the formats: qcow2 here (the layout of QEMU's `qcow2-to-stdout.py`), VHD in
+ * export_vhd.ts (2 MiB blocks).
  *
  * @module
  */
@@ -42,12 +44,8 @@ import {
 import type { ProgressSink } from "./progress.ts";
 import { zeroTest } from "./zero.ts";
 
-/** Options of {@link exportQcow2}. */
-export interface ExportOptions {
-  /** Output cluster size in bytes, a power of two from 512 to 2 MiB (default 64 KiB). */
-  clusterSize?: number;
-  /** Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64 (default 16). */
-  refcountBits?: number;
+/** Options of every export format (see {@link ExportOptions} for qcow2). */
+export interface StreamExportOptions {
   /**
    * Which clusters of the source may hold data (any cluster size; see
    * `parseAllocation`). Only those are read, and they are written without looking
@@ -73,16 +71,24 @@ export interface ExportOptions {
   reuseBuffers?: boolean;
 }
 
+/** Options of {@link exportQcow2}. */
+export interface ExportOptions extends StreamExportOptions {
+  /** Output cluster size in bytes, a power of two from 512 to 2 MiB (default 64 KiB). */
+  clusterSize?: number;
+  /** Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64 (default 16). */
+  refcountBits?: number;
+}
+
 /** A planned export: its stream and what it will contain. */
-export interface Qcow2Export {
+export interface PlannedExport<Layout> {
   /**
    * The image bytes, in chunks of megabytes. Reading it runs pass 2; cancel it to
    * stop early (the source is closed either way).
    */
   readonly stream: ReadableStream<Uint8Array>;
   /** Where everything goes; `layout.fileSize` is the exact length of the stream. */
-  readonly layout: StreamLayout;
-  /** The guest clusters written as data clusters. */
+  readonly layout: Layout;
+  /** The guest clusters written as data (for VHD: the 2 MiB blocks). */
   readonly clusters: ClusterSet;
   /** Size of the source in bytes (the virtual size is this rounded up to 512). */
   readonly sourceSize: number;
@@ -99,6 +105,9 @@ export interface Qcow2Export {
    */
   writeTo(target: Endpoint): Promise<void>;
 }
+
+/** A planned qcow2 export (see {@link exportQcow2}). */
+export type Qcow2Export = PlannedExport<StreamLayout>;
 
 /**
  * The clusters (at `clusterSize`, within the first `clip` bytes) that a hint for a
@@ -281,6 +290,55 @@ export async function exportQcow2(
   const cs = options.clusterSize ?? DEFAULT_CLUSTER_SIZE;
   const refcountBits = options.refcountBits ?? DEFAULT_REFCOUNT_BITS;
   checkGeometry(cs, refcountBits);
+  // Refuse a disk too large for the cluster size before reading it.
+  const plan = await planExport(source, options, cs, (size) => l1Geometry(size, cs));
+  const { src, clusters } = plan;
+  return plannedExport(plan, options, (virtualSize) => {
+    const layout = streamLayout({
+      virtualSize,
+      clusterSize: cs,
+      refcountBits,
+      l2Tables: countL2Tables(clusters, cs / 8),
+      dataClusters: clusters.count,
+    });
+    return {
+      layout,
+      fileSize: layout.fileSize,
+      chunks: (writerOptions) => qcow2Chunks(layout, clusters, src, writerOptions),
+      *pieces() {
+        yield* qcow2MetadataChunks(layout, clusters);
+        for (const [first, last] of setRuns(clusters)) {
+          yield { offset: first * cs, length: (last - first + 1) * cs };
+        }
+      },
+    };
+  });
+}
+
+/** What pass 1 decided: the opened source and the clusters to write. */
+export interface ExportPlan {
+  /** The source, open; closed by pass 2 (or by the caller when it gives up). */
+  src: DiskSource;
+  /** The source size rounded up to 512. */
+  virtualSize: number;
+  /** The clusters (of the planned cluster size) to write. */
+  clusters: ClusterSet;
+  /** Bytes read while planning. */
+  scanned: number;
+}
+
+/**
+ * Pass 1 of every format: opens `source` and decides which clusters of `clusterSize`
+ * bytes to write — a cluster is planned when any byte of it is non-zero, hinted, or
+ * differs from the base (see {@link StreamExportOptions}). `check` sees the virtual
+ * size before anything is read (to refuse a disk the format cannot hold).
+ */
+export async function planExport(
+  source: string,
+  options: StreamExportOptions,
+  cs: number,
+  check: (virtualSize: number) => void,
+): Promise<ExportPlan> {
   if (options.baseAllocation !== undefined && options.base === undefined) {
     throw new UsageError("a base allocation needs a base disk (--base-allocation needs --diff)");
   }
@@ -288,7 +346,7 @@ export async function exportQcow2(
   const src = await openDiskSource(source);
   try {
     const virtualSize = alignUp(src.size, 512);
-    l1Geometry(virtualSize, cs); // refuse a disk too large for the cluster size first
+    check(virtualSize);
     const hint = options.allocation &&
       hintClusters(options.allocation, src.size, cs, "the allocation hint", src.path);
     const sourceCandidates = candidatesOf(src, virtualSize, cs, hint, options.zeroCheck);
@@ -313,24 +371,54 @@ export async function exportQcow2(
       if (estimate > 0) progress?.setTotal(2 * estimate);
       clusters = await planNonZero(src, sourceCandidates, cs, onRead);
     }
-    const layout = streamLayout({
-      virtualSize,
-      clusterSize: cs,
-      refcountBits,
-      l2Tables: countL2Tables(clusters, cs / 8),
-      dataClusters: clusters.count,
-    });
-    progress?.setTotal(scanned + layout.fileSize);
-    const pass2 = new Pass2(src, layout, clusters, progress, scanned, {
+    return { src, virtualSize, clusters, scanned };
+  } catch (err) {
+    src.close();
+    throw err;
+  }
+}
+
+/** Source bytes `[offset, offset + length)` to copy; those past the source's end are zeros. */
+export interface SourceRange {
+  offset: number;
+  length: number;
+}
+
+/** How pass 2 writes one format's image from a plan. */
+export interface ImageWriter<Layout> {
+  layout: Layout;
+  /** Exact length of the image in bytes. */
+  fileSize: number;
+  /** The image as chunks of megabytes, data read from the source into them. */
+  chunks(options: WriterOptions): AsyncGenerator<Uint8Array>;
+  /** The image as bytes to write and source ranges to copy (for kernel copies). */
+  pieces(): Iterable<Uint8Array | SourceRange>;
+}
+
+/**
+ * The export of a plan in the format `writer` makes for the plan's virtual size:
+ * its stream or {@link PlannedExport.writeTo}. Closes the source if that fails.
+ */
+export function plannedExport<Layout>(
+  plan: ExportPlan,
+  options: StreamExportOptions,
+  writer: (virtualSize: number) => ImageWriter<Layout>,
+): PlannedExport<Layout> {
+  const { src, clusters, scanned } = plan;
+  try {
+    const image = writer(plan.virtualSize);
+    options.progress?.setTotal(scanned + image.fileSize);
+    const pass2 = new Pass2(src, image, options.progress, scanned, {
       chunkSize: options.chunkSize,
       reuseBuffers: options.reuseBuffers,
+      sourceSize: src.size,
     });
     return {
       // Made on first use: a ReadableStream starts pulling (prefetching) at once.
       get stream() {
         return pass2.stream();
       },
-      layout,
+      layout: image.layout,
       clusters,
       sourceSize: src.size,
       scannedBytes: scanned,
@@ -385,15 +473,14 @@ async function sameFile(a: string, b: string): Promise<boolean> {
 }
 
 /** Pass 2: the image from the plan, as a stream or written to an endpoint. */
-class Pass2 {
+class Pass2<Layout> {
   #sent = 0;
   #started = false;
   #stream: ReadableStream<Uint8Array> | null = null;
 
   constructor(
     readonly src: DiskSource,
-    readonly layout: StreamLayout,
-    readonly clusters: ClusterSet,
+    readonly image: ImageWriter<Layout>,
     readonly progress: ProgressSink | undefined,
     readonly scanned: number,
     readonly writerOptions: WriterOptions,
@@ -423,14 +510,14 @@ class Pass2 {
   }
 
   #makeStream(): ReadableStream<Uint8Array> {
-    const { src, layout, clusters, writerOptions } = this;
+    const { src, image, writerOptions } = this;
     let chunks: AsyncGenerator<Uint8Array> | null = null;
     return new ReadableStream<Uint8Array>({
       pull: async (controller) => {
         try {
           if (chunks === null) {
             await this.#start();
-            chunks = qcow2Chunks(layout, clusters, src, { ...writerOptions, sourceSize: src.size });
+            chunks = image.chunks(writerOptions);
           }
           const r = await chunks.next();
           if (r.done) {
@@ -479,15 +566,15 @@ class Pass2 {
   }
 
   async #copyWith(copier: KernelCopy): Promise<void> {
-    const { layout, clusters, src } = this;
-    const cs = layout.clusterSize;
-    for (const chunk of qcow2MetadataChunks(layout, clusters)) {
-      copier.write(chunk);
-      this.#sentBytes(chunk.length);
-    }
-    for (const [first, last] of setRuns(clusters)) {
-      const end = (last + 1) * cs;
-      for (let at = first * cs; at < end;) {
+    const src = this.src;
+    for (const piece of this.image.pieces()) {
+      if (piece instanceof Uint8Array) {
+        copier.write(piece);
+        this.#sentBytes(piece.length);
+        continue;
+      }
+      const end = piece.offset + piece.length;
+      for (let at = piece.offset; at < end;) {
         const step = Math.min(COPY_STEP, end - at);
         const real = Math.max(0, Math.min(step, src.size - at));
         if (real > 0) copier.copy(at, real);

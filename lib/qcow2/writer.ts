@@ -105,11 +105,11 @@ export function fillRefcounts(block: Uint8Array, count: number, bits: number): v
 const POOL_SIZE = 6;
 
 /**
- * Hands out cluster-aligned space in chunk buffers of about `chunkSize` bytes and
- * queues each buffer once it is full. Space is only taken after the previous space
- * is completely written, so a queued buffer is always finished.
+ * Hands out space in chunk buffers of about `chunkSize` bytes and queues each buffer
+ * once it is full. Space is only taken after the previous space is completely
+ * written, so a queued buffer is always finished. (Also used by the VHD writer.)
  */
-class ChunkSink {
+export class ChunkSink {
   #chunkSize: number;
   #left: number;
   #buf: Uint8Array | null = null;
