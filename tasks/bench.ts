@@ -441,6 +441,8 @@ async function runCase(c: BenchCase): Promise<Outcome[]> {
       o.problem = `failed: ${err.message}`;
     } finally {
       await k.after?.();
+      // Start every run with nothing dirty: no writeback of one run slows the next.
+      await new Deno.Command("sync").output();
     }
   };
   log(`case ${c.name}: warm-up and output check`);
