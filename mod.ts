@@ -41,10 +41,18 @@ export {
 } from "./lib/allocation.ts";
 export { createProgress, type ProgressMode, type ProgressSink } from "./lib/progress.ts";
 
-// Export (raw → qcow2 stream).
-export { type ExportOptions, exportQcow2, type Qcow2Export } from "./lib/export.ts";
+// Export (raw → qcow2 or VHD stream).
+export {
+  type ExportOptions,
+  exportQcow2,
+  type PlannedExport,
+  type Qcow2Export,
+  type StreamExportOptions,
+} from "./lib/export.ts";
+export { exportVhd, type VhdExport, type VhdExportOptions } from "./lib/export_vhd.ts";
 export type { Endpoint } from "./lib/io.ts";
 export type { StreamLayout } from "./lib/qcow2/layout.ts";
+export type { VhdFooterFields, VhdLayout } from "./lib/vhd/writer.ts";
 export { resolveAllocationSpec } from "./lib/allocation_spec.ts";
 
 // Headers and info.
