@@ -1,5 +1,5 @@
 /**
- * The `export` command family: `export SOURCE` (raw disk → qcow2 stream) and
+ * The `export` command family: `export SOURCE` (raw disk → qcow2 or VHD stream) and
  * `qcow2-to-stdout`, a drop-in for XAPI's `qcow2-to-stdout.py` with its flags.
  *
  * @module
@@ -10,6 +10,7 @@ import { UnsupportedError, UsageError } from "../errors.ts";
 import type { Endpoint } from "../io.ts";
 import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
+import { DEFAULT_BLOCK_SIZE } from "../vhd/constants.ts";
 import { endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
 
 const clusterSizeOption = powerOfTwoOption("-c/--cluster-size", 512, 2 * 1024 * 1024);
@@ -33,6 +34,8 @@ interface ExportFlags {
 interface ExportRun {
   source: string;
   target: Endpoint;
+  format: "qcow2" | "vhd";
+  /** Cluster size of the plan (for VHD its 2 MiB blocks); hints are read at this size. */
   clusterSize: number;
   refcountBits: number;
   allocation?: () => Promise<Allocation>;
@@ -53,10 +56,11 @@ export function registerExport(program: Command): void {
   program
     .command("export")
     .description(
-      "Export a raw disk (file or block device) as a qcow2 v3 stream, without a temporary\n" +
-        "file and without seeking the output. All-zero clusters are left out (the bytes\n" +
-        "are those of QEMU's qcow2-to-stdout.py); with --allocation only the hinted\n" +
-        "clusters are read; with --diff only the clusters that differ from BASE are written.",
+      "Export a raw disk (file or block device) as a qcow2 v3 stream (or with -f vhd a\n" +
+        "dynamic VHD in vhd-tool's layout, 2 MiB blocks), without a temporary file and\n" +
+        "without seeking the output. All-zero clusters are left out (the bytes are those\n" +
+        "of QEMU's qcow2-to-stdout.py); with --allocation only the hinted clusters are\n" +
+        "read; with --diff only the clusters that differ from BASE are written.",
     )
     .argument("<SOURCE>", "raw disk image or block device (/dev/... needs --allow-all)")
     .option("-o, --output <OUT>", "write the image to OUT ('-' = stdout, the default)")
@@ -65,16 +69,16 @@ export function registerExport(program: Command): void {
       "write the image to inherited file descriptor N",
       fdOption("--output-fd"),
     )
-    .option("-f, --format <FORMAT>", "output format: qcow2 (vhd is not available yet)", "qcow2")
+    .option("-f, --format <FORMAT>", "output format: qcow2 or vhd", "qcow2")
     .option(
       "-c, --cluster-size <SIZE>",
-      "cluster size, a power of two from 512 to 2M",
+      "qcow2 cluster size, a power of two from 512 to 2M (refused with -f vhd)",
       clusterSizeOption,
       DEFAULT_CLUSTER_SIZE,
     )
     .option(
       "-r, --refcount-bits <BITS>",
-      "refcount width: 1, 2, 4, 8, 16, 32 or 64",
+      "qcow2 refcount width: 1, 2, 4, 8, 16, 32 or 64 (refused with -f vhd)",
       refcountBitsOption,
       DEFAULT_REFCOUNT_BITS,
     )
@@ -94,21 +98,29 @@ export function registerExport(program: Command): void {
         "  diskstream export disk.raw > disk.qcow2\n" +
         "  diskstream export /dev/vg/lv -c 2M --allocation lv.json -o out.qcow2\n" +
         "  diskstream export new.raw --diff old.raw -o delta.qcow2\n" +
-        "    (rebuild: qemu-img rebase -u -b old.raw -F raw delta.qcow2)",
+        "    (rebuild: qemu-img rebase -u -b old.raw -F raw delta.qcow2)\n" +
+        "  diskstream export /dev/vg/lv -f vhd --allocation lv.json --output-fd 3\n" +
+        "  diskstream export new.raw -f vhd --diff old.raw | diskstream import copy-of-old.raw --delta",
     )
-    .action(async (source: string, flags: ExportFlags) => {
-      if (flags.format === "vhd") {
-        throw new UnsupportedError("export to VHD is not supported yet: use -f qcow2");
+    .action(async (source: string, flags: ExportFlags, command: Command) => {
+      const format = flags.format;
+      if (format !== "qcow2" && format !== "vhd") {
+        throw new UsageError(`-f/--format must be qcow2 or vhd, got '${format}'`);
       }
-      if (flags.format !== "qcow2") {
-        throw new UsageError(
-          `-f/--format must be qcow2 (or vhd, not available yet), got '${flags.format}'`,
-        );
+      if (format === "vhd") {
+        for (const [key, flag] of [["clusterSize", "-c"], ["refcountBits", "-r"]]) {
+          if (command.getOptionValueSource(key) === "cli") {
+            throw new UsageError(
+              `${flag} applies to qcow2 only: a VHD has 2 MiB blocks and no refcounts (drop ${flag}, or use -f qcow2)`,
+            );
+          }
+        }
       }
-      const cs = flags.clusterSize;
+      const cs = format === "vhd" ? DEFAULT_BLOCK_SIZE : flags.clusterSize;
       await runExport({
         source,
         target: endpointFrom(flags.output, flags.outputFd, "-o/--output and --output-fd"),
+        format,
         clusterSize: cs,
         refcountBits: flags.refcountBits,
         allocation: flags.allocation === undefined
@@ -186,6 +198,7 @@ export function registerExport(program: Command): void {
       await runExport({
         source: input,
         target: { kind: "std" },
+        format: "qcow2",
         clusterSize: cs,
         refcountBits: flags.r,
         allocation: hint(
@@ -233,25 +246,26 @@ async function runExport(run: ExportRun): Promise<void> {
   if (run.base === undefined && run.baseAllocation !== undefined) {
     throw new UsageError("a base allocation (--base-allocation) needs --diff BASE");
   }
-  const [{ exportQcow2 }, { openOutput }, { createProgress }] = await Promise.all([
-    import("../export.ts"),
+  const [{ openOutput }, { createProgress }] = await Promise.all([
     import("../io.ts"),
     import("../progress.ts"),
   ]);
   // Refuse a terminal before any work.
   if (run.target.kind === "std") await openOutput(run.target);
-  const allocation = await run.allocation?.();
-  const baseAllocation = await run.baseAllocation?.();
-  const progress = createProgress(run.progress, "export");
-  const planned = await exportQcow2(run.source, {
-    clusterSize: run.clusterSize,
-    refcountBits: run.refcountBits,
-    allocation,
+  const options = {
+    allocation: await run.allocation?.(),
     zeroCheck: run.zeroCheck,
     base: run.base,
-    baseAllocation,
-    progress,
+    baseAllocation: await run.baseAllocation?.(),
+    progress: createProgress(run.progress, "export"),
     reuseBuffers: true, // without FFI, writeTo writes each chunk before reading the next
-  });
+  };
+  const planned = run.format === "vhd"
+    ? await (await import("../export_vhd.ts")).exportVhd(run.source, options)
+    : await (await import("../export.ts")).exportQcow2(run.source, {
+      ...options,
+      clusterSize: run.clusterSize,
+      refcountBits: run.refcountBits,
+    });
   await planned.writeTo(run.target);
 }
