@@ -340,6 +340,16 @@ qemuTest(
       assert.equal(z.code, 0, z.stderr);
       await assertHeaders(checked, size, [1, 8]);
 
+      // Hybrid: the hint is a VHD's BAT (vhd-tool's --source-format hybrid), the bytes the raw disk's.
+      const image = `${dir}/clean.vhd`;
+      await qemu(["convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", clean, image]);
+      const hybrid = `${dir}/hybrid.vhd`;
+      const y = await runCli(["export", "-f", "vhd", src, "--allocation", image, "-o", hybrid]);
+      assert.equal(y.code, 0, y.stderr);
+      const headersOf = async (f: string) => (await runCli(["headers", f])).stdout;
+      assert.deepEqual(await headersOf(hybrid), await headersOf(image));
+      await assertQemuReads(clean, hybrid, size);
+
       // The library takes a hint at any cluster size too (here the same 64 KiB clusters).
       const clusters = new ClusterSet(Math.ceil(size / 65536), 65536);
       for (const c of [40, 64, 65, 256]) clusters.add(c);
