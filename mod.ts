@@ -1,6 +1,6 @@
 /**
  * diskstream: stream virtual disks. Export a raw disk or block device as a qcow2
- * stream without a temporary file, import a qcow2/VHD stream into a raw file or block
+ * (or VHD) stream without a temporary file, import a qcow2/VHD stream into a raw file or block
  * device without seeking, diff against a base disk, and read image headers to list the
  * allocated clusters.
  *

@@ -14,8 +14,9 @@ import { registerImport } from "./import.ts";
 export function buildProgram(): Command {
   const program = new Command("diskstream")
     .description(
-      "Stream virtual disks: raw disk or block device → qcow2 stream, qcow2/VHD stream → raw,\n" +
-        "diffs against a base disk, and header inspection that lists allocated clusters.",
+      "Stream virtual disks: raw disk or block device → qcow2 or VHD stream, qcow2/VHD " +
+        "stream → raw, diffs against a base disk, and header inspection that lists " +
+        "allocated clusters.",
     )
     .version("0.1.0")
     .showHelpAfterError("(run 'diskstream help' or 'diskstream COMMAND --help' for usage)")
@@ -30,9 +31,36 @@ export function buildProgram(): Command {
   registerExport(program);
   registerImport(program);
   registerHeaders(program);
-  program.commands.forEach((c) => c.exitOverride());
+  for (const command of program.commands) {
+    command.exitOverride();
+    tidyHelp(command);
+  }
   program.action(() => {
     throw new UsageError("no command given: run 'diskstream --help'");
   });
   return program;
+}
+
+/** One line per command in `diskstream --help`. */
+const SUMMARIES: Record<string, string> = {
+  export: "raw disk or block device → qcow2 (or VHD) stream, optionally a diff",
+  "qcow2-to-stdout": "drop-in for XAPI's qcow2-to-stdout.py (same flags)",
+  import: "qcow2/VHD stream → raw file or block device, one pass, no seeking",
+  stream_decode: "drop-in for qcow-stream-tool stream_decode (stdin → OUTPUT)",
+  headers: "allocation JSON of a qcow2/VHD image, as vhd-tool prints it",
+  read_headers: "drop-in for vhd-tool read_headers (flat list)",
+  read_headers_interval: "drop-in for vhd-tool read_headers_interval (intervals)",
+  info: "a human summary of a qcow2/VHD image (--json for scripts)",
+};
+
+/**
+ * Lets commander wrap descriptions to the terminal itself (joins the source's line
+ * breaks) and gives each command its one-line summary.
+ */
+function tidyHelp(command: Command): void {
+  const unwrap = (text: string) => text.replace(/\s*\n\s*/g, " ");
+  command.description(unwrap(command.description()));
+  const summary = SUMMARIES[command.name()];
+  if (summary !== undefined) command.summary(summary);
+  for (const option of command.options) option.description = unwrap(option.description);
 }
