@@ -6,6 +6,7 @@
  */
 import { CorruptImageError, UnsupportedError } from "./errors.ts";
 import type { ProgressSink } from "./progress.ts";
+import type { PipeInput } from "./pipe_input.ts";
 import { decodeQcow2Stream, type StreamImageInfo } from "./qcow2/stream_reader.ts";
 import {
   type DestinationKind,
@@ -59,6 +60,8 @@ export interface ImportResult {
   dataBytes: number;
   /** What the destination was: a new file (left sparse), an existing file, a device. */
   destination: DestinationKind;
+  /** Bytes of guest data moved from a pipe into `dest` by the kernel (splice). */
+  splicedBytes: number;
 }
 
 const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
@@ -112,12 +115,33 @@ const VHD_COOKIE = [...new TextEncoder().encode("conectix")];
  * await Deno.remove(dir, { recursive: true });
  * ```
  */
-export async function importImage(
+export function importImage(
   stream: ReadableStream<Uint8Array> | AsyncIterator<Uint8Array>,
   dest: string,
   options: ImportOptions = {},
 ): Promise<ImportResult> {
-  const input = new ChunkStream(stream);
+  return importChunks(new ChunkStream(stream), dest, options);
+}
+
+/**
+ * {@link importImage} from a pipe read through its descriptor (see
+ * `openPipeInput`): the image's data clusters and blocks are spliced from the
+ * pipe into `dest` by the kernel, without passing through JavaScript. The pipe is
+ * left open.
+ */
+export function importFromPipe(
+  pipe: PipeInput,
+  dest: string,
+  options: ImportOptions = {},
+): Promise<ImportResult> {
+  return importChunks(new ChunkStream(pipe), dest, options);
+}
+
+async function importChunks(
+  input: ChunkStream,
+  dest: string,
+  options: ImportOptions,
+): Promise<ImportResult> {
   let target: RawDestination | null = null;
   const progress = options.progress;
   let lastTotal = -1;
@@ -156,6 +180,7 @@ export async function importImage(
       virtualSize: info.virtualSize,
       dataBytes: t.dataBytes,
       destination: t.kind,
+      splicedBytes: t.directBytes,
     };
   } catch (err) {
     await (target as RawDestination | null)?.abort();

@@ -15,27 +15,29 @@
  * @module
  */
 import { BrokenPipeError, DiskstreamError, SourceChangedError } from "./errors.ts";
-import { loadLibc, readErrno } from "./libc.ts";
+import {
+  EINTR,
+  F_GETFL,
+  F_GETPIPE_SZ,
+  F_SETPIPE_SZ,
+  loadLibc,
+  O_CLOEXEC,
+  O_NONBLOCK,
+  O_WRONLY,
+  PIPE_BYTES,
+  readErrno,
+  REFUSED_ERRNOS,
+  SPLICE_F_MORE,
+  SPLICE_F_MOVE,
+} from "./libc.ts";
 
 /** Bytes moved per call. */
 export const COPY_STEP = 8 * 1024 * 1024;
-/** Size asked for an output pipe's kernel buffer (the default unprivileged maximum). */
-const PIPE_BYTES = 1024 * 1024;
-
-const O_WRONLY = 0o1;
 const O_CREAT = 0o100;
 const O_TRUNC = 0o1000;
-const O_NONBLOCK = 0o4000;
-const O_CLOEXEC = 0o2000000;
-const F_GETFL = 3;
-const F_SETPIPE_SZ = 1031;
-const F_GETPIPE_SZ = 1032;
-const SPLICE_F_MOVE = 1;
-const SPLICE_F_MORE = 4;
-const EINTR = 4;
 const EPIPE = 32;
 /** errno values after which a plain pread/write copy is tried instead. */
-const UNSUPPORTED = new Set([1, 9, 18, 22, 38, 95]); // EPERM EBADF EXDEV EINVAL ENOSYS EOPNOTSUPP
+const UNSUPPORTED = REFUSED_ERRNOS;
 
 const SYMBOLS = {
   open: { parameters: ["buffer", "i32", "i32"], result: "i32" },

@@ -39,3 +39,30 @@ export function readErrno(errnoLocation: () => Deno.PointerValue): number {
   const p = errnoLocation();
   return p === null ? 0 : new Deno.UnsafePointerView(p).getInt32();
 }
+
+// Linux values of the flags and errno codes used through FFI (the same on x86-64 and arm64).
+/** open(2): write only. */
+export const O_WRONLY = 0o1;
+/** open(2): non-blocking. */
+export const O_NONBLOCK = 0o4000;
+/** open(2): close on exec. */
+export const O_CLOEXEC = 0o2000000;
+/** fcntl(2): get the file status flags. */
+export const F_GETFL = 3;
+/** fcntl(2): set a pipe's buffer size. */
+export const F_SETPIPE_SZ = 1031;
+/** fcntl(2): get a pipe's buffer size (fails when not a pipe). */
+export const F_GETPIPE_SZ = 1032;
+/** splice(2) flags: move pages rather than copy (a hint), more data comes. */
+export const SPLICE_F_MOVE = 1;
+/** See {@link SPLICE_F_MOVE}. */
+export const SPLICE_F_MORE = 4;
+/** errno: interrupted, call again. */
+export const EINTR = 4;
+/** Size asked for a pipe's kernel buffer (the default unprivileged maximum). */
+export const PIPE_BYTES = 1024 * 1024;
+/**
+ * errno values by which the kernel refuses a call for these descriptors (EPERM EBADF
+ * EXDEV EINVAL ENOSYS EOPNOTSUPP): callers take their portable path instead.
+ */
+export const REFUSED_ERRNOS: ReadonlySet<number> = new Set([1, 9, 18, 22, 38, 95]);

@@ -32,6 +32,13 @@ export interface ImageTarget {
   flush(): Promise<void>;
   /** Bytes queued and not yet written. */
   readonly queued: number;
+  /** The destination's path, when {@link ImageTarget.wroteDirect} may be used. */
+  readonly path?: string;
+  /**
+   * Guest range `[offset, offset + length)` was written to `path` directly (spliced
+   * by the kernel): accounts for it. Throws when the range is out of bounds.
+   */
+  wroteDirect?(offset: number, length: number): void;
 }
 
 /** Options of {@link RawDestination.open}. */
@@ -80,6 +87,7 @@ export class RawDestination implements ImageTarget {
   #bufOffs: number[] = [];
   #lens: number[] = [];
   #dataBytes = 0;
+  #directBytes = 0;
   #queued = 0;
 
   private constructor(
@@ -213,6 +221,18 @@ export class RawDestination implements ImageTarget {
       a = b;
     }
     if (run < to) this.#queue(offset + run - from, bytes.buffer, bytes.byteOffset + run, to - run);
+  }
+
+  /** Bytes written directly ({@link RawDestination.wroteDirect}). */
+  get directBytes(): number {
+    return this.#directBytes;
+  }
+
+  wroteDirect(offset: number, length: number): void {
+    this.#check(offset, length);
+    this.#directBytes += length;
+    this.#dataBytes += length;
+    this.#written?.addBytes(offset, length);
   }
 
   zero(offset: number, length: number): void {

@@ -10,6 +10,7 @@
  */
 import { CorruptImageError } from "./errors.ts";
 import { CHUNK_SIZE } from "./io.ts";
+import type { PipeInput } from "./pipe_input.ts";
 import type { ImageTarget } from "./raw_destination.ts";
 import type { StreamBuffer } from "./stream_buffer.ts";
 
@@ -123,6 +124,26 @@ class RecordQueue {
     return top === undefined ? Infinity : top.start[top.next];
   }
 
+  /**
+   * The run holding the next range, and the start of the first range of any other
+   * run: the top run's ranges before it are the next ones in order.
+   */
+  top(): { run: RecordRun | undefined; others: number } {
+    const h = this.#heap;
+    const key = (r: RecordRun | undefined) => r === undefined ? Infinity : r.start[r.next];
+    return { run: h[0], others: Math.min(key(h[1]), key(h[2])) };
+  }
+
+  /** The next range, left on the agenda. */
+  peek(out: Expected) {
+    const top = this.#heap[0];
+    const i = top.next;
+    out.kind = top.kind[i];
+    out.start = top.start[i];
+    out.length = top.length[i];
+    out.aux = top.aux[i];
+  }
+
   pop(out: Expected) {
     const h = this.#heap;
     const top = h[0];
@@ -180,6 +201,12 @@ export interface WalkerFormat {
   onRange(kind: number, start: number, aux: number, bytes: Uint8Array): number | void;
   /** A stream-mode range ended. */
   onEnd?(kind: number, aux: number): void;
+  /**
+   * Where the `length` stream-mode bytes at `at` within a range go, when they are
+   * plain data for one contiguous guest range (guest offset), else -1: such bytes
+   * may be moved to the destination without passing through JavaScript.
+   */
+  directOffset?(kind: number, aux: number, at: number, length: number): number;
   /** Words for messages: "the L2 table for guest offsets …". */
   describe(kind: number, aux: number): string;
   /** The error for range `b` starting inside range `a`. */
@@ -194,13 +221,19 @@ export interface WalkerFormat {
 export class ChunkStream {
   readonly #it: AsyncIterator<Uint8Array> | null = null;
   readonly #byob: ReadableStreamBYOBReader | null = null;
+  /** The input read through its descriptor, whose data may be spliced (see walkChunks). */
+  readonly pipe: PipeInput | null = null;
   readonly #back: Uint8Array[] = [];
   readonly #pool: ArrayBuffer[] = [];
   /** Buffers handed out, with the number of their pieces not released yet. */
   readonly #lent = new Map<ArrayBufferLike, number>();
   #ended = false;
 
-  constructor(source: ReadableStream<Uint8Array> | AsyncIterator<Uint8Array>) {
+  constructor(source: ReadableStream<Uint8Array> | AsyncIterator<Uint8Array> | PipeInput) {
+    if ("splice" in source) {
+      this.pipe = source;
+      return;
+    }
     if (!(source instanceof ReadableStream)) {
       this.#it = source;
       return;
@@ -212,24 +245,30 @@ export class ChunkStream {
     }
   }
 
-  /** The next non-empty chunk, or null at the end. */
-  async next(): Promise<Uint8Array | null> {
+  /**
+   * The next non-empty chunk, or null at the end. `limit` (a pipe read through its
+   * descriptor only) caps a new chunk's length.
+   */
+  async next(limit = 0): Promise<Uint8Array | null> {
     const back = this.#back.pop();
     if (back) return back;
     for (;;) {
-      const chunk = await this.#pull();
+      const chunk = await this.#pull(limit);
       if (chunk === null) return null;
       if (chunk.length > 0) return chunk;
     }
   }
 
-  async #pull(): Promise<Uint8Array | null> {
+  async #pull(limit: number): Promise<Uint8Array | null> {
     if (this.#it) {
       const r = await this.#it.next();
       return r.done ? null : r.value;
     }
     if (this.#ended) return null;
     const buf = this.#pool.pop() ?? new ArrayBuffer(CHUNK_SIZE);
+    if (this.pipe) {
+      return this.#fill(new Uint8Array(buf, 0, Math.min(limit || Infinity, CHUNK_SIZE)));
+    }
     const r = await this.#byob!.read(new Uint8Array(buf));
     if (r.done) {
       this.#ended = true;
@@ -237,6 +276,27 @@ export class ChunkStream {
     }
     this.#lent.set(r.value.buffer, 1);
     return r.value;
+  }
+
+  /** Fills `buf` from the pipe (blocking reads: no thread hop per pipe-full). */
+  #fill(buf: Uint8Array): Uint8Array | null {
+    let filled = 0;
+    while (filled < buf.length) {
+      const n = this.pipe!.read(buf.subarray(filled));
+      if (n === 0) break;
+      filled += n;
+    }
+    if (filled === 0) {
+      this.#ended = true;
+      return null;
+    }
+    this.#lent.set(buf.buffer, 1);
+    return buf.subarray(0, filled);
+  }
+
+  /** True when no byte read from the input waits in front (the next byte is the input's). */
+  get drained(): boolean {
+    return this.#back.length === 0 && !this.#ended;
   }
 
   /**
@@ -289,7 +349,7 @@ export class ChunkStream {
     return out;
   }
 
-  /** Stops reading (releases the source). */
+  /** Stops reading (releases the source; a pipe's descriptor is left to its owner). */
   async cancel(): Promise<void> {
     if (this.#byob) await this.#byob.cancel();
     else await this.#it?.return?.();
@@ -327,6 +387,16 @@ export class StreamWalker implements ChunkConsumer {
     this.#fmt = format;
     this.pos = pos;
     this.buffer = buffer;
+  }
+
+  /**
+   * The length of the next range when it starts at `pos` and is assembled (a table, a
+   * bitmap), else 0: the bytes to read before data may be moved directly again.
+   */
+  nextAssembled(): number {
+    if (this.#cur !== null || this.#queue.peekStart() !== this.pos) return 0;
+    this.#queue.peek(this.#rec);
+    return this.#fmt.modes[this.#rec.kind] === Mode.Assemble ? this.#rec.length : 0;
   }
 
   /** Number of ranges still expected. */
@@ -403,6 +473,61 @@ export class StreamWalker implements ChunkConsumer {
         };
       }
     }
+  }
+
+  /**
+   * Hands the stream-mode ranges that follow `pos` without a gap, for as long as
+   * {@link WalkerFormat.directOffset} maps them, to `move(guest, length)`, which moves
+   * up to `length` input bytes to that guest offset itself and says how many (0: the
+   * input ended or refused; the rest is then read as usual). Returns the bytes moved.
+   */
+  moveDirect(move: (guest: number, length: number) => number): number {
+    const fmt = this.#fmt;
+    if (!fmt.directOffset) return 0;
+    const rec = this.#rec;
+    let moved = 0;
+    for (;;) {
+      let cur = this.#cur;
+      if (cur === null) {
+        if (this.#queue.peekStart() !== this.pos) break;
+        this.#queue.peek(rec);
+        if (fmt.modes[rec.kind] !== Mode.Stream) break;
+        if (fmt.directOffset(rec.kind, rec.aux, 0, rec.length) < 0) break;
+        this.#queue.pop(rec);
+        cur = this.#cur = { ...rec, end: rec.start + rec.length, bytes: null, filled: 0 };
+      } else if (fmt.modes[cur.kind] !== Mode.Stream) break;
+      let length = cur.end - this.pos;
+      const guest = fmt.directOffset(cur.kind, cur.aux, this.pos - cur.start, length);
+      if (guest < 0) break;
+      // The ranges that follow without a gap, in the stream and in the guest.
+      const { run, others } = this.#queue.top();
+      for (let i = run?.next ?? 0; run && i < run.count && length < MAX_DIRECT; i++) {
+        const start = run.start[i];
+        if (start !== this.pos + length || start >= others) break;
+        const kind = run.kind[i];
+        if (fmt.modes[kind] !== Mode.Stream) break;
+        if (fmt.directOffset(kind, run.aux[i], 0, run.length[i]) !== guest + length) break;
+        length += run.length[i];
+      }
+      const n = move(guest, length);
+      if (n <= 0) break;
+      moved += n;
+      for (let left = n; left > 0;) {
+        if (cur === null) {
+          this.#queue.pop(rec);
+          cur = this.#cur = { ...rec, end: rec.start + rec.length, bytes: null, filled: 0 };
+        }
+        const take = Math.min(cur.end - this.pos, left);
+        this.pos += take;
+        left -= take;
+        if (this.pos === cur.end) {
+          this.#cur = null;
+          this.#finish(cur, null);
+          cur = null;
+        }
+      }
+    }
+    return moved;
   }
 
   #finish(r: Expected, bytes: Uint8Array | null) {
@@ -508,6 +633,10 @@ export class StreamWalker implements ChunkConsumer {
 export interface ChunkConsumer {
   /** Decodes one chunk, queueing writes. */
   push(chunk: Uint8Array): void;
+  /** See {@link StreamWalker.moveDirect}. */
+  moveDirect?(move: (guest: number, length: number) => number): number;
+  /** See {@link StreamWalker.nextAssembled}. */
+  nextAssembled?(): number;
   /** The stream ended; throws if it ended too early. */
   end(): void;
 }
@@ -521,6 +650,11 @@ const HIGH_WATER = 8 * 1024 * 1024;
  * Runs the read–decode–write loop: each chunk is decoded (queueing writes on
  * `target`), and its writes run while the next chunk is read. A chunk that queues
  * much more than itself (compressed clusters) is written out as it is decoded.
+ *
+ * When the input is a pipe read through its descriptor and the target can take data
+ * that way, the data ranges that follow a chunk are spliced from the pipe into the
+ * destination by the kernel ({@link StreamWalker.moveDirect}); `onChunk` then gets an
+ * empty chunk. The bytes after them are read as usual.
  */
 export async function walkChunks(
   input: ChunkStream,
@@ -528,6 +662,7 @@ export async function walkChunks(
   target: ImageTarget,
   onChunk: (chunk: Uint8Array) => void,
 ): Promise<void> {
+  const direct = openDirect(input, walker, target);
   let writing: Promise<void> = Promise.resolve();
   let held: Uint8Array | null = null; // the chunk the running writes may still read
   const write = async (chunk: Uint8Array) => {
@@ -536,9 +671,13 @@ export async function walkChunks(
     held = chunk;
     writing = target.flush();
   };
+  // After data went by spliced, read only the table that comes next (when one does),
+  // so that the data after it is spliced too.
+  let limit = 0;
   try {
     for (;;) {
-      const chunk = await input.next();
+      const chunk = await input.next(limit);
+      limit = 0;
       if (!chunk) break;
       for (let at = 0; at < chunk.length;) {
         const end = Math.min(chunk.length, at + SLICE);
@@ -548,11 +687,64 @@ export async function walkChunks(
       }
       onChunk(chunk);
       await write(chunk);
+      if (direct?.move()) {
+        onChunk(EMPTY);
+        limit = walker.nextAssembled?.() ?? 0;
+      }
     }
   } finally {
+    direct?.close();
     await writing.catch(() => {});
   }
   await writing;
   walker.end();
   await target.flush();
+}
+
+const EMPTY = new Uint8Array(0);
+/** Most bytes asked of one move (contiguous ranges are moved together). */
+const MAX_DIRECT = 64 * 1024 * 1024;
+/** Spliced bytes after which their writeback to the device is started. */
+const WRITEBACK_STRIDE = 16 * 1024 * 1024;
+
+/** The splice path of {@link walkChunks}, when input, decoder and target allow it. */
+function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarget) {
+  const pipe = input.pipe;
+  if (!pipe || !walker.moveDirect || !target.wroteDirect || target.path === undefined) return null;
+  const path = target.path;
+  let fd = pipe.openDestination(path);
+  if (fd === null) return null;
+  // The range spliced since the last writeback was started.
+  let lo = Infinity;
+  let hi = 0;
+  const move = (guest: number, length: number): number => {
+    const n = pipe.splice(fd!, guest, length, path);
+    if (n < 0) {
+      // Refused for these descriptors: read everything from now on.
+      pipe.closeDestination(fd!);
+      fd = null;
+      return 0;
+    }
+    if (n > 0) {
+      target.wroteDirect!(guest, n);
+      lo = Math.min(lo, guest);
+      hi = Math.max(hi, guest + n);
+      if (hi - lo >= WRITEBACK_STRIDE) {
+        pipe.startWriteback(fd!, lo, hi - lo);
+        lo = Infinity;
+        hi = 0;
+      }
+    }
+    return n;
+  };
+  return {
+    /** Moves what can be moved now; true if anything was. */
+    move(): boolean {
+      return fd !== null && input.drained && walker.moveDirect!(move) > 0;
+    },
+    close() {
+      if (fd !== null) pipe.closeDestination(fd);
+      fd = null;
+    },
+  };
 }

@@ -121,14 +121,16 @@ async function runImport(run: ImportRun): Promise<void> {
     );
   }
   // The import machinery is loaded only when the command runs (faster start-up).
-  const [{ importImage }, { openInput }, { createProgress }] = await Promise.all([
+  const [{ importFromPipe, importImage }, { endpointName, openInput }, { openPipeInput }, {
+    createProgress,
+  }] = await Promise.all([
     import("../import.ts"),
     import("../io.ts"),
+    import("../pipe_input.ts"),
     import("../progress.ts"),
   ]);
-  const input = await openInput(run.source, { blocking: true });
   const progress = createProgress(run.progress, "import");
-  await importImage(input.stream, run.dest, {
+  const options = {
     format: run.format,
     size: run.size,
     prezeroed: run.prezeroed,
@@ -136,7 +138,24 @@ async function runImport(run: ImportRun): Promise<void> {
     maxBuffer: run.maxBuffer,
     progress,
     streamLength: await streamLength(run.source),
-  });
+  };
+  // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
+  // the data can be spliced into DEST; anything else is read as a stream.
+  const src = run.source;
+  const pipe = openPipeInput(
+    src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
+    endpointName(src, "stdin"),
+  );
+  if (pipe) {
+    try {
+      await importFromPipe(pipe, run.dest, options);
+    } finally {
+      pipe.close();
+    }
+    return;
+  }
+  const input = await openInput(run.source, { blocking: true });
+  await importImage(input.stream, run.dest, options);
 }
 
 /** The input's length when it is a regular file (for progress and fixed VHD sizes). */

@@ -239,6 +239,12 @@ class Qcow2StreamReader implements WalkerFormat {
     if (end > guest) this.#target.write(guest, chunk, from, from + (end - guest));
   }
 
+  /** Data clusters (not the one cut by the end of the disk) may be spliced. */
+  directOffset(kind: number, aux: number, at: number, length: number): number {
+    const guest = aux * this.#cs + at;
+    return kind === DATA && guest + length <= this.#size ? guest : -1;
+  }
+
   onRange(kind: number, start: number, aux: number, bytes: Uint8Array): number | void {
     if (kind === L2) {
       this.#pendingL2--;

@@ -100,7 +100,8 @@ export async function decodeVhdStream(
   reader.target = target;
   let tail: Uint8Array = new Uint8Array(0);
   await walkChunks(input, reader.walker, target, (chunk) => {
-    tail = lastBytes(tail, chunk, FOOTER_SIZE);
+    // An empty chunk: block data went by spliced, so the footer is still to come.
+    tail = chunk.length === 0 ? chunk : lastBytes(tail, chunk, FOOTER_SIZE);
     opts.onProgress?.(reader.walker.pos, reader.expectedEnd());
   });
   reader.checkEnd(tail);
@@ -231,6 +232,25 @@ class VhdStreamReader implements WalkerFormat {
       }
       p = q;
     }
+  }
+
+  /** Block bytes whose sectors are all marked as data may be spliced. */
+  directOffset(kind: number, block: number, at: number, length: number): number {
+    const guest = block * this.#blockSize + at;
+    if (kind !== BLOCK || guest + length > this.#size) return -1;
+    const bitmap = this.#bitmaps.get(block);
+    if (!bitmap) return -1;
+    const last = Math.ceil((at + length) / SECTOR_SIZE);
+    for (let s = Math.floor(at / SECTOR_SIZE); s < last;) {
+      if ((s & 7) === 0 && s + 8 <= last) {
+        if (bitmap[s >> 3] !== 0xff) return -1;
+        s += 8;
+      } else {
+        if ((bitmap[s >> 3] & (0x80 >> (s & 7))) === 0) return -1;
+        s++;
+      }
+    }
+    return guest;
   }
 
   onEnd(_kind: number, block: number) {
