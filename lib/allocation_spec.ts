@@ -28,6 +28,16 @@ function looksLikeJson(text: string): boolean {
   return /^\s*[[{]/.test(text);
 }
 
+/** True when `path` is a regular file or a block device (false for FIFOs and the like). */
+async function isSeekable(path: string): Promise<boolean> {
+  try {
+    const s = await Deno.stat(path);
+    return s.isFile || s.isBlockDevice === true;
+  } catch {
+    return true; // let the open below report the problem
+  }
+}
+
 /** Reads the whole text of a SPEC (a path or `fd:N`). */
 export async function readSpecText(spec: string): Promise<string> {
   try {
@@ -78,11 +88,15 @@ export async function resolveAllocationSpec(
 ): Promise<Allocation> {
   const path = specPath(spec);
   const where = `allocation ${spec}`;
-  if (path !== spec) {
+  // A descriptor, a pipe or a FIFO can be read only once: take all of it as JSON.
+  // Only a regular file (or a device) can be an image whose header is read.
+  if (path !== spec || !(await isSeekable(path))) {
     const text = await readSpecText(spec);
     if (!looksLikeJson(text)) {
       throw new DiskstreamError(
-        `${where}: a descriptor must carry allocation JSON (an image file needs a path)`,
+        text.trim() === ""
+          ? `${where}: nothing to read: expected allocation JSON`
+          : `${where}: a descriptor or pipe must carry allocation JSON (an image file needs a path)`,
       );
     }
     return parseAllocation(text, clusterSize, where, info);

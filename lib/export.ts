@@ -42,6 +42,7 @@ import {
   type WriterOptions,
 } from "./qcow2/writer.ts";
 import type { ProgressSink } from "./progress.ts";
+import { endpointPath, sameFile } from "./same_file.ts";
 import { zeroTest } from "./zero.ts";
 
 /** Options of every export format (see {@link ExportOptions} for qcow2). */
@@ -412,7 +413,10 @@ export function plannedExport<Layout>(
       chunkSize: options.chunkSize,
       reuseBuffers: options.reuseBuffers,
       sourceSize: src.size,
-    });
+    }, [
+      ["source", src.path],
+      ...(options.base === undefined ? [] : [["base", options.base]] as [string, string][]),
+    ]);
     return {
       // Made on first use: a ReadableStream starts pulling (prefetching) at once.
       get stream() {
@@ -463,15 +467,6 @@ async function planAgainstBase(
   }
 }
 
-/** True when both paths name the same existing file. */
-async function sameFile(a: string, b: string): Promise<boolean> {
-  try {
-    return await Deno.realPath(a) === await Deno.realPath(b);
-  } catch {
-    return false; // the output does not exist yet
-  }
-}
-
 /** Pass 2: the image from the plan, as a stream or written to an endpoint. */
 class Pass2<Layout> {
   #sent = 0;
@@ -484,6 +479,8 @@ class Pass2<Layout> {
     readonly progress: ProgressSink | undefined,
     readonly scanned: number,
     readonly writerOptions: WriterOptions,
+    /** Files the output must not be: the source, and the base of a diff. */
+    readonly protect: [role: string, path: string][],
   ) {}
 
   /** Refuses a second start and a source whose size changed since pass 1. */
@@ -546,8 +543,15 @@ class Pass2<Layout> {
       throw new UsageError("an export can be written only once");
     }
     if (target.kind === "std") await openOutput(target); // refuses a terminal
-    if (target.kind === "path" && await sameFile(target.path, this.src.path)) {
-      throw new UsageError(`the output ${target.path} is the source itself: write elsewhere`);
+    const out = endpointPath(target, "stdout");
+    for (const [role, path] of this.protect) {
+      if (await sameFile(out, path)) {
+        throw new UsageError(
+          `the output ${
+            endpointName(target, "stdout")
+          } is the ${role} itself (${path}): write elsewhere`,
+        );
+      }
     }
     const copier = openKernelCopy(
       this.src.path,

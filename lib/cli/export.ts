@@ -91,7 +91,7 @@ export function registerExport(program: Command): void {
     .option("--diff <BASE>", "export only the clusters that differ from BASE (raw file or device)")
     .option("--base-allocation <SPEC>", "clusters of BASE that may hold data (like --allocation)")
     .option("--progress", "show a progress bar on stderr")
-    .option("--machine", "with --progress: vhd-tool's 3-digit percentages on stdout")
+    .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .addHelpText(
       "after",
       "\nExamples:\n" +
@@ -241,6 +241,11 @@ async function runExport(run: ExportRun): Promise<void> {
   if (run.progress === "machine" && run.target.kind === "std") {
     throw new UsageError(
       "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",
+    );
+  }
+  if (run.zeroCheck && run.allocation === undefined) {
+    throw new UsageError(
+      "--zero-check goes with --allocation (without a hint every cluster is checked)",
     );
   }
   if (run.base === undefined && run.baseAllocation !== undefined) {

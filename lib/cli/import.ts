@@ -70,7 +70,7 @@ export function registerImport(program: Command): void {
       ).argParser(sizeOption("--max-buffer")),
     )
     .option("--progress", "show a progress bar on stderr")
-    .option("--machine", "with --progress: vhd-tool's 3-digit percentages on stdout")
+    .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .addHelpText(
       "after",
       "\nExamples:\n" +
@@ -118,6 +118,12 @@ async function runImport(run: ImportRun): Promise<void> {
   if (run.source.kind === "std" && Deno.stdin.isTerminal()) {
     throw new UsageError(
       "refusing to read a disk image from a terminal: pipe it in or use -i FILE",
+    );
+  }
+  const { endpointPath, sameFile } = await import("../same_file.ts");
+  if (await sameFile(endpointPath(run.source, "stdin"), run.dest)) {
+    throw new UsageError(
+      `the destination ${run.dest} is the input image itself: import into another file`,
     );
   }
   // The import machinery is loaded only when the command runs (faster start-up).

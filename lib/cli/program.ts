@@ -35,9 +35,15 @@ export function buildProgram(): Command {
     command.exitOverride();
     tidyHelp(command);
   }
-  program.action(() => {
-    throw new UsageError("no command given: run 'diskstream --help'");
+  program.action((_options: unknown, command: Command) => {
+    const [word] = command.args;
+    throw new UsageError(
+      word === undefined
+        ? "no command given: run 'diskstream --help'"
+        : `unknown command '${word}': run 'diskstream --help' for the list`,
+    );
   });
+  program.allowExcessArguments(true);
   return program;
 }
 

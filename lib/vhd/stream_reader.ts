@@ -12,7 +12,7 @@
  * @module
  */
 import { viewOf } from "../bytes.ts";
-import { CorruptImageError, UnsupportedError } from "../errors.ts";
+import { CorruptImageError, LimitError, UnsupportedError } from "../errors.ts";
 import type { StreamDecodeOptions, StreamImageInfo } from "../qcow2/stream_reader.ts";
 import type { ImageTarget } from "../raw_destination.ts";
 import { StreamBuffer, ZERO_RANGE } from "../stream_buffer.ts";
@@ -88,6 +88,15 @@ export async function decodeVhdStream(
     virtualSize: footer.currentSize,
     unit: DEFAULT_BLOCK_SIZE,
   };
+  const headerEnd = footer.dataOffset + DYNAMIC_HEADER_SIZE;
+  if (headerEnd > Math.max(opts.maxBuffer, 1024 * 1024)) {
+    // Everything up to the header is held in memory: bound it like any read-ahead.
+    throw new LimitError(
+      `the VHD dynamic header is at byte ${footer.dataOffset}, and reading that far ahead ` +
+        `would hold ${headerEnd} bytes in memory, more than --max-buffer ${opts.maxBuffer}; ` +
+        `raise --max-buffer if the image is genuine`,
+    );
+  }
   const reader = new VhdStreamReader(footer, opts.maxBuffer);
   // The block size (the destination's grain) is in the header.
   const headerBytes = await input.read(footer.dataOffset + DYNAMIC_HEADER_SIZE);

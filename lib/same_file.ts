@@ -1,0 +1,35 @@
+/**
+ * Whether two names lead to the same file or device: by device and inode number (so
+ * hard links and symlinks are caught) and, for device nodes, by the device they
+ * stand for. Used to refuse writing an image over its own source, base or input.
+ *
+ * @module
+ */
+import type { Endpoint } from "./io.ts";
+
+/** The path through which an endpoint's file can be looked at (`/dev/fd/N`, `/dev/stdout`). */
+export function endpointPath(e: Endpoint, std: "stdin" | "stdout"): string {
+  return e.kind === "path" ? e.path : e.kind === "fd" ? `/dev/fd/${e.fd}` : `/dev/${std}`;
+}
+
+/**
+ * True when `a` and `b` name the same regular file or the same device. Anything that
+ * cannot be looked at (a path not created yet, a pipe, a socket) is not the same.
+ */
+export async function sameFile(a: string, b: string): Promise<boolean> {
+  const [x, y] = await Promise.all([identity(a), identity(b)]);
+  if (x === null || y === null) return false;
+  if (x.isDevice && y.isDevice) return x.rdev === y.rdev;
+  return !x.isDevice && !y.isDevice && x.dev === y.dev && x.ino === y.ino;
+}
+
+async function identity(path: string) {
+  try {
+    const s = await Deno.stat(path);
+    const isDevice = s.isBlockDevice === true;
+    if (!s.isFile && !isDevice) return null;
+    return { isDevice, dev: s.dev, ino: s.ino, rdev: s.rdev };
+  } catch {
+    return null;
+  }
+}

@@ -1,0 +1,162 @@
+/**
+ * Safety nets found by review: never write an image over its own source, base or
+ * input (hard links included), read allocation hints from pipes once, bound what a
+ * VHD header can make us hold in memory, and say clearly what a usage mistake is.
+ */
+import assert from "node:assert/strict";
+import {
+  pseudoRandom,
+  qemu,
+  qemuTest,
+  run,
+  runCli,
+  sha256File,
+  withTempDir,
+  writeSparse,
+} from "./helpers.ts";
+
+const MiB = 1024 * 1024;
+
+/** Asserts a one-line refusal with `code` whose text matches `pattern`. */
+function assertRefused(r: { code: number; stderr: string }, code: number, pattern: RegExp) {
+  assert.equal(r.code, code, r.stderr);
+  assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+  assert.match(r.stderr, pattern);
+}
+
+Deno.test("export refuses an output that is the source or the base, even through a hard link", async () => {
+  await withTempDir(async (dir) => {
+    const src = `${dir}/src.raw`;
+    const base = `${dir}/base.raw`;
+    await writeSparse(src, 3 * MiB + 512, [[0, pseudoRandom(3 * MiB, 7)]]);
+    await writeSparse(base, 3 * MiB + 512, [[MiB, pseudoRandom(MiB, 8)]]);
+    await Deno.link(src, `${dir}/src-link.raw`);
+    const before = [await sha256File(src), await sha256File(base)];
+    for (const format of ["qcow2", "vhd"]) {
+      assertRefused(
+        await runCli(["export", src, "-f", format, "-o", `${dir}/src-link.raw`]),
+        2,
+        /is the source itself/,
+      );
+    }
+    assertRefused(
+      await runCli(["export", src, "--diff", base, "-o", base]),
+      2,
+      /is the base itself/,
+    );
+    assert.deepEqual([await sha256File(src), await sha256File(base)], before);
+  });
+});
+
+qemuTest(
+  "import refuses a destination that is its own input (-i, stdin redirect, hard link)",
+  async () => {
+    await withTempDir(async (dir) => {
+      const raw = `${dir}/disk.raw`;
+      await writeSparse(raw, 4 * MiB, [[MiB, pseudoRandom(2 * MiB, 3)]]);
+      const img = `${dir}/disk.qcow2`;
+      await qemu(["convert", "-f", "raw", "-O", "qcow2", raw, img]);
+      await Deno.link(img, `${dir}/link.qcow2`);
+      const before = await sha256File(img);
+      assertRefused(await runCli(["import", img, "-i", img]), 2, /is the input image itself/);
+      assertRefused(await runCli(["import", `${dir}/link.qcow2`, "-i", img]), 2, /is the input/);
+      // stdin redirected from the file itself (what `import x < x` does in a shell).
+      const sh = await run("sh", [
+        "-c",
+        `"$0" run -A "$1" import "$2" < "$2"`,
+        Deno.execPath(),
+        new URL("../cli.ts", import.meta.url).pathname,
+        img,
+      ]);
+      assertRefused({ code: sh.code, stderr: sh.stderr }, 2, /is the input image itself/);
+      assert.equal(await sha256File(img), before);
+    });
+  },
+);
+
+qemuTest("allocation hints are read once from pipes, FIFOs and descriptors", async () => {
+  await withTempDir(async (dir) => {
+    const src = `${dir}/src.raw`;
+    await writeSparse(src, 8 * MiB, [[2 * MiB, pseudoRandom(MiB, 5)]]);
+    const map = await qemu(["map", "--output=json", "-f", "raw", src]);
+    const fifo = `${dir}/hint.fifo`;
+    await run("mkfifo", [fifo]);
+    const cli = new URL("../cli.ts", import.meta.url).pathname;
+    // A writer on the FIFO, the export reading it as --allocation.
+    const feeding = (async () => {
+      const f = await Deno.open(fifo, { write: true });
+      await f.write(new TextEncoder().encode(map));
+      f.close();
+    })();
+    const out = `${dir}/out.qcow2`;
+    const r = await runCli(["export", src, "--allocation", fifo, "-o", out]);
+    await feeding;
+    assert.equal(r.code, 0, r.stderr);
+    const cmp = await run("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", src, out]);
+    assert.equal(cmp.code, 0, cmp.stderr);
+    // Process substitution: a /dev/fd path that can be read only once.
+    await Deno.writeTextFile(`${dir}/map.json`, map);
+    const sub2 = await run("bash", [
+      "-c",
+      `"$0" run -A "$1" export "$2" --allocation <(cat "$3") -o "$4"`,
+      Deno.execPath(),
+      cli,
+      src,
+      `${dir}/map.json`,
+      `${dir}/out2.qcow2`,
+    ]);
+    assert.equal(sub2.code, 0, sub2.stderr);
+    assert.equal(await sha256File(`${dir}/out2.qcow2`), await sha256File(out));
+    // An empty descriptor says what it expected.
+    const empty = await run("bash", [
+      "-c",
+      `"$0" run -A "$1" export "$2" --allocation fd:7 -o "$3" 7</dev/null`,
+      Deno.execPath(),
+      cli,
+      src,
+      `${dir}/out3.qcow2`,
+    ]);
+    assertRefused(empty, 1, /nothing to read: expected allocation JSON/);
+  });
+});
+
+qemuTest(
+  "a VHD whose footer puts the dynamic header far ahead is refused within --max-buffer",
+  async () => {
+    await withTempDir(async (dir) => {
+      const raw = `${dir}/disk.raw`;
+      await writeSparse(raw, 4 * MiB, [[0, pseudoRandom(MiB, 9)]]);
+      const vhd = `${dir}/disk.vhd`;
+      await qemu(["convert", "-f", "raw", "-O", "vpc", raw, vhd]);
+      const bytes = await Deno.readFile(vhd);
+      for (const dataOffset of [2n ** 40n, 120n * BigInt(MiB)]) {
+        const v = new DataView(bytes.buffer);
+        v.setBigUint64(16, dataOffset);
+        v.setUint32(64, 0);
+        let sum = 0;
+        for (let i = 0; i < 512; i++) sum += bytes[i];
+        v.setUint32(64, ~sum >>> 0);
+        const bad = `${dir}/bad.vhd`;
+        await Deno.writeFile(bad, bytes);
+        assertRefused(
+          await runCli(["import", `${dir}/out.raw`, "-i", bad, "--max-buffer", "1M"]),
+          1,
+          /dynamic header is at byte \d+.*--max-buffer/,
+        );
+      }
+    });
+  },
+);
+
+Deno.test("usage mistakes are named: unknown command, --zero-check without a hint", async () => {
+  assertRefused(await runCli(["frobnicate"]), 2, /unknown command 'frobnicate'/);
+  assertRefused(await runCli([]), 2, /no command given/);
+  await withTempDir(async (dir) => {
+    await writeSparse(`${dir}/s.raw`, MiB);
+    assertRefused(
+      await runCli(["export", `${dir}/s.raw`, "--zero-check", "-o", `${dir}/o.qcow2`]),
+      2,
+      /--zero-check goes with --allocation/,
+    );
+  });
+});
