@@ -244,7 +244,15 @@ export class RawDestination implements ImageTarget {
 
   #check(offset: number, len: number) {
     if (this.virtualSize === null) {
-      if (offset + len > this.#capacity) throw tooSmall(this.path, this.#capacity, offset + len);
+      if (offset + len > this.#capacity) {
+        // A fixed VHD from a pipe: its size is known only at its end.
+        throw new DiskstreamError(
+          `${this.path} holds ${this.#capacity} bytes (${formatBytes(this.#capacity)}), but the ` +
+            `image goes on past byte ${offset + len}; a fixed VHD read from a pipe has no size ` +
+            `until its footer, so the first ${this.#capacity} bytes of ${this.path} were ` +
+            `already written (give the image with -i FILE to have this checked before writing)`,
+        );
+      }
     } else if (offset < 0 || offset + len > this.virtualSize) {
       throw new Error(
         `write of ${len} bytes at ${offset} is outside the virtual size ${this.virtualSize}`,

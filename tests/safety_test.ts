@@ -160,3 +160,23 @@ Deno.test("usage mistakes are named: unknown command, --zero-check without a hin
     );
   });
 });
+
+qemuTest("a fixed VHD from a pipe into a too-small destination says what was written", async () => {
+  await withTempDir(async (dir) => {
+    const raw = `${dir}/disk.raw`;
+    await Deno.writeFile(raw, pseudoRandom(4 * MiB, 11));
+    const vhd = `${dir}/disk.vhd`;
+    await qemu(["convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed", raw, vhd]);
+    const out = `${dir}/out.raw`;
+    assertRefused(
+      await runCli(["import", out, "-f", "vhd", "--size", "1M"], { stdinFile: vhd }),
+      1,
+      /holds 1048576 bytes .* no size until its footer/,
+    );
+    assertRefused(
+      await runCli(["import", out, "-f", "vhd", "--size", "1M", "-i", vhd]),
+      1,
+      /less than the image's virtual size of 4212736 bytes/,
+    );
+  });
+});
