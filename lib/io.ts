@@ -123,10 +123,28 @@ export async function openInput(source: Endpoint, opts: InputOptions = {}): Prom
   let file: Deno.FsFile;
   try {
     file = await Deno.open(path, { read: true });
+    // Reopening /dev/fd/N starts at byte 0: continue where the caller's descriptor is.
+    if (source.kind === "fd" && (await file.stat()).isFile) {
+      await file.seek(descriptorPosition(source.fd), Deno.SeekMode.Start);
+    }
   } catch (err) {
     throw describeIoError(err, name, "open");
   }
   return { name, stream: from(file, name, () => file.close()) };
+}
+
+/**
+ * The file position of this process's descriptor `fd` (Linux `/proc/self/fdinfo`), so
+ * that an inherited, already partly read file is read on from where it is; 0 when it
+ * cannot be learnt.
+ */
+export function descriptorPosition(fd: number): number {
+  try {
+    const m = /^pos:\s+(\d+)/m.exec(Deno.readTextFileSync(`/proc/self/fdinfo/${fd}`));
+    return m ? Number(m[1]) : 0;
+  } catch {
+    return 0;
+  }
 }
 
 /**

@@ -180,3 +180,33 @@ qemuTest("a fixed VHD from a pipe into a too-small destination says what was wri
     );
   });
 });
+
+Deno.test("import reads an inherited file from the descriptor's position", async () => {
+  await withTempDir(async (dir) => {
+    const raw = `${dir}/disk.raw`;
+    await Deno.writeFile(raw, pseudoRandom(2 * MiB, 13));
+    const img = `${dir}/disk.qcow2`;
+    const e = await runCli(["export", raw, "-o", img]);
+    assert.equal(e.code, 0, e.stderr);
+    const prefixed = `${dir}/prefixed.qcow2`;
+    await Deno.writeFile(
+      prefixed,
+      new Uint8Array([...new TextEncoder().encode("HELLO"), ...await Deno.readFile(img)]),
+    );
+    const cli = new URL("../cli.ts", import.meta.url).pathname;
+    // The caller has read 5 bytes of descriptor 3 (and of stdin) before handing it over.
+    for (const how of ["--input-fd 3 3<&0", ""]) {
+      const out = `${dir}/out${how ? "-fd" : "-stdin"}.raw`;
+      const r = await run("bash", [
+        "-c",
+        `exec < "$3"; read -r -N 5 _; "$0" run -A "$1" import "$2" ${how}`,
+        Deno.execPath(),
+        cli,
+        out,
+        prefixed,
+      ]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(await sha256File(out), await sha256File(raw));
+    }
+  });
+});

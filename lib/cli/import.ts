@@ -164,16 +164,19 @@ async function runImport(run: ImportRun): Promise<void> {
   await importImage(input.stream, run.dest, options);
 }
 
-/** The input's length when it is a regular file (for progress and fixed VHD sizes). */
+/**
+ * The bytes left to read when the input is a regular file (for progress and fixed VHD
+ * sizes): its size less the position an inherited descriptor is already at.
+ */
 async function streamLength(source: Endpoint): Promise<number | undefined> {
   try {
-    const path = source.kind === "std"
-      ? "/dev/stdin"
-      : source.kind === "path"
-      ? source.path
-      : `/dev/fd/${source.fd}`;
-    const info = await Deno.stat(path);
-    return info.isFile ? info.size : undefined;
+    const { descriptorPosition } = await import("../io.ts");
+    const fd = source.kind === "std" ? 0 : source.kind === "fd" ? source.fd : undefined;
+    const info = await Deno.stat(
+      fd === undefined ? (source as { path: string }).path : `/dev/fd/${fd}`,
+    );
+    if (!info.isFile) return undefined;
+    return info.size - (fd === undefined ? 0 : descriptorPosition(fd));
   } catch {
     return undefined;
   }
