@@ -4,6 +4,9 @@
  * VHD header can make us hold in memory, and say clearly what a usage mistake is.
  */
 import assert from "node:assert/strict";
+import { deflateRawSync } from "node:zlib";
+import { CorruptImageError } from "../lib/errors.ts";
+import { decompressCluster } from "../lib/qcow2/decompress.ts";
 import {
   pseudoRandom,
   qemu,
@@ -209,4 +212,13 @@ Deno.test("import reads an inherited file from the descriptor's position", async
       assert.equal(await sha256File(out), await sha256File(raw));
     }
   });
+});
+
+Deno.test("deflate data that overflows its cluster keeps the first cluster; a bomb is refused", () => {
+  const cs = 65536;
+  const data = pseudoRandom(cs + 1, 17);
+  const out = decompressCluster(deflateRawSync(data), cs, 0, 4096);
+  assert.deepEqual(out.data, data.subarray(0, cs)); // what QEMU reads
+  const bomb = deflateRawSync(new Uint8Array(64 * MiB));
+  assert.throws(() => decompressCluster(bomb, cs, 0, 4096), CorruptImageError);
 });

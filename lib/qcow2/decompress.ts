@@ -62,28 +62,44 @@ export function decompressCluster(
 
 function deflateCluster(input: Uint8Array, clusterSize: number, offset: number) {
   try {
-    // Z_SYNC_FLUSH: data that fills the cluster without an end-of-stream marker is
-    // accepted, as QEMU does; trailing bytes after the end marker are ignored.
-    const r = inflateRawSync(
-      input,
-      {
-        finishFlush: constants.Z_SYNC_FLUSH,
-        maxOutputLength: clusterSize,
-        chunkSize: clusterSize, // one output buffer: no growing and joining
-        info: true,
-      } as Parameters<typeof inflateRawSync>[1],
-    ) as unknown as {
-      buffer: Uint8Array;
-      engine: { bytesWritten: number };
-    };
-    const out = r.buffer;
-    return {
-      data: new Uint8Array(out.buffer, out.byteOffset, Math.min(out.length, clusterSize)),
-      used: Math.min(input.length, r.engine.bytesWritten),
-    };
+    return inflateCluster(input, clusterSize, clusterSize);
+  } catch (err) {
+    if ((err as { code?: string }).code !== "ERR_BUFFER_TOO_LARGE") {
+      throw corrupt("deflate", err, offset);
+    }
+  }
+  // Data that inflates past one cluster: QEMU keeps the first cluster. Retry with a
+  // bounded allowance (a deflate bomb is refused, not inflated).
+  try {
+    return inflateCluster(input, clusterSize, 2 * clusterSize + OVERFLOW_ALLOWANCE);
   } catch (err) {
     throw corrupt("deflate", err, offset);
   }
+}
+
+/** Extra output accepted beyond two clusters when compressed data overflows its cluster. */
+const OVERFLOW_ALLOWANCE = 1024 * 1024;
+
+function inflateCluster(input: Uint8Array, clusterSize: number, limit: number) {
+  // Z_SYNC_FLUSH: data that fills the cluster without an end-of-stream marker is
+  // accepted, as QEMU does; trailing bytes after the end marker are ignored.
+  const r = inflateRawSync(
+    input,
+    {
+      finishFlush: constants.Z_SYNC_FLUSH,
+      maxOutputLength: limit,
+      chunkSize: clusterSize, // one output buffer in the common case: no growing and joining
+      info: true,
+    } as Parameters<typeof inflateRawSync>[1],
+  ) as unknown as {
+    buffer: Uint8Array;
+    engine: { bytesWritten: number };
+  };
+  const out = r.buffer;
+  return {
+    data: new Uint8Array(out.buffer, out.byteOffset, Math.min(out.length, clusterSize)),
+    used: Math.min(input.length, r.engine.bytesWritten),
+  };
 }
 
 const ZSTD_MAGIC = 0xfd2fb528;
