@@ -27,7 +27,7 @@ import {
   SECTOR_SIZE,
   VHD_VERSION,
 } from "./constants.ts";
-import { fourCC, hex32, vhdChecksum, vhdTimestamp } from "./footer.ts";
+import { checkedVhdStructure, fourCC, vhdChecksum, vhdTimestamp } from "./footer.ts";
 
 /** One used parent locator entry of a dynamic header. */
 export interface VhdParentLocator {
@@ -96,32 +96,16 @@ export function isVhdDynamicHeader(bytes: Uint8Array): boolean {
  * ```
  */
 export function parseVhdDynamicHeader(bytes: Uint8Array, base = 0): VhdDynamicHeader {
-  if (bytes.length < DYNAMIC_HEADER_SIZE) {
-    throw new CorruptImageError(
-      `VHD dynamic header truncated: ${bytes.length} bytes, need ${DYNAMIC_HEADER_SIZE}`,
-      base + bytes.length,
-    );
-  }
-  const b = bytes.subarray(0, DYNAMIC_HEADER_SIZE);
-  if (!isVhdDynamicHeader(b)) {
-    throw new CorruptImageError(
-      `not a VHD dynamic header: cookie is ${
-        JSON.stringify(latin1.decode(b.subarray(0, 8)))
-      }, expected "${DYNAMIC_COOKIE}"`,
-      base,
-    );
-  }
+  const b = checkedVhdStructure(
+    bytes,
+    base,
+    "dynamic header",
+    DYNAMIC_HEADER_SIZE,
+    DYNAMIC_COOKIE,
+    HEADER_CHECKSUM_OFFSET,
+  );
   const v = viewOf(b);
   const checksum = v.getUint32(HEADER_CHECKSUM_OFFSET);
-  const computed = vhdChecksum(b, HEADER_CHECKSUM_OFFSET);
-  if (checksum !== computed) {
-    throw new CorruptImageError(
-      `VHD dynamic header checksum mismatch: stored 0x${hex32(checksum)}, computed 0x${
-        hex32(computed)
-      }`,
-      base + HEADER_CHECKSUM_OFFSET,
-    );
-  }
   const blockSize = v.getUint32(32);
   if (!isPowerOfTwo(blockSize) || blockSize < SECTOR_SIZE) {
     throw new CorruptImageError(

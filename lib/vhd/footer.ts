@@ -92,6 +92,44 @@ export function isVhdFooter(bytes: Uint8Array): boolean {
 }
 
 /**
+ * The first `size` bytes of `bytes` as a checked VHD structure (`what`: "footer" or
+ * "dynamic header"): long enough, starting with `cookie`, and with a matching checksum
+ * at `checksumOffset`. `base` is where the bytes lie in the file, for error offsets.
+ */
+export function checkedVhdStructure(
+  bytes: Uint8Array,
+  base: number,
+  what: string,
+  size: number,
+  cookie: string,
+  checksumOffset: number,
+): Uint8Array {
+  if (bytes.length < size) {
+    throw new CorruptImageError(
+      `VHD ${what} truncated: ${bytes.length} bytes, need ${size}`,
+      base + bytes.length,
+    );
+  }
+  const b = bytes.subarray(0, size);
+  const found = latin1.decode(b.subarray(0, 8));
+  if (found !== cookie) {
+    throw new CorruptImageError(
+      `not a VHD ${what}: cookie is ${JSON.stringify(found)}, expected "${cookie}"`,
+      base,
+    );
+  }
+  const checksum = viewOf(b).getUint32(checksumOffset);
+  const computed = vhdChecksum(b, checksumOffset);
+  if (checksum !== computed) {
+    throw new CorruptImageError(
+      `VHD ${what} checksum mismatch: stored 0x${hex32(checksum)}, computed 0x${hex32(computed)}`,
+      base + checksumOffset,
+    );
+  }
+  return b;
+}
+
+/**
  * Parses and validates a footer from the first 512 bytes of `bytes`. `base` is the
  * footer's byte offset in the file or stream, used in error messages. Throws
  * {@link CorruptImageError} for a short buffer, a wrong cookie, a checksum mismatch or
@@ -112,30 +150,16 @@ export function isVhdFooter(bytes: Uint8Array): boolean {
  * ```
  */
 export function parseVhdFooter(bytes: Uint8Array, base = 0): VhdFooter {
-  if (bytes.length < FOOTER_SIZE) {
-    throw new CorruptImageError(
-      `VHD footer truncated: ${bytes.length} bytes, need ${FOOTER_SIZE}`,
-      base + bytes.length,
-    );
-  }
-  const b = bytes.subarray(0, FOOTER_SIZE);
-  if (!isVhdFooter(b)) {
-    throw new CorruptImageError(
-      `not a VHD footer: cookie is ${
-        JSON.stringify(latin1.decode(b.subarray(0, 8)))
-      }, expected "${FOOTER_COOKIE}"`,
-      base,
-    );
-  }
+  const b = checkedVhdStructure(
+    bytes,
+    base,
+    "footer",
+    FOOTER_SIZE,
+    FOOTER_COOKIE,
+    FOOTER_CHECKSUM_OFFSET,
+  );
   const v = viewOf(b);
   const checksum = v.getUint32(FOOTER_CHECKSUM_OFFSET);
-  const computed = vhdChecksum(b, FOOTER_CHECKSUM_OFFSET);
-  if (checksum !== computed) {
-    throw new CorruptImageError(
-      `VHD footer checksum mismatch: stored 0x${hex32(checksum)}, computed 0x${hex32(computed)}`,
-      base + FOOTER_CHECKSUM_OFFSET,
-    );
-  }
   const diskType = v.getUint32(60);
   if (
     diskType !== DISK_TYPE_FIXED && diskType !== DISK_TYPE_DYNAMIC &&
