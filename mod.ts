@@ -31,14 +31,14 @@ export {
   UsageError,
 } from "./lib/errors.ts";
 export { formatBytes, parseSize } from "./lib/size.ts";
-export { ClusterSet } from "./lib/cluster_set.ts";
+export { ClusterSet } from "./lib/alloc/cluster_set.ts";
 export {
   type Allocation,
   AllocationJsonError,
   formatAllocation,
   type ImageInfoJson,
   parseAllocation,
-} from "./lib/allocation.ts";
+} from "./lib/alloc/allocation.ts";
 export { createProgress, type ProgressMode, type ProgressSink } from "./lib/progress.ts";
 
 // Export (raw → qcow2 or VHD stream).
@@ -48,15 +48,15 @@ export {
   type PlannedExport,
   type Qcow2Export,
   type StreamExportOptions,
-} from "./lib/export.ts";
-export { exportVhd, type VhdExport, type VhdExportOptions } from "./lib/export_vhd.ts";
-export type { Endpoint } from "./lib/io.ts";
+} from "./lib/export/export.ts";
+export { exportVhd, type VhdExport, type VhdExportOptions } from "./lib/export/vhd.ts";
+export type { Endpoint } from "./lib/io/stream.ts";
 export type { StreamLayout } from "./lib/qcow2/layout.ts";
 export type { VhdFooterFields, VhdLayout } from "./lib/vhd/writer.ts";
-export { resolveAllocationSpec } from "./lib/allocation_spec.ts";
+export { resolveAllocationSpec } from "./lib/headers/allocation_spec.ts";
 
 // Headers and info.
-export { readImageAllocation } from "./lib/image_allocation.ts";
+export { readImageAllocation } from "./lib/headers/image_allocation.ts";
 export {
   formatImageInfo,
   type ImageInfo,
@@ -64,7 +64,7 @@ export {
   type Qcow2InfoJson,
   readImageInfo,
   type VhdInfoJson,
-} from "./lib/info.ts";
+} from "./lib/headers/info.ts";
 export {
   buildVhdFooter,
   parseVhdFooter,
@@ -86,5 +86,5 @@ export {
   importImage,
   type ImportOptions,
   type ImportResult,
-} from "./lib/import.ts";
-export type { DestinationKind, DestinationOptions } from "./lib/raw_destination.ts";
+} from "./lib/import/import.ts";
+export type { DestinationKind, DestinationOptions } from "./lib/import/raw_destination.ts";

@@ -6,8 +6,8 @@
  * is not exported, and intervals are never counted twice.
  */
 import assert from "node:assert/strict";
-import { ClusterSet } from "../lib/cluster_set.ts";
-import { type ExportOptions, exportQcow2 } from "../lib/export.ts";
+import { ClusterSet } from "../lib/alloc/cluster_set.ts";
+import { type ExportOptions, exportQcow2 } from "../lib/export/export.ts";
 import {
   checkClean,
   CLI,

@@ -10,9 +10,9 @@
  * - virtual size = source size rounded up to 512, the last partial cluster zero padded.
  */
 import assert from "node:assert/strict";
-import { ClusterSet } from "../lib/cluster_set.ts";
+import { ClusterSet } from "../lib/alloc/cluster_set.ts";
 import { LimitError, UsageError } from "../lib/errors.ts";
-import { exportQcow2 } from "../lib/export.ts";
+import { exportQcow2 } from "../lib/export/export.ts";
 import { streamLayout } from "../lib/qcow2/layout.ts";
 import { countL2Tables, fillRefcounts } from "../lib/qcow2/writer.ts";
 import {

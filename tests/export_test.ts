@@ -4,10 +4,10 @@
  * cluster size), --zero-check, the command line's outputs, progress and error paths.
  */
 import assert from "node:assert/strict";
-import { parseAllocation } from "../lib/allocation.ts";
-import { ClusterSet } from "../lib/cluster_set.ts";
+import { parseAllocation } from "../lib/alloc/allocation.ts";
+import { ClusterSet } from "../lib/alloc/cluster_set.ts";
 import { DiskstreamError, SourceChangedError } from "../lib/errors.ts";
-import { type ExportOptions, exportQcow2 } from "../lib/export.ts";
+import { type ExportOptions, exportQcow2 } from "../lib/export/export.ts";
 import {
   checkClean,
   CLI,

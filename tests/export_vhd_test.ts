@@ -7,10 +7,10 @@
  * through a pipe: sparse, unaligned, empty and full disks, allocation hints, diffs.
  */
 import assert from "node:assert/strict";
-import { formatAllocation } from "../lib/allocation.ts";
-import { ClusterSet } from "../lib/cluster_set.ts";
+import { formatAllocation } from "../lib/alloc/allocation.ts";
+import { ClusterSet } from "../lib/alloc/cluster_set.ts";
 import { LimitError, UsageError } from "../lib/errors.ts";
-import { exportVhd, type VhdExportOptions } from "../lib/export_vhd.ts";
+import { exportVhd, type VhdExportOptions } from "../lib/export/vhd.ts";
 import { vhdChecksum, vhdGeometry } from "../lib/vhd/footer.ts";
 import { VHD_MAX_SIZE, vhdLayout } from "../lib/vhd/writer.ts";
 import {

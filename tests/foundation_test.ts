@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { formatAllocation, parseAllocation } from "../lib/allocation.ts";
-import { ClusterSet } from "../lib/cluster_set.ts";
+import { formatAllocation, parseAllocation } from "../lib/alloc/allocation.ts";
+import { ClusterSet } from "../lib/alloc/cluster_set.ts";
 import { UsageError } from "../lib/errors.ts";
 import { parseSize } from "../lib/size.ts";
 import { runCli } from "./helpers.ts";

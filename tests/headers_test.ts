@@ -19,9 +19,13 @@ import {
   usedBatEntries,
 } from "../lib/vhd/dynamic_header.ts";
 import { buildVhdFooter, parseVhdFooter, vhdChecksum, vhdGeometry } from "../lib/vhd/footer.ts";
-import { formatAllocation, parseAllocation } from "../lib/allocation.ts";
-import { readImageAllocation, readImageChain, readImageLayer } from "../lib/image_allocation.ts";
-import { dataExtents } from "../lib/seek_data.ts";
+import { formatAllocation, parseAllocation } from "../lib/alloc/allocation.ts";
+import {
+  readImageAllocation,
+  readImageChain,
+  readImageLayer,
+} from "../lib/headers/image_allocation.ts";
+import { dataExtents } from "../lib/io/seek_data.ts";
 import { pseudoRandom, qemu, qemuTest, runCli, withTempDir, writeSparse } from "./helpers.ts";
 
 const MiB = 1024 * 1024;

@@ -8,7 +8,7 @@
  */
 import assert from "node:assert/strict";
 import { DiskstreamError, LimitError } from "../lib/errors.ts";
-import { importImage } from "../lib/import.ts";
+import { importImage } from "../lib/import/import.ts";
 import { qemu, qemuTest, runCli, withTempDir } from "./helpers.ts";
 import {
   assertOneLineError,

@@ -4,8 +4,8 @@
  * denied) and from a regular file (no pipe to splice from).
  */
 import assert from "node:assert/strict";
-import { importFromPipe } from "../lib/import.ts";
-import { openPipeInput } from "../lib/pipe_input.ts";
+import { importFromPipe } from "../lib/import/import.ts";
+import { openPipeInput } from "../lib/io/pipe_input.ts";
 import {
   CLI,
   pseudoRandom,

@@ -5,7 +5,7 @@
  * --delta, and what happens to new, existing and too-small destinations.
  */
 import assert from "node:assert/strict";
-import { importImage } from "../lib/import.ts";
+import { importImage } from "../lib/import/import.ts";
 import {
   CLI,
   pseudoRandom,

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { formatImageInfo, type ImageInfo, readImageInfo } from "../lib/info.ts";
+import { formatImageInfo, type ImageInfo, readImageInfo } from "../lib/headers/info.ts";
 import { pseudoRandom, qemu, qemuTest, runCli, withTempDir, writeSparse } from "./helpers.ts";
 
 const MiB = 1024 * 1024;

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { dataExtents } from "../lib/seek_data.ts";
+import { dataExtents } from "../lib/io/seek_data.ts";
 import { pseudoRandom, run, withTempDir, writeSparse } from "./helpers.ts";
 
 const MiB = 1024 * 1024;
@@ -129,7 +129,7 @@ Deno.test("dataExtents returns null without the ffi permission", async () => {
     await writeSparse(path, MiB, [[0, pseudoRandom(10)]]);
     const code = `import { dataExtents } from ${
       JSON.stringify(
-        new URL("../lib/seek_data.ts", import.meta.url).href,
+        new URL("../lib/io/seek_data.ts", import.meta.url).href,
       )
     };
 console.log(JSON.stringify(dataExtents(${JSON.stringify(path)}, ${MiB})));`;

@@ -5,9 +5,9 @@
  * @module
  */
 import type { Command } from "commander";
-import type { Allocation, ImageInfoJson } from "../allocation.ts";
+import type { Allocation, ImageInfoJson } from "../alloc/allocation.ts";
 import { UnsupportedError, UsageError } from "../errors.ts";
-import type { Endpoint } from "../io.ts";
+import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
 import { DEFAULT_BLOCK_SIZE } from "../vhd/constants.ts";
@@ -47,9 +47,8 @@ interface ExportRun {
 
 // The export machinery is loaded when a command runs, so that start-up only pays
 // for the command that is used.
-const resolveAllocationSpec: typeof import("../allocation_spec.ts").resolveAllocationSpec = async (
-  ...args
-) => (await import("../allocation_spec.ts")).resolveAllocationSpec(...args);
+const resolveAllocationSpec: typeof import("../headers/allocation_spec.ts").resolveAllocationSpec =
+  async (...args) => (await import("../headers/allocation_spec.ts")).resolveAllocationSpec(...args);
 
 /** Registers the export commands on `program`. */
 export function registerExport(program: Command): void {
@@ -233,7 +232,7 @@ interface XapiFlags {
 }
 
 async function readInfo(spec: string): Promise<ImageInfoJson> {
-  const { parseImageInfo, readSpecText } = await import("../allocation_spec.ts");
+  const { parseImageInfo, readSpecText } = await import("../headers/allocation_spec.ts");
   return parseImageInfo(await readSpecText(spec), `image info ${spec}`);
 }
 
@@ -252,7 +251,7 @@ async function runExport(run: ExportRun): Promise<void> {
     throw new UsageError("a base allocation (--base-allocation) needs --diff BASE");
   }
   const [{ openOutput }, { createProgress }] = await Promise.all([
-    import("../io.ts"),
+    import("../io/stream.ts"),
     import("../progress.ts"),
   ]);
   // Refuse a terminal before any work.
@@ -266,8 +265,8 @@ async function runExport(run: ExportRun): Promise<void> {
     reuseBuffers: true, // without FFI, writeTo writes each chunk before reading the next
   };
   const planned = run.format === "vhd"
-    ? await (await import("../export_vhd.ts")).exportVhd(run.source, options)
-    : await (await import("../export.ts")).exportQcow2(run.source, {
+    ? await (await import("../export/vhd.ts")).exportVhd(run.source, options)
+    : await (await import("../export/export.ts")).exportQcow2(run.source, {
       ...options,
       clusterSize: run.clusterSize,
       refcountBits: run.refcountBits,

@@ -43,7 +43,7 @@ export function registerHeaders(program: Command): void {
     .argument("<IMAGE>", "qcow2 or VHD image")
     .option("--json", "print JSON for scripts (fields in the README)")
     .action(async (image: string, opts: { json?: boolean }) => {
-      const { formatImageInfo, readImageInfo } = await import("../info.ts");
+      const { formatImageInfo, readImageInfo } = await import("../headers/info.ts");
       const info = await readImageInfo(image);
       await writeStdout(
         opts.json ? JSON.stringify(info, null, 2) + "\n" : formatImageInfo(info),
@@ -53,8 +53,8 @@ export function registerHeaders(program: Command): void {
 
 async function printHeaders(path: string, legacy: boolean): Promise<void> {
   const [{ formatAllocation }, { readImageAllocation }] = await Promise.all([
-    import("../allocation.ts"),
-    import("../image_allocation.ts"),
+    import("../alloc/allocation.ts"),
+    import("../headers/image_allocation.ts"),
   ]);
   await writeStdout(formatAllocation(await readImageAllocation(path), legacy));
 }

@@ -6,8 +6,8 @@
  */
 import { type Command, Option } from "commander";
 import { UsageError } from "../errors.ts";
-import type { ImportFormat } from "../import.ts";
-import type { Endpoint } from "../io.ts";
+import type { ImportFormat } from "../import/import.ts";
+import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
 
@@ -120,7 +120,7 @@ async function runImport(run: ImportRun): Promise<void> {
       "refusing to read a disk image from a terminal: pipe it in or use -i FILE",
     );
   }
-  const { endpointPath, sameFile } = await import("../same_file.ts");
+  const { endpointPath, sameFile } = await import("../io/same_file.ts");
   if (await sameFile(endpointPath(run.source, "stdin"), run.dest)) {
     throw new UsageError(
       `the destination ${run.dest} is the input image itself: import into another file`,
@@ -130,9 +130,9 @@ async function runImport(run: ImportRun): Promise<void> {
   const [{ importFromPipe, importImage }, { endpointName, openInput }, { openPipeInput }, {
     createProgress,
   }] = await Promise.all([
-    import("../import.ts"),
-    import("../io.ts"),
-    import("../pipe_input.ts"),
+    import("../import/import.ts"),
+    import("../io/stream.ts"),
+    import("../io/pipe_input.ts"),
     import("../progress.ts"),
   ]);
   const progress = createProgress(run.progress, "import");
@@ -170,7 +170,7 @@ async function runImport(run: ImportRun): Promise<void> {
  */
 async function streamLength(source: Endpoint): Promise<number | undefined> {
   try {
-    const { descriptorPosition } = await import("../io.ts");
+    const { descriptorPosition } = await import("../io/stream.ts");
     const fd = source.kind === "std" ? 0 : source.kind === "fd" ? source.fd : undefined;
     const info = await Deno.stat(
       fd === undefined ? (source as { path: string }).path : `/dev/fd/${fd}`,

@@ -9,10 +9,10 @@
  * @module
  */
 import { dirname, isAbsolute, join } from "node:path";
-import { ClusterSet } from "../cluster_set.ts";
+import { ClusterSet } from "../alloc/cluster_set.ts";
 import { CorruptImageError, UnsupportedError } from "../errors.ts";
-import type { ImageFile } from "../image_file.ts";
-import { CHUNK_SIZE } from "../io.ts";
+import type { ImageFile } from "../io/image_file.ts";
+import { CHUNK_SIZE } from "../io/stream.ts";
 import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, OFFSET_MASK } from "./constants.ts";
 import { HEADER_PROBE_BYTES, parseQcow2Header, type Qcow2Header } from "./header.ts";
 

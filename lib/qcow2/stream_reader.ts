@@ -16,8 +16,8 @@
  */
 import { viewOf } from "../bytes.ts";
 import { CorruptImageError, UnsupportedError } from "../errors.ts";
-import type { ImageTarget } from "../raw_destination.ts";
-import { StreamBuffer, ZERO_RANGE } from "../stream_buffer.ts";
+import type { ImageTarget } from "../io/endpoint.ts";
+import { StreamBuffer, ZERO_RANGE } from "../io/stream_buffer.ts";
 import {
   type ChunkStream,
   type Expected,
@@ -26,7 +26,7 @@ import {
   StreamWalker,
   walkChunks,
   type WalkerFormat,
-} from "../stream_walker.ts";
+} from "../io/stream_walker.ts";
 import {
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,

@@ -9,9 +9,9 @@
  * @module
  */
 import { viewOf, writeU64 } from "../bytes.ts";
-import { setRuns } from "../cluster_scan.ts";
-import type { ClusterSet } from "../cluster_set.ts";
-import { CHUNK_SIZE } from "../io.ts";
+import { setRuns } from "../alloc/runs.ts";
+import type { ClusterSet } from "../alloc/cluster_set.ts";
+import { CHUNK_SIZE } from "../io/stream.ts";
 import { EXT_FEATURE_TABLE, FEATURE_NAMES, QCOW2_MAGIC, V3_HEADER_LENGTH } from "./constants.ts";
 import type { StreamLayout } from "./layout.ts";
 

@@ -9,9 +9,9 @@
  * @module
  */
 import { basename, dirname, isAbsolute, join } from "node:path";
-import { ClusterSet } from "../cluster_set.ts";
+import { ClusterSet } from "../alloc/cluster_set.ts";
 import { CorruptImageError } from "../errors.ts";
-import { type ImageFile, isImagePath, rawDataClusters } from "../image_file.ts";
+import { type ImageFile, isImagePath, rawDataClusters } from "../io/image_file.ts";
 import {
   BAT_UNUSED,
   DEFAULT_BLOCK_SIZE,

@@ -14,8 +14,8 @@
 import { viewOf } from "../bytes.ts";
 import { CorruptImageError, LimitError, UnsupportedError } from "../errors.ts";
 import type { StreamDecodeOptions, StreamImageInfo } from "../qcow2/stream_reader.ts";
-import type { ImageTarget } from "../raw_destination.ts";
-import { StreamBuffer, ZERO_RANGE } from "../stream_buffer.ts";
+import type { ImageTarget } from "../io/endpoint.ts";
+import { StreamBuffer, ZERO_RANGE } from "../io/stream_buffer.ts";
 import {
   type ChunkStream,
   type Expected,
@@ -24,7 +24,7 @@ import {
   StreamWalker,
   walkChunks,
   type WalkerFormat,
-} from "../stream_walker.ts";
+} from "../io/stream_walker.ts";
 import {
   BAT_UNUSED,
   DEFAULT_BLOCK_SIZE,

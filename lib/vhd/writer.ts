@@ -19,10 +19,10 @@
  * @module
  */
 import { alignUp, viewOf } from "../bytes.ts";
-import { setRuns } from "../cluster_scan.ts";
-import type { ClusterSet } from "../cluster_set.ts";
+import { setRuns } from "../alloc/runs.ts";
+import type { ClusterSet } from "../alloc/cluster_set.ts";
 import { LimitError } from "../errors.ts";
-import { CHUNK_SIZE } from "../io.ts";
+import { CHUNK_SIZE } from "../io/stream.ts";
 import { ChunkSink, type ClusterReader } from "../qcow2/writer.ts";
 import { formatBytes } from "../size.ts";
 import { DEFAULT_BLOCK_SIZE, DISK_TYPE_DYNAMIC, FOOTER_SIZE, SECTOR_SIZE } from "./constants.ts";

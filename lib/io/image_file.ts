@@ -5,8 +5,13 @@
  *
  * @module
  */
-import { ClusterSet } from "./cluster_set.ts";
-import { CorruptImageError, describeIoError, DiskstreamError, UnsupportedError } from "./errors.ts";
+import { ClusterSet } from "../alloc/cluster_set.ts";
+import {
+  CorruptImageError,
+  describeIoError,
+  DiskstreamError,
+  UnsupportedError,
+} from "../errors.ts";
 import { dataExtents } from "./seek_data.ts";
 
 /** A read-only image file (regular file or block device) with positional reads. */

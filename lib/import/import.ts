@@ -4,17 +4,17 @@
  *
  * @module
  */
-import { CorruptImageError, UnsupportedError } from "./errors.ts";
-import type { ProgressSink } from "./progress.ts";
-import type { PipeInput } from "./pipe_input.ts";
-import { decodeQcow2Stream, type StreamImageInfo } from "./qcow2/stream_reader.ts";
+import { CorruptImageError, UnsupportedError } from "../errors.ts";
+import type { ProgressSink } from "../progress.ts";
+import type { PipeInput } from "../io/pipe_input.ts";
+import { decodeQcow2Stream, type StreamImageInfo } from "../qcow2/stream_reader.ts";
 import {
   type DestinationKind,
   type DestinationOptions,
   RawDestination,
 } from "./raw_destination.ts";
-import { ChunkStream } from "./stream_walker.ts";
-import { decodeVhdStream } from "./vhd/stream_reader.ts";
+import { ChunkStream } from "../io/stream_walker.ts";
+import { decodeVhdStream } from "../vhd/stream_reader.ts";
 
 /** The stream's format: detected from its first bytes, or forced. */
 export type ImportFormat = "auto" | "qcow2" | "vhd";

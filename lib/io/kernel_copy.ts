@@ -14,7 +14,7 @@
  *
  * @module
  */
-import { BrokenPipeError, DiskstreamError, SourceChangedError } from "./errors.ts";
+import { BrokenPipeError, DiskstreamError, SourceChangedError } from "../errors.ts";
 import {
   EINTR,
   F_GETFL,

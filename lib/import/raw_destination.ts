@@ -14,32 +14,13 @@
  *
  * @module
  */
-import { ClusterSet } from "./cluster_set.ts";
-import { describeIoError, DiskstreamError } from "./errors.ts";
-import { formatBytes } from "./size.ts";
-import { zeroTest } from "./zero.ts";
+import { ClusterSet } from "../alloc/cluster_set.ts";
+import { describeIoError, DiskstreamError } from "../errors.ts";
+import { formatBytes } from "../size.ts";
+import { zeroTest } from "../zero.ts";
+import type { ImageTarget } from "../io/endpoint.ts";
 
-/** Where a decoder puts the guest's bytes. */
-export interface ImageTarget {
-  /**
-   * Queues `bytes[from, to)` for guest offset `offset`. The bytes must stay unchanged
-   * until the next {@link ImageTarget.flush} has finished.
-   */
-  write(offset: number, bytes: Uint8Array, from: number, to: number): void;
-  /** Guest range `[offset, offset + length)` reads as zeros in the image. */
-  zero(offset: number, length: number): void;
-  /** Performs the queued writes. */
-  flush(): Promise<void>;
-  /** Bytes queued and not yet written. */
-  readonly queued: number;
-  /** The destination's path, when {@link ImageTarget.wroteDirect} may be used. */
-  readonly path?: string;
-  /**
-   * Guest range `[offset, offset + length)` was written to `path` directly (spliced
-   * by the kernel): accounts for it. Throws when the range is out of bounds.
-   */
-  wroteDirect?(offset: number, length: number): void;
-}
+export type { ImageTarget } from "../io/endpoint.ts";
 
 /** Options of {@link RawDestination.open}. */
 export interface DestinationOptions {

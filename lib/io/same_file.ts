@@ -5,7 +5,7 @@
  *
  * @module
  */
-import type { Endpoint } from "./io.ts";
+import type { Endpoint } from "./stream.ts";
 
 /** The path through which an endpoint's file can be looked at (`/dev/fd/N`, `/dev/stdout`). */
 export function endpointPath(e: Endpoint, std: "stdin" | "stdout"): string {

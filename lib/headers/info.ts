@@ -5,7 +5,7 @@
  *
  * @module
  */
-import type { ClusterSet } from "./cluster_set.ts";
+import type { ClusterSet } from "../alloc/cluster_set.ts";
 import { combineChain, type ImageLayer, readImageChain } from "./image_allocation.ts";
 import {
   COMPAT_LAZY_REFCOUNTS,
@@ -13,10 +13,10 @@ import {
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
   INCOMPAT_EXTL2,
-} from "./qcow2/constants.ts";
-import { formatBytes } from "./size.ts";
-import { VHD_EPOCH_MS } from "./vhd/constants.ts";
-import { diskTypeName, formatUuid } from "./vhd/footer.ts";
+} from "../qcow2/constants.ts";
+import { formatBytes } from "../size.ts";
+import { VHD_EPOCH_MS } from "../vhd/constants.ts";
+import { diskTypeName, formatUuid } from "../vhd/footer.ts";
 
 /** qcow2-specific facts of one file. */
 export interface Qcow2InfoJson {

@@ -7,9 +7,9 @@
  *
  * @module
  */
-import { LimitError } from "./errors.ts";
-import { formatBytes } from "./size.ts";
-import { isAllZero } from "./zero.ts";
+import { LimitError } from "../errors.ts";
+import { formatBytes } from "../size.ts";
+import { isAllZero } from "../zero.ts";
 
 /** What {@link StreamBuffer.take} returns for a range that was all zeros. */
 export const ZERO_RANGE: unique symbol = Symbol("zero range");

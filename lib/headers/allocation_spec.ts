@@ -6,8 +6,8 @@
  *
  * @module
  */
-import { type Allocation, type ImageInfoJson, parseAllocation } from "./allocation.ts";
-import { describeIoError, DiskstreamError, UsageError } from "./errors.ts";
+import { type Allocation, type ImageInfoJson, parseAllocation } from "../alloc/allocation.ts";
+import { describeIoError, DiskstreamError, UsageError } from "../errors.ts";
 import { readImageAllocation } from "./image_allocation.ts";
 
 /** Bytes looked at to tell JSON from an image. */

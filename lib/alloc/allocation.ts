@@ -9,7 +9,7 @@
  * @module
  */
 import { ClusterSet } from "./cluster_set.ts";
-import { DiskstreamError } from "./errors.ts";
+import { DiskstreamError } from "../errors.ts";
 
 /** Which clusters of a disk of `virtualSize` bytes hold data, at `clusters.clusterSize`. */
 export interface Allocation {

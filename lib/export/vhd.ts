@@ -6,14 +6,14 @@
  *
  * @module
  */
-import { setRuns } from "./cluster_scan.ts";
+import { setRuns } from "../alloc/runs.ts";
 import {
   planExport,
   type PlannedExport,
   plannedExport,
   type StreamExportOptions,
 } from "./export.ts";
-import { DEFAULT_BLOCK_SIZE } from "./vhd/constants.ts";
+import { DEFAULT_BLOCK_SIZE } from "../vhd/constants.ts";
 import {
   vhdChunks,
   type VhdFooterFields,
@@ -21,7 +21,7 @@ import {
   type VhdLayout,
   vhdLayout,
   vhdStreamFooter,
-} from "./vhd/writer.ts";
+} from "../vhd/writer.ts";
 
 /** Options of {@link exportVhd}: those of every export plus the footer's fields. */
 export interface VhdExportOptions extends StreamExportOptions, VhdFooterFields {}

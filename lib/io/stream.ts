@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { BrokenPipeError, describeIoError, UsageError } from "./errors.ts";
+import { BrokenPipeError, describeIoError, UsageError } from "../errors.ts";
 
 /** Where a stream goes or comes from. */
 export type Endpoint =

@@ -6,32 +6,11 @@
  *
  * @module
  */
-import { describeIoError, DiskstreamError, SourceChangedError } from "./errors.ts";
+import { describeIoError, DiskstreamError, SourceChangedError } from "../errors.ts";
+import type { DiskSource } from "./endpoint.ts";
+import { dataExtents } from "./seek_data.ts";
 
-/** An opened raw disk. */
-export interface DiskSource {
-  /** The path it was opened with (for messages). */
-  readonly path: string;
-  /** Size in bytes when it was opened. */
-  readonly size: number;
-  /** True for a regular file (hole detection may apply), false for a device. */
-  readonly isFile: boolean;
-  /**
-   * Fills all of `buf` with the bytes at `position`. Bytes at or past `limit`
-   * (default: the size) read as zeros. Throws {@link SourceChangedError} when the
-   * source ends before `limit`.
-   */
-  readAt(buf: Uint8Array, position: number, limit?: number): Promise<void>;
-  /**
-   * {@link readAt}, synchronously: for small reads (a few KiB), where an asynchronous
-   * operation would cost more than the read. Not while an asynchronous read runs.
-   */
-  readAtSync(buf: Uint8Array, position: number, limit?: number): void;
-  /** The size now (to detect a source that changed between passes). */
-  currentSize(): Promise<number>;
-  /** Releases the file; later calls do nothing. */
-  close(): void;
-}
+export type { DiskSource } from "./endpoint.ts";
 
 /**
  * Opens `path` for reading and learns its size. Errors name the path and what to do
@@ -140,6 +119,10 @@ class FileSource implements DiskSource {
         } while ${limit} bytes were expected: the source shrank during the export`,
       );
     }
+  }
+
+  extents(limit: number): Promise<Iterable<readonly [number, number]> | null> {
+    return Promise.resolve(this.isFile ? dataExtents(this.path, Math.min(limit, this.size)) : null);
   }
 
   currentSize(): Promise<number> {

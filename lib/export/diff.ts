@@ -22,11 +22,11 @@ import {
   type Candidates,
   isCandidate,
   scanWindows,
-  unionRuns,
-} from "./cluster_scan.ts";
-import { ClusterSet } from "./cluster_set.ts";
-import type { DiskSource } from "./disk_source.ts";
-import { sameTest, zeroTest } from "./zero.ts";
+} from "./scan.ts";
+import { unionRuns } from "../alloc/runs.ts";
+import { ClusterSet } from "../alloc/cluster_set.ts";
+import type { DiskSource } from "../io/disk_source.ts";
+import { sameTest, zeroTest } from "../zero.ts";
 
 /** What {@link planDiff} needs. */
 export interface DiffPlanInput {

@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { DiskstreamError } from "./errors.ts";
+import { DiskstreamError } from "../errors.ts";
 import * as libc from "./libc.ts";
 
 const O_RDONLY = 0;

@@ -6,15 +6,15 @@
  *
  * @module
  */
-import type { Allocation } from "./allocation.ts";
-import { ClusterSet } from "./cluster_set.ts";
-import { CorruptImageError, DiskstreamError, UnsupportedError } from "./errors.ts";
-import { ImageFile, inFile, isImagePath, rawDataClusters } from "./image_file.ts";
-import { isQcow2 } from "./qcow2/header.ts";
-import { qcow2BackingPath, type Qcow2Map, readQcow2Map } from "./qcow2/image.ts";
-import { FOOTER_SIZE } from "./vhd/constants.ts";
-import { isVhdFooter } from "./vhd/footer.ts";
-import { readVhdMap, type VhdMap } from "./vhd/image.ts";
+import type { Allocation } from "../alloc/allocation.ts";
+import { ClusterSet } from "../alloc/cluster_set.ts";
+import { CorruptImageError, DiskstreamError, UnsupportedError } from "../errors.ts";
+import { ImageFile, inFile, isImagePath, rawDataClusters } from "../io/image_file.ts";
+import { isQcow2 } from "../qcow2/header.ts";
+import { qcow2BackingPath, type Qcow2Map, readQcow2Map } from "../qcow2/image.ts";
+import { FOOTER_SIZE } from "../vhd/constants.ts";
+import { isVhdFooter } from "../vhd/footer.ts";
+import { readVhdMap, type VhdMap } from "../vhd/image.ts";
 
 /** The formats a layer of a chain can have (raw only as a qcow2 backing file). */
 export type ImageFormat = "qcow2" | "vhd" | "raw";

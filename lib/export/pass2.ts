@@ -1,0 +1,197 @@
+/**
+ * Pass 2 of an export: the image from the plan, as a stream or written to an
+ * endpoint, reading the planned clusters straight into the output chunks or copying
+ * them in the kernel. Shared by every output format; each format brings an
+ * {@link ImageWriter}.
+ *
+ * @module
+ */
+import { setImmediate } from "node:timers";
+import type { DiskSource } from "../io/disk_source.ts";
+import { type Endpoint, endpointName, openOutput, pipeToOutput } from "../io/stream.ts";
+import { COPY_STEP, type KernelCopy, openKernelCopy } from "../io/kernel_copy.ts";
+import { SourceChangedError, UsageError } from "../errors.ts";
+import type { WriterOptions } from "../qcow2/writer.ts";
+import type { ProgressSink } from "../progress.ts";
+import { endpointPath, sameFile } from "../io/same_file.ts";
+import type { PlannedExport, StreamExportOptions } from "./options.ts";
+import type { ExportPlan } from "./plan.ts";
+
+/** Source bytes `[offset, offset + length)` to copy; those past the source's end are zeros. */
+export interface SourceRange {
+  offset: number;
+  length: number;
+}
+
+/** How pass 2 writes one format's image from a plan. */
+export interface ImageWriter<Layout> {
+  layout: Layout;
+  /** Exact length of the image in bytes. */
+  fileSize: number;
+  /** The image as chunks of megabytes, data read from the source into them. */
+  chunks(options: WriterOptions): AsyncGenerator<Uint8Array>;
+  /** The image as bytes to write and source ranges to copy (for kernel copies). */
+  pieces(): Iterable<Uint8Array | SourceRange>;
+}
+
+/**
+ * The export of a plan in the format `writer` makes for the plan's virtual size:
+ * its stream or {@link PlannedExport.writeTo}. Closes the source if that fails.
+ */
+export function plannedExport<Layout>(
+  plan: ExportPlan,
+  options: StreamExportOptions,
+  writer: (virtualSize: number) => ImageWriter<Layout>,
+): PlannedExport<Layout> {
+  const { src, clusters, scanned } = plan;
+  try {
+    const image = writer(plan.virtualSize);
+    options.progress?.setTotal(scanned + image.fileSize);
+    const pass2 = new Pass2(src, image, options.progress, scanned, {
+      chunkSize: options.chunkSize,
+      reuseBuffers: options.reuseBuffers,
+      sourceSize: src.size,
+    }, [
+      ["source", src.path],
+      ...(options.base === undefined ? [] : [["base", options.base]] as [string, string][]),
+    ]);
+    return {
+      // Made on first use: a ReadableStream starts pulling (prefetching) at once.
+      get stream() {
+        return pass2.stream();
+      },
+      layout: image.layout,
+      clusters,
+      sourceSize: src.size,
+      scannedBytes: scanned,
+      writeTo: (target) => pass2.writeTo(target),
+    };
+  } catch (err) {
+    src.close();
+    throw err;
+  }
+}
+
+/** Pass 2: the image from the plan, as a stream or written to an endpoint. */
+class Pass2<Layout> {
+  #sent = 0;
+  #started = false;
+  #stream: ReadableStream<Uint8Array> | null = null;
+
+  constructor(
+    readonly src: DiskSource,
+    readonly image: ImageWriter<Layout>,
+    readonly progress: ProgressSink | undefined,
+    readonly scanned: number,
+    readonly writerOptions: WriterOptions,
+    /** Files the output must not be: the source, and the base of a diff. */
+    readonly protect: [role: string, path: string][],
+  ) {}
+
+  /** Refuses a second start and a source whose size changed since pass 1. */
+  async #start(): Promise<void> {
+    if (this.#started) throw new UsageError("an export can be written only once");
+    this.#started = true;
+    const now = await this.src.currentSize();
+    if (now !== this.src.size) {
+      throw new SourceChangedError(
+        `${this.src.path} changed size between the passes (${this.src.size} → ${now} bytes); export it again`,
+      );
+    }
+  }
+
+  #sentBytes(bytes: number): void {
+    this.#sent += bytes;
+    this.progress?.update(this.scanned + this.#sent);
+  }
+
+  /** The image as a ReadableStream (made once) that prefetches two chunks. */
+  stream(): ReadableStream<Uint8Array> {
+    this.#stream ??= this.#makeStream();
+    return this.#stream;
+  }
+
+  #makeStream(): ReadableStream<Uint8Array> {
+    const { src, image, writerOptions } = this;
+    let chunks: AsyncGenerator<Uint8Array> | null = null;
+    return new ReadableStream<Uint8Array>({
+      pull: async (controller) => {
+        try {
+          if (chunks === null) {
+            await this.#start();
+            chunks = image.chunks(writerOptions);
+          }
+          const r = await chunks.next();
+          if (r.done) {
+            src.close();
+            this.progress?.finish();
+            controller.close();
+            return;
+          }
+          this.#sentBytes(r.value.length);
+          controller.enqueue(r.value);
+        } catch (err) {
+          src.close();
+          throw err;
+        }
+      },
+      cancel: async () => {
+        src.close();
+        await chunks?.return(undefined).catch(() => {});
+      },
+    }, new CountQueuingStrategy({ highWaterMark: 2 }));
+  }
+
+  /** Writes the image to `target`, with kernel copies of the data when possible. */
+  async writeTo(target: Endpoint): Promise<void> {
+    if (this.#stream !== null || this.#started) {
+      throw new UsageError("an export can be written only once");
+    }
+    if (target.kind === "std") await openOutput(target); // refuses a terminal
+    const out = endpointPath(target, "stdout");
+    for (const [role, path] of this.protect) {
+      if (await sameFile(out, path)) {
+        throw new UsageError(
+          `the output ${
+            endpointName(target, "stdout")
+          } is the ${role} itself (${path}): write elsewhere`,
+        );
+      }
+    }
+    const copier = openKernelCopy(
+      this.src.path,
+      target.kind === "path" ? { path: target.path } : { fd: target.kind === "fd" ? target.fd : 1 },
+      endpointName(target, "stdout"),
+    );
+    if (copier === null) return await pipeToOutput(this.stream(), await openOutput(target));
+    try {
+      await this.#start();
+      await this.#copyWith(copier);
+    } finally {
+      copier.close();
+      this.src.close();
+    }
+    this.progress?.finish();
+  }
+
+  async #copyWith(copier: KernelCopy): Promise<void> {
+    const src = this.src;
+    for (const piece of this.image.pieces()) {
+      if (piece instanceof Uint8Array) {
+        copier.write(piece);
+        this.#sentBytes(piece.length);
+        continue;
+      }
+      const end = piece.offset + piece.length;
+      for (let at = piece.offset; at < end;) {
+        const step = Math.min(COPY_STEP, end - at);
+        const real = Math.max(0, Math.min(step, src.size - at));
+        if (real > 0) copier.copy(at, real);
+        if (real < step) copier.write(new Uint8Array(step - real)); // the last cluster's padding
+        this.#sentBytes(step);
+        at += step;
+        await new Promise((resolve) => setImmediate(resolve)); // let timers and signals run
+      }
+    }
+  }
+}

@@ -1,0 +1,227 @@
+/**
+ * Pass 1 of an export, the plan: which clusters to write — the non-zero ones (the
+ * data extents are read, or everything), the hinted ones (`allocation`), or those
+ * that differ from a base disk (`base`, see diff.ts).
+ *
+ * @module
+ */
+import { setImmediate } from "node:timers";
+import type { Allocation } from "../alloc/allocation.ts";
+import { alignUp } from "../bytes.ts";
+import {
+  candidateCount,
+  candidateRuns,
+  type Candidates,
+  candidatesOf,
+  scanWindows,
+} from "./scan.ts";
+import { ClusterSet } from "../alloc/cluster_set.ts";
+import { diffScanBytes, planDiff } from "./diff.ts";
+import { type DiskSource, openDiskSource } from "../io/disk_source.ts";
+import { CHUNK_SIZE } from "../io/stream.ts";
+import { DiskstreamError, UsageError } from "../errors.ts";
+import type { ProgressSink } from "../progress.ts";
+import { zeroTest } from "../zero.ts";
+import type { StreamExportOptions } from "./options.ts";
+
+/**
+ * The clusters (at `clusterSize`, within the first `clip` bytes) that a hint for a
+ * disk of `size` bytes names, refusing a hint made for a disk of another size.
+ */
+function hintClusters(
+  hint: Allocation,
+  size: number,
+  clusterSize: number,
+  what: string,
+  path: string,
+  clip = size,
+): ClusterSet {
+  if (hint.virtualSize !== size && hint.virtualSize !== alignUp(size, 512)) {
+    throw new DiskstreamError(
+      `${what} describes a disk of ${hint.virtualSize} bytes but ${path} has ${size} bytes: ` +
+        `the allocation does not belong to this disk`,
+    );
+  }
+  const set = hint.clusters;
+  return set.clusterSize === clusterSize && set.length === Math.ceil(clip / clusterSize)
+    ? set
+    : set.remap(clusterSize, clip);
+}
+
+/** Bytes read first from each cluster by the probing pass 1. */
+const PROBE_BYTES = 4096;
+/** Clusters of this size and more are probed first (smaller ones are read whole). */
+const PROBE_MIN_CLUSTER = 4 * PROBE_BYTES;
+/** Bytes examined between two yields to the event loop in the synchronous probing. */
+const YIELD_BYTES = 64 * 1024 * 1024;
+
+/** Pass 1 without a base: the candidate clusters that hold a non-zero byte. */
+async function planNonZero(
+  source: DiskSource,
+  candidates: Candidates,
+  clusterSize: number,
+  onRead: (bytes: number) => void,
+): Promise<ClusterSet> {
+  if (candidates.trusted && candidates.set !== null) return candidates.set;
+  const out = new ClusterSet(candidates.clusters, clusterSize);
+  if (clusterSize >= PROBE_MIN_CLUSTER) {
+    await probeNonZero(source, candidates, clusterSize, out, onRead);
+    return out;
+  }
+  await scanWindows(
+    candidateRuns(candidates),
+    clusterSize,
+    [{ source, limit: source.size, wants: () => true }],
+    ({ first, parts, buffers: [buf] }) => {
+      const zero = zeroTest(buf);
+      for (const [a, b] of parts) {
+        const start = (a - first) * clusterSize;
+        if (zero(start, (b - first + 1) * clusterSize)) continue;
+        for (let c = a, at = start; c <= b; c++, at += clusterSize) {
+          if (!zero(at, at + clusterSize)) out.add(c);
+        }
+      }
+    },
+    onRead,
+  );
+  return out;
+}
+
+/**
+ * Pass 1 for large clusters: a cluster whose first 4 KiB hold a non-zero byte is data,
+ * known from one small synchronous read; only from a zero probe on are the clusters
+ * read whole (4 MiB at a time) and tested. A fully allocated disk is decided from
+ * 1/16 of its bytes at 64 KiB clusters; the decisions are the same as a full read's.
+ */
+async function probeNonZero(
+  source: DiskSource,
+  candidates: Candidates,
+  cs: number,
+  out: ClusterSet,
+  onRead: (bytes: number) => void,
+): Promise<void> {
+  const probe = new Uint8Array(PROBE_BYTES);
+  const probeIsZero = zeroTest(probe);
+  const window = new Uint8Array(Math.max(cs, Math.floor(CHUNK_SIZE / cs) * cs));
+  const windowZero = zeroTest(window);
+  const span = window.length / cs;
+  let sinceYield = 0;
+  for (const [a, b] of candidateRuns(candidates)) {
+    for (let c = a; c <= b;) {
+      if (source.readAtSync) source.readAtSync(probe, c * cs);
+      else await source.readAt(probe, c * cs);
+      if (!probeIsZero(0, PROBE_BYTES)) {
+        out.add(c++);
+        onRead(cs);
+        if ((sinceYield += cs) >= YIELD_BYTES) {
+          sinceYield = 0;
+          await new Promise((resolve) => setImmediate(resolve));
+        }
+        continue;
+      }
+      const count = Math.min(b - c + 1, span);
+      await source.readAt(window.subarray(0, count * cs), c * cs);
+      for (let k = 0; k < count; k++) {
+        if (!windowZero(k * cs, (k + 1) * cs)) out.add(c + k);
+      }
+      onRead(count * cs);
+      c += count;
+    }
+  }
+}
+
+/** What pass 1 decided: the opened source and the clusters to write. */
+export interface ExportPlan {
+  /** The source, open; closed by pass 2 (or by the caller when it gives up). */
+  src: DiskSource;
+  /** The source size rounded up to 512. */
+  virtualSize: number;
+  /** The clusters (of the planned cluster size) to write. */
+  clusters: ClusterSet;
+  /** Bytes read while planning. */
+  scanned: number;
+}
+
+/**
+ * Pass 1 of every format: opens `source` and decides which clusters of `clusterSize`
+ * bytes to write — a cluster is planned when any byte of it is non-zero, hinted, or
+ * differs from the base (see {@link StreamExportOptions}). `check` sees the virtual
+ * size before anything is read (to refuse a disk the format cannot hold).
+ */
+export async function planExport(
+  source: string,
+  options: StreamExportOptions,
+  cs: number,
+  check: (virtualSize: number) => void,
+): Promise<ExportPlan> {
+  if (options.baseAllocation !== undefined && options.base === undefined) {
+    throw new UsageError("a base allocation needs a base disk (--base-allocation needs --diff)");
+  }
+  const progress = options.progress;
+  const src = await openDiskSource(source);
+  try {
+    const virtualSize = alignUp(src.size, 512);
+    check(virtualSize);
+    const hint = options.allocation &&
+      hintClusters(options.allocation, src.size, cs, "the allocation hint", src.path);
+    const sourceCandidates = await candidatesOf(src, virtualSize, cs, hint, options.zeroCheck);
+    let scanned = 0;
+    const onRead = (bytes: number) => {
+      scanned += bytes;
+      progress?.update(scanned);
+    };
+    let clusters: ClusterSet;
+    if (options.base !== undefined) {
+      clusters = await planAgainstBase(
+        src,
+        options.base,
+        options.baseAllocation,
+        sourceCandidates,
+        cs,
+        progress,
+        onRead,
+      );
+    } else {
+      const estimate = sourceCandidates.trusted ? 0 : candidateCount(sourceCandidates) * cs;
+      if (estimate > 0) progress?.setTotal(2 * estimate);
+      clusters = await planNonZero(src, sourceCandidates, cs, onRead);
+    }
+    return { src, virtualSize, clusters, scanned };
+  } catch (err) {
+    src.close();
+    throw err;
+  }
+}
+
+/** Pass 1 with a base: the clusters that differ from it (lib/diff.ts). */
+async function planAgainstBase(
+  src: DiskSource,
+  basePath: string,
+  baseAllocation: Allocation | undefined,
+  sourceCandidates: Candidates,
+  cs: number,
+  progress: ProgressSink | undefined,
+  onRead: (bytes: number) => void,
+): Promise<ClusterSet> {
+  const base = await openDiskSource(basePath);
+  try {
+    const virtualSize = alignUp(src.size, 512);
+    const baseLimit = Math.min(base.size, virtualSize);
+    const baseHint = baseAllocation &&
+      hintClusters(baseAllocation, base.size, cs, "the base allocation hint", base.path, baseLimit);
+    const input = {
+      source: src,
+      base,
+      clusterSize: cs,
+      virtualSize,
+      sourceCandidates,
+      baseCandidates: await candidatesOf(base, baseLimit, cs, baseHint),
+      onRead,
+    };
+    const estimate = diffScanBytes(input);
+    if (estimate > 0) progress?.setTotal(2 * estimate);
+    return await planDiff(input);
+  } finally {
+    base.close();
+  }
+}

@@ -1,0 +1,125 @@
+/**
+ * The read–decode–write loop of an import: each chunk is decoded while the previous
+ * chunk's writes run; data that follows a chunk on a pipe may be spliced by the kernel.
+ *
+ * @module
+ */
+import type { ImageTarget } from "./endpoint.ts";
+import type { ChunkStream } from "./chunk_stream.ts";
+
+export interface ChunkConsumer {
+  /** Decodes one chunk, queueing writes. */
+  push(chunk: Uint8Array): void;
+  /** See {@link StreamWalker.moveDirect}. */
+  moveDirect?(move: (guest: number, length: number) => number): number;
+  /** See {@link StreamWalker.nextAssembled}. */
+  nextAssembled?(): number;
+  /** The stream ended; throws if it ended too early. */
+  end(): void;
+}
+
+/** Chunks are decoded in slices of this size, so that writes can start in between. */
+const SLICE = 1024 * 1024;
+/** Queued bytes (decompressed data, buffered clusters) that make the loop write first. */
+const HIGH_WATER = 8 * 1024 * 1024;
+
+/**
+ * Runs the read–decode–write loop: each chunk is decoded (queueing writes on
+ * `target`), and its writes run while the next chunk is read. A chunk that queues
+ * much more than itself (compressed clusters) is written out as it is decoded.
+ *
+ * When the input is a pipe read through its descriptor and the target can take data
+ * that way, the data ranges that follow a chunk are spliced from the pipe into the
+ * destination by the kernel ({@link StreamWalker.moveDirect}); `onChunk` then gets an
+ * empty chunk. The bytes after them are read as usual.
+ */
+export async function walkChunks(
+  input: ChunkStream,
+  walker: ChunkConsumer,
+  target: ImageTarget,
+  onChunk: (chunk: Uint8Array) => void,
+): Promise<void> {
+  const direct = openDirect(input, walker, target);
+  let writing: Promise<void> = Promise.resolve();
+  let held: Uint8Array | null = null; // the chunk the running writes may still read
+  const write = async (chunk: Uint8Array) => {
+    await writing;
+    if (held !== null && held !== chunk) input.release(held);
+    held = chunk;
+    writing = target.flush();
+  };
+  // After data went by spliced, read only the table that comes next (when one does),
+  // so that the data after it is spliced too.
+  let limit = 0;
+  try {
+    for (;;) {
+      const chunk = await input.next(limit);
+      limit = 0;
+      if (!chunk) break;
+      for (let at = 0; at < chunk.length;) {
+        const end = Math.min(chunk.length, at + SLICE);
+        walker.push(at === 0 && end === chunk.length ? chunk : chunk.subarray(at, end));
+        at = end;
+        if (at < chunk.length && target.queued >= HIGH_WATER) await write(chunk);
+      }
+      onChunk(chunk);
+      await write(chunk);
+      if (direct?.move()) {
+        onChunk(EMPTY);
+        limit = walker.nextAssembled?.() ?? 0;
+      }
+    }
+  } finally {
+    direct?.close();
+    await writing.catch(() => {});
+  }
+  await writing;
+  walker.end();
+  await target.flush();
+}
+
+const EMPTY = new Uint8Array(0);
+/** Spliced bytes after which their writeback to the device is started. */
+const WRITEBACK_STRIDE = 16 * 1024 * 1024;
+
+/** The splice path of {@link walkChunks}, when input, decoder and target allow it. */
+function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarget) {
+  const pipe = input.pipe;
+  if (!pipe || !walker.moveDirect || !target.wroteDirect || target.path === undefined) return null;
+  const path = target.path;
+  let fd = pipe.openDestination(path);
+  if (fd === null) return null;
+  // The range spliced since the last writeback was started.
+  let lo = Infinity;
+  let hi = 0;
+  const move = (guest: number, length: number): number => {
+    const n = pipe.splice(fd!, guest, length, path);
+    if (n < 0) {
+      // Refused for these descriptors: read everything from now on.
+      pipe.closeDestination(fd!);
+      fd = null;
+      return 0;
+    }
+    if (n > 0) {
+      target.wroteDirect!(guest, n);
+      lo = Math.min(lo, guest);
+      hi = Math.max(hi, guest + n);
+      if (hi - lo >= WRITEBACK_STRIDE) {
+        pipe.startWriteback(fd!, lo, hi - lo);
+        lo = Infinity;
+        hi = 0;
+      }
+    }
+    return n;
+  };
+  return {
+    /** Moves what can be moved now; true if anything was. */
+    move(): boolean {
+      return fd !== null && input.drained && walker.moveDirect!(move) > 0;
+    },
+    close() {
+      if (fd !== null) pipe.closeDestination(fd);
+      fd = null;
+    },
+  };
+}

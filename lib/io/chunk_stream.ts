@@ -1,0 +1,151 @@
+/**
+ * The input of a stream decoder: large chunks read from a byte stream (or a pipe's
+ * descriptor), with a push-back, in a few recycled buffers.
+ *
+ * @module
+ */
+import { CHUNK_SIZE } from "./stream.ts";
+import type { PipeInput } from "./pipe_input.ts";
+
+/**
+ * The input of a decoder: chunks with a push-back. A byte stream is read with a BYOB
+ * reader into a few recycled buffers ({@link ChunkStream.release} hands one back once
+ * nothing refers to it), so memory stays at a few chunks however long the stream.
+ */
+export class ChunkStream {
+  readonly #it: AsyncIterator<Uint8Array> | null = null;
+  readonly #byob: ReadableStreamBYOBReader | null = null;
+  /** The input read through its descriptor, whose data may be spliced (see walkChunks). */
+  readonly pipe: PipeInput | null = null;
+  readonly #back: Uint8Array[] = [];
+  readonly #pool: ArrayBuffer[] = [];
+  /** Buffers handed out, with the number of their pieces not released yet. */
+  readonly #lent = new Map<ArrayBufferLike, number>();
+  #ended = false;
+
+  constructor(source: ReadableStream<Uint8Array> | AsyncIterator<Uint8Array> | PipeInput) {
+    if ("splice" in source) {
+      this.pipe = source;
+      return;
+    }
+    if (!(source instanceof ReadableStream)) {
+      this.#it = source;
+      return;
+    }
+    try {
+      this.#byob = source.getReader({ mode: "byob" });
+    } catch {
+      this.#it = source[Symbol.asyncIterator](); // not a byte stream
+    }
+  }
+
+  /**
+   * The next non-empty chunk, or null at the end. `limit` (a pipe read through its
+   * descriptor only) caps a new chunk's length.
+   */
+  async next(limit = 0): Promise<Uint8Array | null> {
+    const back = this.#back.pop();
+    if (back) return back;
+    for (;;) {
+      const chunk = await this.#pull(limit);
+      if (chunk === null) return null;
+      if (chunk.length > 0) return chunk;
+    }
+  }
+
+  async #pull(limit: number): Promise<Uint8Array | null> {
+    if (this.#it) {
+      const r = await this.#it.next();
+      return r.done ? null : r.value;
+    }
+    if (this.#ended) return null;
+    const buf = this.#pool.pop() ?? new ArrayBuffer(CHUNK_SIZE);
+    if (this.pipe) {
+      return this.#fill(new Uint8Array(buf, 0, Math.min(limit || Infinity, CHUNK_SIZE)));
+    }
+    const r = await this.#byob!.read(new Uint8Array(buf));
+    if (r.done) {
+      this.#ended = true;
+      return null;
+    }
+    this.#lent.set(r.value.buffer, 1);
+    return r.value;
+  }
+
+  /** Fills `buf` from the pipe (blocking reads: no thread hop per pipe-full). */
+  #fill(buf: Uint8Array): Uint8Array | null {
+    let filled = 0;
+    while (filled < buf.length) {
+      const n = this.pipe!.read(buf.subarray(filled));
+      if (n === 0) break;
+      filled += n;
+    }
+    if (filled === 0) {
+      this.#ended = true;
+      return null;
+    }
+    this.#lent.set(buf.buffer, 1);
+    return buf.subarray(0, filled);
+  }
+
+  /** True when no byte read from the input waits in front (the next byte is the input's). */
+  get drained(): boolean {
+    return this.#back.length === 0 && !this.#ended;
+  }
+
+  /**
+   * `chunk` (from {@link ChunkStream.next}) is no longer referred to: once every
+   * piece of its buffer is released, the buffer is reused. Pieces returned by
+   * {@link ChunkStream.read} are never released, so their buffers are not reused.
+   */
+  release(chunk: Uint8Array): void {
+    const buf = chunk.buffer;
+    const pieces = this.#lent.get(buf);
+    if (pieces === undefined) return;
+    if (pieces > 1) {
+      this.#lent.set(buf, pieces - 1);
+      return;
+    }
+    this.#lent.delete(buf);
+    if (this.#pool.length < 4 && buf instanceof ArrayBuffer) this.#pool.push(buf);
+  }
+
+  /** Puts `chunk` back in front (one more piece of its buffer to release). */
+  unshift(chunk: Uint8Array): void {
+    if (chunk.length === 0) return;
+    const pieces = this.#lent.get(chunk.buffer);
+    if (pieces !== undefined) this.#lent.set(chunk.buffer, pieces + 1);
+    this.#back.push(chunk);
+  }
+
+  /**
+   * The next `n` bytes (fewer only at the end of the stream); the rest of the last
+   * chunk is put back.
+   */
+  async read(n: number): Promise<Uint8Array> {
+    const first = await this.next();
+    if (!first) return new Uint8Array(0);
+    if (first.length >= n) {
+      this.unshift(first.subarray(n));
+      return first.subarray(0, n);
+    }
+    const out = new Uint8Array(n);
+    out.set(first);
+    let have = first.length;
+    while (have < n) {
+      const c = await this.next();
+      if (!c) return out.subarray(0, have);
+      const take = Math.min(c.length, n - have);
+      out.set(c.subarray(0, take), have);
+      have += take;
+      this.unshift(c.subarray(take));
+    }
+    return out;
+  }
+
+  /** Stops reading (releases the source; a pipe's descriptor is left to its owner). */
+  async cancel(): Promise<void> {
+    if (this.#byob) await this.#byob.cancel();
+    else await this.#it?.return?.();
+  }
+}

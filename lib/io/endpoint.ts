@@ -1,0 +1,79 @@
+/**
+ * The two endpoint interfaces every disk transport implements, in the spirit of
+ * nbdcopy's "ops": {@link DiskSource} (read, extents) for what export reads, and
+ * {@link ImageTarget} / {@link DiskTarget} (write, zero, flush) for what import
+ * writes. A file or block device (`disk_source.ts`, `import/raw_destination.ts`) is
+ * one implementation; network transports (`http/`, `nbd/`) are others, so export and
+ * import never special-case a transport.
+ *
+ * Byte streams (an image on stdout, a pipe, an HTTP body) are the other kind of
+ * endpoint: see `stream.ts`.
+ *
+ * @module
+ */
+
+/**
+ * The read operations of a disk: a regular file, a block device, or a remote export
+ * (nbdcopy's "ops"). Export reads its source and base through this.
+ */
+export interface DiskSource {
+  /** The path it was opened with (for messages). */
+  readonly path: string;
+  /** Size in bytes when it was opened. */
+  readonly size: number;
+  /** True for a regular file (hole detection may apply), false for a device. */
+  readonly isFile: boolean;
+  /**
+   * Fills all of `buf` with the bytes at `position`. Bytes at or past `limit`
+   * (default: the size) read as zeros. Throws a `SourceChangedError` when the
+   * source ends before `limit`.
+   */
+  readAt(buf: Uint8Array, position: number, limit?: number): Promise<void>;
+  /**
+   * {@link readAt}, synchronously: for small reads (a few KiB), where an asynchronous
+   * operation would cost more than the read. Not while an asynchronous read runs.
+   */
+  readAtSync?(buf: Uint8Array, position: number, limit?: number): void;
+  /**
+   * The byte ranges `[start, end)` of the first `limit` bytes that may hold data,
+   * ascending (a file's `SEEK_DATA` extents, a remote export's block status); null
+   * when unknown (then every byte may).
+   */
+  extents(limit: number): Promise<Iterable<readonly [number, number]> | null>;
+  /** The size now (to detect a source that changed between passes). */
+  currentSize(): Promise<number>;
+  /** Releases the file; later calls do nothing. */
+  close(): void;
+}
+
+/** Where a decoder puts the guest's bytes. */
+export interface ImageTarget {
+  /**
+   * Queues `bytes[from, to)` for guest offset `offset`. The bytes must stay unchanged
+   * until the next {@link ImageTarget.flush} has finished.
+   */
+  write(offset: number, bytes: Uint8Array, from: number, to: number): void;
+  /** Guest range `[offset, offset + length)` reads as zeros in the image. */
+  zero(offset: number, length: number): void;
+  /** Performs the queued writes. */
+  flush(): Promise<void>;
+  /** Bytes queued and not yet written. */
+  readonly queued: number;
+  /** The destination's path, when {@link ImageTarget.wroteDirect} may be used. */
+  readonly path?: string;
+  /**
+   * Guest range `[offset, offset + length)` was written to `path` directly (spliced
+   * by the kernel): accounts for it. Throws when the range is out of bounds.
+   */
+  wroteDirect?(offset: number, length: number): void;
+}
+
+/** What an import writes into: the write operations plus its end. */
+export interface DiskTarget extends ImageTarget {
+  /** A name for messages (a path, a URL). */
+  readonly name: string;
+  /** Flushes, makes the data durable and releases the target. */
+  finish(virtualSize?: number): Promise<void>;
+  /** Releases the target after a failure (removing what this run created). */
+  abort(): Promise<void>;
+}
