@@ -18,7 +18,7 @@ import { ClusterSet } from "../alloc/cluster_set.ts";
 import { describeIoError, DiskstreamError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
 import { zeroTest } from "../zero.ts";
-import type { ImageTarget } from "../io/endpoint.ts";
+import type { DiskTarget } from "../io/endpoint.ts";
 
 export type { ImageTarget } from "../io/endpoint.ts";
 
@@ -45,9 +45,13 @@ const ZERO_GRAIN = 64 * 1024;
 const MAX_WRITE = 16 * 1024 * 1024;
 
 /** A raw file or device being filled by an import. See the module comment. */
-export class RawDestination implements ImageTarget {
+export class RawDestination implements DiskTarget {
   /** Path of the destination. */
   readonly path: string;
+  /** The path, for messages. */
+  get name(): string {
+    return this.path;
+  }
   /** What the destination was when opened. */
   readonly kind: DestinationKind;
   /** The image's virtual size, the end of what is written; null until known (fixed VHD). */
