@@ -84,3 +84,10 @@ export function describeIoError(err: unknown, path: string, action: string): Dis
   const msg = err instanceof Error ? err.message : String(err);
   return new DiskstreamError(`cannot ${action} ${path}: ${msg}`, { cause: err });
 }
+
+/**
+ * An NBD server refused, failed or broke the protocol: a refused export name, an
+ * error reply (named: EIO, ENOSPC, …), a dropped connection, a reply that does not
+ * fit the request. The message names the URI and, for a request, its offset.
+ */
+export class NbdError extends DiskstreamError {}

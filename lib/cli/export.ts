@@ -11,12 +11,21 @@ import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
 import { DEFAULT_BLOCK_SIZE } from "../vhd/constants.ts";
-import { endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
+import {
+  addNbdOptions,
+  endpointFrom,
+  fdOption,
+  type NbdFlags,
+  nbdOptionsFrom,
+  powerOfTwoOption,
+  progressMode,
+} from "./options.ts";
+import type { NbdOptions } from "../nbd/client.ts";
 
 const clusterSizeOption = powerOfTwoOption("-c/--cluster-size", 512, 2 * 1024 * 1024);
 const refcountBitsOption = powerOfTwoOption("-r/--refcount-bits", 1, 64);
 
-interface ExportFlags {
+interface ExportFlags extends NbdFlags {
   output?: string;
   outputFd?: number;
   format: string;
@@ -43,6 +52,7 @@ interface ExportRun {
   base?: string;
   baseAllocation?: () => Promise<Allocation>;
   progress: ProgressMode;
+  nbd?: NbdOptions;
 }
 
 // The export machinery is loaded when a command runs, so that start-up only pays
@@ -52,16 +62,20 @@ const resolveAllocationSpec: typeof import("../headers/allocation_spec.ts").reso
 
 /** Registers the export commands on `program`. */
 export function registerExport(program: Command): void {
-  program
+  const exportCommand = program
     .command("export")
     .description(
-      "Export a raw disk (file or block device) as a qcow2 v3 stream (or with -f vhd a\n" +
+      "Export a raw disk (file, block device or NBD export) as a qcow2 v3 stream (or with -f vhd a\n" +
         "dynamic VHD in vhd-tool's layout, 2 MiB blocks), without a temporary file and\n" +
         "without seeking the output. All-zero clusters are left out (the bytes are those\n" +
         "of QEMU's qcow2-to-stdout.py); with --allocation only the hinted clusters are\n" +
         "read; with --diff only the clusters that differ from BASE are written.",
     )
-    .argument("<SOURCE>", "raw disk image or block device (/dev/... needs --allow-all)")
+    .argument(
+      "<SOURCE>",
+      "raw disk image, block device (/dev/... needs --allow-all), or NBD URI\n" +
+        "(nbd://HOST[:PORT]/EXPORT, nbds://…, nbd+unix:///EXPORT?socket=PATH)",
+    )
     .option("-o, --output <OUT>", "write the image to OUT ('-' = stdout, the default)")
     .option(
       "--output-fd <N>",
@@ -84,10 +98,14 @@ export function registerExport(program: Command): void {
     .option(
       "--allocation <SPEC>",
       "clusters that may hold data: a path or fd:N with allocation JSON (legacy list,\n" +
-        "intervals, or 'qemu-img map --output=json'), or a qcow2/VHD image file",
+        "intervals, or 'qemu-img map --output=json'), a qcow2/VHD image file, or an NBD\n" +
+        "URI (the export's block status: its allocation for a local copy of its bytes)",
     )
     .option("--zero-check", "with --allocation: also leave out hinted clusters that are all zeros")
-    .option("--diff <BASE>", "export only the clusters that differ from BASE (raw file or device)")
+    .option(
+      "--diff <BASE>",
+      "export only the clusters that differ from BASE (raw file, device or NBD URI)",
+    )
     .option("--base-allocation <SPEC>", "clusters of BASE that may hold data (like --allocation)")
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
@@ -99,8 +117,12 @@ export function registerExport(program: Command): void {
         "  diskstream export new.raw --diff old.raw -o delta.qcow2\n" +
         "    (rebuild: qemu-img rebase -u -b old.raw -F raw delta.qcow2)\n" +
         "  diskstream export /dev/vg/lv -f vhd --allocation lv.json --output-fd 3\n" +
-        "  diskstream export new.raw -f vhd --diff old.raw | diskstream import copy-of-old.raw --delta",
-    )
+        "  diskstream export new.raw -f vhd --diff old.raw | diskstream import copy-of-old.raw --delta\n" +
+        "  diskstream export nbd://127.0.0.1/disk -o disk.qcow2 --connections 8\n" +
+        "  diskstream export nbds://host/disk --cacert ca.pem -f vhd > disk.vhd\n" +
+        "  diskstream export /dev/sm/vdi --allocation nbd+unix:///vdi?socket=/run/nbd.sock",
+    );
+  addNbdOptions(exportCommand)
     .action(async (source: string, flags: ExportFlags, command: Command) => {
       const format = flags.format;
       if (format !== "qcow2" && format !== "vhd") {
@@ -116,6 +138,7 @@ export function registerExport(program: Command): void {
         }
       }
       const cs = format === "vhd" ? DEFAULT_BLOCK_SIZE : flags.clusterSize;
+      const nbd = nbdOptionsFrom(flags);
       await runExport({
         source,
         target: endpointFrom(flags.output, flags.outputFd, "-o/--output and --output-fd"),
@@ -124,13 +147,14 @@ export function registerExport(program: Command): void {
         refcountBits: flags.refcountBits,
         allocation: flags.allocation === undefined
           ? undefined
-          : () => resolveAllocationSpec(flags.allocation!, cs),
+          : () => resolveAllocationSpec(flags.allocation!, cs, undefined, nbd),
         zeroCheck: flags.zeroCheck,
         base: flags.diff,
         baseAllocation: flags.baseAllocation === undefined
           ? undefined
-          : () => resolveAllocationSpec(flags.baseAllocation!, cs),
+          : () => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, nbd),
         progress: progressMode(flags),
+        nbd,
       });
     });
 
@@ -262,6 +286,7 @@ async function runExport(run: ExportRun): Promise<void> {
     base: run.base,
     baseAllocation: await run.baseAllocation?.(),
     progress: createProgress(run.progress, "export"),
+    nbd: run.nbd,
     reuseBuffers: true, // without FFI, writeTo writes each chunk before reading the next
   };
   const planned = run.format === "vhd"

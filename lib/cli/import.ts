@@ -9,9 +9,18 @@ import { UsageError } from "../errors.ts";
 import type { ImportFormat } from "../import/import.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
-import { endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
+import {
+  addNbdOptions,
+  endpointFrom,
+  fdOption,
+  type NbdFlags,
+  nbdOptionsFrom,
+  progressMode,
+  sizeOption,
+} from "./options.ts";
+import type { NbdOptions } from "../nbd/client.ts";
 
-interface ImportFlags {
+interface ImportFlags extends NbdFlags {
   input?: string;
   inputFd?: number;
   format: string;
@@ -32,11 +41,12 @@ interface ImportRun {
   delta?: boolean;
   maxBuffer?: number;
   progress: ProgressMode;
+  nbd?: NbdOptions;
 }
 
 /** Registers the import commands on `program`. */
 export function registerImport(program: Command): void {
-  program
+  const importCommand = program
     .command("import")
     .description(
       "Import a qcow2 or VHD image arriving as a stream (stdin, a pipe, a socket) into a raw " +
@@ -44,7 +54,11 @@ export function registerImport(program: Command): void {
         "virtual size and stays sparse; an existing file or device gets zeros where the image " +
         "has none (unless --prezeroed); --delta applies a diff onto DEST.",
     )
-    .argument("<DEST>", "raw file or block device to write (/dev/... needs --allow-all)")
+    .argument(
+      "<DEST>",
+      "raw file, block device (/dev/... needs --allow-all) or NBD URI (nbd://HOST/EXPORT,\n" +
+        "nbds://…, nbd+unix:///EXPORT?socket=PATH) to write",
+    )
     .option("-i, --input <IN>", "read the image from IN ('-' = stdin, the default)")
     .option(
       "--input-fd <N>",
@@ -76,8 +90,10 @@ export function registerImport(program: Command): void {
       "\nExamples:\n" +
         "  diskstream import disk.raw < disk.qcow2\n" +
         "  curl -s http://host/disk.qcow2 | diskstream import /dev/vg/lv --progress\n" +
-        "  diskstream import base-copy.raw --delta -i diff.qcow2",
-    )
+        "  diskstream import base-copy.raw --delta -i diff.qcow2\n" +
+        "  diskstream import nbd+unix:///disk?socket=/run/nbd.sock -i disk.qcow2 --prezeroed",
+    );
+  addNbdOptions(importCommand)
     .action(async (dest: string, flags: ImportFlags) => {
       if (!["auto", "qcow2", "vhd"].includes(flags.format)) {
         throw new UsageError(`-f/--format must be auto, qcow2 or vhd, got '${flags.format}'`);
@@ -94,6 +110,7 @@ export function registerImport(program: Command): void {
         delta: flags.delta,
         maxBuffer: flags.maxBuffer,
         progress: progressMode(flags),
+        nbd: nbdOptionsFrom(flags),
       });
     });
 
@@ -144,6 +161,7 @@ async function runImport(run: ImportRun): Promise<void> {
     maxBuffer: run.maxBuffer,
     progress,
     streamLength: await streamLength(run.source),
+    nbd: run.nbd,
   };
   // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
   // the data can be spliced into DEST; anything else is read as a stream.

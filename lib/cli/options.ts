@@ -4,7 +4,9 @@
  *
  * @module
  */
+import type { Command } from "commander";
 import { UsageError } from "../errors.ts";
+import type { NbdOptions } from "../nbd/client.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { parseSize } from "../size.ts";
@@ -53,4 +55,31 @@ export function endpointFrom(
 export function progressMode(opts: { progress?: boolean; machine?: boolean }): ProgressMode {
   if (opts.machine) return "machine";
   return opts.progress ? "bar" : "none";
+}
+
+/** The NBD flags of a command (see {@link addNbdOptions}). */
+export interface NbdFlags {
+  connections?: number;
+  cacert?: string;
+}
+
+/** Adds `--connections N` and `--cacert FILE` (for `nbd://…` endpoints) to `command`. */
+export function addNbdOptions(command: Command): Command {
+  return command
+    .option(
+      "--connections <N>",
+      "NBD: connections to the server, 1 to 64 (default 4; 1 unless it offers multi-conn)",
+      (v: string) => {
+        if (!/^\d+$/.test(v) || Number(v) < 1 || Number(v) > 64) {
+          throw new UsageError(`--connections needs a number from 1 to 64, got '${v}'`);
+        }
+        return Number(v);
+      },
+    )
+    .option("--cacert <FILE>", "NBD over TLS (nbds://): PEM file of the CA that signed the server");
+}
+
+/** The NBD options the flags give. */
+export function nbdOptionsFrom(flags: NbdFlags): NbdOptions {
+  return { connections: flags.connections, cacert: flags.cacert };
 }

@@ -9,6 +9,7 @@ import type { ClusterSet } from "../alloc/cluster_set.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { StreamLayout } from "../qcow2/layout.ts";
 import type { ProgressSink } from "../progress.ts";
+import type { NbdOptions } from "../nbd/client.ts";
 
 /** Options of every export format (see {@link ExportOptions} for qcow2). */
 export interface StreamExportOptions {
@@ -20,7 +21,9 @@ export interface StreamExportOptions {
   allocation?: Allocation;
   /** With `allocation`: also leave out the hinted clusters that are all zeros. */
   zeroCheck?: boolean;
-  /** Export only what differs from this base disk (path of a raw file or device). */
+  /** How to reach a source or base that is an NBD export: connections, CA certificate. */
+  nbd?: NbdOptions;
+  /** Export only what differs from this base disk (a raw file or device, or an NBD URI). */
   base?: string;
   /** Which clusters of `base` may hold data (its virtual size must be the base's). */
   baseAllocation?: Allocation;

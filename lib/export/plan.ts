@@ -22,6 +22,7 @@ import { CHUNK_SIZE } from "../io/stream.ts";
 import { DiskstreamError, UsageError } from "../errors.ts";
 import type { ProgressSink } from "../progress.ts";
 import { zeroTest } from "../zero.ts";
+import { isNbdUri } from "../nbd/uri.ts";
 import type { StreamExportOptions } from "./options.ts";
 
 /**
@@ -64,7 +65,8 @@ async function planNonZero(
 ): Promise<ClusterSet> {
   if (candidates.trusted && candidates.set !== null) return candidates.set;
   const out = new ClusterSet(candidates.clusters, clusterSize);
-  if (clusterSize >= PROBE_MIN_CLUSTER) {
+  // A remote source is scanned in large reads: a probe per cluster would be a round trip each.
+  if (clusterSize >= PROBE_MIN_CLUSTER && !source.remote) {
     await probeNonZero(source, candidates, clusterSize, out, onRead);
     return out;
   }
@@ -130,6 +132,13 @@ async function probeNonZero(
   }
 }
 
+/** Opens a source or base: a file or device, or an NBD export (`nbd://…`). */
+async function openSource(path: string, options: StreamExportOptions): Promise<DiskSource> {
+  if (!isNbdUri(path)) return await openDiskSource(path);
+  const { NbdSource } = await import("../nbd/source.ts");
+  return await NbdSource.open(path, options.nbd);
+}
+
 /** What pass 1 decided: the opened source and the clusters to write. */
 export interface ExportPlan {
   /** The source, open; closed by pass 2 (or by the caller when it gives up). */
@@ -158,7 +167,7 @@ export async function planExport(
     throw new UsageError("a base allocation needs a base disk (--base-allocation needs --diff)");
   }
   const progress = options.progress;
-  const src = await openDiskSource(source);
+  const src = await openSource(source, options);
   try {
     const virtualSize = alignUp(src.size, 512);
     check(virtualSize);
@@ -176,6 +185,7 @@ export async function planExport(
         src,
         options.base,
         options.baseAllocation,
+        options,
         sourceCandidates,
         cs,
         progress,
@@ -198,12 +208,13 @@ async function planAgainstBase(
   src: DiskSource,
   basePath: string,
   baseAllocation: Allocation | undefined,
+  options: StreamExportOptions,
   sourceCandidates: Candidates,
   cs: number,
   progress: ProgressSink | undefined,
   onRead: (bytes: number) => void,
 ): Promise<ClusterSet> {
-  const base = await openDiskSource(basePath);
+  const base = await openSource(basePath, options);
   try {
     const virtualSize = alignUp(src.size, 512);
     const baseLimit = Math.min(base.size, virtualSize);

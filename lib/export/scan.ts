@@ -128,8 +128,8 @@ export interface Candidates {
 /**
  * The candidate clusters of `source` (its first `size` bytes): the `hint` when there
  * is one (trusted unless `zeroCheck`), else the data extents of a regular file when
- * the source knows its data extents (hole detection, block status), else every
- * cluster.
+ * the source knows its data extents (hole detection, block status; a remote
+ * source's are trusted unless `zeroCheck`), else every cluster.
  */
 export async function candidatesOf(
   source: DiskSource,
@@ -144,7 +144,7 @@ export async function candidatesOf(
   if (extents === null) return { clusters, set: null, trusted: false };
   const set = new ClusterSet(clusters, clusterSize);
   for (const [first, last] of extentRuns(extents, clusterSize, clusters)) set.addRange(first, last);
-  return { clusters, set, trusted: false };
+  return { clusters, set, trusted: source.remote === true && !zeroCheck };
 }
 
 /** True when cluster `i` is a candidate. */

@@ -1,6 +1,7 @@
 /**
  * Resolving an allocation SPEC (`--allocation SPEC`, `--base-allocation SPEC`): a path
- * or `fd:N` (an inherited descriptor, e.g. a pipe from `qemu-img map --output=json`).
+ * or `fd:N` (an inherited descriptor, e.g. a pipe from `qemu-img map --output=json`),
+ * or an NBD URI (the export's block status, lib/nbd/allocation.ts).
  * Content that starts with `{` or `[` is allocation JSON in any of the three shapes
  * (lib/allocation.ts); any other file is an image (qcow2 or VHD) whose header is read.
  *
@@ -9,6 +10,8 @@
 import { type Allocation, type ImageInfoJson, parseAllocation } from "../alloc/allocation.ts";
 import { describeIoError, DiskstreamError, UsageError } from "../errors.ts";
 import { readImageAllocation } from "./image_allocation.ts";
+import { isNbdUri } from "../nbd/uri.ts";
+import type { NbdOptions } from "../nbd/client.ts";
 
 /** Bytes looked at to tell JSON from an image. */
 const SNIFF_BYTES = 4096;
@@ -85,7 +88,11 @@ export async function resolveAllocationSpec(
   spec: string,
   clusterSize: number,
   info?: ImageInfoJson,
+  nbd?: NbdOptions,
 ): Promise<Allocation> {
+  if (isNbdUri(spec)) {
+    return await (await import("../nbd/allocation.ts")).nbdAllocation(spec, clusterSize, nbd);
+  }
   const path = specPath(spec);
   const where = `allocation ${spec}`;
   // A descriptor, a pipe or a FIFO can be read only once: take all of it as JSON.

@@ -15,6 +15,9 @@ import {
 } from "./raw_destination.ts";
 import { ChunkStream } from "../io/stream_walker.ts";
 import { decodeVhdStream } from "../vhd/stream_reader.ts";
+import { isNbdUri } from "../nbd/uri.ts";
+import type { NbdOptions } from "../nbd/client.ts";
+import type { NbdTarget } from "../nbd/target.ts";
 
 /** The stream's format: detected from its first bytes, or forced. */
 export type ImportFormat = "auto" | "qcow2" | "vhd";
@@ -49,6 +52,8 @@ export interface ImportOptions extends DestinationOptions {
   progress?: ProgressSink;
   /** The stream's length when known (a regular file), for progress. */
   streamLength?: number;
+  /** How to reach a destination that is an NBD export: connections, CA certificate. */
+  nbd?: NbdOptions;
 }
 
 /** What an import did. */
@@ -58,7 +63,7 @@ export interface ImportResult {
   virtualSize: number;
   /** Bytes of guest data written (zeros not counted). */
   dataBytes: number;
-  /** What the destination was: a new file (left sparse), an existing file, a device. */
+  /** What the destination was: a new file (left sparse), an existing file, a device, an NBD export. */
   destination: DestinationKind;
   /** Bytes of guest data moved from a pipe into `dest` by the kernel (splice). */
   splicedBytes: number;
@@ -142,7 +147,7 @@ async function importChunks(
   dest: string,
   options: ImportOptions,
 ): Promise<ImportResult> {
-  let target: RawDestination | null = null;
+  let target: RawDestination | NbdTarget | null = null;
   const progress = options.progress;
   let lastTotal = -1;
   const decodeOpts = {
@@ -158,12 +163,14 @@ async function importChunks(
       : undefined,
   };
   const open = async (info: StreamImageInfo, sizeKnown = true) => {
-    target = await RawDestination.open(
-      dest,
-      sizeKnown ? info.virtualSize : null,
-      info.unit,
-      options,
-    );
+    const size = sizeKnown ? info.virtualSize : null;
+    target = isNbdUri(dest)
+      ? await (await import("../nbd/target.ts")).NbdTarget.open(dest, size, info.unit, {
+        ...options.nbd,
+        prezeroed: options.prezeroed,
+        delta: options.delta,
+      })
+      : await RawDestination.open(dest, size, info.unit, options);
     return target;
   };
   try {
@@ -171,7 +178,7 @@ async function importChunks(
     const info = format === "qcow2"
       ? await decodeQcow2Stream(input, decodeOpts, open)
       : await decodeVhdStream(input, decodeOpts, open);
-    const t = target as RawDestination | null;
+    const t = target as RawDestination | NbdTarget | null;
     if (!t) throw new Error("the decoder did not open the destination");
     await t.finish(info.virtualSize);
     progress?.finish();
@@ -183,7 +190,7 @@ async function importChunks(
       splicedBytes: t.directBytes,
     };
   } catch (err) {
-    await (target as RawDestination | null)?.abort();
+    await (target as RawDestination | NbdTarget | null)?.abort();
     await input.cancel().catch(() => {});
     throw err;
   }

@@ -36,7 +36,7 @@ export interface DestinationOptions {
 }
 
 /** How the destination was found. */
-export type DestinationKind = "new file" | "file" | "device";
+export type DestinationKind = "new file" | "file" | "device" | "nbd export";
 
 const ZEROS = new Uint8Array(4 * 1024 * 1024);
 /** All-zero data is left as a hole in pieces of this size (when the destination is zero). */

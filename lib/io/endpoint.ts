@@ -24,6 +24,13 @@ export interface DiskSource {
   /** True for a regular file (hole detection may apply), false for a device. */
   readonly isFile: boolean;
   /**
+   * True for a network export (NBD): `path` is no file to copy from in the kernel,
+   * and its {@link DiskSource.extents} come from the server's metadata, so they are
+   * planned as data without being read first (as a trusted allocation hint is), since
+   * reading to check them would cost what the metadata saves.
+   */
+  readonly remote?: boolean;
+  /**
    * Fills all of `buf` with the bytes at `position`. Bytes at or past `limit`
    * (default: the size) read as zeros. Throws a `SourceChangedError` when the
    * source ends before `limit`.
@@ -40,6 +47,12 @@ export interface DiskSource {
    * when unknown (then every byte may).
    */
   extents(limit: number): Promise<Iterable<readonly [number, number]> | null>;
+  /**
+   * Announces the reads to come, in order: byte ranges `[start, end)`, ascending. A
+   * remote source reads ahead along them with many requests in flight; a read off
+   * this order is still served (directly).
+   */
+  willRead?(ranges: Iterable<readonly [number, number]>): void;
   /** The size now (to detect a source that changed between passes). */
   currentSize(): Promise<number>;
   /** Releases the file; later calls do nothing. */

@@ -1,0 +1,323 @@
+/**
+ * An NBD export as a disk: a pool of connections (several only when the server
+ * advertises multi-conn consistency) with a few requests in flight on each, and the
+ * operations export and import need — read, write, write zeroes, flush, and the
+ * data extents from `base:allocation` block status. Requests respect the server's
+ * block sizes: offsets and lengths aligned to its minimum, payloads within its
+ * maximum.
+ *
+ * @module
+ */
+import { NbdError, UsageError } from "../errors.ts";
+import {
+  CMD_BLOCK_STATUS,
+  CMD_FLUSH,
+  CMD_READ,
+  CMD_WRITE,
+  CMD_WRITE_ZEROES,
+  STATE_ZERO,
+} from "./constants.ts";
+import { type NbdConnection, openConnection, type StatusExtents } from "./connection.ts";
+import type { ExportInfo } from "./handshake.ts";
+import type { TlsOptions } from "./socket.ts";
+import { type NbdAddress, parseNbdUri } from "./uri.ts";
+
+/** Default number of connections ({@link NbdOptions.connections}). */
+export const DEFAULT_CONNECTIONS = 4;
+/** Default requests in flight per connection. */
+export const DEFAULT_DEPTH = 4;
+/** Size of the read requests a large read is cut into (as nbdcopy's default). */
+export const READ_PIECE = 256 * 1024;
+/** Size of the write requests. */
+const WRITE_PIECE = 1024 * 1024;
+/** Largest write-zeroes request. */
+const ZERO_PIECE = 1024 * 1024 * 1024;
+/** Bytes of the export asked about per block status request. */
+const STATUS_SPAN = 1024 * 1024 * 1024;
+/** Time a server has to greet the extra connections of a pool. */
+const EXTRA_HANDSHAKE_MS = 5000;
+
+/** How to open an export. */
+export interface NbdOptions {
+  /**
+   * Connections to open (default 4). More than one only when the server advertises
+   * multi-conn; fewer when it refuses the extra ones.
+   */
+  connections?: number;
+  /** Requests in flight per connection (default 4). */
+  depth?: number;
+  /** Path of a PEM file with the CA certificate(s) that signed the server's (nbds://). */
+  cacert?: string;
+  /** For writing: refuse a read-only export. */
+  write?: boolean;
+}
+
+/** An open NBD export. */
+export class NbdExport {
+  readonly info: ExportInfo;
+  #conns: NbdConnection[];
+  #active: number[];
+  #waiters: (() => void)[] = [];
+  #depth: number;
+  #closed = false;
+
+  private constructor(readonly address: NbdAddress, conns: NbdConnection[], depth: number) {
+    this.info = conns[0].info;
+    this.#conns = conns;
+    this.#active = conns.map(() => 0);
+    this.#depth = depth;
+  }
+
+  /** The URI (for messages). */
+  get uri(): string {
+    return this.address.uri;
+  }
+
+  /** Size of the export in bytes. */
+  get size(): number {
+    return this.info.size;
+  }
+
+  /** Connections in use. */
+  get connections(): number {
+    return this.#conns.length;
+  }
+
+  /** True when block status can tell where the data is. */
+  get hasBlockStatus(): boolean {
+    return this.info.allocationContext !== null;
+  }
+
+  /**
+   * Connects to the export at `uri` (see `parseNbdUri`) with `options.connections`
+   * connections when the server allows several.
+   */
+  static async open(uri: string | NbdAddress, options: NbdOptions = {}): Promise<NbdExport> {
+    const address = typeof uri === "string" ? parseNbdUri(uri) : uri;
+    const want = options.connections ?? DEFAULT_CONNECTIONS;
+    if (!Number.isInteger(want) || want < 1 || want > 64) {
+      throw new UsageError(`--connections must be a whole number from 1 to 64 (got ${want})`);
+    }
+    const tls: TlsOptions = {};
+    if (options.cacert !== undefined) {
+      try {
+        tls.caCerts = [await Deno.readTextFile(options.cacert)];
+      } catch (err) {
+        throw new UsageError(`cannot read the CA certificate ${options.cacert}: ${String(err)}`);
+      }
+    }
+    const first = await openConnection(address, tls);
+    if (options.write === true && first.info.readOnly) {
+      await first.close();
+      throw new NbdError(`${address.uri}: the export is read-only`);
+    }
+    const conns = [first];
+    if (want > 1 && first.info.canMultiConn) {
+      const extra = await Promise.allSettled(
+        Array.from({ length: want - 1 }, () => openConnection(address, tls, EXTRA_HANDSHAKE_MS)),
+      );
+      for (const r of extra) {
+        // A connection that differs from the first would not be the same export.
+        if (r.status === "fulfilled" && r.value.info.size === first.info.size) conns.push(r.value);
+        else if (r.status === "fulfilled") await r.value.close();
+      }
+    }
+    return new NbdExport(address, conns, options.depth ?? DEFAULT_DEPTH);
+  }
+
+  async #slot(): Promise<number> {
+    for (;;) {
+      if (this.#closed) throw new NbdError(`${this.uri}: the export was closed`);
+      let best = -1;
+      for (let i = 0; i < this.#conns.length; i++) {
+        if (this.#active[i] < this.#depth && (best < 0 || this.#active[i] < this.#active[best])) {
+          best = i;
+        }
+      }
+      if (best >= 0) {
+        this.#active[best]++;
+        return best;
+      }
+      await new Promise<void>((resolve) => this.#waiters.push(resolve));
+    }
+  }
+
+  async #request(
+    command: number,
+    flags: number,
+    offset: number,
+    length: number,
+    data?: { into?: Uint8Array; payload?: Uint8Array },
+  ): Promise<StatusExtents> {
+    const i = await this.#slot();
+    try {
+      return await this.#conns[i].request(command, flags, offset, length, data);
+    } finally {
+      this.#active[i]--;
+      this.#waiters.shift()?.();
+    }
+  }
+
+  #checkRange(offset: number, length: number, what: string): void {
+    if (offset < 0 || length < 0 || offset + length > this.size) {
+      throw new NbdError(
+        `${this.uri}: a ${what} of ${length} bytes at byte offset ${offset} lies outside the export (${this.size} bytes)`,
+      );
+    }
+  }
+
+  #aligned(offset: number, length: number, what: string): void {
+    const min = this.info.minBlock;
+    if (offset % min !== 0 || (length % min !== 0 && offset + length !== this.size)) {
+      throw new NbdError(
+        `${this.uri}: the server takes ${what}s aligned to ${min} bytes; bytes ${offset}-${
+          offset + length
+        } are not`,
+      );
+    }
+  }
+
+  /**
+   * Fills `buf` with the export's bytes at `offset` (within the export). Large reads
+   * are cut into requests spread over the connections; unaligned ones are read
+   * through an aligned bounce buffer.
+   */
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    this.#checkRange(offset, buf.length, "read");
+    const min = this.info.minBlock;
+    const start = offset - (offset % min);
+    const end = Math.min(this.size, Math.ceil((offset + buf.length) / min) * min);
+    if (start !== offset || end !== offset + buf.length) {
+      const bounce = new Uint8Array(end - start);
+      await this.read(bounce, start);
+      buf.set(bounce.subarray(offset - start, offset - start + buf.length));
+      return;
+    }
+    const piece = Math.max(min, Math.min(this.info.maxPayload, READ_PIECE));
+    const reads: Promise<unknown>[] = [];
+    for (let at = 0; at < buf.length; at += piece) {
+      const len = Math.min(piece, buf.length - at);
+      reads.push(
+        this.#request(CMD_READ, 0, offset + at, len, { into: buf.subarray(at, at + len) }),
+      );
+    }
+    await settleAll(reads);
+  }
+
+  /** Writes `bytes` at `offset` (aligned to the server's minimum block size). */
+  async write(offset: number, bytes: Uint8Array): Promise<void> {
+    this.#checkRange(offset, bytes.length, "write");
+    this.#aligned(offset, bytes.length, "write");
+    const piece = Math.min(this.info.maxPayload, WRITE_PIECE);
+    const writes: Promise<unknown>[] = [];
+    for (let at = 0; at < bytes.length; at += piece) {
+      const len = Math.min(piece, bytes.length - at);
+      writes.push(
+        this.#request(CMD_WRITE, 0, offset + at, len, { payload: bytes.subarray(at, at + len) }),
+      );
+    }
+    await settleAll(writes);
+  }
+
+  /**
+   * Makes `[offset, offset + length)` read as zeros: `NBD_CMD_WRITE_ZEROES` when the
+   * server offers it, else writes of zeros.
+   */
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    this.#checkRange(offset, length, "write of zeroes");
+    this.#aligned(offset, length, "write of zeroe");
+    const ops: Promise<unknown>[] = [];
+    if (this.info.canWriteZeroes) {
+      for (let at = 0; at < length; at += ZERO_PIECE) {
+        const len = Math.min(ZERO_PIECE, length - at);
+        ops.push(this.#request(CMD_WRITE_ZEROES, 0, offset + at, len));
+      }
+    } else {
+      const piece = Math.min(this.info.maxPayload, WRITE_PIECE);
+      const zeros = new Uint8Array(Math.min(piece, length));
+      for (let at = 0; at < length; at += piece) {
+        const len = Math.min(piece, length - at);
+        ops.push(
+          this.#request(CMD_WRITE, 0, offset + at, len, { payload: zeros.subarray(0, len) }),
+        );
+      }
+    }
+    await settleAll(ops);
+  }
+
+  /**
+   * Makes every completed write durable (`NBD_CMD_FLUSH` on each connection; with
+   * multi-conn one would do, but a flush per connection costs little and needs no
+   * trust). Does nothing when the server has no flush (it writes through).
+   */
+  async flush(): Promise<void> {
+    if (!this.info.canFlush) return;
+    await settleAll(this.#conns.map((c) => c.request(CMD_FLUSH, 0, 0, 0)));
+  }
+
+  /**
+   * The byte ranges `[start, end)` of the first `limit` bytes that may hold data,
+   * ascending and merged, from `base:allocation` block status: extents flagged
+   * zero are left out (a hole not flagged zero is data: its contents are undefined,
+   * so it is read). Null when the server offers no block status.
+   */
+  async extents(limit: number = this.size): Promise<[number, number][] | null> {
+    if (this.info.allocationContext === null) return null;
+    const end = Math.min(limit, this.size);
+    const spans: Promise<[number, number][]>[] = [];
+    for (let at = 0; at < end; at += STATUS_SPAN) {
+      spans.push(this.#spanExtents(at, Math.min(end, at + STATUS_SPAN)));
+    }
+    const out: [number, number][] = [];
+    for (const list of await settleAll(spans)) {
+      for (const [a, b] of list) {
+        const last = out[out.length - 1];
+        if (last !== undefined && last[1] === a) last[1] = b;
+        else out.push([a, b]);
+      }
+    }
+    return out;
+  }
+
+  /** The data extents of `[from, to)`, asking until the server has described it all. */
+  async #spanExtents(from: number, to: number): Promise<[number, number][]> {
+    const out: [number, number][] = [];
+    const min = this.info.minBlock;
+    for (let at = from; at < to;) {
+      let len = Math.min(to, this.size) - at;
+      if (len % min !== 0 && at + len !== this.size) len += min - (len % min);
+      const reply = await this.#request(CMD_BLOCK_STATUS, 0, at, Math.min(len, this.size - at));
+      let pos = at;
+      for (let k = 0; k < reply.length && pos < to; k += 2) {
+        const next = Math.min(to, pos + reply[k]);
+        if ((reply[k + 1] & STATE_ZERO) === 0) {
+          const last = out[out.length - 1];
+          if (last !== undefined && last[1] === pos) last[1] = next;
+          else out.push([pos, next]);
+        }
+        pos = next;
+      }
+      at = pos;
+    }
+    return out;
+  }
+
+  /** Disconnects every connection (`NBD_CMD_DISC`); later calls do nothing. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const wake of this.#waiters.splice(0)) wake();
+    await Promise.all(this.#conns.map((c) => c.close()));
+  }
+}
+
+/**
+ * Waits for every promise and throws the first failure (after all have settled, so
+ * no buffer is still being filled when the caller moves on).
+ */
+async function settleAll<T>(promises: Promise<T>[]): Promise<T[]> {
+  const results = await Promise.allSettled(promises);
+  const failed = results.find((r) => r.status === "rejected");
+  if (failed !== undefined) throw (failed as PromiseRejectedResult).reason;
+  return results.map((r) => (r as PromiseFulfilledResult<T>).value);
+}

@@ -1,0 +1,397 @@
+/**
+ * One NBD connection in the transmission phase: requests go out tagged with a
+ * cookie, several at a time; one loop reads the replies (simple or structured) and
+ * completes the request each belongs to. Read data lands straight in the caller's
+ * buffer. Every reply is checked against its request before it is believed: data
+ * and holes inside the requested range, covering it exactly once; block status
+ * sized within the spec's bound; no reply for a cookie that was never sent. Any
+ * breach, a dropped connection or an error reply fails with an {@link NbdError}.
+ *
+ * @module
+ */
+import { NbdError } from "../errors.ts";
+import {
+  CMD_BLOCK_STATUS,
+  CMD_DISC,
+  CMD_READ,
+  commandName,
+  errorName,
+  REPLY_FLAG_DONE,
+  REPLY_TYPE_BLOCK_STATUS,
+  REPLY_TYPE_ERROR_BIT,
+  REPLY_TYPE_ERROR_OFFSET,
+  REPLY_TYPE_NONE,
+  REPLY_TYPE_OFFSET_DATA,
+  REPLY_TYPE_OFFSET_HOLE,
+  REQUEST_MAGIC,
+  SIMPLE_REPLY_MAGIC,
+  STRUCTURED_REPLY_MAGIC,
+} from "./constants.ts";
+import { connectChannel, type TlsOptions, writeAll } from "./socket.ts";
+import type { NbdAddress } from "./uri.ts";
+import { type ExportInfo, negotiate, type Negotiated } from "./handshake.ts";
+import type { WireReader } from "./socket.ts";
+
+/** Most descriptors one block status chunk may carry (the spec's 2^20). */
+const MAX_EXTENTS_PER_CHUNK = 1 << 20;
+/** Longest error chunk accepted (a 4 KiB message plus its fields). */
+const MAX_ERROR_CHUNK = 8192;
+/** Payloads copied into the request header's buffer (one write instead of two). */
+const SMALL_PAYLOAD = 64 * 1024;
+/** Block status payload read at a time. */
+const STATUS_PIECE = 8 * 4096;
+
+/** A block status reply: extent lengths and flags, alternating. */
+export type StatusExtents = number[];
+
+interface Pending {
+  command: number;
+  offset: number;
+  length: number;
+  into?: Uint8Array;
+  /** Read: the `[start, end)` ranges (relative) filled so far. */
+  covered: [number, number][];
+  extents: StatusExtents;
+  error: NbdError | null;
+  resolve(extents: StatusExtents): void;
+  reject(err: unknown): void;
+}
+
+/** Converts a 64-bit field to a number, refusing what a number cannot hold exactly. */
+/** A DataView over exactly the bytes of `bytes`. */
+function viewOf(bytes: Uint8Array): DataView {
+  return new DataView(bytes.buffer, bytes.byteOffset, bytes.length);
+}
+
+function u64(view: DataView, at: number): number {
+  const hi = view.getUint32(at);
+  if (hi > 0x1fffff) return Number.POSITIVE_INFINITY;
+  return hi * 0x100000000 + view.getUint32(at + 4);
+}
+
+/** An NBD connection ready for requests. */
+export class NbdConnection {
+  readonly info: ExportInfo;
+  #reader: WireReader;
+  #channel: Negotiated["channel"];
+  #pending = new Map<number, Pending>();
+  #cookie = 0;
+  #writes: Promise<void> = Promise.resolve();
+  #failure: NbdError | null = null;
+  #closing = false;
+
+  constructor(negotiated: Negotiated, readonly uri: string) {
+    this.info = negotiated.info;
+    this.#reader = negotiated.reader;
+    this.#channel = negotiated.channel;
+    this.#readReplies();
+  }
+
+  /** Requests sent and not yet answered. */
+  get inFlight(): number {
+    return this.#pending.size;
+  }
+
+  /** The failure that ended this connection, if any. */
+  get failure(): NbdError | null {
+    return this.#failure;
+  }
+
+  /**
+   * Sends one request and resolves when its reply is complete: a read fills `into`
+   * (exactly `length` bytes), a block status resolves with its extents.
+   */
+  request(
+    command: number,
+    flags: number,
+    offset: number,
+    length: number,
+    data?: { into?: Uint8Array; payload?: Uint8Array },
+  ): Promise<StatusExtents> {
+    if (this.#failure !== null) return Promise.reject(this.#failure);
+    const cookie = this.#cookie = (this.#cookie + 1) >>> 0;
+    const payload = data?.payload;
+    const small = payload !== undefined && payload.length <= SMALL_PAYLOAD;
+    const head = new Uint8Array(28 + (small ? payload.length : 0));
+    const view = new DataView(head.buffer);
+    view.setUint32(0, REQUEST_MAGIC);
+    view.setUint16(4, flags);
+    view.setUint16(6, command);
+    view.setUint32(8, 0);
+    view.setUint32(12, cookie);
+    view.setUint32(16, Math.floor(offset / 0x100000000));
+    view.setUint32(20, offset >>> 0);
+    view.setUint32(24, length);
+    if (small) head.set(payload, 28);
+    const done = command === CMD_DISC ? Promise.resolve([]) : new Promise<StatusExtents>(
+      (resolve, reject) => {
+        this.#pending.set(cookie, {
+          command,
+          offset,
+          length,
+          into: data?.into,
+          covered: [],
+          extents: [],
+          error: null,
+          resolve,
+          reject,
+        });
+      },
+    );
+    const sent = this.#writes.then(async () => {
+      if (this.#failure !== null) throw this.#failure;
+      await writeAll(this.#channel, head);
+      if (payload !== undefined && !small) await writeAll(this.#channel, payload);
+    });
+    this.#writes = sent.catch((err) => {
+      this.#fail(
+        err instanceof NbdError ? err : new NbdError(
+          `${this.uri}: the connection broke while sending a ${commandName(command)}: ${
+            err instanceof Error ? err.message : String(err)
+          }`,
+          { cause: err },
+        ),
+      );
+    });
+    return done;
+  }
+
+  /** Ends the session politely (`NBD_CMD_DISC`) and closes the socket. */
+  async close(): Promise<void> {
+    if (this.#closing) return;
+    this.#closing = true;
+    if (this.#failure === null) {
+      await this.request(CMD_DISC, 0, 0, 0).catch(() => {});
+      await this.#writes;
+    }
+    this.#closeChannel();
+  }
+
+  #closeChannel(): void {
+    this.#closing = true;
+    try {
+      this.#channel.close();
+    } catch {
+      // already closed
+    }
+  }
+
+  #fail(err: NbdError): void {
+    if (this.#failure === null) this.#failure = err;
+    for (const p of this.#pending.values()) p.reject(this.#failure);
+    this.#pending.clear();
+    this.#closeChannel();
+  }
+
+  #protocol(what: string): NbdError {
+    return new NbdError(`${this.uri}: protocol error: ${what}`);
+  }
+
+  async #readReplies(): Promise<void> {
+    try {
+      for (;;) {
+        const magic = viewOf(await this.#reader.exact(4)).getUint32(0);
+        if (magic === SIMPLE_REPLY_MAGIC) await this.#simpleReply();
+        else if (magic === STRUCTURED_REPLY_MAGIC) await this.#structuredChunk();
+        else throw this.#protocol(`a reply has the bad magic number 0x${magic.toString(16)}`);
+      }
+    } catch (err) {
+      if (this.#closing && this.#pending.size === 0) return;
+      this.#fail(
+        err instanceof NbdError ? err : new NbdError(`${this.uri}: ${String(err)}`, { cause: err }),
+      );
+    }
+  }
+
+  #take(cookieHi: number, cookie: number): Pending {
+    const pending = cookieHi === 0 ? this.#pending.get(cookie) : undefined;
+    if (pending === undefined) {
+      throw this.#protocol(
+        `the server answered request ${cookieHi * 0x100000000 + cookie}, which was never sent`,
+      );
+    }
+    return pending;
+  }
+
+  #where(p: Pending): string {
+    return `a ${commandName(p.command)} of ${p.length} bytes at byte offset ${p.offset}`;
+  }
+
+  async #simpleReply(): Promise<void> {
+    const view = viewOf(await this.#reader.exact(12));
+    const error = view.getUint32(0);
+    const cookie = view.getUint32(8);
+    const p = this.#take(view.getUint32(4), cookie);
+    this.#pending.delete(cookie);
+    if (error !== 0) {
+      p.reject(
+        new NbdError(`${this.uri}: the server answered ${errorName(error)} to ${this.#where(p)}`),
+      );
+      return;
+    }
+    if (p.command === CMD_READ) {
+      if (this.info.structured) {
+        throw this.#protocol(`a simple reply with data to ${this.#where(p)}`);
+      }
+      await this.#reader.into(p.into!.subarray(0, p.length));
+    } else if (p.command === CMD_BLOCK_STATUS) {
+      throw this.#protocol(`a simple reply to ${this.#where(p)}`);
+    }
+    p.resolve([]);
+  }
+
+  async #structuredChunk(): Promise<void> {
+    const view = viewOf(await this.#reader.exact(16));
+    const flags = view.getUint16(0);
+    const type = view.getUint16(2);
+    const cookie = view.getUint32(8);
+    const length = view.getUint32(12);
+    const p = this.#take(view.getUint32(4), cookie);
+    if (!this.info.structured) throw this.#protocol("a structured reply that was not negotiated");
+    if (type === REPLY_TYPE_NONE) {
+      if (length !== 0 || (flags & REPLY_FLAG_DONE) === 0) {
+        throw this.#protocol(`a malformed NBD_REPLY_TYPE_NONE to ${this.#where(p)}`);
+      }
+    } else if ((type & REPLY_TYPE_ERROR_BIT) !== 0) {
+      await this.#errorChunk(p, type, length);
+    } else if (type === REPLY_TYPE_OFFSET_DATA && p.command === CMD_READ) {
+      if (length < 9) throw this.#protocol(`a data chunk of ${length} bytes`);
+      const at = u64(viewOf(await this.#reader.exact(8)), 0);
+      const start = this.#inside(p, at, length - 8, "data");
+      await this.#reader.into(p.into!.subarray(start, start + length - 8));
+    } else if (type === REPLY_TYPE_OFFSET_HOLE && p.command === CMD_READ) {
+      if (length !== 12) throw this.#protocol(`a hole chunk of ${length} bytes (12 expected)`);
+      const hole = viewOf(await this.#reader.exact(12));
+      const size = hole.getUint32(8);
+      if (size === 0) throw this.#protocol("a hole chunk of 0 bytes");
+      const start = this.#inside(p, u64(hole, 0), size, "hole");
+      p.into!.fill(0, start, start + size);
+    } else if (type === REPLY_TYPE_BLOCK_STATUS && p.command === CMD_BLOCK_STATUS) {
+      await this.#statusChunk(p, length);
+    } else {
+      throw this.#protocol(`an unexpected reply chunk of type ${type} to ${this.#where(p)}`);
+    }
+    if ((flags & REPLY_FLAG_DONE) === 0) return;
+    this.#pending.delete(cookie);
+    if (p.error !== null) return p.reject(p.error);
+    if (p.command === CMD_READ) this.#checkCovered(p);
+    if (p.command === CMD_BLOCK_STATUS && p.extents.length === 0) {
+      throw this.#protocol(`no extents in the reply to ${this.#where(p)}`);
+    }
+    p.resolve(p.extents);
+  }
+
+  /** Checks a data or hole chunk lies in the request; returns its start in the buffer. */
+  #inside(p: Pending, at: number, size: number, what: string): number {
+    const start = at - p.offset;
+    if (start < 0 || start + size > p.length) {
+      throw this.#protocol(
+        `a ${what} chunk for bytes ${at}-${at + size} outside ${this.#where(p)}`,
+      );
+    }
+    p.covered.push([start, start + size]);
+    return start;
+  }
+
+  /** A successful read must cover its range exactly once (else bytes would be stale). */
+  #checkCovered(p: Pending): void {
+    const ranges = p.covered.sort((a, b) => a[0] - b[0]);
+    let at = 0;
+    for (const [start, end] of ranges) {
+      if (start !== at) {
+        throw this.#protocol(
+          start < at
+            ? `overlapping chunks in the reply to ${this.#where(p)}`
+            : `bytes ${p.offset + at}-${p.offset + start} missing from the reply to ${
+              this.#where(p)
+            }`,
+        );
+      }
+      at = end;
+    }
+    if (at !== p.length) {
+      throw this.#protocol(
+        `bytes ${p.offset + at}-${p.offset + p.length} missing from the reply to ${this.#where(p)}`,
+      );
+    }
+  }
+
+  async #statusChunk(p: Pending, length: number): Promise<void> {
+    const count = (length - 4) / 8;
+    if (length < 12 || !Number.isInteger(count) || count > MAX_EXTENTS_PER_CHUNK) {
+      throw this.#protocol(`a block status chunk of ${length} bytes`);
+    }
+    const id = viewOf(await this.#reader.exact(4)).getUint32(0);
+    if (id !== this.info.allocationContext) {
+      throw this.#protocol(`block status for metadata context ${id}, which was not asked for`);
+    }
+    if (p.extents.length > 0) throw this.#protocol(`two block status chunks for one context`);
+    for (let left = count; left > 0;) {
+      const n = Math.min(left, STATUS_PIECE / 8);
+      const view = viewOf(await this.#reader.exact(n * 8));
+      for (let k = 0; k < n; k++) {
+        const len = view.getUint32(k * 8);
+        if (len === 0) throw this.#protocol(`an extent of length 0 in ${this.#where(p)}`);
+        p.extents.push(len, view.getUint32(k * 8 + 4));
+      }
+      left -= n;
+    }
+  }
+
+  async #errorChunk(p: Pending, type: number, length: number): Promise<void> {
+    if (length < 6 || length > MAX_ERROR_CHUNK) {
+      throw this.#protocol(`an error chunk of ${length} bytes`);
+    }
+    const body = (await this.#reader.exact(length)).slice();
+    const view = new DataView(body.buffer);
+    const code = view.getUint32(0);
+    const msgLength = view.getUint16(4);
+    if (msgLength > length - 6) throw this.#protocol("an error message longer than its chunk");
+    const text = new TextDecoder().decode(body.subarray(6, 6 + msgLength)).trim();
+    let where = this.#where(p);
+    if (type === REPLY_TYPE_ERROR_OFFSET && length >= 14 + msgLength) {
+      where += ` (failing at byte offset ${u64(view, 6 + msgLength)})`;
+    }
+    p.error ??= new NbdError(
+      `${this.uri}: the server answered ${errorName(code)} to ${where}${
+        text === "" ? "" : `: ${text}`
+      }`,
+    );
+  }
+}
+
+/**
+ * Connects to `address` and negotiates; `timeoutMs` bounds the handshake (for the
+ * extra connections of a pool: a server that accepts only one never greets them).
+ */
+export async function openConnection(
+  address: NbdAddress,
+  options: TlsOptions,
+  timeoutMs?: number,
+): Promise<NbdConnection> {
+  const conn = await connectChannel(address);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const negotiated = negotiate(conn, address, options);
+    negotiated.catch(() => {}); // a late failure after the timeout is not unhandled
+    const result = timeoutMs === undefined ? await negotiated : await Promise.race([
+      negotiated,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () => reject(new NbdError(`${address.uri}: the server did not answer the handshake`)),
+          timeoutMs,
+        );
+      }),
+    ]);
+    return new NbdConnection(result, address.uri);
+  } catch (err) {
+    try {
+      conn.close();
+    } catch {
+      // closed by TLS already
+    }
+    throw err;
+  } finally {
+    clearTimeout(timer);
+  }
+}

@@ -1,0 +1,133 @@
+/**
+ * An NBD export as an export's {@link DiskSource}: reads spread over the pool's
+ * connections, block status as the data extents (trusted: the planned clusters are
+ * not read twice), and read-ahead along the reads pass 2 announces, so that even a
+ * run of small scattered clusters keeps every connection busy.
+ *
+ * @module
+ */
+import { SourceChangedError } from "../errors.ts";
+import type { DiskSource } from "../io/endpoint.ts";
+import { NbdExport, type NbdOptions, READ_PIECE } from "./client.ts";
+
+/** Bytes read ahead at most (in pieces of 256 KiB). */
+const READ_AHEAD = 32 * 1024 * 1024;
+
+interface Piece {
+  offset: number;
+  buf: Uint8Array;
+  /** Bytes of `buf` already handed out. */
+  used: number;
+  done: Promise<void>;
+}
+
+/** An NBD export opened for reading (see the module comment). */
+export class NbdSource implements DiskSource {
+  readonly isFile = false;
+  readonly remote = true;
+  #export: NbdExport;
+  #ahead: Piece[] = [];
+  #aheadBytes = 0;
+  #plan: Iterator<readonly [number, number]> | null = null;
+  /** The rest of the announced range being cut into pieces. */
+  #next: [number, number] | null = null;
+
+  constructor(nbd: NbdExport) {
+    this.#export = nbd;
+  }
+
+  /** Opens the export at `uri` (see `NbdExport.open`). */
+  static async open(uri: string, options: NbdOptions = {}): Promise<NbdSource> {
+    return new NbdSource(await NbdExport.open(uri, options));
+  }
+
+  get path(): string {
+    return this.#export.uri;
+  }
+
+  get size(): number {
+    return this.#export.size;
+  }
+
+  /** The pool (for its connection count and export facts). */
+  get export(): NbdExport {
+    return this.#export;
+  }
+
+  extents(limit: number): Promise<Iterable<readonly [number, number]> | null> {
+    return this.#export.extents(Math.min(limit, this.size));
+  }
+
+  willRead(ranges: Iterable<readonly [number, number]>): void {
+    this.#drop();
+    this.#plan = ranges[Symbol.iterator]();
+    this.#topUp();
+  }
+
+  /** Forgets the read-ahead (after a read off the announced order). */
+  #drop(): void {
+    for (const p of this.#ahead) p.done.catch(() => {});
+    this.#ahead = [];
+    this.#aheadBytes = 0;
+    this.#plan = null;
+    this.#next = null;
+  }
+
+  #topUp(): void {
+    while (this.#aheadBytes < READ_AHEAD) {
+      if (this.#next === null) {
+        const r = this.#plan?.next();
+        if (r === undefined || r.done) return;
+        const start = r.value[0];
+        const end = Math.min(r.value[1], this.size);
+        if (end <= start) continue;
+        this.#next = [start, end];
+      }
+      const [start, end] = this.#next;
+      const len = Math.min(READ_PIECE, end - start);
+      const buf = new Uint8Array(len);
+      this.#ahead.push({ offset: start, buf, used: 0, done: this.#export.read(buf, start) });
+      this.#aheadBytes += len;
+      this.#next = start + len < end ? [start + len, end] : null;
+    }
+  }
+
+  async readAt(buf: Uint8Array, position: number, limit = this.size): Promise<void> {
+    const want = Math.max(0, Math.min(buf.length, limit - position));
+    if (want < buf.length) buf.fill(0, want);
+    if (position + want > this.size) {
+      throw new SourceChangedError(
+        `${this.path} has ${this.size} bytes, fewer than the ${limit} expected: the export shrank`,
+      );
+    }
+    let got = 0;
+    for (;;) {
+      const head = this.#ahead[0];
+      if (got >= want || head === undefined || head.offset + head.used !== position + got) break;
+      await head.done;
+      const n = Math.min(want - got, head.buf.length - head.used);
+      buf.set(head.buf.subarray(head.used, head.used + n), got);
+      head.used += n;
+      got += n;
+      if (head.used === head.buf.length) {
+        this.#ahead.shift();
+        this.#aheadBytes -= head.buf.length;
+      }
+    }
+    if (got < want) {
+      if (this.#ahead.length > 0 || this.#next !== null) this.#drop();
+      await this.#export.read(buf.subarray(got, want), position + got);
+    }
+    this.#topUp();
+  }
+
+  currentSize(): Promise<number> {
+    // An NBD export's size is fixed for the session.
+    return Promise.resolve(this.size);
+  }
+
+  close(): void {
+    this.#drop();
+    this.#export.close().catch(() => {});
+  }
+}
