@@ -222,8 +222,8 @@ export class NbdConnection {
     const error = view.getUint32(0);
     const cookie = view.getUint32(8);
     const p = this.#take(view.getUint32(4), cookie);
-    this.#pending.delete(cookie);
     if (error !== 0) {
+      this.#pending.delete(cookie);
       p.reject(
         new NbdError(`${this.uri}: the server answered ${errorName(error)} to ${this.#where(p)}`),
       );
@@ -237,6 +237,7 @@ export class NbdConnection {
     } else if (p.command === CMD_BLOCK_STATUS) {
       throw this.#protocol(`a simple reply to ${this.#where(p)}`);
     }
+    this.#pending.delete(cookie);
     p.resolve([]);
   }
 
@@ -272,13 +273,13 @@ export class NbdConnection {
       throw this.#protocol(`an unexpected reply chunk of type ${type} to ${this.#where(p)}`);
     }
     if ((flags & REPLY_FLAG_DONE) === 0) return;
-    this.#pending.delete(cookie);
-    if (p.error !== null) return p.reject(p.error);
-    if (p.command === CMD_READ) this.#checkCovered(p);
-    if (p.command === CMD_BLOCK_STATUS && p.extents.length === 0) {
+    if (p.error === null && p.command === CMD_READ) this.#checkCovered(p);
+    if (p.error === null && p.command === CMD_BLOCK_STATUS && p.extents.length === 0) {
       throw this.#protocol(`no extents in the reply to ${this.#where(p)}`);
     }
-    p.resolve(p.extents);
+    this.#pending.delete(cookie);
+    if (p.error !== null) p.reject(p.error);
+    else p.resolve(p.extents);
   }
 
   /** Checks a data or hole chunk lies in the request; returns its start in the buffer. */

@@ -66,7 +66,6 @@ export class NbdSource implements DiskSource {
 
   /** Forgets the read-ahead (after a read off the announced order). */
   #drop(): void {
-    for (const p of this.#ahead) p.done.catch(() => {});
     this.#ahead = [];
     this.#aheadBytes = 0;
     this.#plan = null;
@@ -86,7 +85,9 @@ export class NbdSource implements DiskSource {
       const [start, end] = this.#next;
       const len = Math.min(READ_PIECE, end - start);
       const buf = new Uint8Array(len);
-      this.#ahead.push({ offset: start, buf, used: 0, done: this.#export.read(buf, start) });
+      const done = this.#export.read(buf, start);
+      done.catch(() => {}); // reported when the read that needs it awaits it
+      this.#ahead.push({ offset: start, buf, used: 0, done });
       this.#aheadBytes += len;
       this.#next = start + len < end ? [start + len, end] : null;
     }
