@@ -451,11 +451,11 @@ nbdTest("nbd --diff: the base is an NBD export", async () => {
 });
 
 /** A scripted NBD server on a Unix socket: handshake, then `answer` for the first request. */
-async function scripted(
+function scripted(
   dir: string,
   options: { structured?: boolean; blockStatus?: boolean },
   answer: (conn: Deno.Conn, request: DataView) => Promise<void>,
-): Promise<{ uri: string; done: Promise<void> }> {
+): { uri: string; done: Promise<void> } {
   const path = `${dir}/scripted.sock`;
   const listener = Deno.listen({ transport: "unix", path });
   const u32 = (n: number) => {
@@ -617,7 +617,7 @@ nbdTest(
         ],
       ];
       for (const [name, opts, answer, pattern, op] of cases) {
-        const server = await scripted(dir, opts, answer);
+        const server = scripted(dir, opts, answer);
         const nbd = await NbdExport.open(server.uri, { connections: 1 });
         const attempt = op === "read" ? nbd.read(new Uint8Array(65536), 0) : nbd.extents();
         await assert.rejects(attempt, (e: Error) => {
