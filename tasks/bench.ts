@@ -24,6 +24,7 @@ import {
   type Sample,
 } from "./bench_measure.ts";
 import { imagesEqual } from "../tests/helpers.ts";
+import { nbdCases, nbdGoals } from "./bench_nbd.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 const DENO = Deno.execPath();
@@ -57,6 +58,8 @@ interface BenchCase {
   contenders: () => Promise<Contender[]>;
   /** Peers that do not take part, and why. */
   notes?: string[];
+  /** Stops what the case started (servers). */
+  teardown?: () => Promise<void>;
 }
 
 /** What happened to one contender of a case. */
@@ -386,6 +389,7 @@ function allCases(): BenchCase[] {
         ];
       },
     },
+    ...nbdCases({ ds: DS, inputs, work, missing: dsMissing, sameAs }),
   ];
 }
 
@@ -414,6 +418,14 @@ async function dropCaches(): Promise<boolean> {
 }
 
 async function runCase(c: BenchCase): Promise<Outcome[]> {
+  try {
+    return await runCaseOnce(c);
+  } finally {
+    await c.teardown?.();
+  }
+}
+
+async function runCaseOnce(c: BenchCase): Promise<Outcome[]> {
   log(`case ${c.name}: preparing`);
   const contenders = await c.contenders();
   // Let the writeback of freshly made inputs finish before anything is timed.
@@ -566,6 +578,7 @@ const GOALS: Goal[] = [
     atLeast(5),
   ),
   goal(`headers faster than ${XO} (ratio = xo / headers)`, "headers", XO, DISKSTREAM, above(1)),
+  ...nbdGoals(goal),
 ];
 
 function goalRow(g: Goal, results: Map<string, Outcome[]>): string {

@@ -29,6 +29,8 @@ export class NbdSource implements DiskSource {
   #ahead: Piece[] = [];
   #aheadBytes = 0;
   #plan: Iterator<readonly [number, number]> | null = null;
+  /** Piece buffers to reuse (no allocation and zeroing per piece). */
+  #spare: Uint8Array[] = [];
   /** The rest of the announced range being cut into pieces. */
   #next: [number, number] | null = null;
 
@@ -84,7 +86,7 @@ export class NbdSource implements DiskSource {
       }
       const [start, end] = this.#next;
       const len = Math.min(READ_PIECE, end - start);
-      const buf = new Uint8Array(len);
+      const buf = (this.#spare.pop() ?? new Uint8Array(READ_PIECE)).subarray(0, len);
       const done = this.#export.read(buf, start);
       done.catch(() => {}); // reported when the read that needs it awaits it
       this.#ahead.push({ offset: start, buf, used: 0, done });
@@ -113,6 +115,7 @@ export class NbdSource implements DiskSource {
       if (head.used === head.buf.length) {
         this.#ahead.shift();
         this.#aheadBytes -= head.buf.length;
+        this.#spare.push(new Uint8Array(head.buf.buffer, 0, READ_PIECE));
       }
     }
     if (got < want) {

@@ -1,0 +1,208 @@
+/**
+ * The NBD cases of `deno task bench` (issue 12): export from qemu-nbd against
+ * `nbdcopy`, a sparse export against its data as a dense one and against a full read,
+ * several connections against one with 10 ms of latency per read (nbdkit's delay
+ * filter), and import into an NBD export against `nbdcopy` of the raw bytes. The
+ * servers run for the length of their case, on Unix sockets in the work dir.
+ *
+ * @module
+ */
+import { type Server, startNbdkit, startQemuNbd } from "../tests/nbd_servers.ts";
+import type { Pipeline } from "./bench_measure.ts";
+import type { Inputs } from "./bench_inputs.ts";
+
+/** What the NBD cases need from the bench. */
+export interface NbdBenchContext {
+  /** The diskstream command line (`deno run -A … cli.ts`). */
+  ds: string[];
+  inputs: Inputs;
+  work: string;
+  /** Why a diskstream command or flag cannot run, if it cannot. */
+  missing(command: string, flag?: string): Promise<string | undefined>;
+  /** Checks that `out` (format `format`) holds the bytes of the raw `source`. */
+  sameAs(source: string, out: string, format?: string): () => Promise<string | null>;
+}
+
+/** A contender of a case (the bench's shape). */
+interface NbdContender {
+  name: string;
+  pipeline: Pipeline;
+  unavailable?: string;
+  after?: () => Promise<void>;
+  verify?: () => Promise<string | null>;
+}
+
+/** A case (the bench's shape, with the servers to stop afterwards). */
+export interface NbdBenchCase {
+  name: string;
+  title: string;
+  reference: string;
+  contenders: () => Promise<NbdContender[]>;
+  notes?: string[];
+  teardown: () => Promise<void>;
+}
+
+/** A goal (the bench's shape): `time(a) / time(b)` in `case` must pass `ok`. */
+export interface NbdGoal {
+  text: string;
+  case: string;
+  a: string;
+  b: string;
+  target: string;
+  ok: (ratio: number) => boolean;
+}
+
+const toPipe = (...stages: string[][]): Pipeline => ({ stages: [...stages, ["cat"]] });
+
+/** The NBD cases; each starts its servers when prepared and stops them in `teardown`. */
+export function nbdCases(ctx: NbdBenchContext): NbdBenchCase[] {
+  const servers: Server[] = [];
+  const serve = async (start: Promise<Server>) => {
+    const s = await start;
+    servers.push(s);
+    return s.uri;
+  };
+  const teardown = async () => {
+    for (const s of servers.splice(0)) await s.stop();
+  };
+  const ds = ctx.ds;
+  return [
+    {
+      name: "nbd-export",
+      title: "export of a fully allocated disk served by qemu-nbd → pipe (`| cat > /dev/null`)",
+      reference: "nbdcopy",
+      teardown,
+      contenders: async () => {
+        const uri = await serve(startQemuNbd(ctx.work, await ctx.inputs.fullRaw()));
+        return [
+          {
+            name: "diskstream",
+            pipeline: toPipe([...ds, "export", uri]),
+            unavailable: await ctx.missing("export", "--connections"),
+          },
+          { name: "nbdcopy", pipeline: toPipe(["nbdcopy", uri, "-"]) },
+        ];
+      },
+    },
+    {
+      name: "nbd-sparse",
+      title: "export of the sparse disk served by qemu-nbd vs its data as a dense disk, and " +
+        "a full read of the sparse export (`nbdcopy --no-extents`) → pipe",
+      reference: "sparse",
+      teardown,
+      contenders: async () => {
+        const sparse = await serve(startQemuNbd(ctx.work, await ctx.inputs.sparse()));
+        const dense = await serve(startQemuNbd(ctx.work, await ctx.inputs.dense()));
+        const missing = await ctx.missing("export", "--connections");
+        return [
+          { name: "sparse", pipeline: toPipe([...ds, "export", sparse]), unavailable: missing },
+          { name: "dense", pipeline: toPipe([...ds, "export", dense]), unavailable: missing },
+          {
+            name: "nbdcopy --no-extents",
+            pipeline: toPipe(["nbdcopy", "--no-extents", sparse, "-"]),
+          },
+        ];
+      },
+    },
+    {
+      name: "nbd-latency",
+      title: "export of 512 MiB of random data from nbdkit with 10 ms added to every read " +
+        "(delay filter), 4 connections vs 1 → pipe",
+      reference: "4 connections",
+      teardown,
+      contenders: async () => {
+        const uri = await serve(
+          startNbdkit(ctx.work, ["--filter=delay", "random", "512M", "rdelay=10ms"]),
+        );
+        const missing = await ctx.missing("export", "--connections");
+        return [
+          {
+            name: "4 connections",
+            pipeline: toPipe([...ds, "export", uri, "--connections", "4"]),
+            unavailable: missing,
+          },
+          {
+            name: "1 connection",
+            pipeline: toPipe([...ds, "export", uri, "--connections", "1"]),
+            unavailable: missing,
+          },
+        ];
+      },
+    },
+    {
+      name: "nbd-import",
+      title: "import of the qcow2 of the fully allocated disk into an export served by " +
+        "qemu-nbd vs `nbdcopy` of the raw bytes into it",
+      reference: "nbdcopy",
+      teardown,
+      contenders: async () => {
+        const [raw, image] = [await ctx.inputs.fullRaw(), await ctx.inputs.fullQcow2()];
+        const target = `${ctx.work}/nbd-target.raw`;
+        await Deno.writeFile(target, new Uint8Array(0));
+        await Deno.truncate(target, (await Deno.stat(raw)).size);
+        const uri = await serve(startQemuNbd(ctx.work, target, { readOnly: false }));
+        const verify = ctx.sameAs(raw, target, "raw");
+        return [
+          {
+            name: "diskstream",
+            pipeline: { stages: [["cat", image], [...ds, "import", uri]], mainStage: 1 },
+            unavailable: await ctx.missing("import", "--connections"),
+            verify,
+          },
+          { name: "nbdcopy", pipeline: { stages: [["nbdcopy", raw, uri]] }, verify },
+        ];
+      },
+    },
+  ];
+}
+
+/** The goals of issue 12. */
+export function nbdGoals(
+  goal: (
+    text: string,
+    c: string,
+    a: string,
+    b: string,
+    t: Pick<NbdGoal, "target" | "ok">,
+  ) => NbdGoal,
+): NbdGoal[] {
+  const atMost = (x: number) => ({ target: `≤ ${x}`, ok: (r: number) => r <= x });
+  const atLeast = (x: number) => ({ target: `≥ ${x}`, ok: (r: number) => r >= x });
+  return [
+    goal(
+      "NBD export → pipe within 1.1 × nbdcopy",
+      "nbd-export",
+      "diskstream",
+      "nbdcopy",
+      atMost(1.1),
+    ),
+    goal(
+      "sparse NBD export at most 3 × its data as a dense export",
+      "nbd-sparse",
+      "sparse",
+      "dense",
+      atMost(3),
+    ),
+    goal(
+      "sparse NBD export ≥ 20 × faster than a full read (ratio = full read / sparse)",
+      "nbd-sparse",
+      "nbdcopy --no-extents",
+      "sparse",
+      atLeast(20),
+    ),
+    goal(
+      "with 10 ms per read, 4 connections ≥ 3 × faster than 1 (ratio = 1 / 4)",
+      "nbd-latency",
+      "1 connection",
+      "4 connections",
+      atLeast(3),
+    ),
+    goal(
+      "import into NBD within 1.2 × nbdcopy",
+      "nbd-import",
+      "diskstream",
+      "nbdcopy",
+      atMost(1.2),
+    ),
+  ];
+}
