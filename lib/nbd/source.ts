@@ -12,6 +12,8 @@ import { NbdExport, type NbdOptions, READ_PIECE } from "./client.ts";
 
 /** Bytes read ahead at most (in pieces of 256 KiB). */
 const READ_AHEAD = 32 * 1024 * 1024;
+/** Announced runs this long are not read ahead but read directly when asked for. */
+const DIRECT_RUN = 2 * 1024 * 1024;
 
 interface Piece {
   offset: number;
@@ -85,6 +87,9 @@ export class NbdSource implements DiskSource {
         this.#next = [start, end];
       }
       const [start, end] = this.#next;
+      // A long run is read straight into the reader's buffers (many requests at once,
+      // no copy); read-ahead resumes after it.
+      if (end - start >= DIRECT_RUN) return;
       const len = Math.min(READ_PIECE, end - start);
       const buf = (this.#spare.pop() ?? new Uint8Array(READ_PIECE)).subarray(0, len);
       const done = this.#export.read(buf, start);
@@ -116,6 +121,21 @@ export class NbdSource implements DiskSource {
         this.#ahead.shift();
         this.#aheadBytes -= head.buf.length;
         this.#spare.push(new Uint8Array(head.buf.buffer, 0, READ_PIECE));
+      }
+    }
+    if (got < want) {
+      const at = position + got;
+      const next = this.#next;
+      if (
+        this.#ahead.length === 0 && next !== null && next[0] === at && next[1] - at >= DIRECT_RUN
+      ) {
+        // The long run read ahead stops at: read it directly, then go on along the plan.
+        const end = Math.min(next[1], position + want);
+        const reading = this.#export.read(buf.subarray(got, end - position), at);
+        this.#next = end < next[1] ? [end, next[1]] : null;
+        if (this.#next === null || this.#next[1] - this.#next[0] < DIRECT_RUN) this.#topUp();
+        await reading;
+        got = end - position;
       }
     }
     if (got < want) {
