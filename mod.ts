@@ -25,6 +25,7 @@ export {
   CorruptImageError,
   DiskstreamError,
   LimitError,
+  NbdError,
   PermissionError,
   SourceChangedError,
   UnsupportedError,
@@ -88,3 +89,8 @@ export {
   type ImportResult,
 } from "./lib/import/import.ts";
 export type { DestinationKind, DestinationOptions } from "./lib/import/raw_destination.ts";
+
+// NBD (nbd://, nbds://, nbd+unix:// sources, bases, destinations and allocations).
+export { isNbdUri, type NbdAddress, parseNbdUri } from "./lib/nbd/uri.ts";
+export { DEFAULT_CONNECTIONS, NbdExport, type NbdOptions } from "./lib/nbd/client.ts";
+export { nbdAllocation } from "./lib/nbd/allocation.ts";

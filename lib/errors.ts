@@ -89,5 +89,16 @@ export function describeIoError(err: unknown, path: string, action: string): Dis
  * An NBD server refused, failed or broke the protocol: a refused export name, an
  * error reply (named: EIO, ENOSPC, …), a dropped connection, a reply that does not
  * fit the request. The message names the URI and, for a request, its offset.
+ *
+ * @example
+ * ```ts
+ * import { NbdError, NbdExport } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * await assert.rejects(
+ *   NbdExport.open("nbd+unix:///disk?socket=/nonexistent/nbd.sock"),
+ *   (e) => e instanceof NbdError && /cannot connect/.test(e.message),
+ * );
+ * ```
  */
 export class NbdError extends DiskstreamError {}

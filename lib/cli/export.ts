@@ -21,6 +21,7 @@ import {
   progressMode,
 } from "./options.ts";
 import type { NbdOptions } from "../nbd/client.ts";
+import { isNbdUri } from "../nbd/uri.ts";
 
 const clusterSizeOption = powerOfTwoOption("-c/--cluster-size", 512, 2 * 1024 * 1024);
 const refcountBitsOption = powerOfTwoOption("-r/--refcount-bits", 1, 64);
@@ -101,7 +102,11 @@ export function registerExport(program: Command): void {
         "intervals, or 'qemu-img map --output=json'), a qcow2/VHD image file, or an NBD\n" +
         "URI (the export's block status: its allocation for a local copy of its bytes)",
     )
-    .option("--zero-check", "with --allocation: also leave out hinted clusters that are all zeros")
+    .option(
+      "--zero-check",
+      "with --allocation or an NBD source: also leave out the clusters the hint or the\n" +
+        "server's block status calls data that are all zeros (they are read twice)",
+    )
     .option(
       "--diff <BASE>",
       "export only the clusters that differ from BASE (raw file, device or NBD URI)",
@@ -266,9 +271,9 @@ async function runExport(run: ExportRun): Promise<void> {
       "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",
     );
   }
-  if (run.zeroCheck && run.allocation === undefined) {
+  if (run.zeroCheck && run.allocation === undefined && !isNbdUri(run.source)) {
     throw new UsageError(
-      "--zero-check goes with --allocation (without a hint every cluster is checked)",
+      "--zero-check goes with --allocation or an NBD source (otherwise every cluster is checked)",
     );
   }
   if (run.base === undefined && run.baseAllocation !== undefined) {

@@ -22,7 +22,17 @@ import type { ExportInfo } from "./handshake.ts";
 import type { TlsOptions } from "./socket.ts";
 import { type NbdAddress, parseNbdUri } from "./uri.ts";
 
-/** Default number of connections ({@link NbdOptions.connections}). */
+/**
+ * Default number of connections ({@link NbdOptions.connections}).
+ *
+ * @example
+ * ```ts
+ * import { DEFAULT_CONNECTIONS } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(DEFAULT_CONNECTIONS, 4);
+ * ```
+ */
 export const DEFAULT_CONNECTIONS = 4;
 /** Default requests in flight per connection. */
 export const DEFAULT_DEPTH = 4;
@@ -34,8 +44,12 @@ const WRITE_PIECE = 1024 * 1024;
 const ZERO_PIECE = 1024 * 1024 * 1024;
 /** Bytes of the export asked about per block status request. */
 const STATUS_SPAN = 1024 * 1024 * 1024;
+/** Data extents are widened to multiples of this (a superset of the data is safe). */
+const EXTENT_GRAIN = 4096;
 /** Time a server has to greet the extra connections of a pool. */
 const EXTRA_HANDSHAKE_MS = 5000;
+/** Time a server has to complete the handshake of the first connection. */
+const HANDSHAKE_MS = 60_000;
 
 /** How to open an export. */
 export interface NbdOptions {
@@ -52,7 +66,37 @@ export interface NbdOptions {
   write?: boolean;
 }
 
-/** An open NBD export. */
+/**
+ * An open NBD export: a pool of connections and the operations on the export's
+ * bytes. Errors are {@link NbdError}s naming the URI and the request.
+ *
+ * @example Write to and read from an export served by nbdkit
+ * ```ts
+ * import { NbdExport } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const socket = `${dir}/nbd.sock`;
+ * const server = new Deno.Command("nbdkit", {
+ *   args: ["-f", "--exit-with-parent", "-U", socket, "memory", "8M"],
+ * }).spawn();
+ * while (!(await Deno.stat(socket).catch(() => null))) {
+ *   await new Promise((r) => setTimeout(r, 20));
+ * }
+ * const nbd = await NbdExport.open(`nbd+unix:///?socket=${socket}`, { connections: 2 });
+ * assert.equal(nbd.size, 8 << 20);
+ * await nbd.write(1 << 20, new Uint8Array(65536).fill(7));
+ * await nbd.flush();
+ * const back = new Uint8Array(4);
+ * await nbd.read(back, 1 << 20);
+ * assert.deepEqual(back, new Uint8Array(4).fill(7));
+ * assert.deepEqual(await nbd.extents(), [[1 << 20, (1 << 20) + 65536]]);
+ * await nbd.close();
+ * server.kill();
+ * await server.status;
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
 export class NbdExport {
   readonly info: ExportInfo;
   #conns: NbdConnection[];
@@ -106,7 +150,7 @@ export class NbdExport {
         throw new UsageError(`cannot read the CA certificate ${options.cacert}: ${String(err)}`);
       }
     }
-    const first = await openConnection(address, tls);
+    const first = await openConnection(address, tls, HANDSHAKE_MS);
     if (options.write === true && first.info.readOnly) {
       await first.close();
       throw new NbdError(`${address.uri}: the export is read-only`);
@@ -259,7 +303,8 @@ export class NbdExport {
    * The byte ranges `[start, end)` of the first `limit` bytes that may hold data,
    * ascending and merged, from `base:allocation` block status: extents flagged
    * zero are left out (a hole not flagged zero is data: its contents are undefined,
-   * so it is read). Null when the server offers no block status.
+   * so it is read); data extents are widened to whole 4 KiB. Null when the server
+   * offers no block status.
    */
   async extents(limit: number = this.size): Promise<[number, number][] | null> {
     if (this.info.allocationContext === null) return null;
@@ -272,7 +317,7 @@ export class NbdExport {
     for (const list of await settleAll(spans)) {
       for (const [a, b] of list) {
         const last = out[out.length - 1];
-        if (last !== undefined && last[1] === a) last[1] = b;
+        if (last !== undefined && last[1] >= a) last[1] = Math.max(last[1], b);
         else out.push([a, b]);
       }
     }
@@ -292,8 +337,12 @@ export class NbdExport {
         const next = Math.min(to, pos + reply[k]);
         if ((reply[k + 1] & STATE_ZERO) === 0) {
           const last = out[out.length - 1];
-          if (last !== undefined && last[1] === pos) last[1] = next;
-          else out.push([pos, next]);
+          // Widened to whole grains: however finely the server cuts its extents, the
+          // list stays within one entry per two grains of the export.
+          const a = pos - (pos % EXTENT_GRAIN);
+          const b = Math.min(this.size, Math.ceil(next / EXTENT_GRAIN) * EXTENT_GRAIN);
+          if (last !== undefined && last[1] >= a) last[1] = Math.max(last[1], b);
+          else out.push([a, b]);
         }
         pos = next;
       }

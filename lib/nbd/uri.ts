@@ -34,7 +34,18 @@ const SCHEMES: Record<string, { unix: boolean; tls: boolean }> = {
   "nbds+unix:": { unix: true, tls: true },
 };
 
-/** True when `text` names an NBD export (its scheme is nbd, nbds, nbd+unix or nbds+unix). */
+/**
+ * True when `text` names an NBD export (its scheme is nbd, nbds, nbd+unix or nbds+unix).
+ *
+ * @example
+ * ```ts
+ * import { isNbdUri } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * assert.ok(isNbdUri("nbd+unix:///disk?socket=/run/nbd.sock"));
+ * assert.ok(!isNbdUri("/dev/sda"));
+ * ```
+ */
 export function isNbdUri(text: string): boolean {
   const m = /^([a-z+]+):/i.exec(text);
   return m !== null && `${m[1].toLowerCase()}:` in SCHEMES;
@@ -44,6 +55,18 @@ export function isNbdUri(text: string): boolean {
  * Parses an NBD URI. Throws a {@link UsageError} naming what is wrong: an unknown
  * scheme, a Unix URI without `socket`, a TCP URI without a host, a bad port, an
  * unknown query parameter, or a TLS setting diskstream does not offer.
+ *
+ * @example
+ * ```ts
+ * import { parseNbdUri } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const a = parseNbdUri("nbds://xcp-host/0f3b?tls-hostname=pool.lan");
+ * assert.deepEqual(a.transport, { kind: "tcp", host: "xcp-host", port: 10809 });
+ * assert.equal(a.exportName, "0f3b");
+ * assert.equal(a.tls, true);
+ * assert.equal(a.tlsHostname, "pool.lan");
+ * ```
  */
 export function parseNbdUri(text: string): NbdAddress {
   let url: URL;
