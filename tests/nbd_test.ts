@@ -15,7 +15,7 @@ import {
   startNbdkit,
   startQemuNbd,
 } from "./nbd_servers.ts";
-import { isNbdUri, parseNbdUri } from "../lib/nbd/uri.ts";
+import { isNbdUri, nbdUnixUri, parseNbdUri } from "../lib/nbd/uri.ts";
 import { NbdExport } from "../lib/nbd/client.ts";
 import { NbdError, UsageError } from "../lib/errors.ts";
 
@@ -42,6 +42,9 @@ Deno.test("nbd URIs: the forms of the NBD URI spec", () => {
   assert.equal(tlsUnix.tlsHostname, "server.lan");
   assert.equal(parseNbdUri("nbds://host.lan/d").tlsHostname, "host.lan");
   assert.ok(isNbdUri("NBD://x/y") && isNbdUri("nbds+unix:///?socket=a"));
+  const built = parseNbdUri(nbdUnixUri("/run/a b.sock", "vdi/1 x"));
+  assert.deepEqual(built.transport, { kind: "unix", socket: "/run/a b.sock" });
+  assert.equal(built.exportName, "vdi/1 x");
   assert.ok(!isNbdUri("/dev/sda") && !isNbdUri("http://x/y") && !isNbdUri("disk.raw"));
   for (
     const [bad, why] of [
@@ -416,6 +419,36 @@ nbdTest("nbd --allocation: a local copy exported with the remote export's alloca
       const alloc = await nbdAllocation(server.uri, 2 * MiB);
       assert.equal(alloc.virtualSize, 32 * MiB);
       assert.deepEqual([...alloc.clusters.runs()], [[2, 2], [15, 15]]);
+    } finally {
+      await server.stop();
+    }
+  });
+});
+
+nbdTest("nbd export --zero-check: data extents that hold zeros are left out", async () => {
+  await withTempDir(async (dir) => {
+    const disk = `${dir}/disk.raw`;
+    // 1 MiB of written (allocated) zeros, then 64 KiB of data: a raw file's block status
+    // calls both data.
+    await writeSparse(disk, 8 * MiB, [[MiB, new Uint8Array(MiB)], [
+      2 * MiB,
+      pseudoRandom(65536, 3),
+    ]]);
+    const server = await startQemuNbd(dir, disk);
+    try {
+      const sizes: number[] = [];
+      for (const extra of [[], ["--zero-check"]]) {
+        const out = `${dir}/out${extra.length}.qcow2`;
+        const r = await runCli(["export", server.uri, ...extra, "-o", out]);
+        assert.equal(r.code, 0, r.stderr);
+        assert.ok(await imagesEqual(out, disk, "qcow2", "raw"));
+        const map = JSON.parse(await qemu(["map", "--output=json", out])) as {
+          length: number;
+          data: boolean;
+        }[];
+        sizes.push(map.filter((m) => m.data).reduce((s, m) => s + m.length, 0));
+      }
+      assert.deepEqual(sizes, [MiB + 65536, 65536]);
     } finally {
       await server.stop();
     }

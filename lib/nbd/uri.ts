@@ -133,3 +133,20 @@ export function parseNbdUri(text: string): NbdAddress {
     tlsHostname: tlsHostname ?? host,
   };
 }
+
+/**
+ * The `nbd+unix://` URI of export `exportName` on the Unix socket `socket`, both
+ * percent-encoded (for callers given the two apart, as vhd-tool's `nbdhybrid` is).
+ *
+ * @example
+ * ```ts
+ * import { nbdUnixUri } from "./uri.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const uri = nbdUnixUri("/var/run/nbd sock", "vdi 1");
+ * assert.equal(uri, "nbd+unix:///vdi%201?socket=%2Fvar%2Frun%2Fnbd%20sock");
+ * ```
+ */
+export function nbdUnixUri(socket: string, exportName: string): string {
+  return `nbd+unix:///${encodeURIComponent(exportName)}?socket=${encodeURIComponent(socket)}`;
+}
