@@ -39,7 +39,7 @@ const DISKSTREAM = "diskstream";
 const XO = "@xen-orchestra/qcow2";
 
 /** One command of a case. */
-interface Contender {
+export interface Contender {
   name: string;
   pipeline: Pipeline;
   /** Why it cannot run here, if it cannot. */
@@ -51,7 +51,7 @@ interface Contender {
 }
 
 /** A benchmark case: its contenders and the one ratios are computed against. */
-interface BenchCase {
+export interface BenchCase {
   name: string;
   title: string;
   reference: string;
@@ -502,7 +502,7 @@ function caseTable(c: BenchCase, outcomes: Outcome[]): string {
 }
 
 /** A goal: `time(a) / time(b)` in case `case` must satisfy `ok`. */
-interface Goal {
+export interface Goal {
   text: string;
   case: string;
   a: string;

@@ -10,6 +10,7 @@
 import { type Server, startNbdkit, startQemuNbd } from "../tests/nbd_servers.ts";
 import type { Pipeline } from "./bench_measure.ts";
 import type { Inputs } from "./bench_inputs.ts";
+import type { BenchCase, Goal } from "./bench.ts";
 
 /** What the NBD cases need from the bench. */
 export interface NbdBenchContext {
@@ -23,39 +24,10 @@ export interface NbdBenchContext {
   sameAs(source: string, out: string, format?: string): () => Promise<string | null>;
 }
 
-/** A contender of a case (the bench's shape). */
-interface NbdContender {
-  name: string;
-  pipeline: Pipeline;
-  unavailable?: string;
-  after?: () => Promise<void>;
-  verify?: () => Promise<string | null>;
-}
-
-/** A case (the bench's shape, with the servers to stop afterwards). */
-export interface NbdBenchCase {
-  name: string;
-  title: string;
-  reference: string;
-  contenders: () => Promise<NbdContender[]>;
-  notes?: string[];
-  teardown: () => Promise<void>;
-}
-
-/** A goal (the bench's shape): `time(a) / time(b)` in `case` must pass `ok`. */
-export interface NbdGoal {
-  text: string;
-  case: string;
-  a: string;
-  b: string;
-  target: string;
-  ok: (ratio: number) => boolean;
-}
-
 const toPipe = (...stages: string[][]): Pipeline => ({ stages: [...stages, ["cat"]] });
 
 /** The NBD cases; each starts its servers when prepared and stops them in `teardown`. */
-export function nbdCases(ctx: NbdBenchContext): NbdBenchCase[] {
+export function nbdCases(ctx: NbdBenchContext): BenchCase[] {
   const servers: Server[] = [];
   const serve = async (start: Promise<Server>) => {
     const s = await start;
@@ -163,9 +135,9 @@ export function nbdGoals(
     c: string,
     a: string,
     b: string,
-    t: Pick<NbdGoal, "target" | "ok">,
-  ) => NbdGoal,
-): NbdGoal[] {
+    t: Pick<Goal, "target" | "ok">,
+  ) => Goal,
+): Goal[] {
   const atMost = (x: number) => ({ target: `≤ ${x}`, ok: (r: number) => r <= x });
   const atLeast = (x: number) => ({ target: `≥ ${x}`, ok: (r: number) => r >= x });
   return [

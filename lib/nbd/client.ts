@@ -17,7 +17,12 @@ import {
   CMD_WRITE_ZEROES,
   STATE_ZERO,
 } from "./constants.ts";
-import { type NbdConnection, openConnection, type StatusExtents } from "./connection.ts";
+import {
+  type NbdConnection,
+  type NbdRequest,
+  openConnection,
+  type StatusExtents,
+} from "./connection.ts";
 import type { ExportInfo } from "./handshake.ts";
 import type { TlsOptions } from "./socket.ts";
 import { type NbdAddress, parseNbdUri } from "./uri.ts";
@@ -186,16 +191,10 @@ export class NbdExport {
     }
   }
 
-  async #request(
-    command: number,
-    flags: number,
-    offset: number,
-    length: number,
-    data?: { into?: Uint8Array; payload?: Uint8Array },
-  ): Promise<StatusExtents> {
+  async #request(req: NbdRequest): Promise<StatusExtents> {
     const i = await this.#slot();
     try {
-      return await this.#conns[i].request(command, flags, offset, length, data);
+      return await this.#conns[i].request(req);
     } finally {
       this.#active[i]--;
       this.#waiters.shift()?.();
@@ -237,30 +236,19 @@ export class NbdExport {
       buf.set(bounce.subarray(offset - start, offset - start + buf.length));
       return;
     }
-    const piece = Math.max(min, Math.min(this.info.maxPayload, READ_PIECE));
-    const reads: Promise<unknown>[] = [];
-    for (let at = 0; at < buf.length; at += piece) {
-      const len = Math.min(piece, buf.length - at);
-      reads.push(
-        this.#request(CMD_READ, 0, offset + at, len, { into: buf.subarray(at, at + len) }),
-      );
-    }
-    await settleAll(reads);
+    await this.#transfer(
+      CMD_READ,
+      offset,
+      buf,
+      Math.max(min, Math.min(this.info.maxPayload, READ_PIECE)),
+    );
   }
 
   /** Writes `bytes` at `offset` (aligned to the server's minimum block size). */
   async write(offset: number, bytes: Uint8Array): Promise<void> {
     this.#checkRange(offset, bytes.length, "write");
     this.#aligned(offset, bytes.length, "write");
-    const piece = Math.min(this.info.maxPayload, WRITE_PIECE);
-    const writes: Promise<unknown>[] = [];
-    for (let at = 0; at < bytes.length; at += piece) {
-      const len = Math.min(piece, bytes.length - at);
-      writes.push(
-        this.#request(CMD_WRITE, 0, offset + at, len, { payload: bytes.subarray(at, at + len) }),
-      );
-    }
-    await settleAll(writes);
+    await this.#transfer(CMD_WRITE, offset, bytes, Math.min(this.info.maxPayload, WRITE_PIECE));
   }
 
   /**
@@ -270,23 +258,28 @@ export class NbdExport {
   async writeZeroes(offset: number, length: number): Promise<void> {
     this.#checkRange(offset, length, "write of zeroes");
     this.#aligned(offset, length, "write of zeroe");
-    const ops: Promise<unknown>[] = [];
-    if (this.info.canWriteZeroes) {
-      for (let at = 0; at < length; at += ZERO_PIECE) {
-        const len = Math.min(ZERO_PIECE, length - at);
-        ops.push(this.#request(CMD_WRITE_ZEROES, 0, offset + at, len));
-      }
-    } else {
-      const piece = Math.min(this.info.maxPayload, WRITE_PIECE);
-      const zeros = new Uint8Array(Math.min(piece, length));
-      for (let at = 0; at < length; at += piece) {
-        const len = Math.min(piece, length - at);
-        ops.push(
-          this.#request(CMD_WRITE, 0, offset + at, len, { payload: zeros.subarray(0, len) }),
-        );
-      }
-    }
-    await settleAll(ops);
+    const zeroes = this.info.canWriteZeroes;
+    const piece = zeroes ? ZERO_PIECE : Math.min(this.info.maxPayload, WRITE_PIECE);
+    const zeros = zeroes ? undefined : new Uint8Array(Math.min(piece, length));
+    await inPieces(length, piece, (at, len) =>
+      this.#request({
+        command: zeroes ? CMD_WRITE_ZEROES : CMD_WRITE,
+        offset: offset + at,
+        length: len,
+        payload: zeros?.subarray(0, len),
+      }));
+  }
+
+  /** `bytes` at `offset` in requests of `piece` bytes: a read fills it, a write sends it. */
+  #transfer(command: number, offset: number, bytes: Uint8Array, piece: number): Promise<unknown> {
+    return inPieces(bytes.length, piece, (at, length) => {
+      const part = bytes.subarray(at, at + length);
+      return this.#request(
+        command === CMD_READ
+          ? { command, offset: offset + at, length, into: part }
+          : { command, offset: offset + at, length, payload: part },
+      );
+    });
   }
 
   /**
@@ -296,7 +289,9 @@ export class NbdExport {
    */
   async flush(): Promise<void> {
     if (!this.info.canFlush) return;
-    await settleAll(this.#conns.map((c) => c.request(CMD_FLUSH, 0, 0, 0)));
+    await settleAll(
+      this.#conns.map((c) => c.request({ command: CMD_FLUSH, offset: 0, length: 0 })),
+    );
   }
 
   /**
@@ -331,7 +326,11 @@ export class NbdExport {
     for (let at = from; at < to;) {
       let len = Math.min(to, this.size) - at;
       if (len % min !== 0 && at + len !== this.size) len += min - (len % min);
-      const reply = await this.#request(CMD_BLOCK_STATUS, 0, at, Math.min(len, this.size - at));
+      const reply = await this.#request({
+        command: CMD_BLOCK_STATUS,
+        offset: at,
+        length: Math.min(len, this.size - at),
+      });
       let pos = at;
       for (let k = 0; k < reply.length && pos < to; k += 2) {
         const next = Math.min(to, pos + reply[k]);
@@ -358,6 +357,20 @@ export class NbdExport {
     for (const wake of this.#waiters.splice(0)) wake();
     await Promise.all(this.#conns.map((c) => c.close()));
   }
+}
+
+/**
+ * Cuts `length` bytes into pieces of at most `piece`, sends them all (each waits for a
+ * free slot) and waits for all of them.
+ */
+function inPieces(
+  length: number,
+  piece: number,
+  send: (at: number, length: number) => Promise<unknown>,
+): Promise<unknown[]> {
+  const sent: Promise<unknown>[] = [];
+  for (let at = 0; at < length; at += piece) sent.push(send(at, Math.min(piece, length - at)));
+  return settleAll(sent);
 }
 
 /**

@@ -41,6 +41,18 @@ const SMALL_PAYLOAD = 64 * 1024;
 /** Block status payload read at a time. */
 const STATUS_PIECE = 8 * 4096;
 
+/** One request: its command, flags, range, and where read data goes or what is written. */
+export interface NbdRequest {
+  command: number;
+  flags?: number;
+  offset: number;
+  length: number;
+  /** Read: receives exactly `length` bytes. */
+  into?: Uint8Array;
+  /** Write: the `length` bytes to write. */
+  payload?: Uint8Array;
+}
+
 /** A block status reply: extent lengths and flags, alternating. */
 export type StatusExtents = number[];
 
@@ -101,21 +113,16 @@ export class NbdConnection {
    * Sends one request and resolves when its reply is complete: a read fills `into`
    * (exactly `length` bytes), a block status resolves with its extents.
    */
-  request(
-    command: number,
-    flags: number,
-    offset: number,
-    length: number,
-    data?: { into?: Uint8Array; payload?: Uint8Array },
-  ): Promise<StatusExtents> {
+  request(req: NbdRequest): Promise<StatusExtents> {
     if (this.#failure !== null) return Promise.reject(this.#failure);
+    const { command, offset, length, into } = req;
     const cookie = this.#cookie = (this.#cookie + 1) >>> 0;
-    const payload = data?.payload;
+    const payload = req.payload;
     const small = payload !== undefined && payload.length <= SMALL_PAYLOAD;
     const head = new Uint8Array(28 + (small ? payload.length : 0));
     const view = new DataView(head.buffer);
     view.setUint32(0, REQUEST_MAGIC);
-    view.setUint16(4, flags);
+    view.setUint16(4, req.flags ?? 0);
     view.setUint16(6, command);
     view.setUint32(8, 0);
     view.setUint32(12, cookie);
@@ -129,7 +136,7 @@ export class NbdConnection {
           command,
           offset,
           length,
-          into: data?.into,
+          into,
           covered: [],
           extents: [],
           error: null,
@@ -161,7 +168,7 @@ export class NbdConnection {
     if (this.#closing) return;
     this.#closing = true;
     if (this.#failure === null) {
-      await this.request(CMD_DISC, 0, 0, 0).catch(() => {});
+      await this.request({ command: CMD_DISC, offset: 0, length: 0 }).catch(() => {});
       await this.#writes;
     }
     this.#closeChannel();
