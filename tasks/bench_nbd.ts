@@ -78,13 +78,13 @@ export function nbdCases(ctx: NbdBenchContext): BenchCase[] {
     },
     {
       name: "nbd-latency",
-      title: "export of 512 MiB of random data from nbdkit with 10 ms added to every read " +
+      title: "export of 1 GiB (nbdkit pattern plugin) with 10 ms added to every read " +
         "(delay filter), 4 connections vs 1 → pipe",
       reference: "4 connections",
       teardown,
       contenders: async () => {
         const uri = await serve(
-          startNbdkit(ctx.work, ["--filter=delay", "random", "512M", "rdelay=10ms"]),
+          startNbdkit(ctx.work, ["--filter=delay", "pattern", "1G", "rdelay=10ms"]),
         );
         const missing = await ctx.missing("export", "--connections");
         return [

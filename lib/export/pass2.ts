@@ -8,8 +8,6 @@
  */
 import { setImmediate } from "node:timers";
 import type { DiskSource } from "../io/disk_source.ts";
-import type { ClusterSet } from "../alloc/cluster_set.ts";
-import { setRuns } from "../alloc/runs.ts";
 import { type Endpoint, endpointName, openOutput, pipeToOutput } from "../io/stream.ts";
 import { COPY_STEP, type KernelCopy, openKernelCopy } from "../io/kernel_copy.ts";
 import { SourceChangedError, UsageError } from "../errors.ts";
@@ -49,7 +47,7 @@ export function plannedExport<Layout>(
   try {
     const image = writer(plan.virtualSize);
     options.progress?.setTotal(scanned + image.fileSize);
-    const pass2 = new Pass2(src, clusters, image, options.progress, scanned, {
+    const pass2 = new Pass2(src, image, options.progress, scanned, {
       chunkSize: options.chunkSize,
       reuseBuffers: options.reuseBuffers,
       sourceSize: src.size,
@@ -82,8 +80,6 @@ class Pass2<Layout> {
 
   constructor(
     readonly src: DiskSource,
-    /** The clusters pass 2 reads, in this order (announced to the source). */
-    readonly clusters: ClusterSet,
     readonly image: ImageWriter<Layout>,
     readonly progress: ProgressSink | undefined,
     readonly scanned: number,
@@ -102,12 +98,6 @@ class Pass2<Layout> {
         `${this.src.path} changed size between the passes (${this.src.size} → ${now} bytes); export it again`,
       );
     }
-    const cs = this.clusters.clusterSize;
-    this.src.willRead?.(
-      (function* (runs) {
-        for (const [first, last] of runs) yield [first * cs, (last + 1) * cs] as const;
-      })(setRuns(this.clusters)),
-    );
   }
 
   #sentBytes(bytes: number): void {

@@ -47,12 +47,6 @@ export interface DiskSource {
    * when unknown (then every byte may).
    */
   extents(limit: number): Promise<Iterable<readonly [number, number]> | null>;
-  /**
-   * Announces the reads to come, in order: byte ranges `[start, end)`, ascending. A
-   * remote source reads ahead along them with many requests in flight; a read off
-   * this order is still served (directly).
-   */
-  willRead?(ranges: Iterable<readonly [number, number]>): void;
   /** The size now (to detect a source that changed between passes). */
   currentSize(): Promise<number>;
   /** Releases the file; later calls do nothing. */

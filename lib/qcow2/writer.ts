@@ -117,6 +117,7 @@ export class ChunkSink {
   #ready: Uint8Array[] = [];
   #pool: Uint8Array[] | null;
   #turn = 0;
+  #reads: Promise<void>[] = [];
 
   constructor(total: number, chunkSize: number, reuse: boolean) {
     this.#left = total;
@@ -161,6 +162,23 @@ export class ChunkSink {
     }
     this.#buf = null;
     this.#used = 0;
+  }
+
+  /**
+   * Registers a read into space taken from this sink, so that reads run side by side
+   * (a remote source keeps many requests in flight); {@link ChunkSink.settle} waits
+   * for them, and must be awaited before {@link ChunkSink.drain}.
+   */
+  reading(read: Promise<void>): void {
+    read.catch(() => {}); // reported by settle
+    this.#reads.push(read);
+  }
+
+  /** Waits for the registered reads; throws the first failure. */
+  async settle(): Promise<void> {
+    const reads = this.#reads;
+    this.#reads = [];
+    await Promise.all(reads);
   }
 
   /** The finished buffers, in order. */
@@ -290,22 +308,24 @@ export async function* qcow2Chunks(
   const limit = options.sourceSize ?? layout.virtualSize;
   yield* metadataInto(sink, layout, clusters);
 
-  // Data clusters, ascending, read in runs straight into the chunk buffers.
+  // Data clusters, ascending, read in runs straight into the chunk buffers (the reads
+  // of one chunk side by side).
   for (const [first, last] of setRuns(clusters)) {
     for (let i = first; i <= last;) {
       let fit = Math.floor(sink.free / cs);
       if (fit === 0) {
         sink.flush();
+        await sink.settle();
         yield* sink.drain();
         fit = chunkSize / cs;
       }
       const count = Math.min(last - i + 1, fit);
       const space = sink.take(count * cs, false);
-      await source.readAt(space, i * cs, limit);
-      options.onData?.(space.length);
+      sink.reading(source.readAt(space, i * cs, limit).then(() => options.onData?.(space.length)));
       i += count;
     }
   }
   sink.flush();
+  await sink.settle();
   yield* sink.drain();
 }

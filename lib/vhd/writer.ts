@@ -203,13 +203,15 @@ export async function* vhdChunks(
     for (let i = first; i <= last; i++) {
       if (sink.free < unit) {
         sink.flush();
+        await sink.settle();
         yield* sink.drain();
       }
       sink.take(layout.bitmapBytes, false).fill(0xff);
-      await source.readAt(sink.take(bs, false), i * bs, limit);
+      sink.reading(source.readAt(sink.take(bs, false), i * bs, limit));
     }
   }
   sink.take(FOOTER_SIZE, false).set(footer);
   sink.flush();
+  await sink.settle();
   yield* sink.drain();
 }
