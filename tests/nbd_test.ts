@@ -200,6 +200,20 @@ nbdTest("nbd export: TLS (nbds:// and nbds+unix://) with --cacert; refusals", as
       const clear = await runCli(["export", tcp.uri.replace("nbds:", "nbd:"), "-o", `${dir}/y`]);
       assert.equal(clear.code, 1);
       assert.match(clear.stderr, /requires TLS: use nbds:\/\//);
+      // TLS asked of a server that has none: refused, never downgraded.
+      const plain = await startNbdkit(dir, ["memory", "1M"]);
+      try {
+        const r = await runCli([
+          "export",
+          plain.uri.replace("nbd+unix:", "nbds+unix:"),
+          "-o",
+          `${dir}/z`,
+        ]);
+        assert.equal(r.code, 1);
+        assert.match(r.stderr, /the server does not offer TLS/);
+      } finally {
+        await plain.stop();
+      }
     } finally {
       await tcp.stop();
       await unix.stop();
