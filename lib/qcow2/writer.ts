@@ -103,6 +103,11 @@ export function fillRefcounts(block: Uint8Array, count: number, bits: number): v
 
 /** Chunk buffers in the ring when they are reused (see WriterOptions.reuseBuffers). */
 const POOL_SIZE = 6;
+/**
+ * Filled chunks whose reads go on while the one before is handed out: with the chunk
+ * being filled, the consumer's and a stream's queued ones, all fit in the ring.
+ */
+export const READS_AHEAD = 1;
 
 /**
  * Hands out space in chunk buffers of about `chunkSize` bytes and queues each buffer
@@ -114,9 +119,10 @@ export class ChunkSink {
   #left: number;
   #buf: Uint8Array | null = null;
   #used = 0;
-  #ready: Uint8Array[] = [];
+  #ready: { buf: Uint8Array; reads: Promise<void>[] }[] = [];
   #pool: Uint8Array[] | null;
   #turn = 0;
+  /** Reads into the current buffer. */
   #reads: Promise<void>[] = [];
 
   constructor(total: number, chunkSize: number, reuse: boolean) {
@@ -154,10 +160,11 @@ export class ChunkSink {
     }
   }
 
-  /** Queues the current buffer (what was taken of it). */
+  /** Queues the current buffer (what was taken of it) with the reads into it. */
   flush(): void {
     if (this.#buf !== null && this.#used > 0) {
-      this.#ready.push(this.#buf.subarray(0, this.#used));
+      this.#ready.push({ buf: this.#buf.subarray(0, this.#used), reads: this.#reads });
+      this.#reads = [];
       this.#left -= this.#used;
     }
     this.#buf = null;
@@ -165,25 +172,35 @@ export class ChunkSink {
   }
 
   /**
-   * Registers a read into space taken from this sink, so that reads run side by side
-   * (a remote source keeps many requests in flight); {@link ChunkSink.settle} waits
-   * for them, and must be awaited before {@link ChunkSink.drain}.
+   * Registers a read into space taken from the current buffer: the reads of several
+   * buffers run side by side (a remote source keeps many requests in flight), and a
+   * buffer is handed out by {@link ChunkSink.drainRead} only once its reads are done.
    */
   reading(read: Promise<void>): void {
-    read.catch(() => {}); // reported by settle
+    read.catch(() => {}); // reported by drainRead
     this.#reads.push(read);
   }
 
-  /** Waits for the registered reads; throws the first failure. */
-  async settle(): Promise<void> {
-    const reads = this.#reads;
-    this.#reads = [];
-    await Promise.all(reads);
+  /** The finished buffers, in order (for buffers no read goes into). */
+  *drain(): Generator<Uint8Array> {
+    while (this.#ready.length > 0) {
+      const { buf, reads } = this.#ready.shift()!;
+      if (reads.length > 0) throw new Error("ChunkSink.drain: reads still running (use drainRead)");
+      yield buf;
+    }
   }
 
-  /** The finished buffers, in order. */
-  *drain(): Generator<Uint8Array> {
-    while (this.#ready.length > 0) yield this.#ready.shift()!;
+  /**
+   * The finished buffers, in order, each once its reads are done; the last `keep`
+   * stay queued with their reads running (so that reading goes on while the consumer
+   * writes). Throws the first failed read.
+   */
+  async *drainRead(keep = 0): AsyncGenerator<Uint8Array> {
+    while (this.#ready.length > keep) {
+      const { buf, reads } = this.#ready.shift()!;
+      await Promise.all(reads);
+      yield buf;
+    }
   }
 }
 
@@ -309,14 +326,13 @@ export async function* qcow2Chunks(
   yield* metadataInto(sink, layout, clusters);
 
   // Data clusters, ascending, read in runs straight into the chunk buffers (the reads
-  // of one chunk side by side).
+  // of this chunk and the next side by side).
   for (const [first, last] of setRuns(clusters)) {
     for (let i = first; i <= last;) {
       let fit = Math.floor(sink.free / cs);
       if (fit === 0) {
         sink.flush();
-        await sink.settle();
-        yield* sink.drain();
+        yield* sink.drainRead(READS_AHEAD);
         fit = chunkSize / cs;
       }
       const count = Math.min(last - i + 1, fit);
@@ -326,6 +342,5 @@ export async function* qcow2Chunks(
     }
   }
   sink.flush();
-  await sink.settle();
-  yield* sink.drain();
+  yield* sink.drainRead();
 }

@@ -23,7 +23,7 @@ import { setRuns } from "../alloc/runs.ts";
 import type { ClusterSet } from "../alloc/cluster_set.ts";
 import { LimitError } from "../errors.ts";
 import { CHUNK_SIZE } from "../io/stream.ts";
-import { ChunkSink, type ClusterReader } from "../qcow2/writer.ts";
+import { ChunkSink, type ClusterReader, READS_AHEAD } from "../qcow2/writer.ts";
 import { formatBytes } from "../size.ts";
 import { DEFAULT_BLOCK_SIZE, DISK_TYPE_DYNAMIC, FOOTER_SIZE, SECTOR_SIZE } from "./constants.ts";
 import { blockBitmapSize, buildVhdDynamicHeader } from "./dynamic_header.ts";
@@ -203,8 +203,7 @@ export async function* vhdChunks(
     for (let i = first; i <= last; i++) {
       if (sink.free < unit) {
         sink.flush();
-        await sink.settle();
-        yield* sink.drain();
+        yield* sink.drainRead(READS_AHEAD);
       }
       sink.take(layout.bitmapBytes, false).fill(0xff);
       sink.reading(source.readAt(sink.take(bs, false), i * bs, limit));
@@ -212,6 +211,5 @@ export async function* vhdChunks(
   }
   sink.take(FOOTER_SIZE, false).set(footer);
   sink.flush();
-  await sink.settle();
-  yield* sink.drain();
+  yield* sink.drainRead();
 }
