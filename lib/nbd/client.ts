@@ -252,6 +252,37 @@ export class NbdExport {
   }
 
   /**
+   * {@link NbdExport.write} that resolves as soon as every piece is in the socket
+   * (`bytes` may then be reused), with `done`, which settles with the server's
+   * replies: many writes stay in flight while the caller prepares the next ones.
+   */
+  async send(offset: number, bytes: Uint8Array): Promise<{ done: Promise<unknown> }> {
+    this.#checkRange(offset, bytes.length, "write");
+    this.#aligned(offset, bytes.length, "write");
+    const sends: Promise<void>[] = [];
+    const done = inPieces(
+      bytes.length,
+      Math.min(this.info.maxPayload, WRITE_PIECE),
+      (at, length) => {
+        let sent!: (err: unknown) => void;
+        sends.push(new Promise((resolve, reject) => sent = (err) => err ? reject(err) : resolve()));
+        const reply = this.#request({
+          command: CMD_WRITE,
+          offset: offset + at,
+          length,
+          payload: bytes.subarray(at, at + length),
+          onSent: sent,
+        });
+        reply.catch((err) => sent(err)); // failed before it was sent: no onSent
+        return reply;
+      },
+    );
+    done.catch(() => {}); // the caller looks at it later
+    await settleAll(sends);
+    return { done };
+  }
+
+  /**
    * Makes `[offset, offset + length)` read as zeros: `NBD_CMD_WRITE_ZEROES` when the
    * server offers it, else writes of zeros.
    */

@@ -51,6 +51,8 @@ export interface NbdRequest {
   into?: Uint8Array;
   /** Write: the `length` bytes to write. */
   payload?: Uint8Array;
+  /** Called once the request (and payload) is in the socket, or sending failed. */
+  onSent?: (err: unknown) => void;
 }
 
 /** A block status reply: extent lengths and flags, alternating. */
@@ -150,6 +152,7 @@ export class NbdConnection {
       await writeAll(this.#channel, head);
       if (payload !== undefined && !small) await writeAll(this.#channel, payload);
     });
+    if (req.onSent !== undefined) sent.then(() => req.onSent!(null), (err) => req.onSent!(err));
     this.#writes = sent.catch((err) => {
       this.#fail(
         err instanceof NbdError ? err : new NbdError(

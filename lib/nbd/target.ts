@@ -22,6 +22,11 @@ export interface NbdTargetOptions extends NbdOptions {
   delta?: boolean;
 }
 
+/** Queued writes of adjacent bytes are merged up to this size. */
+const MERGE_LIMIT = 8 * 1024 * 1024;
+/** Write requests in flight per connection. */
+const WRITE_DEPTH = 16;
+
 interface Queued {
   offset: number;
   /** The bytes, or null for zeros. */
@@ -43,6 +48,10 @@ export class NbdTarget implements DiskTarget {
   /** Units written or zeroed, when the others get zeros at the end. */
   #covered: ClusterSet | null;
   #writeZeros: boolean;
+  /** Writes sent whose replies have not come. */
+  #inFlight = new Set<Promise<unknown>>();
+  /** The first write the server failed. */
+  #failure: unknown = null;
 
   private constructor(
     nbd: NbdExport,
@@ -70,7 +79,9 @@ export class NbdTarget implements DiskTarget {
     unit: number,
     options: NbdTargetOptions = {},
   ): Promise<NbdTarget> {
-    const nbd = await NbdExport.open(uri, { ...options, write: true });
+    // Writes are not latency-bound the way reads are: more of them in flight per
+    // connection (servers rarely offer multi-conn for writable exports).
+    const nbd = await NbdExport.open(uri, { depth: WRITE_DEPTH, ...options, write: true });
     if (virtualSize !== null && virtualSize > nbd.size) {
       await nbd.close();
       throw tooSmall(uri, nbd.size, virtualSize);
@@ -115,8 +126,19 @@ export class NbdTarget implements DiskTarget {
     this.#check(offset, length);
     this.#dataBytes += length;
     this.#covered?.addBytes(offset, length);
-    this.#queue.push({ offset, bytes: bytes.subarray(from, to), length });
     this.#queued += length;
+    // Adjacent clusters of one input chunk become one request (up to MERGE_LIMIT).
+    const last = this.#queue[this.#queue.length - 1];
+    const b = last?.bytes;
+    if (
+      b != null && b.buffer === bytes.buffer && last.offset + last.length === offset &&
+      b.byteOffset + b.length === bytes.byteOffset + from && last.length + length <= MERGE_LIMIT
+    ) {
+      last.length += length;
+      last.bytes = new Uint8Array(b.buffer, b.byteOffset, last.length);
+      return;
+    }
+    this.#queue.push({ offset, bytes: bytes.subarray(from, to), length });
   }
 
   zero(offset: number, length: number): void {
@@ -133,18 +155,47 @@ export class NbdTarget implements DiskTarget {
     } else this.#queue.push({ offset, bytes: null, length });
   }
 
+  /**
+   * Sends the queued writes; resolves once they are in the socket (their buffers may
+   * then be reused). Their replies are checked as they come: the first failure is
+   * thrown by a later flush or by {@link NbdTarget.finish}.
+   */
   async flush(): Promise<void> {
+    this.#throwFailure();
     const queue = this.#queue;
     this.#queue = [];
     this.#queued = 0;
-    const ops = queue.map((q) =>
-      q.bytes === null
-        ? this.#export.writeZeroes(q.offset, q.length)
-        : this.#export.write(q.offset, q.bytes)
-    );
-    const results = await Promise.allSettled(ops);
+    const sends = queue.map(async (q) => {
+      const { done } = q.bytes === null
+        ? { done: this.#export.writeZeroes(q.offset, q.length) }
+        : await this.#export.send(q.offset, q.bytes);
+      this.#track(done);
+    });
+    const results = await Promise.allSettled(sends);
     const failed = results.find((r) => r.status === "rejected");
     if (failed !== undefined) throw (failed as PromiseRejectedResult).reason;
+  }
+
+  /** Follows a write's replies: remembers the first failure. */
+  #track(done: Promise<unknown>): void {
+    this.#inFlight.add(done);
+    done.then(
+      () => this.#inFlight.delete(done),
+      (err) => {
+        this.#inFlight.delete(done);
+        this.#failure ??= err;
+      },
+    );
+  }
+
+  #throwFailure(): void {
+    if (this.#failure !== null) throw this.#failure;
+  }
+
+  /** Waits for every reply; throws the first failure. */
+  async #settle(): Promise<void> {
+    await Promise.allSettled([...this.#inFlight]);
+    this.#throwFailure();
   }
 
   /**
@@ -175,6 +226,7 @@ export class NbdTarget implements DiskTarget {
         fill(covered.length);
       }
       await this.flush();
+      await this.#settle();
       await this.#export.flush();
     } catch (err) {
       await this.#export.close();
