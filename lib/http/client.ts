@@ -15,7 +15,7 @@ import type { ClientRequest, IncomingMessage, RequestOptions } from "node:http";
 import { Buffer } from "node:buffer";
 import { DiskstreamError, UsageError } from "../errors.ts";
 import type { Input } from "../io/stream.ts";
-import { formatBytes } from "../size.ts";
+import { describeNetError, incomingBody, progressOf } from "./body.ts";
 
 /** Options of every request. */
 export interface HttpClientOptions {
@@ -141,20 +141,6 @@ async function startRequest(
   return { req, response };
 }
 
-/** One line for a failed connection: what happened and what to do. */
-function describeNetError(err: unknown): string {
-  const e = err as { code?: string; message?: string };
-  const code = e?.code ?? "";
-  if (code === "ECONNREFUSED") return "connection refused (is the server running?)";
-  if (code === "ENOTFOUND" || code === "EAI_AGAIN") return "the host name does not resolve";
-  if (code === "ECONNRESET" || code === "EPIPE") return "the server closed the connection";
-  if (/CERT|SELF_SIGNED|UNABLE_TO_VERIFY|ALTNAME/.test(code)) {
-    return `the server's certificate is not trusted: ${e.message} ` +
-      "(give its CA with --cacert FILE; --insecure skips the check, for tests only)";
-  }
-  return e?.message ?? String(err);
-}
-
 /** The first readable line of an error body (HTML tags dropped), at most 200 chars. */
 async function firstBodyLine(res: IncomingMessage): Promise<string> {
   const parts: Uint8Array[] = [];
@@ -227,12 +213,6 @@ function tooManyRedirects(method: string, url: URL, max: number): HttpStatusErro
   );
 }
 
-function progressOf(done: number, total: number | undefined): string {
-  return total === undefined
-    ? `${done} bytes (${formatBytes(done)})`
-    : `${done} of ${total} bytes (${formatBytes(done)} of ${formatBytes(total)})`;
-}
-
 /** What {@link httpGet} returns: the body as a stream, and what the headers said. */
 export interface HttpDownload extends Input {
   /** The final URL (after redirects), password redacted. */
@@ -292,50 +272,13 @@ export async function httpGet(url: string, opts: HttpClientOptions = {}): Promis
       url: name,
       length: Number.isSafeInteger(length) ? length : undefined,
       contentType: res.headers["content-type"],
-      stream: bodyStream(res, name, length),
+      stream: incomingBody(res, length, (done, why, cause) =>
+        new HttpTransferError(
+          `the download from ${name} broke after ${progressOf(done, length)}: ${why}`,
+          { cause },
+        )),
     };
   }
-}
-
-/** The body of `res` as a stream that fails when it ends short or breaks. */
-function bodyStream(
-  res: IncomingMessage,
-  name: string,
-  length: number | undefined,
-): ReadableStream<Uint8Array> {
-  const it = res[Symbol.asyncIterator]();
-  let received = 0;
-  let ended = false;
-  res.once("end", () => ended = true);
-  const broke = (why: string, cause?: unknown) =>
-    new HttpTransferError(
-      `the download from ${name} broke after ${progressOf(received, length)}: ${why}`,
-      { cause },
-    );
-  return new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      let step: IteratorResult<Uint8Array>;
-      try {
-        step = await it.next();
-      } catch (err) {
-        throw broke(describeNetError(err), err);
-      }
-      if (step.done) {
-        // node ends a body cut short by the peer as if it were complete.
-        if (!ended || res.readableAborted || (length !== undefined && received < length)) {
-          throw broke("the connection closed before the end of the body");
-        }
-        controller.close();
-        return;
-      }
-      const chunk = step.value;
-      received += chunk.length;
-      controller.enqueue(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length));
-    },
-    cancel() {
-      res.destroy();
-    },
-  }, { highWaterMark: 0 });
 }
 
 /** Options of {@link httpPut}. */
