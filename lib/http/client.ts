@@ -324,53 +324,69 @@ export async function httpPut(
     "content-type": opts.contentType ?? "application/octet-stream",
     expect: "100-continue",
   };
-  let started: Started;
-  for (let hop = 0;; hop++) {
-    started = await startRequest(u, "PUT", headers, opts);
-    const { req, response } = started;
-    req.flushHeaders();
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const first = await Promise.race([
-      new Promise<"go">((resolve) => {
-        req.once("continue", () => resolve("go"));
-        timer = setTimeout(() => resolve("go"), CONTINUE_WAIT_MS);
-      }),
-      response,
-    ]).catch((err) => {
-      throw new HttpTransferError(`PUT ${redactUrl(u)}: ${describeNetError(err)}`, {
-        cause: err,
-      });
-    }).finally(() => clearTimeout(timer));
-    if (first === "go") break;
-    // The server answered before any byte of the body was sent.
-    req.destroy();
-    const status = first.statusCode ?? 0;
-    if (status === 307 || status === 308) {
-      if (hop >= max) throw tooManyRedirects("PUT", u, max);
-      u = redirectTarget("PUT", u, first);
-      continue;
+  const reader = stream.getReader();
+  let carry: Uint8Array | null = null; // a chunk read but not sent when the server answered
+  try {
+    for (let hop = 0;; hop++) {
+      const started = await startRequest(u, "PUT", headers, opts);
+      const { req, response } = started;
+      req.flushHeaders();
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      let answer = await Promise.race([
+        new Promise<"go">((resolve) => {
+          req.once("continue", () => resolve("go"));
+          timer = setTimeout(() => resolve("go"), CONTINUE_WAIT_MS);
+        }),
+        response,
+      ]).catch((err) => {
+        throw new HttpTransferError(`PUT ${redactUrl(u)}: ${describeNetError(err)}`, {
+          cause: err,
+        });
+      }).finally(() => clearTimeout(timer));
+      if (answer === "go") {
+        const sent = await sendBody(started, u, reader, carry, length, opts);
+        if (sent.done) return;
+        answer = sent.answer;
+        carry = sent.carry;
+      }
+      // The server answered before any byte of the body was sent: the body is whole.
+      req.destroy();
+      const status = answer.statusCode ?? 0;
+      if (status === 307 || status === 308) {
+        if (hop >= max) throw tooManyRedirects("PUT", u, max);
+        u = redirectTarget("PUT", u, answer);
+        continue;
+      }
+      if (isRedirect(status)) {
+        throw new HttpStatusError(
+          `PUT ${redactUrl(u)}: HTTP ${status} redirects to ${
+            answer.headers.location ?? "nowhere"
+          }, which would turn the upload into a GET; upload to the new URL directly`,
+          status,
+        );
+      }
+      if (status >= 200 && status <= 299 && length === 0) return void answer.resume();
+      throw await statusError("PUT", u, answer);
     }
-    if (isRedirect(status)) {
-      throw new HttpStatusError(
-        `PUT ${redactUrl(u)}: HTTP ${status} redirects to ${
-          first.headers.location ?? "nowhere"
-        }, which would turn the upload into a GET; upload to the new URL directly`,
-        status,
-      );
-    }
-    if (status >= 200 && status <= 299 && length === 0) return first.resume(), undefined;
-    throw await statusError("PUT", u, first);
+  } catch (err) {
+    await reader.cancel().catch(() => {});
+    throw err;
   }
-  await sendBody(started, u, stream, length, opts);
 }
+
+/** How {@link sendBody} ended: the upload was answered 2xx, or answered before it began. */
+type SendResult =
+  | { done: true }
+  | { done: false; answer: IncomingMessage; carry: Uint8Array | null };
 
 async function sendBody(
   { req, response }: Started,
   u: URL,
-  stream: ReadableStream<Uint8Array>,
+  reader: ReadableStreamDefaultReader<Uint8Array>,
+  carry: Uint8Array | null,
   length: number,
   opts: HttpPutOptions,
-): Promise<void> {
+): Promise<SendResult> {
   let sent = 0;
   let failure: unknown = null;
   let early: IncomingMessage | null = null;
@@ -395,11 +411,16 @@ async function sendBody(
       { cause: failure },
     );
   };
-  const reader = stream.getReader();
   try {
     for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
+      let value = carry;
+      carry = null;
+      if (value === null) {
+        const step = await reader.read();
+        if (step.done) break;
+        value = step.value;
+      }
+      if (early && sent === 0) return { done: false, answer: early, carry: value };
       if (failure || early) await reply();
       if (sent + value.length > length) {
         throw new DiskstreamError(
@@ -432,11 +453,14 @@ async function sendBody(
     } catch {
       return await reply();
     }
-    if ((res.statusCode ?? 0) < 200 || (res.statusCode ?? 0) > 299) return await reply();
+    if ((res.statusCode ?? 0) < 200 || (res.statusCode ?? 0) > 299) {
+      if (sent === 0) return { done: false, answer: res, carry: null };
+      return await reply();
+    }
     res.resume();
+    return { done: true };
   } catch (err) {
     req.destroy();
-    await reader.cancel().catch(() => {});
     throw err;
   }
 }
