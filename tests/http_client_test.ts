@@ -53,16 +53,21 @@ toolTest(
           ]);
           assert.equal(local.code, 0, local.stderr);
           const uploaded = `${nginx.root}/dav/up/disk.${format}`;
-        if (format === "qcow2") {
-          assert.equal(await sha256File(uploaded), await sha256File(`${dir}/l.${format}`));
-        } else {
-          // A VHD footer holds its time of creation: compare sizes and guest bytes.
-          assert.equal((await Deno.stat(uploaded)).size, (await Deno.stat(`${dir}/l.vhd`)).size);
-        }
-        assert.ok(
-          await imagesEqual(`${dir}/disk.raw`, uploaded, "raw", format === "vhd" ? "vpc" : "qcow2"),
-        );
-        const size = (await Deno.stat(uploaded)).size;
+          if (format === "qcow2") {
+            assert.equal(await sha256File(uploaded), await sha256File(`${dir}/l.${format}`));
+          } else {
+            // A VHD footer holds its time of creation: compare sizes and guest bytes.
+            assert.equal((await Deno.stat(uploaded)).size, (await Deno.stat(`${dir}/l.vhd`)).size);
+          }
+          assert.ok(
+            await imagesEqual(
+              `${dir}/disk.raw`,
+              uploaded,
+              "raw",
+              format === "vhd" ? "vpc" : "qcow2",
+            ),
+          );
+          const size = (await Deno.stat(uploaded)).size;
           // nginx saw a Content-Length (not chunked) equal to the file, after 100-continue.
           const log = await nginx.accessLog();
           assert.match(

@@ -459,10 +459,16 @@ async function serveExport(
   if (base) base[1].readers++;
   let sent = 0;
   let exported: ServedExport | null = null;
+  let stopped = false;
   const abort = () => {
+    stopped = true;
     exported?.stream.cancel().catch(() => {});
     res.destroy();
   };
+  const cut = () =>
+    `${stopped ? "aborted by the server's stop" : "the client went away"} after ${
+      progressOf(sent, exported!.length)
+    }`;
   ctx.running.add(abort);
   try {
     exported = await format.export(disk.path, base?.[1].path);
@@ -482,10 +488,7 @@ async function serveExport(
       for (;;) {
         const step = await Promise.race([reader.read(), gone]);
         if (step === "gone" || res.destroyed) {
-          return {
-            sent,
-            note: `the client went away after ${progressOf(sent, exported.length)}`,
-          };
+          return { sent, note: cut() };
         }
         if (step.done) break;
         sent += step.value.length;
@@ -494,10 +497,7 @@ async function serveExport(
             res.once("drain", () => resolve("drain"))
           );
           if (await Promise.race([drained, gone]) === "gone") {
-            return {
-              sent,
-              note: `the client went away after ${progressOf(sent, exported.length)}`,
-            };
+            return { sent, note: cut() };
           }
         }
       }
