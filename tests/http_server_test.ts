@@ -86,7 +86,7 @@ toolTest("curl imports qcow2 (from qemu-img) into a disk; answers after the sync
       // An image larger than the disk is refused before anything is written.
       const before = await sha256File(`${dir}/b.raw`);
       await qemu(["create", "-f", "qcow2", `${dir}/big.qcow2`, "64M"]);
-      await qemu(["io", "-c", "write -P 0x5a 0 1M", `${dir}/big.qcow2`], "qemu-io");
+      await qemu(["-c", "write -P 0x5a 0 1M", `${dir}/big.qcow2`], "qemu-io");
       const big = await curl([
         "-T",
         `${dir}/big.qcow2`,

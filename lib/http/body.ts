@@ -36,12 +36,14 @@ export function progressOf(done: number, total: number | undefined): string {
 /**
  * The body of `msg` as a stream that fails (through `broken`) when the connection
  * drops or the body ends before `length` bytes; node ends a body cut short by the
- * peer as if it were complete, so both are checked here.
+ * peer as if it were complete, so both are checked here. Cancelling the stream
+ * calls `cancel` (by default: close the connection).
  */
 export function incomingBody(
   msg: IncomingMessage,
   length: number | undefined,
   broken: BrokenBody,
+  cancel: () => void = () => msg.destroy(),
 ): ReadableStream<Uint8Array> {
   const it = msg[Symbol.asyncIterator]();
   let received = 0;
@@ -66,8 +68,6 @@ export function incomingBody(
       received += chunk.length;
       controller.enqueue(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.length));
     },
-    cancel() {
-      msg.destroy();
-    },
+    cancel,
   }, { highWaterMark: 0 });
 }

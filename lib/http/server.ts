@@ -375,11 +375,15 @@ async function handle(ctx: Context, req: IncomingMessage, res: ServerResponse): 
     const reply = err instanceof Reply ? err : failureReply(err);
     note ||= reply.message;
     if (!res.headersSent && !res.destroyed) {
-      // A body the client is still sending is not read: close after answering.
-      const close: Record<string, string> = req.method === "PUT" && !req.readableEnded
-        ? { connection: "close" }
-        : {};
-      answer(reply.status, reply.message + "\n", { ...reply.headers, ...close });
+      // A body the client is still sending is not wanted: answer, close, and read
+      // (discard) what is on its way for a moment, so that closing with unread data
+      // does not reset the connection before the client has read the answer.
+      const unread = req.method === "PUT" && !req.readableEnded;
+      answer(reply.status, reply.message + "\n", {
+        ...reply.headers,
+        ...(unread ? { connection: "close" } : {}),
+      });
+      if (unread) lingerThenClose(req);
     } else if (!res.writableEnded) {
       res.destroy();
     }
@@ -392,6 +396,16 @@ async function handle(ctx: Context, req: IncomingMessage, res: ServerResponse): 
         `${sent} ${ms}ms${note ? ` ${note}` : ""}`,
     );
   }
+}
+
+/** How long an unwanted request body is read and discarded before the socket closes. */
+const LINGER_MS = 2000;
+
+function lingerThenClose(req: IncomingMessage): void {
+  const timer = setTimeout(() => req.socket.destroy(), LINGER_MS);
+  req.once("end", () => clearTimeout(timer));
+  req.once("close", () => clearTimeout(timer));
+  req.resume();
 }
 
 function allow(req: IncomingMessage, methods: string[]): void {
@@ -554,7 +568,7 @@ async function serveImport(
       }`,
       { cause },
     );
-  });
+  }, () => {}); // a cancelled body is left for the answer (which discards the rest)
   const abort = () => req.destroy();
   ctx.running.add(abort);
   try {
