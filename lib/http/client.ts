@@ -31,7 +31,25 @@ export interface HttpClientOptions {
   contentType?: string;
 }
 
-/** The server answered with a status that is not 2xx, or a redirect we cannot follow. */
+/**
+ * The server answered with a status that is not 2xx, or a redirect we cannot follow.
+ *
+ * @example
+ * ```ts
+ * import { httpGet, HttpStatusError } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen() {} }, () =>
+ *   new Response("no such disk\nmore", { status: 404 }));
+ * await assert.rejects(httpGet(`http://127.0.0.1:${server.addr.port}/x`), (err) => {
+ *   assert.ok(err instanceof HttpStatusError);
+ *   assert.equal(err.status, 404);
+ *   assert.match(err.message, /: HTTP 404 Not Found: no such disk$/);
+ *   return true;
+ * });
+ * await server.shutdown();
+ * ```
+ */
 export class HttpStatusError extends DiskstreamError {
   /** The HTTP status code. */
   readonly status: number;
@@ -41,7 +59,20 @@ export class HttpStatusError extends DiskstreamError {
   }
 }
 
-/** The connection failed or dropped; the message says how many bytes got through. */
+/**
+ * The connection failed or dropped; the message says how many bytes got through.
+ *
+ * @example
+ * ```ts
+ * import { httpGet, HttpTransferError } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const port = (listener.addr as Deno.NetAddr).port;
+ * listener.close();
+ * await assert.rejects(httpGet(`http://127.0.0.1:${port}/`), HttpTransferError);
+ * ```
+ */
 export class HttpTransferError extends DiskstreamError {}
 
 /** Whether `target` names an HTTP(S) URL (rather than a path). */

@@ -6,7 +6,17 @@
  * @module
  */
 
-/** Content type of each wire format, as XAPI sends and expects them. */
+/**
+ * Content type of each wire format, as XAPI sends and expects them.
+ *
+ * @example
+ * ```ts
+ * import { FORMAT_CONTENT_TYPES } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(FORMAT_CONTENT_TYPES.raw, "application/octet-stream");
+ * ```
+ */
 export const FORMAT_CONTENT_TYPES: Readonly<Record<string, string>> = {
   qcow2: "application/x-qemu-disk",
   vhd: "application/vhd",

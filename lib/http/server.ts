@@ -22,7 +22,13 @@ import type { IncomingMessage, Server, ServerResponse } from "node:http";
 import type { Socket } from "node:net";
 import { Buffer } from "node:buffer";
 import { createHash, timingSafeEqual } from "node:crypto";
-import { CorruptImageError, DiskstreamError, UnsupportedError, UsageError } from "../errors.ts";
+import {
+  CorruptImageError,
+  DiskstreamError,
+  LimitError,
+  UnsupportedError,
+  UsageError,
+} from "../errors.ts";
 import { openDiskSource } from "../io/disk_source.ts";
 import { contentTypeOf } from "./content_type.ts";
 import { incomingBody, progressOf } from "./body.ts";
@@ -47,7 +53,17 @@ export interface ServerFormat {
   import(body: ReadableStream<Uint8Array>, path: string, size: number): Promise<ServedImport>;
 }
 
-/** The formats of `format=`, by name: the one place a new wire format plugs in. */
+/**
+ * The formats of `format=`, by name: the one place a new wire format plugs in.
+ *
+ * @example
+ * ```ts
+ * import { SERVER_FORMATS } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * assert.ok("qcow2" in SERVER_FORMATS && "vhd" in SERVER_FORMATS);
+ * ```
+ */
 export const SERVER_FORMATS: Record<string, ServerFormat> = {
   qcow2: {
     async export(path, base) {
@@ -422,6 +438,7 @@ function failureReply(err: unknown): Reply {
     return new Reply(400, err.message);
   }
   if (err instanceof UnsupportedError) return new Reply(415, err.message);
+  if (err instanceof LimitError) return new Reply(413, err.message);
   if (err instanceof DiskstreamError) return new Reply(500, err.message);
   return new Reply(500, `internal error: ${err instanceof Error ? err.message : String(err)}`);
 }
@@ -584,7 +601,11 @@ async function serveImport(
     res.end(text + "\n");
     return "";
   } catch (err) {
-    const why = err instanceof Error ? err.message : String(err);
+    // Clients know the disk by its name, not by its path on this host.
+    const why = (err instanceof Error ? err.message : String(err)).replaceAll(
+      disk.path,
+      `disk '${name}'`,
+    );
     disk.state = `import failed: ${why}`;
     if (res.destroyed || req.destroyed) {
       throw new Reply(499, `import of '${name}' failed, the disk is incomplete: ${why}`);
