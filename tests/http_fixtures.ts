@@ -58,6 +58,8 @@ export interface ServerProcess {
   /** Base URL, e.g. `http://127.0.0.1:41234`. */
   url: string;
   port: number;
+  /** Its process id. */
+  pid: number;
   /** Everything it wrote on stderr so far (the access log). */
   log(): string;
   /** Waits until the log holds a line matching `re` (at most `ms`). */
@@ -70,11 +72,14 @@ export interface ServerProcess {
   stop(): Promise<void>;
 }
 
-/** Starts `diskstream server ARGS` on a free loopback port (unless --listen is given). */
-export async function startServer(args: string[]): Promise<ServerProcess> {
+/**
+ * Starts `diskstream server ARGS` on a free loopback port (unless --listen is given);
+ * `cli` is the cli.ts to run (default: this checkout's).
+ */
+export async function startServer(args: string[], cli = CLI): Promise<ServerProcess> {
   const listen = args.includes("--listen") ? [] : ["--listen", "127.0.0.1:0"];
   const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", CLI, "server", ...listen, ...args],
+    args: ["run", "-A", cli, "server", ...listen, ...args],
     stdin: "null",
     stdout: "null",
     stderr: "piped",
@@ -113,6 +118,7 @@ export async function startServer(args: string[]): Promise<ServerProcess> {
   return {
     url,
     port: Number(new URL(url).port),
+    pid: child.pid,
     log: () => text,
     waitLog,
     kill: (signal = "SIGTERM") => {

@@ -281,8 +281,8 @@ async function runExport(run: ExportRun): Promise<void> {
     base: run.base,
     baseAllocation: await run.baseAllocation?.(),
     progress: createProgress(run.progress, "export"),
-    // Without FFI, writeTo writes each chunk before reading the next; an upload queues them.
-    reuseBuffers: !run.url,
+    // writeTo without FFI and an upload write each chunk before reading the next.
+    reuseBuffers: true,
   };
   const planned = run.format === "vhd"
     ? await (await import("../export/vhd.ts")).exportVhd(run.source, options)

@@ -6,6 +6,7 @@
  * @module
  */
 import type { IncomingMessage } from "node:http";
+import type { Writable } from "node:stream";
 import type { DiskstreamError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
 
@@ -70,4 +71,21 @@ export function incomingBody(
     },
     cancel,
   }, { highWaterMark: 0 });
+}
+
+/**
+ * Writes `chunk` and waits until it has gone to the socket, so that the caller may
+ * reuse the buffer (export's recycled chunks) and memory stays at one chunk per
+ * stream. False when the stream closed first.
+ */
+export function writeChunk(out: Writable, chunk: Uint8Array): Promise<boolean> {
+  if (out.destroyed) return Promise.resolve(false);
+  return new Promise((resolve) => {
+    const closed = () => resolve(false);
+    out.once("close", closed);
+    out.write(chunk, (err) => {
+      out.off("close", closed);
+      resolve(!err);
+    });
+  });
 }

@@ -15,7 +15,7 @@ import type { ClientRequest, IncomingMessage, RequestOptions } from "node:http";
 import { Buffer } from "node:buffer";
 import { DiskstreamError, UsageError } from "../errors.ts";
 import type { Input } from "../io/stream.ts";
-import { describeNetError, incomingBody, progressOf } from "./body.ts";
+import { describeNetError, incomingBody, progressOf, writeChunk } from "./body.ts";
 
 /** Options of every request. */
 export interface HttpClientOptions {
@@ -320,7 +320,8 @@ export interface HttpPutOptions extends HttpClientOptions {
 
 /**
  * Uploads `stream` to `url` with `PUT` and `Content-Length: length`; `stream` must
- * hold exactly `length` bytes. The request asks for `100 Continue` first, so a
+ * hold exactly `length` bytes. Each chunk has gone to the socket before the next is
+ * read, so the stream may recycle its buffers (export's `reuseBuffers`). The request asks for `100 Continue` first, so a
  * 307/308 redirect that comes before the body is followed with the same method and
  * body; a redirect once the body has started cannot be (the stream is not
  * replayable) and says so. Resolves when the server has answered 2xx.
@@ -459,17 +460,7 @@ async function sendBody(
         );
       }
       sent += value.length;
-      if (!req.write(value)) {
-        await new Promise<void>((resolve) => {
-          const done = () => {
-            req.off("drain", done);
-            req.off("close", done);
-            resolve();
-          };
-          req.once("drain", done);
-          req.once("close", done);
-        });
-      }
+      if (!await writeChunk(req, value)) await reply();
       opts.onProgress?.(sent);
     }
     if (sent !== length) {

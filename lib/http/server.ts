@@ -31,7 +31,7 @@ import {
 } from "../errors.ts";
 import { openDiskSource } from "../io/disk_source.ts";
 import { contentTypeOf } from "./content_type.ts";
-import { incomingBody, progressOf } from "./body.ts";
+import { incomingBody, progressOf, writeChunk } from "./body.ts";
 
 /** An export the server can stream: its bytes and their exact number. */
 export interface ServedExport {
@@ -47,11 +47,17 @@ export interface ServedImport {
 
 /** How the server exports and imports one wire format. */
 export interface ServerFormat {
-  /** The disk at `path` (optionally as a diff against `base`) as this format. */
+  /**
+   * The disk at `path` (optionally as a diff against `base`) as this format. Its
+   * chunks may be recycled: each is valid until the next is read.
+   */
   export(path: string, base?: string): Promise<ServedExport>;
   /** Writes the image in `body` into the disk at `path` of `size` bytes, synced. */
   import(body: ReadableStream<Uint8Array>, path: string, size: number): Promise<ServedImport>;
 }
+
+/** Chunk size of the server's exports: small, so that many streams stay small. */
+const SERVER_CHUNK = 1024 * 1024;
 
 /**
  * The formats of `format=`, by name: the one place a new wire format plugs in.
@@ -68,7 +74,7 @@ export const SERVER_FORMATS: Record<string, ServerFormat> = {
   qcow2: {
     async export(path, base) {
       const { exportQcow2 } = await import("../export/export.ts");
-      const e = await exportQcow2(path, { base });
+      const e = await exportQcow2(path, { base, reuseBuffers: true, chunkSize: SERVER_CHUNK });
       return { stream: e.stream, length: e.layout.fileSize };
     },
     import: (body, path, size) => importWith("qcow2", body, path, size),
@@ -76,7 +82,7 @@ export const SERVER_FORMATS: Record<string, ServerFormat> = {
   vhd: {
     async export(path, base) {
       const { exportVhd } = await import("../export/vhd.ts");
-      const e = await exportVhd(path, { base });
+      const e = await exportVhd(path, { base, reuseBuffers: true, chunkSize: SERVER_CHUNK });
       return { stream: e.stream, length: e.layout.fileSize };
     },
     import: (body, path, size) => importWith("vhd", body, path, size),
@@ -523,14 +529,7 @@ async function serveExport(
         }
         if (step.done) break;
         sent += step.value.length;
-        if (!res.write(step.value)) {
-          const drained = new Promise<"drain">((resolve) =>
-            res.once("drain", () => resolve("drain"))
-          );
-          if (await Promise.race([drained, gone]) === "gone") {
-            return { sent, note: cut() };
-          }
-        }
+        if (!await writeChunk(res, step.value)) return { sent, note: cut() };
       }
       await new Promise<void>((resolve) => res.end(resolve));
       return { sent, note: "" };
