@@ -442,3 +442,31 @@ toolTest("SIGTERM: no new requests, running streams get the grace period, then a
     }
   });
 });
+
+Deno.test("a reader that stops reading is disconnected after the idle timeout", async () => {
+  await withTempDir(async (dir) => {
+    await writeSparse(`${dir}/a.raw`, 48 * MiB, [[0, pseudoRandom(48 * MiB, 4)]]);
+    const server = await startServer(["--disk", `a=${dir}/a.raw`, "--idle-timeout", "1"]);
+    try {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+      await conn.write(
+        new TextEncoder().encode(
+          "GET /export_raw_vdi?vdi=a&format=qcow2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+      );
+      // Read nothing while the socket buffers fill and the server stalls.
+      await server.waitLog(/the client went away after \d+ of \d+ bytes/, 30_000);
+      let got = 0;
+      const buf = new Uint8Array(MiB);
+      for (;;) {
+        const n = await conn.read(buf).catch(() => null);
+        if (n === null) break;
+        got += n;
+      }
+      conn.close();
+      assert.ok(got < 48 * MiB, `read ${got} bytes`);
+    } finally {
+      await server.stop();
+    }
+  });
+});
