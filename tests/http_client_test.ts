@@ -4,225 +4,195 @@
  * servers for what nginx does not do (bodies cut short, connections dropped).
  */
 import assert from "node:assert/strict";
-import {
-  imagesEqual,
-  pseudoRandom,
-  runCli,
-  sha256File,
-  withTempDir,
-  writeSparse,
-} from "./helpers.ts";
-import { startNginx, toolTest } from "./http_fixtures.ts";
+import { imagesEqual, runCli, sha256File, withTempDir } from "./helpers.ts";
+import { makeDisk, type Nginx, startNginx, toolTest } from "./http_fixtures.ts";
 
 const MiB = 1 << 20;
 
-/** A sparse 24 MiB disk with 5 MiB of data in three places. */
-async function makeDisk(path: string): Promise<void> {
-  await writeSparse(path, 24 * MiB, [
-    [0, pseudoRandom(MiB, 1)],
-    [7 * MiB + 4096, pseudoRandom(3 * MiB, 2)],
-    [24 * MiB - MiB, pseudoRandom(MiB, 3)],
-  ]);
+/** A test with nginx running and a disk at `dir/disk.raw`. */
+function nginxTest(
+  name: string,
+  tools: string[],
+  fn: (dir: string, nginx: Nginx) => Promise<void>,
+): void {
+  toolTest(name, ["nginx", ...tools], () =>
+    withTempDir(async (dir) => {
+      const nginx = await startNginx(`${dir}/ng`);
+      try {
+        await makeDisk(`${dir}/disk.raw`);
+        await fn(dir, nginx);
+      } finally {
+        await nginx.stop();
+      }
+    }));
 }
 
-toolTest(
+nginxTest(
   "export -o http:// uploads to nginx with an exact Content-Length",
-  ["nginx", "qemu-img"],
-  async () => {
-    await withTempDir(async (dir) => {
-      const nginx = await startNginx(`${dir}/ng`);
-      try {
-        await makeDisk(`${dir}/disk.raw`);
-        for (const format of ["qcow2", "vhd"]) {
-          const r = await runCli([
-            "export",
-            `${dir}/disk.raw`,
-            "-f",
-            format,
-            "-o",
-            `${nginx.url}/dav/up/disk.${format}`,
-          ]);
-          assert.equal(r.code, 0, r.stderr);
-          const local = await runCli([
-            "export",
-            `${dir}/disk.raw`,
-            "-f",
-            format,
-            "-o",
-            `${dir}/l.${format}`,
-          ]);
-          assert.equal(local.code, 0, local.stderr);
-          const uploaded = `${nginx.root}/dav/up/disk.${format}`;
-          if (format === "qcow2") {
-            assert.equal(await sha256File(uploaded), await sha256File(`${dir}/l.${format}`));
-          } else {
-            // A VHD footer holds its time of creation: compare sizes and guest bytes.
-            assert.equal((await Deno.stat(uploaded)).size, (await Deno.stat(`${dir}/l.vhd`)).size);
-          }
-          assert.ok(
-            await imagesEqual(
-              `${dir}/disk.raw`,
-              uploaded,
-              "raw",
-              format === "vhd" ? "vpc" : "qcow2",
-            ),
-          );
-          const size = (await Deno.stat(uploaded)).size;
-          // nginx saw a Content-Length (not chunked) equal to the file, after 100-continue.
-          const log = await nginx.accessLog();
-          assert.match(
-            log,
-            new RegExp(`PUT /dav/up/disk\\.${format} HTTP/1\\.1 201 ${size} "-" "100-continue"`),
-          );
-        }
-      } finally {
-        await nginx.stop();
+  ["qemu-img"],
+  async (dir, nginx) => {
+    for (const format of ["qcow2", "vhd"]) {
+      const r = await runCli([
+        "export",
+        `${dir}/disk.raw`,
+        "-f",
+        format,
+        "-o",
+        `${nginx.url}/dav/up/disk.${format}`,
+      ]);
+      assert.equal(r.code, 0, r.stderr);
+      const local = await runCli([
+        "export",
+        `${dir}/disk.raw`,
+        "-f",
+        format,
+        "-o",
+        `${dir}/l.${format}`,
+      ]);
+      assert.equal(local.code, 0, local.stderr);
+      const uploaded = `${nginx.root}/dav/up/disk.${format}`;
+      if (format === "qcow2") {
+        assert.equal(await sha256File(uploaded), await sha256File(`${dir}/l.${format}`));
+      } else {
+        // A VHD footer holds its time of creation: compare sizes and guest bytes.
+        assert.equal((await Deno.stat(uploaded)).size, (await Deno.stat(`${dir}/l.vhd`)).size);
       }
-    });
-  },
-);
-
-toolTest(
-  "import -i http:// downloads from nginx, format from the bytes",
-  ["nginx", "qemu-img"],
-  async () => {
-    await withTempDir(async (dir) => {
-      const nginx = await startNginx(`${dir}/ng`);
-      try {
-        await makeDisk(`${dir}/disk.raw`);
-        assert.equal(
-          (await runCli(["export", `${dir}/disk.raw`, "-o", `${nginx.root}/dav/d.qcow2`])).code,
-          0,
-        );
-        const r = await runCli(["import", `${dir}/copy.raw`, "-i", `${nginx.url}/dav/d.qcow2`]);
-        assert.equal(r.code, 0, r.stderr);
-        assert.equal(await sha256File(`${dir}/copy.raw`), await sha256File(`${dir}/disk.raw`));
-        // Through a 307 redirect too, and with -f given.
-        const r2 = await runCli([
-          "import",
-          `${dir}/copy2.raw`,
-          "-f",
-          "qcow2",
-          "-i",
-          `${nginx.url}/old/d.qcow2`,
-        ]);
-        assert.equal(r2.code, 0, r2.stderr);
-        assert.equal(await sha256File(`${dir}/copy2.raw`), await sha256File(`${dir}/disk.raw`));
-      } finally {
-        await nginx.stop();
-      }
-    });
-  },
-);
-
-toolTest(
-  "PUT follows a 307 with its body; a 303 and errors end with one line",
-  ["nginx"],
-  async () => {
-    await withTempDir(async (dir) => {
-      const nginx = await startNginx(`${dir}/ng`);
-      try {
-        await makeDisk(`${dir}/disk.raw`);
-        const r = await runCli(["export", `${dir}/disk.raw`, "-o", `${nginx.url}/old/moved.qcow2`]);
-        assert.equal(r.code, 0, r.stderr);
-        assert.equal((await Deno.stat(`${nginx.root}/dav/moved.qcow2`)).isFile, true);
-
-        const seeOther = await runCli([
-          "export",
+      assert.ok(
+        await imagesEqual(
           `${dir}/disk.raw`,
-          "-o",
-          `${nginx.url}/see-other`,
-        ]);
-        assert.equal(seeOther.code, 1);
-        assert.match(
-          seeOther.stderr,
-          /^diskstream: PUT .*\/see-other: HTTP 303 redirects to .* upload to the new URL directly\n$/,
-        );
-
-        // nginx refuses PUT outside the DAV location: 405 and the first line of its page.
-        const refused = await runCli([
-          "export",
-          `${dir}/disk.raw`,
-          "-o",
-          `${nginx.url}/nodav.qcow2`,
-        ]);
-        assert.equal(refused.code, 1);
-        assert.match(
-          refused.stderr,
-          /^diskstream: PUT http:\/\/127\.0\.0\.1:\d+\/nodav\.qcow2: HTTP 405 Not Allowed: 405 Not Allowed\n$/,
-        );
-
-        const missing = await runCli([
-          "import",
-          `${dir}/x.raw`,
-          "-i",
-          `${nginx.url}/dav/none.qcow2`,
-        ]);
-        assert.equal(missing.code, 1);
-        assert.match(
-          missing.stderr,
-          /^diskstream: GET .*\/dav\/none\.qcow2: HTTP 404 Not Found: 404 Not Found\n$/,
-        );
-        await assert.rejects(Deno.stat(`${dir}/x.raw`)); // nothing created
-      } finally {
-        await nginx.stop();
-      }
-    });
-  },
-);
-
-toolTest("basic auth from the URL's user-info; --header is sent", ["nginx"], async () => {
-  await withTempDir(async (dir) => {
-    const nginx = await startNginx(`${dir}/ng`);
-    try {
-      await makeDisk(`${dir}/disk.raw`);
-      const base = nginx.url.replace("http://", "");
-      const denied = await runCli([
-        "export",
-        `${dir}/disk.raw`,
-        "-o",
-        `http://u:wrong@${base}/private/a.qcow2`,
-      ]);
-      assert.equal(denied.code, 1);
-      assert.match(denied.stderr, /HTTP 401 Unauthorized: 401 Authorization Required/);
-      assert.doesNotMatch(denied.stderr, /wrong/); // the password is not printed
-      const ok = await runCli([
-        "export",
-        `${dir}/disk.raw`,
-        "-o",
-        `http://u:p%20w@${base}/private/a.qcow2`,
-      ]);
-      assert.equal(ok.code, 0, ok.stderr);
-      // The same credentials as a header.
-      const header = await runCli([
-        "export",
-        `${dir}/disk.raw`,
-        "-o",
-        `${nginx.url}/private/b.qcow2`,
-        "--header",
-        `Authorization: Basic ${btoa("u:p w")}`,
-      ]);
-      assert.equal(header.code, 0, header.stderr);
-      assert.equal(
-        await sha256File(`${nginx.root}/private/a.qcow2`),
-        await sha256File(`${nginx.root}/private/b.qcow2`),
+          uploaded,
+          "raw",
+          format === "vhd" ? "vpc" : "qcow2",
+        ),
       );
-      const bad = await runCli([
-        "export",
-        `${dir}/disk.raw`,
-        "-o",
-        `${nginx.url}/dav/c`,
-        "--header",
-        "nocolon",
-      ]);
-      assert.equal(bad.code, 2);
-      const notUrl = await runCli(["export", `${dir}/disk.raw`, "-o", `${dir}/f`, "--insecure"]);
-      assert.equal(notUrl.code, 2);
-      assert.match(notUrl.stderr, /--insecure apply to an http\(s\):\/\/ -o\/--output only/);
-    } finally {
-      await nginx.stop();
+      const size = (await Deno.stat(uploaded)).size;
+      // nginx saw a Content-Length (not chunked) equal to the file, after 100-continue.
+      const log = await nginx.accessLog();
+      assert.match(
+        log,
+        new RegExp(`PUT /dav/up/disk\\.${format} HTTP/1\\.1 201 ${size} "-" "100-continue"`),
+      );
     }
-  });
+  },
+);
+
+nginxTest(
+  "import -i http:// downloads from nginx, format from the bytes",
+  ["qemu-img"],
+  async (dir, nginx) => {
+    assert.equal(
+      (await runCli(["export", `${dir}/disk.raw`, "-o", `${nginx.root}/dav/d.qcow2`])).code,
+      0,
+    );
+    const r = await runCli(["import", `${dir}/copy.raw`, "-i", `${nginx.url}/dav/d.qcow2`]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(await sha256File(`${dir}/copy.raw`), await sha256File(`${dir}/disk.raw`));
+    // Through a 307 redirect too, and with -f given.
+    const r2 = await runCli([
+      "import",
+      `${dir}/copy2.raw`,
+      "-f",
+      "qcow2",
+      "-i",
+      `${nginx.url}/old/d.qcow2`,
+    ]);
+    assert.equal(r2.code, 0, r2.stderr);
+    assert.equal(await sha256File(`${dir}/copy2.raw`), await sha256File(`${dir}/disk.raw`));
+  },
+);
+
+nginxTest(
+  "PUT follows a 307 with its body; a 303 and errors end with one line",
+  [],
+  async (dir, nginx) => {
+    const r = await runCli(["export", `${dir}/disk.raw`, "-o", `${nginx.url}/old/moved.qcow2`]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal((await Deno.stat(`${nginx.root}/dav/moved.qcow2`)).isFile, true);
+
+    const seeOther = await runCli([
+      "export",
+      `${dir}/disk.raw`,
+      "-o",
+      `${nginx.url}/see-other`,
+    ]);
+    assert.equal(seeOther.code, 1);
+    assert.match(
+      seeOther.stderr,
+      /^diskstream: PUT .*\/see-other: HTTP 303 redirects to .* upload to the new URL directly\n$/,
+    );
+
+    // nginx refuses PUT outside the DAV location: 405 and the first line of its page.
+    const refused = await runCli([
+      "export",
+      `${dir}/disk.raw`,
+      "-o",
+      `${nginx.url}/nodav.qcow2`,
+    ]);
+    assert.equal(refused.code, 1);
+    assert.match(
+      refused.stderr,
+      /^diskstream: PUT http:\/\/127\.0\.0\.1:\d+\/nodav\.qcow2: HTTP 405 Not Allowed: 405 Not Allowed\n$/,
+    );
+
+    const missing = await runCli([
+      "import",
+      `${dir}/x.raw`,
+      "-i",
+      `${nginx.url}/dav/none.qcow2`,
+    ]);
+    assert.equal(missing.code, 1);
+    assert.match(
+      missing.stderr,
+      /^diskstream: GET .*\/dav\/none\.qcow2: HTTP 404 Not Found: 404 Not Found\n$/,
+    );
+    await assert.rejects(Deno.stat(`${dir}/x.raw`)); // nothing created
+  },
+);
+
+nginxTest("basic auth from the URL's user-info; --header is sent", [], async (dir, nginx) => {
+  const base = nginx.url.replace("http://", "");
+  const denied = await runCli([
+    "export",
+    `${dir}/disk.raw`,
+    "-o",
+    `http://u:wrong@${base}/private/a.qcow2`,
+  ]);
+  assert.equal(denied.code, 1);
+  assert.match(denied.stderr, /HTTP 401 Unauthorized: 401 Authorization Required/);
+  assert.doesNotMatch(denied.stderr, /wrong/); // the password is not printed
+  const ok = await runCli([
+    "export",
+    `${dir}/disk.raw`,
+    "-o",
+    `http://u:p%20w@${base}/private/a.qcow2`,
+  ]);
+  assert.equal(ok.code, 0, ok.stderr);
+  // The same credentials as a header.
+  const header = await runCli([
+    "export",
+    `${dir}/disk.raw`,
+    "-o",
+    `${nginx.url}/private/b.qcow2`,
+    "--header",
+    `Authorization: Basic ${btoa("u:p w")}`,
+  ]);
+  assert.equal(header.code, 0, header.stderr);
+  assert.equal(
+    await sha256File(`${nginx.root}/private/a.qcow2`),
+    await sha256File(`${nginx.root}/private/b.qcow2`),
+  );
+  const bad = await runCli([
+    "export",
+    `${dir}/disk.raw`,
+    "-o",
+    `${nginx.url}/dav/c`,
+    "--header",
+    "nocolon",
+  ]);
+  assert.equal(bad.code, 2);
+  const notUrl = await runCli(["export", `${dir}/disk.raw`, "-o", `${dir}/f`, "--insecure"]);
+  assert.equal(notUrl.code, 2);
+  assert.match(notUrl.stderr, /--insecure apply to an http\(s\):\/\/ -o\/--output only/);
 });
 
 /** A server that answers each connection with `answer` (raw bytes), then closes. */

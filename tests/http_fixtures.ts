@@ -6,7 +6,17 @@
  * Tests that need one of these tools are declared with {@link toolTest}: skipped on
  * a developer machine without it, **failing** in CI (CI=true).
  */
-import { CLI, IN_CI } from "./helpers.ts";
+import { CLI, IN_CI, pseudoRandom, writeSparse } from "./helpers.ts";
+
+const MiB = 1 << 20;
+
+/** A sparse disk of `size` bytes with 3 MiB of data in two places (one unaligned). */
+export async function makeDisk(path: string, size = 32 * MiB, seed = 1): Promise<void> {
+  await writeSparse(path, size, [
+    [MiB, pseudoRandom(2 * MiB, seed)],
+    [size - 3 * MiB - 512, pseudoRandom(MiB, seed + 1)],
+  ]);
+}
 
 /** The Debian package that brings each tool (for the failure message). */
 const PACKAGES: Record<string, string> = {

@@ -12,17 +12,10 @@ import {
   withTempDir,
   writeSparse,
 } from "./helpers.ts";
-import { curl, makeCert, startServer, toolTest } from "./http_fixtures.ts";
+import { curl, makeCert, makeDisk, startServer, toolTest } from "./http_fixtures.ts";
 
 const MiB = 1 << 20;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function makeDisk(path: string, size = 32 * MiB, seed = 1): Promise<void> {
-  await writeSparse(path, size, [
-    [MiB, pseudoRandom(2 * MiB, seed)],
-    [size - 3 * MiB - 512, pseudoRandom(MiB, seed + 1)],
-  ]);
-}
 
 toolTest("curl exports qcow2 and VHD; HEAD gives the length; content types", [
   "curl",
