@@ -290,3 +290,24 @@ Deno.test("a refused connection is one line", async () => {
     assert.match(r.stderr, /^diskstream: GET http:\/\/127\.0\.0\.1:\d+\/x: connection refused/);
   });
 });
+
+Deno.test("a 307 after the upload started is not followed: the stream cannot be replayed", async () => {
+  await withTempDir(async (dir) => {
+    await makeDisk(`${dir}/disk.raw`);
+    // Reads 1 MiB of the body, then redirects.
+    const server = rawServer(
+      () => "HTTP/1.1 307 Temporary Redirect\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
+      MiB,
+    );
+    try {
+      const r = await runCli(["export", `${dir}/disk.raw`, "-o", `${server.url}/up`]);
+      assert.equal(r.code, 1);
+      assert.match(
+        r.stderr,
+        /^diskstream: PUT .*\/up: HTTP 307 redirects to \/elsewhere after \d+ of \d+ bytes .* cannot be replayed: run again with that URL\n$/,
+      );
+    } finally {
+      await server.close();
+    }
+  });
+});

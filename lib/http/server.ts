@@ -251,7 +251,8 @@ export async function startDiskServer(options: DiskServerOptions): Promise<DiskS
   };
   const server: Server = options.tls
     ? (await import("node:https")).createServer(
-      { cert: options.tls.cert, key: options.tls.key },
+      // A TLS handshake is bounded like the request headers that follow it.
+      { cert: options.tls.cert, key: options.tls.key, handshakeTimeout: headerTimeout },
       handler,
     )
     : (await import("node:http")).createServer(handler);
