@@ -237,6 +237,7 @@ export async function startDiskServer(options: DiskServerOptions): Promise<DiskS
       };
     },
     running,
+    idleTimeout,
   };
 
   const handler = (req: IncomingMessage, res: ServerResponse) => {
@@ -259,7 +260,8 @@ export async function startDiskServer(options: DiskServerOptions): Promise<DiskS
   server.on(options.tls ? "secureConnection" : "connection", (socket: Socket) => {
     sockets.add(socket);
     armHeaderTimer(socket);
-    socket.setTimeout(idleTimeout, () => socket.destroy());
+    socket.setTimeout(idleTimeout);
+    socket.on("timeout", () => socket.destroy());
     socket.once("close", () => {
       sockets.delete(socket);
       clearTimeout((socket as { headerTimer?: ReturnType<typeof setTimeout> }).headerTimer);
@@ -314,6 +316,20 @@ interface Context {
   authorized(req: IncomingMessage): boolean;
   acquireStream(): () => void;
   running: Set<() => void>;
+  idleTimeout: number;
+}
+
+/**
+ * Runs `work` (planning an export, syncing an import) with the idle timeout off:
+ * no byte moves meanwhile, and the client is waiting for us, not stalled.
+ */
+async function busy<T>(ctx: Context, socket: Socket, work: () => Promise<T>): Promise<T> {
+  socket.setTimeout(0);
+  try {
+    return await work();
+  } finally {
+    if (!socket.destroyed) socket.setTimeout(ctx.idleTimeout);
+  }
 }
 
 function digest(s: string): Buffer {
@@ -509,7 +525,7 @@ async function serveExport(
     }`;
   ctx.running.add(abort);
   try {
-    exported = await format.export(disk.path, base?.[1].path);
+    exported = await busy(ctx, req.socket, () => format.export(disk.path, base?.[1].path));
     res.writeHead(200, {
       "content-type": contentTypeOf(formatName),
       "content-length": String(exported.length),
@@ -589,7 +605,10 @@ async function serveImport(
   const abort = () => req.destroy();
   ctx.running.add(abort);
   try {
+    // Once the whole body is in, the import's final writes and sync may take long.
+    req.once("end", () => req.socket.setTimeout(0));
     const result = await format.import(body, disk.path, size);
+    if (!req.socket.destroyed) req.socket.setTimeout(ctx.idleTimeout);
     disk.state = "ready";
     const text = JSON.stringify({
       vdi: name,
