@@ -10,7 +10,7 @@ import { setImmediate } from "node:timers";
 import type { DiskSource } from "../io/disk_source.ts";
 import { type Endpoint, endpointName, openOutput, pipeToOutput } from "../io/stream.ts";
 import { COPY_STEP, type KernelCopy, openKernelCopy } from "../io/kernel_copy.ts";
-import { SourceChangedError, UsageError } from "../errors.ts";
+import { InterruptedError, SourceChangedError, UsageError } from "../errors.ts";
 import type { WriterOptions } from "../qcow2/writer.ts";
 import type { ProgressSink } from "../progress.ts";
 import { endpointPath, sameFile } from "../io/same_file.ts";
@@ -47,7 +47,7 @@ export function plannedExport<Layout>(
   try {
     const image = writer(plan.virtualSize);
     options.progress?.setTotal(scanned + image.fileSize);
-    const pass2 = new Pass2(src, image, options.progress, scanned, {
+    const pass2 = new Pass2(src, image, options, scanned, {
       chunkSize: options.chunkSize,
       reuseBuffers: options.reuseBuffers,
       sourceSize: src.size,
@@ -77,16 +77,23 @@ class Pass2<Layout> {
   #sent = 0;
   #started = false;
   #stream: ReadableStream<Uint8Array> | null = null;
+  readonly progress: ProgressSink | undefined;
+  readonly signal: AbortSignal | undefined;
+  readonly sync: boolean;
 
   constructor(
     readonly src: DiskSource,
     readonly image: ImageWriter<Layout>,
-    readonly progress: ProgressSink | undefined,
+    options: StreamExportOptions,
     readonly scanned: number,
     readonly writerOptions: WriterOptions,
     /** Files the output must not be: the source, and the base of a diff. */
     readonly protect: [role: string, path: string][],
-  ) {}
+  ) {
+    this.progress = options.progress;
+    this.signal = options.signal;
+    this.sync = options.sync ?? true;
+  }
 
   /** Refuses a second start and a source whose size changed since pass 1. */
   async #start(): Promise<void> {
@@ -101,6 +108,7 @@ class Pass2<Layout> {
   }
 
   #sentBytes(bytes: number): void {
+    this.signal?.throwIfAborted();
     this.#sent += bytes;
     this.progress?.update(this.scanned + this.#sent);
   }
@@ -158,15 +166,41 @@ class Pass2<Layout> {
         );
       }
     }
+    const name = endpointName(target, "stdout");
+    // An output file this export creates is removed if it fails; one that existed is
+    // truncated and rewritten from byte 0 on.
+    const created = target.kind === "path" && !(await exists(target.path));
+    try {
+      await this.#write(target, name);
+    } catch (err) {
+      this.src.close();
+      if (created) await Deno.remove(target.path).catch(() => {});
+      if (!(err instanceof InterruptedError)) throw err;
+      throw err.retell(
+        `export of ${this.src.path} to ${name} interrupted by ${err.signal}: ` +
+          (created
+            ? `${name} (created by this export) was removed`
+            : this.#sent === 0
+            ? `nothing was written to ${name}`
+            : `${name} is partly written from byte 0 on (up to ${this.#sent} of the image's ` +
+              `${this.image.fileSize} bytes)`),
+      );
+    }
+  }
+
+  async #write(target: Endpoint, name: string): Promise<void> {
     const copier = openKernelCopy(
       this.src.path,
       target.kind === "path" ? { path: target.path } : { fd: target.kind === "fd" ? target.fd : 1 },
-      endpointName(target, "stdout"),
+      name,
     );
-    if (copier === null) return await pipeToOutput(this.stream(), await openOutput(target));
+    if (copier === null) {
+      return await pipeToOutput(this.stream(), await openOutput(target), this.sync);
+    }
     try {
       await this.#start();
       await this.#copyWith(copier);
+      if (this.sync) copier.sync();
     } finally {
       copier.close();
       this.src.close();
@@ -193,5 +227,15 @@ class Pass2<Layout> {
         await new Promise((resolve) => setImmediate(resolve)); // let timers and signals run
       }
     }
+  }
+}
+
+/** True when `path` names something (a file, a device, a dangling link). */
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch {
+    return false;
   }
 }

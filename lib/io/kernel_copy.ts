@@ -17,6 +17,7 @@
 import { BrokenPipeError, DiskstreamError, SourceChangedError } from "../errors.ts";
 import {
   EINTR,
+  errnoMessage,
   F_GETFL,
   F_GETPIPE_SZ,
   F_SETPIPE_SZ,
@@ -29,6 +30,7 @@ import {
   REFUSED_ERRNOS,
   SPLICE_F_MORE,
   SPLICE_F_MOVE,
+  WRITE_SIDE_ERRNOS,
 } from "./libc.ts";
 
 /** Bytes moved per call. */
@@ -36,6 +38,7 @@ export const COPY_STEP = 8 * 1024 * 1024;
 const O_CREAT = 0o100;
 const O_TRUNC = 0o1000;
 const EPIPE = 32;
+const EINVAL = 22;
 /** errno values after which a plain pread/write copy is tried instead. */
 const UNSUPPORTED = REFUSED_ERRNOS;
 
@@ -51,6 +54,7 @@ const SYMBOLS = {
     parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"],
     result: "isize",
   },
+  fdatasync: { parameters: ["i32"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
@@ -73,6 +77,11 @@ export interface KernelCopy {
   write(bytes: Uint8Array): void;
   /** Copies `length` source bytes at `offset` to the output (in the kernel when possible). */
   copy(offset: number, length: number): void;
+  /**
+   * Makes what was written durable (`fdatasync`) when the output is a file or a
+   * device; a pipe or socket has nothing to sync.
+   */
+  sync(): void;
   /** Closes what was opened here (an inherited output descriptor stays open). */
   close(): void;
 }
@@ -90,10 +99,10 @@ export function openKernelCopy(
   const c = loadLibc(SYMBOLS);
   if (c === null) return null;
   const errno = () => readErrno(c.__errno_location);
-  const fail = (what: string, path: string): never => {
-    const e = errno();
+  /** Throws for the errno of a failed call, naming the side it belongs to. */
+  const fail = (e: number, what: string): never => {
     if (e === EPIPE) throw new BrokenPipeError(`${name}: the reader closed the pipe`);
-    throw new DiskstreamError(`cannot ${what} ${path}: errno ${e}`);
+    throw new DiskstreamError(`${what}: ${errnoMessage(e)}`);
   };
   let outFd: number;
   let ownOut = false;
@@ -128,8 +137,9 @@ export function openKernelCopy(
     for (let done = 0; done < bytes.length;) {
       const n = Number(c.write(outFd, bytes.subarray(done), BigInt(bytes.length - done)));
       if (n < 0) {
-        if (errno() === EINTR) continue;
-        fail("write to", name);
+        const e = errno();
+        if (e === EINTR) continue;
+        fail(e, `cannot write to ${name}`);
       }
       done += n;
     }
@@ -177,7 +187,21 @@ export function openKernelCopy(
           method = next;
           continue;
         }
-        fail(method === "bounce" ? "read" : `copy (${method}) from`, source);
+        fail(
+          e,
+          method === "bounce"
+            ? `cannot read ${source} at byte ${at + done}`
+            : WRITE_SIDE_ERRNOS.has(e)
+            ? `cannot write to ${name} (copying ${source} from byte ${at + done} with ${method})`
+            : `cannot copy (${method}) from ${source} at byte ${at + done} to ${name}`,
+        );
+      }
+    },
+    sync() {
+      while (c.fdatasync(outFd) < 0) {
+        const e = errno();
+        if (e === EINVAL) return; // a pipe or a socket
+        if (e !== EINTR) fail(e, `cannot sync ${name} to its device (fdatasync)`);
       }
     },
     close() {

@@ -12,7 +12,7 @@ import * as libc from "./libc.ts";
 
 const O_RDONLY = 0;
 const SYNC_FILE_RANGE_WRITE = 2;
-const ENOSPC = 28;
+const POLLIN = 1;
 /** Bytes asked per splice call. */
 const SPLICE_STEP = 16 * 1024 * 1024;
 
@@ -23,6 +23,13 @@ const SYMBOLS = {
   read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   splice: { parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"], result: "isize" },
   sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32" },
+  poll: { parameters: ["buffer", "u64", "i32"], result: "i32" },
+  poll_waiting: {
+    name: "poll",
+    parameters: ["buffer", "u64", "i32"],
+    result: "i32",
+    nonblocking: true,
+  },
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
@@ -34,6 +41,13 @@ export interface PipeInput {
   readonly name: string;
   /** Reads up to `buf.length` bytes (blocking); 0 at the end. */
   read(buf: Uint8Array): number;
+  /** True when a read or splice would not block: bytes are waiting, or the writer is gone. */
+  ready(): boolean;
+  /**
+   * Waits up to `ms` milliseconds for {@link PipeInput.ready} on another thread, so
+   * that timers and signal listeners run meanwhile.
+   */
+  wait(ms: number): Promise<void>;
   /**
    * Opens `path` (already created and sized) for {@link PipeInput.splice}; null when
    * it cannot be opened this way (the ordinary writes still work).
@@ -83,8 +97,13 @@ export function openPipeInput(
   const errno = () => libc.readErrno(c.__errno_location);
   const offset = new BigInt64Array(1);
   const offsetBytes = new Uint8Array(offset.buffer);
+  // struct pollfd { int fd; short events; short revents; }, asking for POLLIN.
+  const pollFd = new Uint8Array(8);
+  new DataView(pollFd.buffer).setInt32(0, fd, true);
+  new DataView(pollFd.buffer).setInt16(4, POLLIN, true);
+  const waitFd = pollFd.slice();
   const fail = (what: string): never => {
-    throw new DiskstreamError(`cannot ${what} ${name}: errno ${errno()}`);
+    throw new DiskstreamError(`cannot ${what} ${name}: ${libc.errnoMessage(errno())}`);
   };
   return {
     name,
@@ -94,6 +113,12 @@ export function openPipeInput(
         if (n >= 0) return n;
         if (errno() !== libc.EINTR) fail("read");
       }
+    },
+    ready() {
+      return c.poll(pollFd, 1n, 0) !== 0; // 1: readable or hung up; -1: let read report it
+    },
+    async wait(ms) {
+      await c.poll_waiting(waitFd, 1n, ms);
     },
     openDestination(path) {
       const out = c.open(encoder.encode(path + "\0"), libc.O_WRONLY | libc.O_CLOEXEC, 0);
@@ -117,8 +142,10 @@ export function openPipeInput(
         if (e === libc.EINTR) continue;
         if (libc.REFUSED_ERRNOS.has(e)) return -1;
         throw new DiskstreamError(
-          `cannot move data from ${name} to ${dest} at byte ${at}: ` +
-            (e === ENOSPC ? "no space left on the device" : `errno ${e}`),
+          (libc.WRITE_SIDE_ERRNOS.has(e)
+            ? `cannot write to ${dest} at byte ${at} (moving data from ${name})`
+            : `cannot move data from ${name} to ${dest} at byte ${at}`) +
+            `: ${libc.errnoMessage(e)}`,
         );
       }
     },

@@ -5,11 +5,13 @@
  *
  * @module
  */
+import { descriptorPath } from "./descriptor.ts";
 import type { Endpoint } from "./stream.ts";
 
 /** The path through which an endpoint's file can be looked at (`/dev/fd/N`, `/dev/stdout`). */
 export function endpointPath(e: Endpoint, std: "stdin" | "stdout"): string {
-  return e.kind === "path" ? e.path : e.kind === "fd" ? `/dev/fd/${e.fd}` : `/dev/${std}`;
+  if (e.kind === "fd") return descriptorPath(e.fd, `fd ${e.fd}`);
+  return e.kind === "path" ? e.path : `/dev/${std}`;
 }
 
 /**

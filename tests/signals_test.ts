@@ -1,0 +1,208 @@
+/**
+ * SIGINT, SIGTERM and SIGHUP during import and `export -o`, sent for real to a child
+ * process: it stops promptly, removes a file it created, says on one line what was
+ * interrupted (and for an existing file from which byte on it is partly written),
+ * and exits with 128 + the signal's number.
+ */
+import assert from "node:assert/strict";
+import { CLI, pseudoRandom, sha256File, withTempDir, writeSparse } from "./helpers.ts";
+
+/** A running CLI child whose stdin we feed and whose stdout we watch. */
+export class CliChild {
+  readonly child: Deno.ChildProcess;
+  readonly #stdin: WritableStreamDefaultWriter<Uint8Array>;
+  readonly #stdout: ReadableStreamDefaultReader<Uint8Array>;
+  readonly #stderr: Promise<string>;
+  #seen = "";
+
+  constructor(args: string[]) {
+    this.child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", CLI, ...args],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    this.#stdin = this.child.stdin.getWriter();
+    this.#stdout = this.child.stdout.getReader();
+    this.#stderr = new Response(this.child.stderr).text();
+  }
+
+  /** Writes `bytes` to the child's stdin (and keeps it open). */
+  async feed(bytes: Uint8Array): Promise<void> {
+    await this.#stdin.write(bytes);
+  }
+
+  /** Waits until the child's stdout has printed something matching `re`. */
+  async waitForOutput(re: RegExp): Promise<void> {
+    while (!re.test(this.#seen)) {
+      const r = await this.#stdout.read();
+      if (r.done) throw new Error(`stdout ended before ${re}: '${this.#seen}'`);
+      this.#seen += new TextDecoder().decode(r.value);
+    }
+  }
+
+  /**
+   * Waits until the child handles SIGHUP, SIGINT and SIGTERM itself (`SigCgt` in
+   * /proc/PID/status), i.e. until the command is running.
+   */
+  async waitForHandlers(): Promise<void> {
+    const mask = (1n << 0n) | (1n << 1n) | (1n << 14n); // bits signo - 1
+    await until(async () => {
+      const status = await Deno.readTextFile(`/proc/${this.child.pid}/status`);
+      const m = /^SigCgt:\s+([0-9a-f]+)/m.exec(status);
+      return m !== null && (BigInt(`0x${m[1]}`) & mask) === mask;
+    }, "the child's signal handlers");
+  }
+
+  /** Sends `signal` and returns the exit code, stderr, and how long the exit took. */
+  async stop(signal: Deno.Signal): Promise<{ code: number; stderr: string; ms: number }> {
+    const t0 = performance.now();
+    this.child.kill(signal);
+    const [status, stderr] = await Promise.all([this.child.status, this.#stderr]);
+    const ms = performance.now() - t0;
+    await this.#stdin.close().catch(() => {});
+    await this.#stdout.cancel().catch(() => {});
+    return { code: status.code, stderr, ms };
+  }
+}
+
+/** Waits until `test` holds (polling), failing after `ms`. */
+export async function until(test: () => Promise<boolean>, what: string, ms = 30_000) {
+  const end = Date.now() + ms;
+  while (!(await test())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.stat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** An 8 MiB disk whose first MiB is zeros (so its image writes nothing below 1 MiB). */
+async function imageWithDataFrom1M(dir: string): Promise<Uint8Array> {
+  await writeSparse(`${dir}/disk.raw`, 8 << 20, [[1 << 20, pseudoRandom(7 << 20, 5)]]);
+  const r = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", CLI, "export", `${dir}/disk.raw`, "-o", `${dir}/disk.qcow2`],
+  }).output();
+  assert.equal(r.code, 0, new TextDecoder().decode(r.stderr));
+  return await Deno.readFile(`${dir}/disk.qcow2`);
+}
+
+/** One line on stderr, matching `re`. */
+function assertOneLine(stderr: string, re: RegExp) {
+  assert.equal(stderr.trimEnd().split("\n").length, 1, stderr);
+  assert.match(stderr.trimEnd(), re);
+}
+
+Deno.test("signals: SIGTERM during an import from a stalled pipe removes the file it created", async () => {
+  await withTempDir(async (dir) => {
+    const image = await imageWithDataFrom1M(dir);
+    const dest = `${dir}/new.raw`;
+    const child = new CliChild(["import", dest]);
+    // The metadata and half the data; then the pipe stays open and silent.
+    await child.feed(image.subarray(0, image.length >> 1));
+    await until(() => exists(dest), "the destination to be created");
+    const { code, stderr, ms } = await child.stop("SIGTERM");
+    assert.equal(code, 128 + 15);
+    assertOneLine(
+      stderr,
+      /^diskstream: import into .*new\.raw interrupted by SIGTERM: .*new\.raw \(created by this import\) was removed$/,
+    );
+    assert.ok(ms < 5000, `stopped after ${ms} ms`);
+    assert.equal(await exists(dest), false);
+  });
+});
+
+Deno.test("signals: SIGINT during an import into an existing file says from which byte it is partly written", async () => {
+  await withTempDir(async (dir) => {
+    const image = await imageWithDataFrom1M(dir);
+    const dest = `${dir}/existing.raw`;
+    const before = new Uint8Array(8 << 20).fill(0xee);
+    await Deno.writeFile(dest, before);
+    const child = new CliChild(["import", dest, "--progress", "--machine"]);
+    await child.feed(image.subarray(0, image.length >> 1));
+    // Progress past a few percent: data has been written.
+    await child.waitForOutput(/0[2-9]\d/);
+    const { code, stderr } = await child.stop("SIGINT");
+    assert.equal(code, 128 + 2);
+    const m =
+      /^diskstream: import into .*existing\.raw interrupted by SIGINT: .*existing\.raw \(an existing file\) is partly written from byte (\d+) on$/
+        .exec(stderr.trimEnd());
+    assert.ok(m, stderr);
+    const from = Number(m[1]);
+    assert.equal(from, 1 << 20); // the image holds nothing below 1 MiB
+    const after = await Deno.readFile(dest);
+    assert.equal(after.length, before.length);
+    assert.deepEqual(after.subarray(0, from), before.subarray(0, from)); // intact below it
+    const disk = await Deno.readFile(`${dir}/disk.raw`);
+    assert.deepEqual(after.subarray(from, from + 65536), disk.subarray(from, from + 65536));
+  });
+});
+
+Deno.test("signals: SIGHUP before the destination is written leaves an existing file unchanged", async () => {
+  await withTempDir(async (dir) => {
+    const image = await imageWithDataFrom1M(dir);
+    const dest = `${dir}/existing.raw`;
+    await Deno.writeFile(dest, new Uint8Array(8 << 20).fill(0x11));
+    const hash = await sha256File(dest);
+    const child = new CliChild(["import", dest]);
+    await child.feed(image.subarray(0, 100)); // not even the whole header
+    await child.waitForHandlers();
+    const { code, stderr } = await child.stop("SIGHUP");
+    assert.equal(code, 128 + 1);
+    assertOneLine(
+      stderr,
+      /^diskstream: import into .*existing\.raw interrupted by SIGHUP: nothing was written to .*existing\.raw$/,
+    );
+    assert.equal(await sha256File(dest), hash);
+  });
+});
+
+/** A 1 GiB sparse disk and a hint that calls all of it data: pass 2 copies for seconds. */
+async function slowExportSource(dir: string): Promise<string[]> {
+  const size = 1 << 30;
+  await writeSparse(`${dir}/big.raw`, size, [[0, pseudoRandom(1 << 20, 3)]]);
+  await Deno.writeTextFile(
+    `${dir}/all.json`,
+    JSON.stringify({ virtual_size: size, cluster_bits: 21, data_clusters: [[0, 511]] }),
+  );
+  return [`${dir}/big.raw`, "--allocation", `${dir}/all.json`, "--progress", "--machine"];
+}
+
+Deno.test("signals: SIGTERM during export -o removes the output file it created", async () => {
+  await withTempDir(async (dir) => {
+    const out = `${dir}/out.qcow2`;
+    const child = new CliChild(["export", ...(await slowExportSource(dir)), "-o", out]);
+    await child.waitForOutput(/00[1-9]/);
+    const { code, stderr, ms } = await child.stop("SIGTERM");
+    assert.equal(code, 128 + 15);
+    assertOneLine(
+      stderr,
+      /^diskstream: export of .*big\.raw to .*out\.qcow2 interrupted by SIGTERM: .*out\.qcow2 \(created by this export\) was removed$/,
+    );
+    assert.ok(ms < 5000, `stopped after ${ms} ms`);
+    assert.equal(await exists(out), false);
+  });
+});
+
+Deno.test("signals: SIGINT during export -o onto an existing file says it is partly written from byte 0", async () => {
+  await withTempDir(async (dir) => {
+    const out = `${dir}/existing.qcow2`;
+    await Deno.writeTextFile(out, "old contents");
+    const child = new CliChild(["export", ...(await slowExportSource(dir)), "-o", out]);
+    await child.waitForOutput(/00[1-9]/);
+    const { code, stderr } = await child.stop("SIGINT");
+    assert.equal(code, 128 + 2);
+    assertOneLine(
+      stderr,
+      /^diskstream: export of .*big\.raw to .*existing\.qcow2 interrupted by SIGINT: .*existing\.qcow2 is partly written from byte 0 on \(up to \d+ of the image's \d+ bytes\)$/,
+    );
+    assert.ok(await exists(out)); // not ours to remove
+  });
+});
