@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { DiskstreamError, PermissionError, UsageError } from "../errors.ts";
+import { PermissionError, UsageError } from "../errors.ts";
 import { loadLibc, readErrno } from "./libc.ts";
 
 const F_GETFD = 1;

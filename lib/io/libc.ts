@@ -78,12 +78,13 @@ const STRERROR = {
  * and the symbolic name, so a message never shows a bare number.
  */
 export function errnoMessage(e: number): string {
-  let name = `errno ${e}`;
+  let name: string | undefined;
   try {
     name = getSystemErrorName(-e);
   } catch {
     // unknown to Node's table: keep the number
   }
+  name ??= `errno ${e}`;
   const c = loadLibc(STRERROR);
   const p = c?.strerror(e) ?? null;
   const text = p === null ? null : new Deno.UnsafePointerView(p).getCString();
