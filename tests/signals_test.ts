@@ -139,3 +139,57 @@ Deno.test("signals: SIGINT during export -o onto an existing file says it is par
     assert.ok(await exists(out)); // not ours to remove
   });
 });
+
+/** Feeds part of an image through a socket as the CLI's stdin, then SIGTERM (python3). */
+const SOCKET_FEEDER = `
+import socket, subprocess, sys, time
+img = open(sys.argv[1], "rb").read()
+a, b = socket.socketpair()
+p = subprocess.Popen(sys.argv[3:], stdin=b, stderr=subprocess.PIPE)
+b.close()
+a.sendall(img[: int(sys.argv[2])])
+mask = (1 << 0) | (1 << 1) | (1 << 14)
+while True:
+    status = open(f"/proc/{p.pid}/status").read()
+    cgt = int(status.split("SigCgt:")[1].split()[0], 16)
+    if cgt & mask == mask: break
+    time.sleep(0.02)
+time.sleep(0.3)
+t = time.time()
+p.send_signal(15)
+err = p.stderr.read().decode()
+code = p.wait()
+print(code, int((time.time() - t) * 1000))
+print(err, end="")
+`;
+
+Deno.test("signals: SIGTERM during an import from a silent socket (XAPI's stdin) is handled promptly", async () => {
+  await withTempDir(async (dir) => {
+    const image = await imageWithDataFrom1M(dir);
+    await Deno.writeFile(`${dir}/disk.qcow2`, image);
+    const dest = `${dir}/new.raw`;
+    const r = await new Deno.Command("python3", {
+      args: [
+        "-c",
+        SOCKET_FEEDER,
+        `${dir}/disk.qcow2`,
+        String(image.length >> 1),
+        Deno.execPath(),
+        "run",
+        "-A",
+        CLI,
+        "import",
+        dest,
+      ],
+    }).output();
+    const [status, message] = new TextDecoder().decode(r.stdout).split("\n");
+    const [code, ms] = status.split(" ").map(Number);
+    assert.equal(code, 128 + 15);
+    assert.ok(ms < 5000, `stopped after ${ms} ms`);
+    assert.match(
+      message,
+      /^diskstream: import into .*new\.raw interrupted by SIGTERM: .*new\.raw \(created by this import\) was removed$/,
+    );
+    assert.equal(await exists(dest), false);
+  });
+});

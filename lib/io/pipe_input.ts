@@ -1,9 +1,11 @@
 /**
- * An import's input when it is a pipe and FFI is permitted: blocking `read(2)` into
- * the caller's buffers, and `splice(2)` to move the image's data from the pipe into
- * the destination file inside the kernel (no copy through JavaScript). Optional:
- * {@link openPipeInput} returns null without `--allow-ffi`, off Linux, or when the
- * descriptor is not a blocking pipe, and the import reads a ReadableStream instead.
+ * An import's input when it is a pipe (or a socket) and FFI is permitted: blocking
+ * `read(2)` into the caller's buffers once `poll(2)` says bytes are there (waiting on
+ * another thread otherwise, so signals are handled), and `splice(2)` to move the
+ * image's data from a pipe into the destination file inside the kernel (no copy
+ * through JavaScript). Optional: {@link openPipeInput} returns null without
+ * `--allow-ffi`, off Linux, or when the descriptor is not a blocking pipe or socket,
+ * and the import reads a ReadableStream instead.
  *
  * @module
  */
@@ -13,6 +15,8 @@ import * as libc from "./libc.ts";
 const O_RDONLY = 0;
 const SYNC_FILE_RANGE_WRITE = 2;
 const POLLIN = 1;
+const SOL_SOCKET = 1;
+const SO_TYPE = 3;
 /** Bytes asked per splice call. */
 const SPLICE_STEP = 16 * 1024 * 1024;
 
@@ -23,6 +27,7 @@ const SYMBOLS = {
   read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   splice: { parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"], result: "isize" },
   sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32" },
+  getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
   poll: { parameters: ["buffer", "u64", "i32"], result: "i32" },
   poll_waiting: {
     name: "poll",
@@ -73,8 +78,9 @@ export interface PipeInput {
 }
 
 /**
- * The pipe at descriptor `fd` (0 = stdin; left open) or at `path` (a named pipe,
- * opened here), or null when FFI is unavailable or it is not a blocking pipe.
+ * The pipe or socket at descriptor `fd` (0 = stdin; left open) or at `path` (a named
+ * pipe, opened here), or null when FFI is unavailable or it is not a blocking pipe or
+ * socket.
  * Enlarges the pipe's buffer when allowed (fewer wake-ups).
  */
 export function openPipeInput(
@@ -89,11 +95,17 @@ export function openPipeInput(
     : source.fd;
   if (fd < 0) return null; // the ordinary path reports it
   const flags = c.fcntl(fd, libc.F_GETFL, 0);
-  if (flags < 0 || (flags & libc.O_NONBLOCK) !== 0 || c.fcntl(fd, libc.F_GETPIPE_SZ, 0) <= 0) {
+  const isPipe = c.fcntl(fd, libc.F_GETPIPE_SZ, 0) > 0;
+  // A socket (XAPI hands over its HTTP connection as stdin) is read the same way, so
+  // that a signal is handled while it is silent; splice refuses it (data is read).
+  const isSocket = !isPipe &&
+    c.getsockopt(fd, SOL_SOCKET, SO_TYPE, new Uint8Array(4), new Uint8Array([4, 0, 0, 0])) === 0;
+  if (flags < 0 || (flags & libc.O_NONBLOCK) !== 0 || !(isPipe || isSocket)) {
     if (own) c.close(fd);
-    return null; // not a blocking pipe
+    return null; // not a blocking pipe or socket
   }
-  c.fcntl(fd, libc.F_SETPIPE_SZ, libc.PIPE_BYTES); // optional: fails quietly when not allowed
+  // A larger pipe: fewer wake-ups (optional: fails quietly when not allowed).
+  if (isPipe) c.fcntl(fd, libc.F_SETPIPE_SZ, libc.PIPE_BYTES);
   const errno = () => libc.readErrno(c.__errno_location);
   const offset = new BigInt64Array(1);
   const offsetBytes = new Uint8Array(offset.buffer);
