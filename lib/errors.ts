@@ -95,7 +95,25 @@ export const STOP_SIGNALS: Readonly<Record<"SIGHUP" | "SIGINT" | "SIGTERM", numb
 /**
  * The work was stopped by a signal (`signal`, e.g. `"SIGTERM"`) before it finished;
  * the message says what was interrupted and in which state the destination is. Exit
- * status 128 + the signal's number.
+ * status 128 + the signal's number. Give one as the reason of the `signal` option of
+ * an import or export to stop it; the error thrown then tells what was left.
+ *
+ * @example Stop an import from the library
+ * ```ts
+ * import { exportQcow2, importImage, InterruptedError } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await Deno.writeFile(`${dir}/disk.raw`, new Uint8Array(1 << 20).fill(1));
+ * const exported = await exportQcow2(`${dir}/disk.raw`);
+ * const controller = new AbortController();
+ * controller.abort(new InterruptedError("SIGTERM"));
+ * await assert.rejects(
+ *   importImage(exported.stream, `${dir}/copy.raw`, { signal: controller.signal }),
+ *   (err: InterruptedError) => err.exitCode === 143 && /interrupted by SIGTERM/.test(err.message),
+ * );
+ * await Deno.remove(dir, { recursive: true });
+ * ```
  */
 export class InterruptedError extends DiskstreamError {
   /** The signal's name. */
