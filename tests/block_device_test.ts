@@ -223,7 +223,7 @@ rootTest(
         await child.feed(bytes.subarray(0, bytes.length >> 1));
         await child.waitForOutput(/0[2-9]\d/);
         const { code, stderr } = await child.stop("SIGTERM");
-        assert.equal(code, 143);
+        assert.equal(code, 143, stderr);
         const m =
           /interrupted by SIGTERM: \/dev\/loop\d+ \(an existing device\) is partly written from byte (\d+) on$/
             .exec(stderr.trimEnd());

@@ -5,17 +5,9 @@
  */
 import assert from "node:assert/strict";
 import { CLI, pseudoRandom, run, runCli, withTempDir, writeSparse } from "./helpers.ts";
+import { pathExists } from "../lib/io/same_file.ts";
 import { rootTest, withTmpfs } from "./device_helpers.ts";
 import { errnoMessage } from "../lib/io/libc.ts";
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.stat(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** Runs the CLI with exactly `perms` (e.g. without --allow-ffi: the portable paths). */
 function cliWith(perms: string[], args: string[], stdinFile?: string) {
@@ -54,7 +46,7 @@ rootTest(
           assert.match(r.stderr, /^diskstream: cannot write to \S*full\/out\.(qcow2|vhd)\b/);
           assert.match(r.stderr, /No space left on device/);
           assert.doesNotMatch(r.stderr, /errno 28|from \S+disk\.raw:/);
-          assert.equal(await exists(out), false, `${out} left behind`);
+          assert.equal(await pathExists(out), false, `${out} left behind`);
         }
         // An output that existed is not removed (it is the caller's), but is named.
         const existing = `${full}/existing.qcow2`;
@@ -65,7 +57,7 @@ rootTest(
           r.stderr,
           /cannot write to \S*existing\.qcow2.*No space left on device \(ENOSPC\)/,
         );
-        assert.ok(await exists(existing));
+        assert.ok(await pathExists(existing));
       });
     });
   },
@@ -96,7 +88,7 @@ rootTest(
           assert.equal(r.stderr.trimEnd().split("\n").length, 1, r.stderr);
           assert.match(r.stderr, /^diskstream: cannot write to \S*full\/dest\.raw\b/);
           assert.match(r.stderr, /No space left on device/);
-          assert.equal(await exists(dest), false, `${dest} left behind`);
+          assert.equal(await pathExists(dest), false, `${dest} left behind`);
         }
       });
     });

@@ -6,16 +6,8 @@
  */
 import assert from "node:assert/strict";
 import { CLI, pseudoRandom, sha256File, withTempDir, writeSparse } from "./helpers.ts";
+import { pathExists } from "../lib/io/same_file.ts";
 import { CliChild, until } from "./cli_child.ts";
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.stat(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /** An 8 MiB disk whose first MiB is zeros (so its image writes nothing below 1 MiB). */
 async function imageWithDataFrom1M(dir: string): Promise<Uint8Array> {
@@ -40,15 +32,15 @@ Deno.test("signals: SIGTERM during an import from a stalled pipe removes the fil
     const child = new CliChild(["import", dest]);
     // The metadata and half the data; then the pipe stays open and silent.
     await child.feed(image.subarray(0, image.length >> 1));
-    await until(() => exists(dest), "the destination to be created");
+    await until(() => pathExists(dest), "the destination to be created");
     const { code, stderr, ms } = await child.stop("SIGTERM");
-    assert.equal(code, 128 + 15);
+    assert.equal(code, 128 + 15, stderr);
     assertOneLine(
       stderr,
       /^diskstream: import into .*new\.raw interrupted by SIGTERM: .*new\.raw \(created by this import\) was removed$/,
     );
     assert.ok(ms < 5000, `stopped after ${ms} ms`);
-    assert.equal(await exists(dest), false);
+    assert.equal(await pathExists(dest), false);
   });
 });
 
@@ -63,7 +55,7 @@ Deno.test("signals: SIGINT during an import into an existing file says from whic
     // Progress past a few percent: data has been written.
     await child.waitForOutput(/0[2-9]\d/);
     const { code, stderr } = await child.stop("SIGINT");
-    assert.equal(code, 128 + 2);
+    assert.equal(code, 128 + 2, stderr);
     const m =
       /^diskstream: import into .*existing\.raw interrupted by SIGINT: .*existing\.raw \(an existing file\) is partly written from byte (\d+) on$/
         .exec(stderr.trimEnd());
@@ -88,7 +80,7 @@ Deno.test("signals: SIGHUP before the destination is written leaves an existing 
     await child.feed(image.subarray(0, 100)); // not even the whole header
     await child.waitForHandlers();
     const { code, stderr } = await child.stop("SIGHUP");
-    assert.equal(code, 128 + 1);
+    assert.equal(code, 128 + 1, stderr);
     assertOneLine(
       stderr,
       /^diskstream: import into .*existing\.raw interrupted by SIGHUP: nothing was written to .*existing\.raw$/,
@@ -114,13 +106,13 @@ Deno.test("signals: SIGTERM during export -o removes the output file it created"
     const child = new CliChild(["export", ...(await slowExportSource(dir)), "-o", out]);
     await child.waitForOutput(/00[1-9]/);
     const { code, stderr, ms } = await child.stop("SIGTERM");
-    assert.equal(code, 128 + 15);
+    assert.equal(code, 128 + 15, stderr);
     assertOneLine(
       stderr,
       /^diskstream: export of .*big\.raw to .*out\.qcow2 interrupted by SIGTERM: .*out\.qcow2 \(created by this export\) was removed$/,
     );
     assert.ok(ms < 5000, `stopped after ${ms} ms`);
-    assert.equal(await exists(out), false);
+    assert.equal(await pathExists(out), false);
   });
 });
 
@@ -131,12 +123,12 @@ Deno.test("signals: SIGINT during export -o onto an existing file says it is par
     const child = new CliChild(["export", ...(await slowExportSource(dir)), "-o", out]);
     await child.waitForOutput(/00[1-9]/);
     const { code, stderr } = await child.stop("SIGINT");
-    assert.equal(code, 128 + 2);
+    assert.equal(code, 128 + 2, stderr);
     assertOneLine(
       stderr,
       /^diskstream: export of .*big\.raw to .*existing\.qcow2 interrupted by SIGINT: .*existing\.qcow2 is partly written from byte 0 on \(up to \d+ of the image's \d+ bytes\)$/,
     );
-    assert.ok(await exists(out)); // not ours to remove
+    assert.ok(await pathExists(out)); // not ours to remove
   });
 });
 
@@ -184,12 +176,12 @@ Deno.test("signals: SIGTERM during an import from a silent socket (XAPI's stdin)
     }).output();
     const [status, message] = new TextDecoder().decode(r.stdout).split("\n");
     const [code, ms] = status.split(" ").map(Number);
-    assert.equal(code, 128 + 15);
+    assert.equal(code, 128 + 15, stderr);
     assert.ok(ms < 5000, `stopped after ${ms} ms`);
     assert.match(
       message,
       /^diskstream: import into .*new\.raw interrupted by SIGTERM: .*new\.raw \(created by this import\) was removed$/,
     );
-    assert.equal(await exists(dest), false);
+    assert.equal(await pathExists(dest), false);
   });
 });

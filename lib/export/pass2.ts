@@ -13,7 +13,7 @@ import { COPY_STEP, type KernelCopy, openKernelCopy } from "../io/kernel_copy.ts
 import { InterruptedError, SourceChangedError, UsageError } from "../errors.ts";
 import type { WriterOptions } from "../qcow2/writer.ts";
 import type { ProgressSink } from "../progress.ts";
-import { endpointPath, sameFile } from "../io/same_file.ts";
+import { endpointPath, pathExists, sameFile } from "../io/same_file.ts";
 import type { PlannedExport, StreamExportOptions } from "./options.ts";
 import type { ExportPlan } from "./plan.ts";
 
@@ -169,7 +169,7 @@ class Pass2<Layout> {
     const name = endpointName(target, "stdout");
     // An output file this export creates is removed if it fails; one that existed is
     // truncated and rewritten from byte 0 on.
-    const created = target.kind === "path" && !(await exists(target.path));
+    const created = target.kind === "path" && !(await pathExists(target.path));
     try {
       await this.#write(target, name);
     } catch (err) {
@@ -227,15 +227,5 @@ class Pass2<Layout> {
         await new Promise((resolve) => setImmediate(resolve)); // let timers and signals run
       }
     }
-  }
-}
-
-/** True when `path` names something (a file, a device, a dangling link). */
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.lstat(path);
-    return true;
-  } catch {
-    return false;
   }
 }

@@ -35,3 +35,25 @@ async function identity(path: string) {
     return null;
   }
 }
+
+/**
+ * True when `path` names something (a file, a device, a dangling link): an output
+ * that did not exist before a run is the run's to remove when it fails.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { pathExists } from "./same_file.ts";
+ *
+ * assert.equal(await pathExists("/"), true);
+ * assert.equal(await pathExists("/no/such/path"), false);
+ * ```
+ */
+export async function pathExists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
