@@ -176,7 +176,7 @@ Deno.test("signals: SIGTERM during an import from a silent socket (XAPI's stdin)
     }).output();
     const [status, message] = new TextDecoder().decode(r.stdout).split("\n");
     const [code, ms] = status.split(" ").map(Number);
-    assert.equal(code, 128 + 15, stderr);
+    assert.equal(code, 128 + 15, message);
     assert.ok(ms < 5000, `stopped after ${ms} ms`);
     assert.match(
       message,

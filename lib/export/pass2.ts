@@ -193,6 +193,7 @@ class Pass2<Layout> {
       this.src.path,
       target.kind === "path" ? { path: target.path } : { fd: target.kind === "fd" ? target.fd : 1 },
       name,
+      this.sync,
     );
     if (copier === null) {
       return await pipeToOutput(this.stream(), await openOutput(target), this.sync);

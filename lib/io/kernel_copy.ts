@@ -39,6 +39,9 @@ const O_CREAT = 0o100;
 const O_TRUNC = 0o1000;
 const EPIPE = 32;
 const EINVAL = 22;
+const SYNC_FILE_RANGE_WRITE = 2;
+/** Bytes written to an output file after which their writeback is started. */
+const WRITEBACK_STRIDE = 16 * 1024 * 1024;
 /** errno values after which a plain pread/write copy is tried instead. */
 const UNSUPPORTED = REFUSED_ERRNOS;
 
@@ -55,6 +58,7 @@ const SYMBOLS = {
     result: "isize",
   },
   fdatasync: { parameters: ["i32"], result: "i32" },
+  sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
@@ -89,12 +93,15 @@ export interface KernelCopy {
 /**
  * Opens `source` for kernel copies into `output` (a path, created or truncated, or an
  * inherited descriptor), or returns null when FFI is unavailable or the output is a
- * non-blocking descriptor. `name` names the output in messages.
+ * non-blocking descriptor. `name` names the output in messages. `writeback`: an
+ * output file opened here gets its writeback started every 16 MiB
+ * (`sync_file_range`), so that a final {@link KernelCopy.sync} has little left.
  */
 export function openKernelCopy(
   source: string,
   output: { path: string } | { fd: number },
   name: string,
+  writeback = false,
 ): KernelCopy | null {
   const c = loadLibc(SYMBOLS);
   if (c === null) return null;
@@ -133,6 +140,22 @@ export function openKernelCopy(
   const offsetBytes = new Uint8Array(offset.buffer);
   let bounce: Uint8Array | null = null;
 
+  // Bytes written to an output opened here, and up to where writeback was started.
+  let outPos = 0;
+  let writebackFrom = 0;
+  const moved = (n: number) => {
+    outPos += n;
+    if (writeback && ownOut && outPos - writebackFrom >= WRITEBACK_STRIDE) {
+      c.sync_file_range(
+        outFd,
+        BigInt(writebackFrom),
+        BigInt(outPos - writebackFrom),
+        SYNC_FILE_RANGE_WRITE,
+      );
+      writebackFrom = outPos;
+    }
+  };
+
   const writeAll = (bytes: Uint8Array) => {
     for (let done = 0; done < bytes.length;) {
       const n = Number(c.write(outFd, bytes.subarray(done), BigInt(bytes.length - done)));
@@ -142,6 +165,7 @@ export function openKernelCopy(
         fail(e, `cannot write to ${name}`);
       }
       done += n;
+      moved(n);
     }
   };
 
@@ -173,6 +197,7 @@ export function openKernelCopy(
         const n = step(at + done, Math.min(COPY_STEP, length - done));
         if (n > 0) {
           done += n;
+          if (method !== "bounce") moved(n); // bounce counted its writes
           continue;
         }
         if (n === 0) {
