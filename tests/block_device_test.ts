@@ -234,3 +234,32 @@ rootTest(
     });
   },
 );
+
+rootTest("block device: export -o onto a device writes the image, or refuses a small one first", {
+  losetup: true,
+  qemu: true,
+}, async () => {
+  await withTempDir(async (dir) => {
+    const { raw } = await sampleDisk(dir);
+    const big = `${dir}/big.raw`;
+    await filled(big, 4 * MiB, 0x33);
+    await withLoopDevice(big, async (dev) => {
+      const r = await runCli(["export", raw, "-o", dev]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.ok(await imagesEqual(raw, dev, "raw", "qcow2"));
+    });
+    const small = `${dir}/small.raw`;
+    await filled(small, 512 * 1024, 0x44);
+    const before = await sha256File(small);
+    await withLoopDevice(small, async (dev) => {
+      const r = await runCli(["export", raw, "-o", dev]);
+      assert.equal(r.code, 1);
+      assert.match(
+        r.stderr,
+        /^diskstream: \/dev\/loop\d+ holds 524288 bytes \(512\.0 KiB\), less than the image's \d+ bytes .*refusing to write/,
+      );
+    });
+    assert.equal(await sha256File(small), before); // nothing written
+    assert.ok(await Deno.stat(small)); // a device is never removed
+  });
+});

@@ -10,10 +10,11 @@ import { setImmediate } from "node:timers";
 import type { DiskSource } from "../io/disk_source.ts";
 import { type Endpoint, endpointName, openOutput, pipeToOutput } from "../io/stream.ts";
 import { COPY_STEP, type KernelCopy, openKernelCopy } from "../io/kernel_copy.ts";
-import { InterruptedError, SourceChangedError, UsageError } from "../errors.ts";
+import { DiskstreamError, InterruptedError, SourceChangedError, UsageError } from "../errors.ts";
 import type { WriterOptions } from "../qcow2/writer.ts";
 import type { ProgressSink } from "../progress.ts";
-import { endpointPath, pathExists, sameFile } from "../io/same_file.ts";
+import { blockDeviceSize, endpointPath, pathExists, sameFile } from "../io/same_file.ts";
+import { formatBytes } from "../size.ts";
 import type { PlannedExport, StreamExportOptions } from "./options.ts";
 import type { ExportPlan } from "./plan.ts";
 
@@ -167,6 +168,13 @@ class Pass2<Layout> {
       }
     }
     const name = endpointName(target, "stdout");
+    const capacity = await blockDeviceSize(out);
+    if (capacity !== null && capacity < this.image.fileSize) {
+      throw new DiskstreamError(
+        `${name} holds ${capacity} bytes (${formatBytes(capacity)}), less than the image's ` +
+          `${this.image.fileSize} bytes (${formatBytes(this.image.fileSize)}): refusing to write`,
+      );
+    }
     // An output file this export creates is removed if it fails; one that existed is
     // truncated and rewritten from byte 0 on.
     const created = target.kind === "path" && !(await pathExists(target.path));

@@ -57,3 +57,17 @@ export async function pathExists(path: string): Promise<boolean> {
     return false;
   }
 }
+
+/**
+ * The size of the block device at `path` (learnt by seeking to its end: `stat` says
+ * 0), or null when `path` is not a block device or cannot be looked at.
+ */
+export async function blockDeviceSize(path: string): Promise<number | null> {
+  try {
+    if ((await Deno.stat(path)).isBlockDevice !== true) return null;
+    using device = await Deno.open(path, { read: true });
+    return await device.seek(0, Deno.SeekMode.End);
+  } catch {
+    return null;
+  }
+}
