@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { CLI, pseudoRandom, run, runCli, withTempDir, writeSparse } from "./helpers.ts";
 import { pathExists } from "../lib/io/same_file.ts";
 import { rootTest, withTmpfs } from "./device_helpers.ts";
-import { errnoMessage } from "../lib/io/libc.ts";
+import { errnoMessage } from "../lib/io/errno.ts";
 
 /** Runs the CLI with exactly `perms` (e.g. without --allow-ffi: the portable paths). */
 function cliWith(perms: string[], args: string[], stdinFile?: string) {

@@ -17,7 +17,6 @@
 import { BrokenPipeError, DiskstreamError, SourceChangedError } from "../errors.ts";
 import {
   EINTR,
-  errnoMessage,
   F_GETFL,
   F_GETPIPE_SZ,
   F_SETPIPE_SZ,
@@ -32,6 +31,7 @@ import {
   SPLICE_F_MOVE,
   WRITE_SIDE_ERRNOS,
 } from "./libc.ts";
+import { errnoMessage } from "./errno.ts";
 
 /** Bytes moved per call. */
 export const COPY_STEP = 8 * 1024 * 1024;

@@ -7,8 +7,6 @@
  * @module
  */
 
-import { getSystemErrorName } from "node:util";
-
 const loaded = new Map<Deno.ForeignLibraryInterface, unknown>();
 
 /**
@@ -68,28 +66,6 @@ export const PIPE_BYTES = 1024 * 1024;
  * EXDEV EINVAL ENOSYS EOPNOTSUPP): callers take their portable path instead.
  */
 export const REFUSED_ERRNOS: ReadonlySet<number> = new Set([1, 9, 18, 22, 38, 95]);
-
-const STRERROR = {
-  strerror: { parameters: ["i32"], result: "pointer" },
-} as const;
-
-/**
- * errno `e` told by name: `No space left on device (ENOSPC)` — the C library's text
- * and the symbolic name, so a message never shows a bare number.
- */
-export function errnoMessage(e: number): string {
-  let name: string | undefined;
-  try {
-    name = getSystemErrorName(-e);
-  } catch {
-    // unknown to Node's table: keep the number
-  }
-  name ??= `errno ${e}`;
-  const c = loadLibc(STRERROR);
-  const p = c?.strerror(e) ?? null;
-  const text = p === null ? null : new Deno.UnsafePointerView(p).getCString();
-  return text ? `${text} (${name})` : name;
-}
 
 /**
  * errno values that a copy gets from its destination, never its source: the disk is

@@ -11,6 +11,7 @@
  */
 import { DiskstreamError } from "../errors.ts";
 import * as libc from "./libc.ts";
+import { errnoMessage } from "./errno.ts";
 
 const O_RDONLY = 0;
 const SYNC_FILE_RANGE_WRITE = 2;
@@ -115,7 +116,7 @@ export function openPipeInput(
   new DataView(pollFd.buffer).setInt16(4, POLLIN, true);
   const waitFd = pollFd.slice();
   const fail = (what: string): never => {
-    throw new DiskstreamError(`cannot ${what} ${name}: ${libc.errnoMessage(errno())}`);
+    throw new DiskstreamError(`cannot ${what} ${name}: ${errnoMessage(errno())}`);
   };
   return {
     name,
@@ -157,7 +158,7 @@ export function openPipeInput(
           (libc.WRITE_SIDE_ERRNOS.has(e)
             ? `cannot write to ${dest} at byte ${at} (moving data from ${name})`
             : `cannot move data from ${name} to ${dest} at byte ${at}`) +
-            `: ${libc.errnoMessage(e)}`,
+            `: ${errnoMessage(e)}`,
         );
       }
     },
