@@ -220,7 +220,7 @@ rootTest(
       await filled(backing, 8 * MiB, 0x77);
       await withLoopDevice(backing, async (dev) => {
         const child = new CliChild(["import", dev, "--progress", "--machine"]);
-        await child.feed(bytes.subarray(0, bytes.length >> 1));
+        await child.feed(bytes.subarray(0, 5 << 20)); // more than one 4 MiB chunk, not all
         await child.waitForOutput(/0[2-9]\d/);
         const { code, stderr } = await child.stop("SIGTERM");
         assert.equal(code, 143, stderr);

@@ -161,3 +161,24 @@ rootTest("durability: export -o and import sync before success; --no-sync opts o
     }
   });
 });
+
+Deno.test("a failed import into an existing file says from which byte it is partly written", async () => {
+  await withTempDir(async (dir) => {
+    const src = `${dir}/disk.raw`;
+    await writeSparse(src, 8 << 20, [[1 << 20, pseudoRandom(7 << 20, 6)]]);
+    const image = `${dir}/disk.qcow2`;
+    assert.equal((await runCli(["export", src, "-o", image])).code, 0);
+    const truncated = (await Deno.readFile(image)).subarray(0, 5 << 20);
+    const dest = `${dir}/existing.raw`;
+    const before = new Uint8Array(8 << 20).fill(0x5a);
+    await Deno.writeFile(dest, before);
+    const r = await runCli(["import", dest], { stdin: truncated });
+    assert.equal(r.code, 1);
+    assert.match(
+      r.stderr,
+      /truncated.*; \S*existing\.raw \(an existing file\) is partly written from byte 1048576 on\n$/,
+    );
+    const after = await Deno.readFile(dest);
+    assert.deepEqual(after.subarray(0, 1 << 20), before.subarray(0, 1 << 20));
+  });
+});

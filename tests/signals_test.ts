@@ -31,7 +31,7 @@ Deno.test("signals: SIGTERM during an import from a stalled pipe removes the fil
     const dest = `${dir}/new.raw`;
     const child = new CliChild(["import", dest]);
     // The metadata and half the data; then the pipe stays open and silent.
-    await child.feed(image.subarray(0, image.length >> 1));
+    await child.feed(image.subarray(0, 6 << 20)); // more than one 4 MiB chunk, not all
     await until(() => pathExists(dest), "the destination to be created");
     const { code, stderr, ms } = await child.stop("SIGTERM");
     assert.equal(code, 128 + 15, stderr);
@@ -51,7 +51,7 @@ Deno.test("signals: SIGINT during an import into an existing file says from whic
     const before = new Uint8Array(8 << 20).fill(0xee);
     await Deno.writeFile(dest, before);
     const child = new CliChild(["import", dest, "--progress", "--machine"]);
-    await child.feed(image.subarray(0, image.length >> 1));
+    await child.feed(image.subarray(0, 6 << 20)); // more than one 4 MiB chunk, not all
     // Progress past a few percent: data has been written.
     await child.waitForOutput(/0[2-9]\d/);
     const { code, stderr } = await child.stop("SIGINT");
@@ -165,7 +165,7 @@ Deno.test("signals: SIGTERM during an import from a silent socket (XAPI's stdin)
         "-c",
         SOCKET_FEEDER,
         `${dir}/disk.qcow2`,
-        String(image.length >> 1),
+        String(6 << 20),
         Deno.execPath(),
         "run",
         "-A",

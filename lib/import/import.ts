@@ -4,7 +4,12 @@
  *
  * @module
  */
-import { CorruptImageError, InterruptedError, UnsupportedError } from "../errors.ts";
+import {
+  CorruptImageError,
+  DiskstreamError,
+  InterruptedError,
+  UnsupportedError,
+} from "../errors.ts";
 import type { ProgressSink } from "../progress.ts";
 import type { PipeInput } from "../io/pipe_input.ts";
 import { decodeQcow2Stream, type StreamImageInfo } from "../qcow2/stream_reader.ts";
@@ -192,6 +197,10 @@ async function importChunks(
         `import into ${dest} interrupted by ${err.signal}: ` +
           (t ? t.damage : `nothing was written to ${dest}`),
       );
+    }
+    // An existing file or device: say what the failure left in it.
+    if (err instanceof DiskstreamError && t !== null && t.kind !== "new file") {
+      err.message = `${err.message}; ${t.damage}`;
     }
     throw err;
   }

@@ -87,19 +87,16 @@ export class ChunkStream {
 
   /**
    * Fills `buf` from the pipe: blocking reads while bytes are there (no thread hop per
-   * pipe-full). When the pipe is empty, a partly filled chunk is returned; an empty
-   * one waits on another thread, so that signals and timers are handled meanwhile.
+   * pipe-full); while the pipe is empty, waits on another thread, so that signals and
+   * timers are handled meanwhile.
    */
   async #fill(buf: Uint8Array): Promise<Uint8Array | null> {
     const pipe = this.pipe!;
     let filled = 0;
     while (filled < buf.length) {
-      if (!pipe.ready()) {
-        if (filled > 0) break; // decode what came; the rest may take a while
-        do {
-          this.#signal?.throwIfAborted();
-          await pipe.wait(PIPE_WAIT_MS);
-        } while (!pipe.ready());
+      while (!pipe.ready()) {
+        this.#signal?.throwIfAborted();
+        await pipe.wait(PIPE_WAIT_MS);
       }
       const n = pipe.read(buf.subarray(filled));
       if (n === 0) break;
