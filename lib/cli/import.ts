@@ -23,6 +23,7 @@ interface ImportFlags extends HttpFlags {
   maxBuffer?: number;
   progress?: boolean;
   machine?: boolean;
+  sync: boolean;
 }
 
 interface ImportRun {
@@ -36,6 +37,8 @@ interface ImportRun {
   progress: ProgressMode;
   /** `-i http(s)://…`: download with GET, and the client's flags. */
   url?: { url: string; flags: HttpFlags };
+  /** Sync DEST before success (default true). */
+  sync?: boolean;
 }
 
 /** Registers the import commands on `program`. */
@@ -79,9 +82,16 @@ export function registerImport(program: Command): void {
     )
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
+    .option(
+      "--no-sync",
+      "do not wait for DEST to reach its disk (fdatasync) before reporting success",
+    )
     .addHelpText(
       "after",
-      "\nExamples:\n" +
+      "\nDEST is synced before success. SIGINT, SIGTERM and SIGHUP stop the import: a DEST it\n" +
+        "created is removed; for an existing file or device the message says from which byte\n" +
+        "on it is partly written. The exit status is then 128 + the signal's number.\n" +
+        "\nExamples:\n" +
         "  diskstream import disk.raw < disk.qcow2\n" +
         "  curl -s http://host/disk.qcow2 | diskstream import /dev/vg/lv --progress\n" +
         "  diskstream import base-copy.raw --delta -i diff.qcow2\n" +
@@ -111,6 +121,7 @@ export function registerImport(program: Command): void {
         delta: flags.delta,
         maxBuffer: flags.maxBuffer,
         progress: progressMode(flags),
+        sync: flags.sync,
       });
     });
 
@@ -153,45 +164,53 @@ async function runImport(run: ImportRun): Promise<void> {
     import("../io/pipe_input.ts"),
     import("../progress.ts"),
   ]);
-  const progress = createProgress(run.progress, "import");
-  const options = {
-    format: run.format,
-    size: run.size,
-    prezeroed: run.prezeroed,
-    delta: run.delta,
-    maxBuffer: run.maxBuffer,
-    progress,
-    streamLength: await streamLength(run.source),
-  };
-  // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
-  // the data can be spliced into DEST; anything else is read as a stream.
-  const src = run.source;
-  const pipe = openPipeInput(
-    src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
-    endpointName(src, "stdin"),
-  );
-  if (pipe) {
-    try {
-      await importFromPipe(pipe, run.dest, options);
-    } finally {
-      pipe.close();
+  // A signal stops the import: DEST is removed if it was created, else the message
+  // says from which byte on it is partly written.
+  const { stoppableBySignals } = await import("./signals.ts");
+  await stoppableBySignals(async (signal) => {
+    const progress = createProgress(run.progress, "import");
+    const options = {
+      format: run.format,
+      size: run.size,
+      prezeroed: run.prezeroed,
+      delta: run.delta,
+      maxBuffer: run.maxBuffer,
+      progress,
+      streamLength: await streamLength(run.source),
+      sync: run.sync,
+      signal,
+    };
+    // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
+    // the data can be spliced into DEST; anything else is read as a stream.
+    const src = run.source;
+    const pipe = openPipeInput(
+      src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
+      endpointName(src, "stdin"),
+    );
+    if (pipe) {
+      try {
+        return await importFromPipe(pipe, run.dest, options);
+      } finally {
+        pipe.close();
+      }
     }
-    return;
-  }
-  const input = await openInput(run.source, { blocking: true });
-  await importImage(input.stream, run.dest, options);
+    const input = await openInput(run.source, { blocking: true });
+    await importImage(input.stream, run.dest, options);
+  });
 }
 
 /** `import -i URL`: the body of a GET, its format from its Content-Type unless given. */
 async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlags }) {
   const opts = await httpOptionsOf(url.flags);
-  const [{ httpGet }, { formatOfContentType }, { importImage }, { createProgress }] = await Promise
-    .all([
-      import("../http/client.ts"),
-      import("../http/content_type.ts"),
-      import("../import/import.ts"),
-      import("../progress.ts"),
-    ]);
+  const [{ httpGet }, { formatOfContentType }, { importImage }, { createProgress }, {
+    stoppableBySignals,
+  }] = await Promise.all([
+    import("../http/client.ts"),
+    import("../http/content_type.ts"),
+    import("../import/import.ts"),
+    import("../progress.ts"),
+    import("./signals.ts"),
+  ]);
   const download = await httpGet(url.url, opts);
   const named = formatOfContentType(download.contentType);
   const format = run.format !== "auto"
@@ -200,15 +219,19 @@ async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlag
     ? named
     : "auto";
   try {
-    await importImage(download.stream, run.dest, {
-      format,
-      size: run.size,
-      prezeroed: run.prezeroed,
-      delta: run.delta,
-      maxBuffer: run.maxBuffer,
-      progress: createProgress(run.progress, "import"),
-      streamLength: download.length,
-    });
+    await stoppableBySignals((signal) =>
+      importImage(download.stream, run.dest, {
+        format,
+        size: run.size,
+        prezeroed: run.prezeroed,
+        delta: run.delta,
+        maxBuffer: run.maxBuffer,
+        progress: createProgress(run.progress, "import"),
+        streamLength: download.length,
+        sync: run.sync,
+        signal,
+      })
+    );
   } catch (err) {
     await download.stream.cancel().catch(() => {});
     throw err;
