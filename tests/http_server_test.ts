@@ -463,3 +463,40 @@ Deno.test("a reader that stops reading is disconnected after the idle timeout", 
     }
   });
 });
+
+toolTest("export with base=NAME is a diff that rebuilds the disk on a copy of the base", [
+  "curl",
+], async () => {
+  await withTempDir(async (dir) => {
+    await makeDisk(`${dir}/base.raw`, 16 * MiB, 21);
+    await Deno.copyFile(`${dir}/base.raw`, `${dir}/new.raw`);
+    const f = await Deno.open(`${dir}/new.raw`, { write: true });
+    await f.seek(5 * MiB, Deno.SeekMode.Start);
+    await f.write(pseudoRandom(MiB, 22));
+    f.close();
+    await Deno.copyFile(`${dir}/base.raw`, `${dir}/copy.raw`);
+    const server = await startServer([
+      "--disk",
+      `new=${dir}/new.raw`,
+      "--disk",
+      `base=${dir}/base.raw`,
+    ]);
+    try {
+      const url = `${server.url}/export_raw_vdi?vdi=new&format=qcow2&base=base`;
+      const head = await curl(["-I", url]);
+      const length = Number(/content-length: (\d+)/i.exec(head.body)![1]);
+      assert.ok(length < 2 * MiB, `a diff of 1 MiB is ${length} bytes`);
+      const r = await runCli(["import", `${dir}/copy.raw`, "--delta", "-i", url]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(await sha256File(`${dir}/copy.raw`), await sha256File(`${dir}/new.raw`));
+      const missing = await curl([
+        "-w",
+        "\n%{http_code}",
+        `${url.replace("base=base", "base=nope")}`,
+      ]);
+      assert.match(missing.body, /no disk named 'nope'[\s\S]*404$/);
+    } finally {
+      await server.stop();
+    }
+  });
+});
