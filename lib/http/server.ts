@@ -377,6 +377,7 @@ async function handle(ctx: Context, req: IncomingMessage, res: ServerResponse): 
       "content-length": String(bytes.length),
       ...headers,
     });
+    if (req.method !== "HEAD") sent = bytes.length;
     res.end(req.method === "HEAD" ? undefined : bytes);
   };
   try {
