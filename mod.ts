@@ -24,6 +24,7 @@ export {
   BrokenPipeError,
   CorruptImageError,
   DiskstreamError,
+  InterruptedError,
   LimitError,
   NbdError,
   PermissionError,
@@ -94,3 +95,30 @@ export type { DestinationKind, DestinationOptions } from "./lib/import/raw_desti
 export { isNbdUri, type NbdAddress, parseNbdUri } from "./lib/nbd/uri.ts";
 export { DEFAULT_CONNECTIONS, NbdExport, type NbdOptions } from "./lib/nbd/client.ts";
 export { nbdAllocation } from "./lib/nbd/allocation.ts";
+
+// HTTP(S): the client (export -o URL, import -i URL) and the disk server.
+export {
+  type HttpClientOptions,
+  type HttpDownload,
+  httpGet,
+  httpPut,
+  type HttpPutOptions,
+  HttpStatusError,
+  HttpTransferError,
+  parseHeaderLines,
+  redactUrl,
+} from "./lib/http/client.ts";
+export {
+  contentTypeOf,
+  FORMAT_CONTENT_TYPES,
+  formatOfContentType,
+} from "./lib/http/content_type.ts";
+export {
+  type DiskServer,
+  type DiskServerOptions,
+  type ServedExport,
+  type ServedImport,
+  SERVER_FORMATS,
+  type ServerFormat,
+  startDiskServer,
+} from "./lib/http/server.ts";

@@ -13,8 +13,10 @@
 import { parseArgs } from "node:util";
 import { FULL_SIZES, Inputs, type InputSizes, QUICK_SIZES } from "./bench_inputs.ts";
 import {
+  type BenchCase,
   CommandFailed,
   commandOutput,
+  type Contender,
   displayPipeline,
   HAVE_GNU_TIME,
   killCurrent,
@@ -25,6 +27,7 @@ import {
 } from "./bench_measure.ts";
 import { imagesEqual } from "../tests/helpers.ts";
 import { nbdCases, nbdGoals } from "./bench_nbd.ts";
+import { httpCases, httpGoalRows } from "./bench_http.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 const DENO = Deno.execPath();
@@ -37,30 +40,6 @@ const RSS_LIMIT_MIB = 200;
 /** Names of the contenders, used by the goals. */
 const DISKSTREAM = "diskstream";
 const XO = "@xen-orchestra/qcow2";
-
-/** One command of a case. */
-export interface Contender {
-  name: string;
-  pipeline: Pipeline;
-  /** Why it cannot run here, if it cannot. */
-  unavailable?: string;
-  /** Removes what a run wrote (untimed). */
-  after?: () => Promise<void>;
-  /** Checks the output of the warm-up run; returns what is wrong, or null. */
-  verify?: () => Promise<string | null>;
-}
-
-/** A benchmark case: its contenders and the one ratios are computed against. */
-export interface BenchCase {
-  name: string;
-  title: string;
-  reference: string;
-  contenders: () => Promise<Contender[]>;
-  /** Peers that do not take part, and why. */
-  notes?: string[];
-  /** Stops what the case started (servers). */
-  teardown?: () => Promise<void>;
-}
 
 /** What happened to one contender of a case. */
 interface Outcome {
@@ -389,6 +368,7 @@ function allCases(): BenchCase[] {
         ];
       },
     },
+    ...httpCases({ work, ds: DS, fullRaw: () => inputs.fullRaw(), sizes, log }),
     ...nbdCases({ ds: DS, inputs, work, missing: dsMissing, sameAs }),
   ];
 }
@@ -418,14 +398,6 @@ async function dropCaches(): Promise<boolean> {
 }
 
 async function runCase(c: BenchCase): Promise<Outcome[]> {
-  try {
-    return await runCaseOnce(c);
-  } finally {
-    await c.teardown?.();
-  }
-}
-
-async function runCaseOnce(c: BenchCase): Promise<Outcome[]> {
   log(`case ${c.name}: preparing`);
   const contenders = await c.contenders();
   // Let the writeback of freshly made inputs finish before anything is timed.
@@ -578,6 +550,20 @@ const GOALS: Goal[] = [
     atLeast(5),
   ),
   goal(`headers faster than ${XO} (ratio = xo / headers)`, "headers", XO, DISKSTREAM, above(1)),
+  goal(
+    "server export (curl) within 1.3 × curl of the same bytes as a static file from nginx",
+    "http-get",
+    DISKSTREAM,
+    "nginx static file",
+    atMost(1.3),
+  ),
+  goal(
+    "export -o http://nginx (PUT) within 1.2 × `curl -T` of the finished image",
+    "http-put",
+    DISKSTREAM,
+    "curl -T",
+    atMost(1.2),
+  ),
   ...nbdGoals(goal),
 ];
 
@@ -661,7 +647,13 @@ try {
         ? "run with --cold to drop the cache before every run (works here)"
         : "dropping the cache is not permitted here");
   }
-  for (const c of selected) results.set(c.name, await runCase(c));
+  for (const c of selected) {
+    try {
+      results.set(c.name, await runCase(c));
+    } finally {
+      await c.cleanup?.();
+    }
+  }
   const minutes = (performance.now() - started) / 60000;
   const report = [
     `## Benchmark`,
@@ -676,6 +668,7 @@ try {
     "|---|--:|--:|---|",
     ...GOALS.filter((g) => results.has(g.case)).map((g) => goalRow(g, results)),
     rssRow(results),
+    ...httpGoalRows(results),
     "",
   ];
   console.log(report.join("\n"));

@@ -10,7 +10,8 @@
 import { type Server, startNbdkit, startQemuNbd } from "../tests/nbd_servers.ts";
 import type { Pipeline } from "./bench_measure.ts";
 import type { Inputs } from "./bench_inputs.ts";
-import type { BenchCase, Goal } from "./bench.ts";
+import type { BenchCase } from "./bench_measure.ts";
+import type { Goal } from "./bench.ts";
 
 /** What the NBD cases need from the bench. */
 export interface NbdBenchContext {
@@ -43,7 +44,7 @@ export function nbdCases(ctx: NbdBenchContext): BenchCase[] {
       name: "nbd-export",
       title: "export of a fully allocated disk served by qemu-nbd → pipe (`| cat > /dev/null`)",
       reference: "nbdcopy",
-      teardown,
+      cleanup: teardown,
       contenders: async () => {
         const uri = await serve(startQemuNbd(ctx.work, await ctx.inputs.fullRaw()));
         return [
@@ -61,7 +62,7 @@ export function nbdCases(ctx: NbdBenchContext): BenchCase[] {
       title: "export of the sparse disk served by qemu-nbd vs its data as a dense disk, and " +
         "a full read of the sparse export (`nbdcopy --no-extents`) → pipe",
       reference: "sparse",
-      teardown,
+      cleanup: teardown,
       contenders: async () => {
         const sparse = await serve(startQemuNbd(ctx.work, await ctx.inputs.sparse()));
         const dense = await serve(startQemuNbd(ctx.work, await ctx.inputs.dense()));
@@ -81,7 +82,7 @@ export function nbdCases(ctx: NbdBenchContext): BenchCase[] {
       title: "export of 1 GiB (nbdkit pattern plugin) with 10 ms added to every read " +
         "(delay filter), 4 connections vs 1 → pipe",
       reference: "4 connections",
-      teardown,
+      cleanup: teardown,
       contenders: async () => {
         const uri = await serve(
           startNbdkit(ctx.work, ["--filter=delay", "pattern", "1G", "rdelay=10ms"]),
@@ -106,7 +107,7 @@ export function nbdCases(ctx: NbdBenchContext): BenchCase[] {
       title: "import of the qcow2 of the fully allocated disk into an export served by " +
         "qemu-nbd vs `nbdcopy` of the raw bytes into it",
       reference: "nbdcopy",
-      teardown,
+      cleanup: teardown,
       contenders: async () => {
         const [raw, image] = [await ctx.inputs.fullRaw(), await ctx.inputs.fullQcow2()];
         const target = `${ctx.work}/nbd-target.raw`;

@@ -22,11 +22,13 @@ import {
 } from "./options.ts";
 import type { NbdOptions } from "../nbd/client.ts";
 import { isNbdUri } from "../nbd/uri.ts";
+import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
+import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
 const clusterSizeOption = powerOfTwoOption("-c/--cluster-size", 512, 2 * 1024 * 1024);
 const refcountBitsOption = powerOfTwoOption("-r/--refcount-bits", 1, 64);
 
-interface ExportFlags extends NbdFlags {
+interface ExportFlags extends HttpFlags, NbdFlags {
   output?: string;
   outputFd?: number;
   format: string;
@@ -38,6 +40,7 @@ interface ExportFlags extends NbdFlags {
   baseAllocation?: string;
   progress?: boolean;
   machine?: boolean;
+  sync: boolean;
 }
 
 /** What one export run needs, however the flags were spelled. */
@@ -54,6 +57,10 @@ interface ExportRun {
   baseAllocation?: () => Promise<Allocation>;
   progress: ProgressMode;
   nbd?: NbdOptions;
+  /** `-o http(s)://…`: upload with PUT, and the client's flags. */
+  url?: { url: string; flags: HttpFlags };
+  /** Sync a file or device output before success (default true). */
+  sync?: boolean;
 }
 
 // The export machinery is loaded when a command runs, so that start-up only pays
@@ -77,7 +84,11 @@ export function registerExport(program: Command): void {
       "raw disk image, block device (/dev/... needs --allow-all), or NBD URI\n" +
         "(nbd://HOST[:PORT]/EXPORT, nbds://…, nbd+unix:///EXPORT?socket=PATH)",
     )
-    .option("-o, --output <OUT>", "write the image to OUT ('-' = stdout, the default)")
+    .option(
+      "-o, --output <OUT>",
+      "write the image to OUT ('-' = stdout, the default); an http(s):// URL is uploaded\n" +
+        "with PUT and an exact Content-Length (credentials from user:password@)",
+    )
     .option(
       "--output-fd <N>",
       "write the image to inherited file descriptor N",
@@ -114,20 +125,30 @@ export function registerExport(program: Command): void {
     .option("--base-allocation <SPEC>", "clusters of BASE that may hold data (like --allocation)")
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
+    .option(
+      "--no-sync",
+      "do not wait for the output file or device to reach its disk (fdatasync) before " +
+        "reporting success",
+    )
     .addHelpText(
       "after",
-      "\nExamples:\n" +
+      "\nA file or device output is synced before success. With -o FILE, SIGINT, SIGTERM and\n" +
+        "SIGHUP stop the export: a FILE it created is removed, and the exit status is 128 +\n" +
+        "the signal's number.\n" +
+        "\nExamples:\n" +
         "  diskstream export disk.raw > disk.qcow2\n" +
         "  diskstream export /dev/vg/lv -c 2M --allocation lv.json -o out.qcow2\n" +
         "  diskstream export new.raw --diff old.raw -o delta.qcow2\n" +
         "    (rebuild: qemu-img rebase -u -b old.raw -F raw delta.qcow2)\n" +
         "  diskstream export /dev/vg/lv -f vhd --allocation lv.json --output-fd 3\n" +
         "  diskstream export new.raw -f vhd --diff old.raw | diskstream import copy-of-old.raw --delta\n" +
+        "  diskstream export /dev/vg/lv -o 'https://host/import_raw_vdi?vdi=a&format=qcow2' \\\n" +
+        "    --header 'Authorization: Bearer TOKEN' --cacert ca.pem\n" +
         "  diskstream export nbd://127.0.0.1/disk -o disk.qcow2 --connections 8\n" +
         "  diskstream export nbds://host/disk --cacert ca.pem -f vhd > disk.vhd\n" +
         "  diskstream export /dev/sm/vdi --allocation nbd+unix:///vdi?socket=/run/nbd.sock",
     );
-  addNbdOptions(exportCommand)
+  addNbdOptions(addHttpOptions(exportCommand))
     .action(async (source: string, flags: ExportFlags, command: Command) => {
       const format = flags.format;
       if (format !== "qcow2" && format !== "vhd") {
@@ -144,9 +165,23 @@ export function registerExport(program: Command): void {
       }
       const cs = format === "vhd" ? DEFAULT_BLOCK_SIZE : flags.clusterSize;
       const nbd = nbdOptionsFrom(flags);
+      const url = flags.output !== undefined && isHttpUrl(flags.output) ? flags.output : undefined;
+      // --cacert also serves nbds:// sources, bases and allocations.
+      const usesNbd = [source, flags.diff, flags.allocation, flags.baseAllocation]
+        .some((e) => e !== undefined && isNbdUri(e));
+      checkHttpFlags(
+        usesNbd ? { ...flags, cacert: undefined } : flags,
+        url !== undefined,
+        "-o/--output",
+      );
       await runExport({
         source,
-        target: endpointFrom(flags.output, flags.outputFd, "-o/--output and --output-fd"),
+        target: endpointFrom(
+          url === undefined ? flags.output : "-",
+          flags.outputFd,
+          "-o/--output and --output-fd",
+        ),
+        url: url === undefined ? undefined : { url, flags },
         format,
         clusterSize: cs,
         refcountBits: flags.refcountBits,
@@ -160,6 +195,7 @@ export function registerExport(program: Command): void {
           : () => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, nbd),
         progress: progressMode(flags),
         nbd,
+        sync: flags.sync,
       });
     });
 
@@ -266,7 +302,7 @@ async function readInfo(spec: string): Promise<ImageInfoJson> {
 }
 
 async function runExport(run: ExportRun): Promise<void> {
-  if (run.progress === "machine" && run.target.kind === "std") {
+  if (run.progress === "machine" && run.target.kind === "std" && !run.url) {
     throw new UsageError(
       "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",
     );
@@ -284,15 +320,32 @@ async function runExport(run: ExportRun): Promise<void> {
     import("../progress.ts"),
   ]);
   // Refuse a terminal before any work.
-  if (run.target.kind === "std") await openOutput(run.target);
+  if (run.target.kind === "std" && !run.url) await openOutput(run.target);
+  // Writing a file: a signal stops the export cleanly (the file it created is removed).
+  if (run.target.kind === "path") {
+    const { stoppableBySignals } = await import("./signals.ts");
+    return await stoppableBySignals((signal) => exportTo(run, createProgress, signal));
+  }
+  await exportTo(run, createProgress);
+}
+
+async function exportTo(
+  run: ExportRun,
+  createProgress: typeof import("../progress.ts").createProgress,
+  signal?: AbortSignal,
+): Promise<void> {
+  const http = run.url && await httpOptionsOf(run.url.flags);
   const options = {
+    signal,
+    sync: run.sync,
     allocation: await run.allocation?.(),
     zeroCheck: run.zeroCheck,
     base: run.base,
     baseAllocation: await run.baseAllocation?.(),
     progress: createProgress(run.progress, "export"),
     nbd: run.nbd,
-    reuseBuffers: true, // without FFI, writeTo writes each chunk before reading the next
+    // writeTo without FFI and an upload write each chunk before reading the next.
+    reuseBuffers: true,
   };
   const planned = run.format === "vhd"
     ? await (await import("../export/vhd.ts")).exportVhd(run.source, options)
@@ -301,5 +354,15 @@ async function runExport(run: ExportRun): Promise<void> {
       clusterSize: run.clusterSize,
       refcountBits: run.refcountBits,
     });
+  if (run.url && http) {
+    const [{ httpPut }, { contentTypeOf }] = await Promise.all([
+      import("../http/client.ts"),
+      import("../http/content_type.ts"),
+    ]);
+    return await httpPut(run.url.url, planned.stream, planned.layout.fileSize, {
+      ...http,
+      contentType: contentTypeOf(run.format),
+    });
+  }
   await planned.writeTo(run.target);
 }

@@ -7,6 +7,7 @@
 import type { Command } from "commander";
 import { UsageError } from "../errors.ts";
 import type { NbdOptions } from "../nbd/client.ts";
+import { inheritedFd } from "../io/descriptor.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { parseSize } from "../size.ts";
@@ -16,13 +17,17 @@ export function sizeOption(flag: string): (v: string) => number {
   return (v) => parseSize(v, flag);
 }
 
-/** A file descriptor number (`--output-fd N`). */
+/**
+ * A file descriptor number (`--output-fd N`) that the caller passed: a descriptor
+ * this process did not inherit (closed, or one of the runtime's own) is refused
+ * here, before any work.
+ */
 export function fdOption(flag: string): (v: string) => number {
   return (v) => {
     if (!/^\d+$/.test(v)) {
       throw new UsageError(`${flag} needs a file descriptor number, got '${v}'`);
     }
-    return Number(v);
+    return inheritedFd(Number(v), `${flag} ${v}`);
   };
 }
 
@@ -63,7 +68,10 @@ export interface NbdFlags {
   cacert?: string;
 }
 
-/** Adds `--connections N` and `--cacert FILE` (for `nbd://…` endpoints) to `command`. */
+/**
+ * Adds `--connections N` (for `nbd://…` endpoints) to `command`; `--cacert FILE`, which
+ * `nbds://` endpoints use too, comes with the HTTP flags.
+ */
 export function addNbdOptions(command: Command): Command {
   return command
     .option(
@@ -75,8 +83,7 @@ export function addNbdOptions(command: Command): Command {
         }
         return Number(v);
       },
-    )
-    .option("--cacert <FILE>", "NBD over TLS (nbds://): PEM file of the CA that signed the server");
+    );
 }
 
 /** The NBD options the flags give. */

@@ -52,6 +52,8 @@ export class NbdTarget implements DiskTarget {
   #inFlight = new Set<Promise<unknown>>();
   /** The first write the server failed. */
   #failure: unknown = null;
+  /** Lowest offset a write was sent to (Infinity: none). */
+  #lowest = Infinity;
 
   private constructor(
     nbd: NbdExport,
@@ -165,6 +167,7 @@ export class NbdTarget implements DiskTarget {
     const queue = this.#queue;
     this.#queue = [];
     this.#queued = 0;
+    for (const q of queue) this.#lowest = Math.min(this.#lowest, q.offset);
     const sends = queue.map(async (q) => {
       const { done } = q.bytes === null
         ? { done: this.#export.writeZeroes(q.offset, q.length) }
@@ -233,6 +236,13 @@ export class NbdTarget implements DiskTarget {
       throw err;
     }
     await this.#export.close();
+  }
+
+  /** What a failed import left in the export, for messages. */
+  get damage(): string {
+    return this.#lowest === Infinity
+      ? `${this.name} was not written`
+      : `${this.name} is partly written from byte ${this.#lowest} on`;
   }
 
   async abort(): Promise<void> {
