@@ -338,12 +338,20 @@ async function buildCorpus(dir: string): Promise<{ images: Image[]; source: stri
 
 // ---------------------------------------------------------------- format views
 
-const u32 = (b: Uint8Array, at: number) => new DataView(b.buffer, b.byteOffset).getUint32(at);
-const u64 = (b: Uint8Array, at: number) => new DataView(b.buffer, b.byteOffset).getBigUint64(at);
-const setU32 = (b: Uint8Array, at: number, v: number) =>
-  new DataView(b.buffer, b.byteOffset).setUint32(at, v >>> 0);
-const setU64 = (b: Uint8Array, at: number, v: bigint) =>
-  new DataView(b.buffer, b.byteOffset).setBigUint64(at, BigInt.asUintN(64, v));
+/** Reads a field (0 past the end of a truncated image). */
+const u32 = (b: Uint8Array, at: number) =>
+  at >= 0 && at + 4 <= b.length ? new DataView(b.buffer, b.byteOffset).getUint32(at) : 0;
+const u64 = (b: Uint8Array, at: number) =>
+  at >= 0 && at + 8 <= b.length ? new DataView(b.buffer, b.byteOffset).getBigUint64(at) : 0n;
+/** Writes a field; a field past the end of a truncated image is left alone. */
+const setU32 = (b: Uint8Array, at: number, v: number) => {
+  if (at >= 0 && at + 4 <= b.length) new DataView(b.buffer, b.byteOffset).setUint32(at, v >>> 0);
+};
+const setU64 = (b: Uint8Array, at: number, v: bigint) => {
+  if (at >= 0 && at + 8 <= b.length) {
+    new DataView(b.buffer, b.byteOffset).setBigUint64(at, BigInt.asUintN(64, v));
+  }
+};
 const OFFSET_MASK = 0x00fffffffffffe00n;
 
 interface Qcow2View {

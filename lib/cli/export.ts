@@ -38,10 +38,11 @@ interface ExportRun {
   /** Cluster size of the plan (for VHD its 2 MiB blocks); hints are read at this size. */
   clusterSize: number;
   refcountBits: number;
-  allocation?: () => Promise<Allocation>;
+  /** Reads the hint, checked against the size of the disk it is for. */
+  allocation?: (diskSize: number) => Promise<Allocation>;
   zeroCheck?: boolean;
   base?: string;
-  baseAllocation?: () => Promise<Allocation>;
+  baseAllocation?: (diskSize: number) => Promise<Allocation>;
   progress: ProgressMode;
 }
 
@@ -124,12 +125,12 @@ export function registerExport(program: Command): void {
         refcountBits: flags.refcountBits,
         allocation: flags.allocation === undefined
           ? undefined
-          : () => resolveAllocationSpec(flags.allocation!, cs),
+          : (size) => resolveAllocationSpec(flags.allocation!, cs, undefined, size),
         zeroCheck: flags.zeroCheck,
         base: flags.diff,
         baseAllocation: flags.baseAllocation === undefined
           ? undefined
-          : () => resolveAllocationSpec(flags.baseAllocation!, cs),
+          : (size) => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, size),
         progress: progressMode(flags),
       });
     });
@@ -187,11 +188,12 @@ export function registerExport(program: Command): void {
         if (map === undefined && json === undefined) {
           throw new UsageError("a --json-header-*info descriptor needs its --json-header-*map");
         }
-        return async () =>
+        return async (size: number) =>
           await resolveAllocationSpec(
             json ?? `fd:${map}`,
             cs,
             info === undefined ? undefined : await readInfo(`fd:${info}`),
+            size,
           );
       };
       await runExport({
@@ -236,6 +238,17 @@ async function readInfo(spec: string): Promise<ImageInfoJson> {
   return parseImageInfo(await readSpecText(spec), `image info ${spec}`);
 }
 
+/** The size of a raw disk, learned before a hint for it is read (hints are checked against it). */
+async function diskSize(path: string): Promise<number> {
+  const { openDiskSource } = await import("../io/disk_source.ts");
+  const src = await openDiskSource(path);
+  try {
+    return src.size;
+  } finally {
+    src.close();
+  }
+}
+
 async function runExport(run: ExportRun): Promise<void> {
   if (run.progress === "machine" && run.target.kind === "std") {
     throw new UsageError(
@@ -257,10 +270,10 @@ async function runExport(run: ExportRun): Promise<void> {
   // Refuse a terminal before any work.
   if (run.target.kind === "std") await openOutput(run.target);
   const options = {
-    allocation: await run.allocation?.(),
+    allocation: run.allocation && await run.allocation(await diskSize(run.source)),
     zeroCheck: run.zeroCheck,
     base: run.base,
-    baseAllocation: await run.baseAllocation?.(),
+    baseAllocation: run.baseAllocation && await run.baseAllocation(await diskSize(run.base!)),
     progress: createProgress(run.progress, "export"),
     reuseBuffers: true, // without FFI, writeTo writes each chunk before reading the next
   };
