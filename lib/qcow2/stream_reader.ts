@@ -162,8 +162,8 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly #csizeShift: number;
   #l1Read = false;
   #pendingL2 = 0;
-  /** Host offsets of the L2 tables, for messages. */
-  #l2Offsets = new Set<number>();
+  /** Host offsets of the L2 tables, ascending, for messages. */
+  #l2Offsets = new Float64Array(0);
   #expectedEnd: number;
 
   constructor(h: Qcow2Header, target: ImageTarget, maxBuffer: number) {
@@ -206,6 +206,18 @@ class Qcow2StreamReader implements WalkerFormat {
     const end = start + length;
     if (end > this.#expectedEnd) this.#expectedEnd = end;
     if (start >= this.walker.pos) {
+      const last = run.count - 1;
+      if (
+        kind === DATA && last >= 0 && run.kind[last] === DATA &&
+        (aux + 1) * this.#cs <= this.#size && // the cluster cut by the end stays apart
+        run.start[last] + run.length[last] === start &&
+        run.aux[last] + run.length[last] / this.#cs === aux
+      ) {
+        // The next guest cluster in the next host cluster: one longer range (an image
+        // whose data follows its tables in order costs one range per table, not per cluster).
+        run.length[last] += length;
+        return;
+      }
       run.add(kind, start, length, aux);
       if (kind === L2) this.#pendingL2++;
       return;
@@ -265,7 +277,7 @@ class Qcow2StreamReader implements WalkerFormat {
 
   #readL1(bytes: Uint8Array) {
     const v = viewOf(bytes);
-    const run = new RecordRun(this.#l1Used);
+    const run = new RecordRun(64);
     const base = this.#h.l1TableOffset;
     for (let i = 0; i < this.#l1Used; i++) {
       const hi = v.getUint32(i * 8);
@@ -286,7 +298,7 @@ class Qcow2StreamReader implements WalkerFormat {
       }
       run.add(L2, off, this.#cs, i);
     }
-    this.#l2Offsets = new Set(run.start.subarray(0, run.count));
+    this.#l2Offsets = run.start.slice(0, run.count).sort();
     const future = new RecordRun(run.count);
     for (let i = 0; i < run.count; i++) {
       this.#expect(future, L2, run.start[i], this.#cs, run.aux[i]);
@@ -396,7 +408,7 @@ class Qcow2StreamReader implements WalkerFormat {
     else if (
       at >= h.refcountTableOffset && at < h.refcountTableOffset + h.refcountTableClusters * cs
     ) where = "the refcount table";
-    else if (this.#l2Offsets.has(at - (at % cs))) where = "an L2 table";
+    else if (sortedHas(this.#l2Offsets, at - (at % cs))) where = "an L2 table";
     else {
       return new CorruptImageError(
         `${what} is placed at byte ${at}, which another L2 entry already claims`,
@@ -419,6 +431,18 @@ class Qcow2StreamReader implements WalkerFormat {
       l2Start + j * 8,
     );
   }
+}
+
+/** True when the ascending `values` hold `x`. */
+function sortedHas(values: Float64Array, x: number): boolean {
+  let lo = 0;
+  let hi = values.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (values[mid] < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo < values.length && values[lo] === x;
 }
 
 function hex(hi: number, lo: number): string {

@@ -120,6 +120,9 @@ export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
   return map;
 }
 
+/** BAT bytes read at a time: memory stays bounded whatever the BAT's size. */
+const BAT_CHUNK = 4 * 1024 * 1024;
+
 async function readBat(
   file: ImageFile,
   header: VhdDynamicHeader,
@@ -127,20 +130,25 @@ async function readBat(
 ): Promise<ClusterSet> {
   const used = usedBatEntries(currentSize, header.blockSize);
   const data = new ClusterSet(used, header.blockSize);
-  if (used === 0) return data;
-  const bat = await file.readAt(header.tableOffset, used * 4, "VHD BAT");
-  const view = new DataView(bat.buffer);
   const bitmap = blockBitmapSize(header.blockSize);
-  for (let i = 0; i < used; i++) {
-    const sector = view.getUint32(i * 4);
-    if (sector === BAT_UNUSED) continue;
-    if (sector * SECTOR_SIZE + bitmap > file.size) {
-      throw new CorruptImageError(
-        `VHD BAT entry ${i} points to sector ${sector}, past the end of the ${file.size}-byte file`,
-        header.tableOffset + i * 4,
-      );
+  const buffer = new Uint8Array(Math.min(used * 4, BAT_CHUNK));
+  for (let first = 0; first < used; first += BAT_CHUNK / 4) {
+    const n = Math.min(used - first, BAT_CHUNK / 4);
+    const bat = buffer.subarray(0, n * 4);
+    file.readInto(header.tableOffset + first * 4, bat, "VHD BAT");
+    const view = new DataView(bat.buffer, bat.byteOffset, bat.byteLength);
+    for (let j = 0; j < n; j++) {
+      const sector = view.getUint32(j * 4);
+      if (sector === BAT_UNUSED) continue;
+      const i = first + j;
+      if (sector * SECTOR_SIZE + bitmap > file.size) {
+        throw new CorruptImageError(
+          `VHD BAT entry ${i} points to sector ${sector}, past the end of the ${file.size}-byte file`,
+          header.tableOffset + i * 4,
+        );
+      }
+      data.add(i);
     }
-    data.add(i);
   }
   return data;
 }

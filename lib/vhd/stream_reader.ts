@@ -182,7 +182,7 @@ class VhdStreamReader implements WalkerFormat {
     const v = viewOf(bytes);
     const n = bytes.length / 4;
     this.#batEnd = start + bytes.length;
-    const run = new RecordRun(2 * n);
+    const run = new RecordRun(64); // grows with the allocated blocks, not the BAT
     for (let i = 0; i < n; i++) {
       const sector = v.getUint32(i * 4);
       if (sector === BAT_UNUSED) continue;
