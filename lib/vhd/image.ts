@@ -114,7 +114,7 @@ export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
     at,
   );
   checkVhdTables(header, footer.currentSize, at, file.size);
-  const data = await readBat(file, header, footer.currentSize);
+  const data = readBat(file, header, footer.currentSize);
   const map: VhdMap = { footer, header, blockSize: header.blockSize, data };
   if (footer.diskType === DISK_TYPE_DIFFERENCING) map.parent = await findParent(file, header);
   return map;
@@ -123,11 +123,7 @@ export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
 /** BAT bytes read at a time: memory stays bounded whatever the BAT's size. */
 const BAT_CHUNK = 4 * 1024 * 1024;
 
-async function readBat(
-  file: ImageFile,
-  header: VhdDynamicHeader,
-  currentSize: number,
-): Promise<ClusterSet> {
+function readBat(file: ImageFile, header: VhdDynamicHeader, currentSize: number): ClusterSet {
   const used = usedBatEntries(currentSize, header.blockSize);
   const data = new ClusterSet(used, header.blockSize);
   const bitmap = blockBitmapSize(header.blockSize);
