@@ -26,6 +26,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
+import { type Outcome, runMeasured } from "./fuzz_run.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 const CLI = `${ROOT}cli.ts`;
@@ -111,63 +112,8 @@ function caseSeed(seed: number, index: number): number {
 
 // ---------------------------------------------------------------- processes
 
-interface Outcome {
-  code: number;
-  stdout: Uint8Array;
-  stderr: string;
-  ms: number;
-  peakRss: number;
-  killed?: string;
-}
-
-/** Runs a command, feeding `stdin` through a pipe, with the time and RSS bounds. */
-async function runBounded(cmd: string, args: string[], stdin?: Uint8Array): Promise<Outcome> {
-  const t0 = performance.now();
-  const child = new Deno.Command(cmd, {
-    args,
-    stdin: stdin ? "piped" : "null",
-    stdout: "piped",
-    stderr: "piped",
-    env: { NO_COLOR: "1" },
-  }).spawn();
-  let peakRss = 0;
-  let killed: string | undefined;
-  const kill = (why: string) => {
-    if (killed) return;
-    killed = why;
-    try {
-      child.kill("SIGKILL");
-    } catch { /* gone */ }
-  };
-  const timer = setTimeout(() => kill(`took longer than ${TIME_LIMIT / 1000} s`), TIME_LIMIT);
-  const poll = setInterval(() => {
-    try {
-      const status = Deno.readTextFileSync(`/proc/${child.pid}/status`);
-      const m = /VmHWM:\s+(\d+) kB/.exec(status);
-      if (m) peakRss = Math.max(peakRss, Number(m[1]) * 1024);
-      if (peakRss > RSS_LIMIT) kill(`peak RSS above ${RSS_LIMIT / MiB} MiB`);
-    } catch { /* exited */ }
-  }, 20);
-  const writing = (async () => {
-    if (!stdin) return;
-    const w = child.stdin.getWriter();
-    for (let at = 0; at < stdin.length; at += MiB) {
-      await w.write(stdin.subarray(at, at + MiB)).catch(() => {});
-    }
-    await w.close().catch(() => {});
-  })();
-  const out = await child.output();
-  await writing;
-  clearTimeout(timer);
-  clearInterval(poll);
-  return {
-    code: out.code,
-    stdout: out.stdout,
-    stderr: new TextDecoder().decode(out.stderr),
-    ms: performance.now() - t0,
-    peakRss,
-    killed,
-  };
+function runBounded(cmd: string, args: string[], stdin?: Uint8Array): Promise<Outcome> {
+  return runMeasured(cmd, args, { stdin, timeLimitMs: TIME_LIMIT, rssLimit: RSS_LIMIT });
 }
 
 /** Runs a helper tool (qemu-img, qemu-io) without bounds. */

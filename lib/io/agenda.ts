@@ -41,6 +41,8 @@ export class RecordRun {
   count = 0;
   /** Read position while the run is on the agenda. */
   next = 0;
+  /** Called with the memory a growth is about to take (it may throw to refuse it). */
+  onGrow?: (bytes: number) => void;
 
   constructor(capacity: number) {
     this.start = new Float64Array(capacity);
@@ -66,6 +68,7 @@ export class RecordRun {
 
   #grow() {
     const cap = Math.max(16, this.start.length * 2);
+    this.onGrow?.(cap * RecordRun.SLOT_BYTES);
     const grow = <T extends Float64Array | Uint8Array>(a: T, b: T) => (b.set(a), b);
     this.start = grow(this.start, new Float64Array(cap));
     this.length = grow(this.length, new Float64Array(cap));

@@ -11,7 +11,7 @@
 import { CorruptImageError, LimitError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
 import { nextLimit, type StreamBuffer } from "./stream_buffer.ts";
-import { type Expected, Mode, RecordQueue, type RecordRun } from "./agenda.ts";
+import { type Expected, Mode, RecordQueue, RecordRun } from "./agenda.ts";
 import type { ChunkConsumer } from "./chunk_loop.ts";
 
 export { type Expected, Mode, RecordRun } from "./agenda.ts";
@@ -110,9 +110,23 @@ export class StreamWalker implements ChunkConsumer {
     );
   }
 
-  /** Throws {@link LimitError} when the metadata and the kept bytes pass the limit. */
-  #checkMemory(): void {
-    const meta = this.metadataBytes;
+  /**
+   * A run to fill and {@link add}: its growth is checked against the memory limit as
+   * it fills, so that a table naming many ranges is refused before it takes the memory.
+   */
+  newRun(capacity = 64): RecordRun {
+    this.#checkMemory(capacity * RecordRun.SLOT_BYTES);
+    const run = new RecordRun(capacity);
+    run.onGrow = (bytes) => this.#checkMemory(bytes);
+    return run;
+  }
+
+  /**
+   * Throws {@link LimitError} when the metadata and the kept bytes, with `extra` bytes
+   * more, pass the limit.
+   */
+  #checkMemory(extra = 0): void {
+    const meta = this.metadataBytes + extra;
     const held = this.buffer?.used ?? 0;
     if (meta + held <= this.#limit) return;
     throw new LimitError(

@@ -22,7 +22,7 @@ import {
   type ChunkStream,
   type Expected,
   Mode,
-  RecordRun,
+  type RecordRun,
   StreamWalker,
   walkChunks,
   type WalkerFormat,
@@ -177,7 +177,7 @@ class Qcow2StreamReader implements WalkerFormat {
     this.#csizeShift = 62 - (h.clusterBits - 8);
     this.walker = new StreamWalker(this, h.clusterSize, new StreamBuffer(maxBuffer, h.clusterSize));
     this.#expectedEnd = h.clusterSize;
-    const run = new RecordRun(2);
+    const run = this.walker.newRun(2);
     if (h.refcountTableClusters > 0) {
       this.#expect(
         run,
@@ -277,7 +277,7 @@ class Qcow2StreamReader implements WalkerFormat {
 
   #readL1(bytes: Uint8Array) {
     const v = viewOf(bytes);
-    const run = new RecordRun(64);
+    const run = this.walker.newRun(64);
     const base = this.#h.l1TableOffset;
     for (let i = 0; i < this.#l1Used; i++) {
       const hi = v.getUint32(i * 8);
@@ -299,7 +299,7 @@ class Qcow2StreamReader implements WalkerFormat {
       run.add(L2, off, this.#cs, i);
     }
     this.#l2Offsets = run.start.slice(0, run.count).sort();
-    const future = new RecordRun(run.count);
+    const future = this.walker.newRun(run.count);
     for (let i = 0; i < run.count; i++) {
       this.#expect(future, L2, run.start[i], this.#cs, run.aux[i]);
     }
@@ -313,7 +313,7 @@ class Qcow2StreamReader implements WalkerFormat {
     const cs = this.#cs;
     const first = l1Index * this.#l2Entries;
     const n = Math.min(this.#l2Entries, this.#clusters - first);
-    const run = new RecordRun(64);
+    const run = this.walker.newRun(64);
     const shift = this.#csizeShift - 32;
     const offMask = 2 ** shift - 1;
     for (let j = 0; j < n; j++) {
