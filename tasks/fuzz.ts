@@ -116,11 +116,11 @@ function runBounded(cmd: string, args: string[], stdin?: Uint8Array): Promise<Ou
   return runMeasured(cmd, args, { stdin, timeLimitMs: TIME_LIMIT, rssLimit: RSS_LIMIT });
 }
 
-/** Runs a helper tool (qemu-img, qemu-io) without bounds. */
+/** Runs a helper tool (qemu-img, qemu-io). */
 async function tool(cmd: string, args: string[]): Promise<{ ok: boolean; out: string }> {
-  const r = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
-  const dec = new TextDecoder();
-  return { ok: r.success, out: dec.decode(r.stdout) + dec.decode(r.stderr) };
+  // qemu-img on a mutated image gets a time bound too (it is the oracle, not under test).
+  const r = await runMeasured(cmd, args, { timeLimitMs: TIME_LIMIT });
+  return { ok: r.code === 0 && !r.killed, out: new TextDecoder().decode(r.stdout) + r.stderr };
 }
 
 function diskstream(args: string[], stdin?: Uint8Array): Promise<Outcome> {
@@ -252,6 +252,41 @@ async function buildCorpus(dir: string): Promise<{ images: Image[]; source: stri
     const r = await tool(cmd, [...args, path]);
     if (!r.ok) throw new Error(`${cmd} ${args.join(" ")}: ${r.out}`);
     images.push({ name, format, bytes: await Deno.readFile(path) });
+  }
+  // Variants made by qemu-img create/qemu-io: zstd, extended L2 (subclusters), an
+  // internal snapshot with writes after it (shared clusters, COPIED flags off), and a
+  // backing file (the source itself, as raw).
+  const variants: [string, string[], string[]][] = [
+    ["q-zstd.qcow2", ["-o", "cluster_size=4096,compression_type=zstd"], []],
+    ["q-extl2.qcow2", ["-o", "cluster_size=65536,extended_l2=on"], []],
+    ["q-snap.qcow2", ["-o", "cluster_size=4096"], ["snapshot"]],
+    ["q-backed.qcow2", ["-o", "cluster_size=4096", "-b", "source.raw", "-F", "raw"], []],
+  ];
+  for (const [name, options, extra] of variants) {
+    const path = `${dir}/${name}`;
+    const backed = options.includes("-b");
+    const made = backed
+      ? await tool("qemu-img", ["create", "-f", "qcow2", ...options, path])
+      : await tool("qemu-img", [
+        "convert",
+        ...(name === "q-zstd.qcow2" ? ["-c"] : []),
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        ...options,
+        source,
+        path,
+      ]);
+    if (!made.ok) throw new Error(`qemu-img for ${name}: ${made.out}`);
+    if (extra.includes("snapshot")) {
+      const r = await tool("qemu-img", ["snapshot", "-c", "s1", path]);
+      if (!r.ok) throw new Error(`qemu-img snapshot: ${r.out}`);
+    }
+    const writes = ["write -P 0x5a 8192 12288", "write -z 65536 4096", "write -P 0x33 2M 4096"];
+    const w = await tool("qemu-io", ["-f", "qcow2", ...writes.flatMap((c) => ["-c", c]), path]);
+    if (!w.ok) throw new Error(`qemu-io on ${name}: ${w.out}`);
+    images.push({ name, format: "qcow2", bytes: await Deno.readFile(path) });
   }
   // ZERO clusters (v3) over a copy of the 64K image.
   const zpath = `${dir}/q64-zero.qcow2`;
@@ -813,7 +848,17 @@ async function importCase(m: Mutated, dir: string): Promise<CaseResult> {
   const dest = `${dir}/dest.raw`;
   await Deno.remove(dest).catch(() => {});
   const fixed = m.image.name.includes("fixed");
-  const args = ["import", dest, "--max-buffer", MAX_BUFFER, ...(fixed ? ["-f", "vhd"] : [])];
+  // An image with a backing file is a diff: applied with --delta onto a copy of its base.
+  const delta = m.image.name.includes("backed");
+  if (delta) await Deno.copyFile(`${dir}/source.raw`, dest);
+  const args = [
+    "import",
+    dest,
+    "--max-buffer",
+    MAX_BUFFER,
+    ...(fixed ? ["-f", "vhd"] : []),
+    ...(delta ? ["--delta"] : []),
+  ];
   const o = await diskstream(args, m.bytes);
   const res: CaseResult = {
     family: "import",
@@ -828,7 +873,7 @@ async function importCase(m: Mutated, dir: string): Promise<CaseResult> {
   if (res.failure) return res;
   const destStat = await Deno.stat(dest).catch(() => null);
   if (o.code !== 0) {
-    if (destStat) res.failure = "a failed import left the destination it created";
+    if (destStat && !delta) res.failure = "a failed import left the destination it created";
     return res;
   }
   const claimed = claimedSize(m.bytes);
@@ -836,17 +881,28 @@ async function importCase(m: Mutated, dir: string): Promise<CaseResult> {
     res.failure = "import succeeded but there is no destination";
     return res;
   }
-  if (claimed !== null && destStat.size > Math.ceil(claimed / 512) * 512) {
+  // A new file ends at the virtual size; an existing one keeps its size and its bytes
+  // past the virtual size.
+  const end = delta ? Math.min(destStat.size, claimed ?? Infinity) : destStat.size;
+  if (!delta && claimed !== null && destStat.size > Math.ceil(claimed / 512) * 512) {
     res.failure = `the destination has ${destStat.size} bytes, past the virtual size ${claimed}`;
     return res;
   }
+  if (delta && destStat.size !== SOURCE_SIZE) {
+    res.failure = `--delta changed the destination's size to ${destStat.size}`;
+    return res;
+  }
   if (destStat.size <= COMPARE_LIMIT) {
+    const got = await Deno.readFile(dest);
+    if (delta && firstDifference(got.subarray(end), sourceBytes().subarray(end)) >= 0) {
+      res.failure = `--delta wrote past the virtual size ${end}`;
+      return res;
+    }
     const raw = await qemuRaw(path, m.image.format === "vhd" ? "vpc" : "qcow2", dir);
-    if (raw && raw.length === destStat.size) {
+    if (raw && raw.length === end) {
       res.compared = true;
       const expected = m.image.format === "vhd" ? vhdExpected(m.bytes, raw) : raw;
-      const got = await Deno.readFile(dest);
-      const at = firstDifference(expected, got);
+      const at = firstDifference(expected, got.subarray(0, end));
       if (at >= 0) {
         res.failure = `the imported bytes differ from qemu-img convert -O raw at offset ${at}`;
       }
