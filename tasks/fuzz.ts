@@ -283,7 +283,7 @@ async function buildCorpus(dir: string): Promise<{ images: Image[]; source: stri
       const r = await tool("qemu-img", ["snapshot", "-c", "s1", path]);
       if (!r.ok) throw new Error(`qemu-img snapshot: ${r.out}`);
     }
-    const writes = ["write -P 0x5a 8192 12288", "write -z 65536 4096", "write -P 0x33 2M 4096"];
+    const writes = ["write -P 0x5a 8192 12288", "write -z 0 4096", "write -P 0x33 2M 4096"];
     const w = await tool("qemu-io", ["-f", "qcow2", ...writes.flatMap((c) => ["-c", c]), path]);
     if (!w.ok) throw new Error(`qemu-io on ${name}: ${w.out}`);
     images.push({ name, format: "qcow2", bytes: await Deno.readFile(path) });
@@ -754,6 +754,8 @@ interface Mutated {
   image: Image;
   bytes: Uint8Array;
   mutations: string[];
+  /** Import into an existing file full of 0xAA bytes (it must be overwritten), not a new one. */
+  prefill: boolean;
 }
 
 function mutateImage(rng: Rng, images: Image[]): Mutated {
@@ -774,13 +776,15 @@ function mutateImage(rng: Rng, images: Image[]): Mutated {
     bytes = r.bytes;
     mutations.push(r.what);
   }
-  return { image, bytes, mutations };
+  return { image, bytes, mutations, prefill: rng.chance(0.35) };
 }
 
 // ---------------------------------------------------------------- oracles per family
 
 interface CaseResult {
   family: string;
+  /** import: into an existing file (replayed the same way). */
+  prefill?: boolean;
   /** Exit status of diskstream. */
   code: number;
   /** Whether the byte/allocation oracle ran (qemu-img read the image too). */
@@ -851,6 +855,11 @@ async function importCase(m: Mutated, dir: string): Promise<CaseResult> {
   // An image with a backing file is a diff: applied with --delta onto a copy of its base.
   const delta = m.image.name.includes("backed");
   if (delta) await Deno.copyFile(`${dir}/source.raw`, dest);
+  const claimed = claimedSize(m.bytes);
+  const prefill = !delta && m.prefill && claimed !== null && claimed <= COMPARE_LIMIT;
+  if (prefill) {
+    await Deno.writeFile(dest, new Uint8Array(Math.ceil(claimed / 512) * 512).fill(0xaa));
+  }
   const args = [
     "import",
     dest,
@@ -867,16 +876,22 @@ async function importCase(m: Mutated, dir: string): Promise<CaseResult> {
     failure: checkOutcome(o, false),
     input: m.bytes,
     inputName: "image",
-    description: [`${m.image.name}: ${m.mutations.join("; ") || "unchanged"}`],
+    description: [
+      `${m.image.name}: ${m.mutations.join("; ") || "unchanged"}${
+        prefill ? " (into an existing file of 0xAA bytes)" : ""
+      }`,
+    ],
+    prefill,
     args: [...args.slice(0, 1), "DEST", ...args.slice(2), "< image"],
   };
   if (res.failure) return res;
   const destStat = await Deno.stat(dest).catch(() => null);
   if (o.code !== 0) {
-    if (destStat && !delta) res.failure = "a failed import left the destination it created";
+    if (destStat && !delta && !prefill) {
+      res.failure = "a failed import left the destination it created";
+    }
     return res;
   }
-  const claimed = claimedSize(m.bytes);
   if (!destStat) {
     res.failure = "import succeeded but there is no destination";
     return res;
@@ -1177,7 +1192,13 @@ async function runCase(
 }
 
 /** Saves a failing case; returns the folder. */
-async function saveFailure(r: CaseResult, seed: number, index: number, source: string) {
+async function saveFailure(
+  r: CaseResult,
+  seed: number,
+  index: number,
+  source: string,
+  families: string[],
+) {
   const folder = `${opts.out}/${r.family}-${seed}-${index}`;
   await Deno.mkdir(folder, { recursive: true });
   await Deno.writeFile(`${folder}/${r.inputName}`, r.input);
@@ -1191,9 +1212,10 @@ async function saveFailure(r: CaseResult, seed: number, index: number, source: s
         case: index,
         failure: r.failure,
         mutations: r.description,
+        prefill: r.prefill,
         command: `diskstream ${r.args.join(" ")}`,
         replay: `deno task fuzz --replay ${folder}`,
-        regenerate: `deno task fuzz --seed ${seed} --case ${index}`,
+        regenerate: `deno task fuzz --seed ${seed} --family ${families.join(",")} --case ${index}`,
       },
       null,
       2,
@@ -1212,7 +1234,7 @@ async function replay(folder: string, dir: string, corpus: { images: Image[]; so
   const bytes = await Deno.readFile(`${folder}/image`);
   const name = (meta.mutations[0] as string).split(":")[0];
   const image = corpus.images.find((i) => i.name === name) ?? corpus.images[0];
-  const m: Mutated = { image, bytes, mutations: ["replayed"] };
+  const m: Mutated = { image, bytes, mutations: ["replayed"], prefill: meta.prefill === true };
   return meta.family === "import"
     ? await importCase(m, dir)
     : await headersCase(m, dir, meta.family);
@@ -1263,7 +1285,7 @@ async function main(): Promise<number> {
       if (r.compared) s.compared++;
       if (r.failure) {
         s.failed++;
-        const folder = await saveFailure(r, seed, index, corpus.source);
+        const folder = await saveFailure(r, seed, index, corpus.source, families);
         failures.push(
           `${family} case ${index}: ${r.failure}\n    ${
             r.description.join("; ")
