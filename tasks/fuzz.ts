@@ -192,65 +192,21 @@ async function buildCorpus(dir: string): Promise<{ images: Image[]; source: stri
     await f.seek(2560 * 1024, Deno.SeekMode.Start);
     await f.write(new Uint8Array(65536));
   }
-  const jobs: [string, "qcow2" | "vhd", string, string[]][] = [
-    ["q64.qcow2", "qcow2", "qemu-img", ["convert", "-f", "raw", "-O", "qcow2", source]],
-    ["q512.qcow2", "qcow2", "qemu-img", [
-      "convert",
-      "-f",
-      "raw",
-      "-O",
-      "qcow2",
-      "-o",
-      "cluster_size=512",
-      source,
-    ]],
-    ["q4k-v2.qcow2", "qcow2", "qemu-img", [
-      "convert",
-      "-f",
-      "raw",
-      "-O",
-      "qcow2",
-      "-o",
-      "cluster_size=4096,compat=0.10",
-      source,
-    ]],
-    ["q4k-z.qcow2", "qcow2", "qemu-img", [
-      "convert",
-      "-c",
-      "-f",
-      "raw",
-      "-O",
-      "qcow2",
-      "-o",
-      "cluster_size=4096",
-      source,
-    ]],
-    ["v-dyn.vhd", "vhd", "qemu-img", [
-      "convert",
-      "-f",
-      "raw",
-      "-O",
-      "vpc",
-      "-o",
-      "subformat=dynamic,force_size=on",
-      source,
-    ]],
-    ["v-fixed.vhd", "vhd", "qemu-img", [
-      "convert",
-      "-f",
-      "raw",
-      "-O",
-      "vpc",
-      "-o",
-      "subformat=fixed,force_size=on",
-      source,
-    ]],
+  // qemu-img convert of the source: name, format, extra options.
+  const jobs: [string, "qcow2" | "vhd", string[]][] = [
+    ["q64.qcow2", "qcow2", []],
+    ["q512.qcow2", "qcow2", ["-o", "cluster_size=512"]],
+    ["q4k-v2.qcow2", "qcow2", ["-o", "cluster_size=4096,compat=0.10"]],
+    ["q4k-z.qcow2", "qcow2", ["-c", "-o", "cluster_size=4096"]],
+    ["v-dyn.vhd", "vhd", ["-o", "subformat=dynamic,force_size=on"]],
+    ["v-fixed.vhd", "vhd", ["-o", "subformat=fixed,force_size=on"]],
   ];
   const images: Image[] = [];
-  for (const [name, format, cmd, args] of jobs) {
+  for (const [name, format, options] of jobs) {
     const path = `${dir}/${name}`;
-    const r = await tool(cmd, [...args, path]);
-    if (!r.ok) throw new Error(`${cmd} ${args.join(" ")}: ${r.out}`);
+    const out = format === "vhd" ? "vpc" : "qcow2";
+    const r = await tool("qemu-img", ["convert", "-f", "raw", "-O", out, ...options, source, path]);
+    if (!r.ok) throw new Error(`qemu-img convert ${options.join(" ")}: ${r.out}`);
     images.push({ name, format, bytes: await Deno.readFile(path) });
   }
   // Variants made by qemu-img create/qemu-io: zstd, extended L2 (subclusters), an

@@ -52,23 +52,10 @@ export class ClusterSet {
     this.#pages.set(key, page);
     const keys = this.#keys;
     if (keys.length === 0 || keys[keys.length - 1] < key) keys.push(key);
-    else keys.splice(this.#firstKeyIndex(key), 0, key);
+    else keys.splice(lowerBound(keys, key), 0, key);
     this.#lastKey = key;
     this.#lastPage = page;
     return page;
-  }
-
-  /** Index in `#keys` of the first page index ≥ `key`. */
-  #firstKeyIndex(key: number): number {
-    const keys = this.#keys;
-    let lo = 0;
-    let hi = keys.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >>> 1;
-      if (keys[mid] < key) lo = mid + 1;
-      else hi = mid;
-    }
-    return lo;
   }
 
   /** True if cluster `i` is in the set. */
@@ -151,7 +138,7 @@ export class ClusterSet {
     if (from >= this.length) return -1;
     const keys = this.#keys;
     const fromKey = Math.floor(from / PAGE_BITS);
-    for (let k = this.#firstKeyIndex(fromKey); k < keys.length; k++) {
+    for (let k = lowerBound(keys, fromKey); k < keys.length; k++) {
       const key = keys[k];
       const page = this.#pages.get(key)!;
       const base = key * PAGE_BITS;
@@ -233,6 +220,18 @@ export class ClusterSet {
     }
     return out;
   }
+}
+
+/** The index of the first value ≥ `x` in the ascending `sorted` (its length if none). */
+export function lowerBound(sorted: ArrayLike<number>, x: number): number {
+  let lo = 0;
+  let hi = sorted.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (sorted[mid] < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
 function popcount(x: number): number {

@@ -14,6 +14,7 @@
  *
  * @module
  */
+import { lowerBound } from "../alloc/cluster_set.ts";
 import { viewOf } from "../bytes.ts";
 import { CorruptImageError, UnsupportedError } from "../errors.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
@@ -397,6 +398,11 @@ class Qcow2StreamReader implements WalkerFormat {
     return new CorruptImageError(what, b.start);
   }
 
+  /** True when an L2 table starts at host offset `offset`. */
+  #isL2Table(offset: number): boolean {
+    return this.#l2Offsets[lowerBound(this.#l2Offsets, offset)] === offset;
+  }
+
   /** The error for a claim on bytes that went by and are not held. */
   #missing(kind: number, aux: number, at: number): CorruptImageError {
     const what = this.describe(kind, aux);
@@ -408,8 +414,9 @@ class Qcow2StreamReader implements WalkerFormat {
     else if (
       at >= h.refcountTableOffset && at < h.refcountTableOffset + h.refcountTableClusters * cs
     ) where = "the refcount table";
-    else if (sortedHas(this.#l2Offsets, at - (at % cs))) where = "an L2 table";
-    else {
+    else if (this.#isL2Table(at - (at % cs))) {
+      where = "an L2 table";
+    } else {
       return new CorruptImageError(
         `${what} is placed at byte ${at}, which another L2 entry already claims`,
         at,
@@ -431,18 +438,6 @@ class Qcow2StreamReader implements WalkerFormat {
       l2Start + j * 8,
     );
   }
-}
-
-/** True when the ascending `values` hold `x`. */
-function sortedHas(values: Float64Array, x: number): boolean {
-  let lo = 0;
-  let hi = values.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >>> 1;
-    if (values[mid] < x) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo < values.length && values[lo] === x;
 }
 
 function hex(hi: number, lo: number): string {
