@@ -107,8 +107,11 @@ Deno.test("cluster set: memory follows the clusters added, not the length", () =
   assert.deepEqual([...remapped.runs()], [[0, 0], [2 ** 32, 2 ** 32], [2 ** 33 - 1, 2 ** 33 - 1]]);
 });
 
-/** A dynamic VHD file: footer copy, header, BAT (sparse, `entries` unused ones), footer. */
-async function sparseVhd(path: string, currentSize: number, entries: number) {
+/**
+ * A dynamic VHD file: footer copy, header, BAT of `entries` unused entries (or a hole,
+ * without `fill`), footer.
+ */
+async function sparseVhd(path: string, currentSize: number, entries: number, fill = true) {
   const footer = buildVhdFooter({ diskType: 3, currentSize });
   const header = buildVhdDynamicHeader({ tableOffset: 1536, maxTableEntries: entries });
   const batBytes = Math.ceil((entries * 4) / 512) * 512;
@@ -122,8 +125,8 @@ async function sparseVhd(path: string, currentSize: number, entries: number) {
   } finally {
     f.close();
   }
-  // An unused BAT is all ones: write them in pieces (the file stays small on disk? no:
-  // the BAT must read as 0xFFFFFFFF, so it is written).
+  if (!fill) return;
+  // An unused BAT reads as all ones: written in 4 MiB pieces.
   const ones = new Uint8Array(4 * MiB).fill(0xff);
   const g = await Deno.open(path, { write: true });
   try {
@@ -178,6 +181,16 @@ Deno.test("VHD: a 2040 GiB disk's 4 MiB BAT is read in pieces", async () => {
       `{"virtual_size":${size},"cluster_bits":21,"data_clusters":[]}`,
     );
     assert.ok(r.peakRss < 200 * MiB, `peak RSS ${r.peakRss}`);
+  });
+});
+
+Deno.test("VHD: a BAT that is a hole (blocks at sector 0, on the footer) is refused", async () => {
+  await withTempDir(async (dir) => {
+    const img = `${dir}/hole.vhd`;
+    const size = 1024 * 2 ** 30;
+    await sparseVhd(img, size, size / (2 * MiB), false);
+    const r = await bounded(["headers", img]);
+    assertOneLineError(r, /VHD BAT entry 0 places block 0 at sector 0, inside the footer copy/);
   });
 });
 

@@ -114,7 +114,7 @@ export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
     at,
   );
   checkVhdTables(header, footer.currentSize, at, file.size);
-  const data = readBat(file, header, footer.currentSize);
+  const data = readBat(file, header, footer.currentSize, at);
   const map: VhdMap = { footer, header, blockSize: header.blockSize, data };
   if (footer.diskType === DISK_TYPE_DIFFERENCING) map.parent = await findParent(file, header);
   return map;
@@ -123,10 +123,25 @@ export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
 /** BAT bytes read at a time: memory stays bounded whatever the BAT's size. */
 const BAT_CHUNK = 4 * 1024 * 1024;
 
-function readBat(file: ImageFile, header: VhdDynamicHeader, currentSize: number): ClusterSet {
+/**
+ * The allocated blocks of the BAT, read in pieces. A block placed inside the footer
+ * copy, the dynamic header (at `headerAt`) or the BAT is corruption (a BAT that is a
+ * hole in a sparse file reads as blocks at sector 0), and so is one past the end.
+ */
+function readBat(
+  file: ImageFile,
+  header: VhdDynamicHeader,
+  currentSize: number,
+  headerAt: number,
+): ClusterSet {
   const used = usedBatEntries(currentSize, header.blockSize);
   const data = new ClusterSet(used, header.blockSize);
   const bitmap = blockBitmapSize(header.blockSize);
+  const metadata: [number, number, string][] = [
+    [0, FOOTER_SIZE, "the footer copy"],
+    [headerAt, headerAt + DYNAMIC_HEADER_SIZE, "the dynamic header"],
+    [header.tableOffset, header.tableOffset + used * 4, "the BAT"],
+  ];
   const buffer = new Uint8Array(Math.min(used * 4, BAT_CHUNK));
   for (let first = 0; first < used; first += BAT_CHUNK / 4) {
     const n = Math.min(used - first, BAT_CHUNK / 4);
@@ -140,6 +155,15 @@ function readBat(file: ImageFile, header: VhdDynamicHeader, currentSize: number)
       if (sector * SECTOR_SIZE + bitmap > file.size) {
         throw new CorruptImageError(
           `VHD BAT entry ${i} points to sector ${sector}, past the end of the ${file.size}-byte file`,
+          header.tableOffset + i * 4,
+        );
+      }
+      const start = sector * SECTOR_SIZE;
+      const end = start + bitmap + header.blockSize;
+      const inside = metadata.find(([a, b]) => start < b && end > a);
+      if (inside !== undefined) {
+        throw new CorruptImageError(
+          `VHD BAT entry ${i} places block ${i} at sector ${sector}, inside ${inside[2]}`,
           header.tableOffset + i * 4,
         );
       }
