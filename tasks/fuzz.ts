@@ -1077,7 +1077,13 @@ function makeHint(rng: Rng): Hint {
   return { text: json === undefined ? "" : JSON.stringify(json), ranges: null, what };
 }
 
-async function allocCase(rng: Rng, dir: string, source: string): Promise<CaseResult> {
+async function allocCase(
+  rng: Rng,
+  dir: string,
+  corpus: { images: Image[]; source: string },
+): Promise<CaseResult> {
+  const source = corpus.source;
+  if (rng.chance(0.25)) return await imageHintCase(rng, dir, corpus);
   const hint = makeHint(rng);
   const hintPath = `${dir}/hint.json`;
   await Deno.writeTextFile(hintPath, hint.text);
@@ -1131,6 +1137,53 @@ async function allocCase(rng: Rng, dir: string, source: string): Promise<CaseRes
   return res;
 }
 
+/**
+ * A mutated image as the hint (`--allocation image`, the hybrid case): refused, or an
+ * export in which every cluster is either the source's bytes or zeros (never others).
+ */
+async function imageHintCase(
+  rng: Rng,
+  dir: string,
+  corpus: { images: Image[]; source: string },
+): Promise<CaseResult> {
+  const m = mutateImage(rng, corpus.images);
+  const hintPath = `${dir}/hint.img`;
+  await Deno.writeFile(hintPath, m.bytes);
+  const out = `${dir}/out.qcow2`;
+  await Deno.remove(out).catch(() => {});
+  const cs = rng.pick([512, 65536, 2 * MiB]);
+  const o = await diskstream(
+    ["export", corpus.source, "--allocation", hintPath, "-c", String(cs), "-o", out],
+  );
+  const res: CaseResult = {
+    family: "alloc",
+    code: o.code,
+    compared: false,
+    failure: checkOutcome(o, false),
+    input: m.bytes,
+    inputName: "hint.img",
+    description: [`image hint ${m.image.name}: ${m.mutations.join("; ") || "unchanged"}`],
+    args: ["export", "SOURCE", "--allocation", "hint.img", "-c", String(cs), "-o", "OUT"],
+  };
+  if (res.failure || o.code !== 0) return res;
+  const raw = await qemuRaw(out, "qcow2", dir);
+  if (!raw) {
+    res.failure = "qemu-img cannot read the exported image";
+    return res;
+  }
+  res.compared = true;
+  const src = sourceBytes();
+  for (let at = 0; at < src.length; at += cs) {
+    const got = raw.subarray(at, at + cs);
+    if (got.some((x) => x !== 0) && firstDifference(got, src.subarray(at, at + cs)) >= 0) {
+      res.failure = `the export holds bytes at ${at} that are neither the source's nor zeros`;
+      break;
+    }
+  }
+  await Deno.remove(out).catch(() => {});
+  return res;
+}
+
 // ---------------------------------------------------------------- the run
 
 const FAMILIES = ["import", "headers", "info", "alloc"] as const;
@@ -1142,7 +1195,7 @@ async function runCase(
   dir: string,
   corpus: { images: Image[]; source: string },
 ): Promise<CaseResult> {
-  if (family === "alloc") return await allocCase(rng, dir, corpus.source);
+  if (family === "alloc") return await allocCase(rng, dir, corpus);
   const m = mutateImage(rng, corpus.images);
   return family === "import" ? await importCase(m, dir) : await headersCase(m, dir, family);
 }
