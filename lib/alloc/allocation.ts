@@ -40,6 +40,20 @@ export class AllocationJsonError extends DiskstreamError {}
  * order of entries (ascending, without overlap or repeats; qemu-img map extents
  * follow each other from 0 without gaps), the disk size; only then is the bitmap
  * built. A refusal names the entry by its index.
+ *
+ * @example Parse a qemu-img map hint for a 1 MiB disk; refuse a malformed one
+ * ```ts
+ * import { parseAllocation } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const map = '[{"start":0,"length":65536,"data":false},{"start":65536,"length":983040,"data":true}]';
+ * const hint = parseAllocation(map, 65536, "map.json", undefined, 1 << 20);
+ * assert.equal(hint.clusters.count, 15);
+ * assert.throws(
+ *   () => parseAllocation('[{"start":0,"length":1048576,"data":"true"}]', 65536, "map.json"),
+ *   /entry 0: "data" must be true or false/,
+ * );
+ * ```
  */
 export function parseAllocation(
   text: string,
