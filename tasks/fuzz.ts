@@ -1279,11 +1279,17 @@ async function main(): Promise<number> {
     const deadline = Date.now() + Number(opts.seconds) * 1000;
     const only = opts.case !== undefined ? Number(opts.case) : undefined;
     console.log(`fuzz: seed ${seed}, ${opts.seconds} s, families ${families.join(", ")}`);
+    let nextReport = Date.now() + 60_000; // a progress line a minute
     for (
       let index = only ?? 0;
       only !== undefined ? index === only : Date.now() < deadline;
       index++
     ) {
+      if (!opts.quiet && only === undefined && Date.now() >= nextReport) {
+        nextReport += 60_000;
+        const left = Math.max(0, Math.round((deadline - Date.now()) / 1000));
+        console.log(`fuzz: ${index} cases, ${failures.length} failures, ${left} s left`);
+      }
       const rng = new Rng(caseSeed(seed, index));
       const family = families[index % families.length];
       const r = await runCase(family, rng, dir, corpus);
