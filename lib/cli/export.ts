@@ -12,11 +12,13 @@ import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
 import { DEFAULT_BLOCK_SIZE } from "../vhd/constants.ts";
 import { endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
+import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
+import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
 const clusterSizeOption = powerOfTwoOption("-c/--cluster-size", 512, 2 * 1024 * 1024);
 const refcountBitsOption = powerOfTwoOption("-r/--refcount-bits", 1, 64);
 
-interface ExportFlags {
+interface ExportFlags extends HttpFlags {
   output?: string;
   outputFd?: number;
   format: string;
@@ -28,6 +30,7 @@ interface ExportFlags {
   baseAllocation?: string;
   progress?: boolean;
   machine?: boolean;
+  sync: boolean;
 }
 
 /** What one export run needs, however the flags were spelled. */
@@ -44,6 +47,10 @@ interface ExportRun {
   base?: string;
   baseAllocation?: (diskSize: number) => Promise<Allocation>;
   progress: ProgressMode;
+  /** `-o http(s)://…`: upload with PUT, and the client's flags. */
+  url?: { url: string; flags: HttpFlags };
+  /** Sync a file or device output before success (default true). */
+  sync?: boolean;
 }
 
 // The export machinery is loaded when a command runs, so that start-up only pays
@@ -53,7 +60,7 @@ const resolveAllocationSpec: typeof import("../headers/allocation_spec.ts").reso
 
 /** Registers the export commands on `program`. */
 export function registerExport(program: Command): void {
-  program
+  const exportCommand = program
     .command("export")
     .description(
       "Export a raw disk (file or block device) as a qcow2 v3 stream (or with -f vhd a\n" +
@@ -63,7 +70,11 @@ export function registerExport(program: Command): void {
         "read; with --diff only the clusters that differ from BASE are written.",
     )
     .argument("<SOURCE>", "raw disk image or block device (/dev/... needs --allow-all)")
-    .option("-o, --output <OUT>", "write the image to OUT ('-' = stdout, the default)")
+    .option(
+      "-o, --output <OUT>",
+      "write the image to OUT ('-' = stdout, the default); an http(s):// URL is uploaded\n" +
+        "with PUT and an exact Content-Length (credentials from user:password@)",
+    )
     .option(
       "--output-fd <N>",
       "write the image to inherited file descriptor N",
@@ -92,16 +103,27 @@ export function registerExport(program: Command): void {
     .option("--base-allocation <SPEC>", "clusters of BASE that may hold data (like --allocation)")
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
+    .option(
+      "--no-sync",
+      "do not wait for the output file or device to reach its disk (fdatasync) before " +
+        "reporting success",
+    )
     .addHelpText(
       "after",
-      "\nExamples:\n" +
+      "\nA file or device output is synced before success. With -o FILE, SIGINT, SIGTERM and\n" +
+        "SIGHUP stop the export: a FILE it created is removed, and the exit status is 128 +\n" +
+        "the signal's number.\n" +
+        "\nExamples:\n" +
         "  diskstream export disk.raw > disk.qcow2\n" +
         "  diskstream export /dev/vg/lv -c 2M --allocation lv.json -o out.qcow2\n" +
         "  diskstream export new.raw --diff old.raw -o delta.qcow2\n" +
         "    (rebuild: qemu-img rebase -u -b old.raw -F raw delta.qcow2)\n" +
         "  diskstream export /dev/vg/lv -f vhd --allocation lv.json --output-fd 3\n" +
-        "  diskstream export new.raw -f vhd --diff old.raw | diskstream import copy-of-old.raw --delta",
-    )
+        "  diskstream export new.raw -f vhd --diff old.raw | diskstream import copy-of-old.raw --delta\n" +
+        "  diskstream export /dev/vg/lv -o 'https://host/import_raw_vdi?vdi=a&format=qcow2' \\\n" +
+        "    --header 'Authorization: Bearer TOKEN' --cacert ca.pem",
+    );
+  addHttpOptions(exportCommand)
     .action(async (source: string, flags: ExportFlags, command: Command) => {
       const format = flags.format;
       if (format !== "qcow2" && format !== "vhd") {
@@ -117,9 +139,16 @@ export function registerExport(program: Command): void {
         }
       }
       const cs = format === "vhd" ? DEFAULT_BLOCK_SIZE : flags.clusterSize;
+      const url = flags.output !== undefined && isHttpUrl(flags.output) ? flags.output : undefined;
+      checkHttpFlags(flags, url !== undefined, "-o/--output");
       await runExport({
         source,
-        target: endpointFrom(flags.output, flags.outputFd, "-o/--output and --output-fd"),
+        target: endpointFrom(
+          url === undefined ? flags.output : "-",
+          flags.outputFd,
+          "-o/--output and --output-fd",
+        ),
+        url: url === undefined ? undefined : { url, flags },
         format,
         clusterSize: cs,
         refcountBits: flags.refcountBits,
@@ -132,6 +161,7 @@ export function registerExport(program: Command): void {
           ? undefined
           : (size) => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, size),
         progress: progressMode(flags),
+        sync: flags.sync,
       });
     });
 
@@ -250,7 +280,7 @@ async function diskSize(path: string): Promise<number> {
 }
 
 async function runExport(run: ExportRun): Promise<void> {
-  if (run.progress === "machine" && run.target.kind === "std") {
+  if (run.progress === "machine" && run.target.kind === "std" && !run.url) {
     throw new UsageError(
       "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",
     );
@@ -268,14 +298,31 @@ async function runExport(run: ExportRun): Promise<void> {
     import("../progress.ts"),
   ]);
   // Refuse a terminal before any work.
-  if (run.target.kind === "std") await openOutput(run.target);
+  if (run.target.kind === "std" && !run.url) await openOutput(run.target);
+  // Writing a file: a signal stops the export cleanly (the file it created is removed).
+  if (run.target.kind === "path") {
+    const { stoppableBySignals } = await import("./signals.ts");
+    return await stoppableBySignals((signal) => exportTo(run, createProgress, signal));
+  }
+  await exportTo(run, createProgress);
+}
+
+async function exportTo(
+  run: ExportRun,
+  createProgress: typeof import("../progress.ts").createProgress,
+  signal?: AbortSignal,
+): Promise<void> {
+  const http = run.url && await httpOptionsOf(run.url.flags);
   const options = {
+    signal,
+    sync: run.sync,
     allocation: run.allocation && await run.allocation(await diskSize(run.source)),
     zeroCheck: run.zeroCheck,
     base: run.base,
     baseAllocation: run.baseAllocation && await run.baseAllocation(await diskSize(run.base!)),
     progress: createProgress(run.progress, "export"),
-    reuseBuffers: true, // without FFI, writeTo writes each chunk before reading the next
+    // writeTo without FFI and an upload write each chunk before reading the next.
+    reuseBuffers: true,
   };
   const planned = run.format === "vhd"
     ? await (await import("../export/vhd.ts")).exportVhd(run.source, options)
@@ -284,5 +331,15 @@ async function runExport(run: ExportRun): Promise<void> {
       clusterSize: run.clusterSize,
       refcountBits: run.refcountBits,
     });
+  if (run.url && http) {
+    const [{ httpPut }, { contentTypeOf }] = await Promise.all([
+      import("../http/client.ts"),
+      import("../http/content_type.ts"),
+    ]);
+    return await httpPut(run.url.url, planned.stream, planned.layout.fileSize, {
+      ...http,
+      contentType: contentTypeOf(run.format),
+    });
+  }
   await planned.writeTo(run.target);
 }
