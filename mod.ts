@@ -88,3 +88,23 @@ export {
   type ImportResult,
 } from "./lib/import/import.ts";
 export type { DestinationKind, DestinationOptions } from "./lib/import/raw_destination.ts";
+
+// XAPI's wire formats: raw, vhd-tool's chunked protocol, XVA disk members in tar.
+export {
+  exportChunked,
+  exportRaw,
+  exportTar,
+  type TarExportOptions,
+  type WireExport,
+  type WireLayout,
+} from "./lib/export/wire.ts";
+export {
+  importChunked,
+  importRaw,
+  importTar,
+  type TarImportOptions,
+  type WireImportOptions,
+  type WireImportResult,
+} from "./lib/import/wire.ts";
+export { type ChecksumKind, loadChecksum } from "./lib/xva/checksum.ts";
+export { type OvaManifest, parseOvaXml, type XvaDisk, type XvaVm } from "./lib/xva/ova.ts";

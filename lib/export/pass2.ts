@@ -30,8 +30,12 @@ export interface ImageWriter<Layout> {
   fileSize: number;
   /** The image as chunks of megabytes, data read from the source into them. */
   chunks(options: WriterOptions): AsyncGenerator<Uint8Array>;
-  /** The image as bytes to write and source ranges to copy (for kernel copies). */
-  pieces(): Iterable<Uint8Array | SourceRange>;
+  /**
+   * The image as bytes to write and source ranges to copy (for kernel copies); absent
+   * when the data must pass through JavaScript (checksums): then writeTo writes
+   * {@link ImageWriter.chunks}.
+   */
+  pieces?(): Iterable<Uint8Array | SourceRange>;
 }
 
 /**
@@ -158,11 +162,15 @@ class Pass2<Layout> {
         );
       }
     }
-    const copier = openKernelCopy(
-      this.src.path,
-      target.kind === "path" ? { path: target.path } : { fd: target.kind === "fd" ? target.fd : 1 },
-      endpointName(target, "stdout"),
-    );
+    const copier = this.image.pieces
+      ? openKernelCopy(
+        this.src.path,
+        target.kind === "path"
+          ? { path: target.path }
+          : { fd: target.kind === "fd" ? target.fd : 1 },
+        endpointName(target, "stdout"),
+      )
+      : null;
     if (copier === null) return await pipeToOutput(this.stream(), await openOutput(target));
     try {
       await this.#start();
@@ -176,7 +184,7 @@ class Pass2<Layout> {
 
   async #copyWith(copier: KernelCopy): Promise<void> {
     const src = this.src;
-    for (const piece of this.image.pieces()) {
+    for (const piece of this.image.pieces!()) {
       if (piece instanceof Uint8Array) {
         copier.write(piece);
         this.#sentBytes(piece.length);
