@@ -28,13 +28,19 @@ interface ExportFlags {
   baseAllocation?: string;
   progress?: boolean;
   machine?: boolean;
+  tarPrefix: string;
+  checksum: string;
 }
 
+/** The output formats of `export`. */
+export type ExportFormat = "qcow2" | "vhd" | "raw" | "chunked" | "tar";
+const FORMATS: readonly ExportFormat[] = ["qcow2", "vhd", "raw", "chunked", "tar"];
+
 /** What one export run needs, however the flags were spelled. */
-interface ExportRun {
+export interface ExportRun {
   source: string;
   target: Endpoint;
-  format: "qcow2" | "vhd";
+  format: ExportFormat;
   /** Cluster size of the plan (for VHD its 2 MiB blocks); hints are read at this size. */
   clusterSize: number;
   refcountBits: number;
@@ -43,6 +49,10 @@ interface ExportRun {
   base?: string;
   baseAllocation?: () => Promise<Allocation>;
   progress: ProgressMode;
+  /** tar: the members' prefix (default Ref:0). */
+  tarPrefix?: string;
+  /** tar: the checksum members' kind (default xxhash). */
+  checksum?: "xxhash" | "sha1";
 }
 
 // The export machinery is loaded when a command runs, so that start-up only pays
@@ -68,7 +78,12 @@ export function registerExport(program: Command): void {
       "write the image to inherited file descriptor N",
       fdOption("--output-fd"),
     )
-    .option("-f, --format <FORMAT>", "output format: qcow2 or vhd", "qcow2")
+    .option(
+      "-f, --format <FORMAT>",
+      "output format: qcow2, vhd, raw (the whole disk), chunked (vhd-tool's protocol) or\n" +
+        "tar (XVA disk members)",
+      "qcow2",
+    )
     .option(
       "-c, --cluster-size <SIZE>",
       "qcow2 cluster size, a power of two from 512 to 2M (refused with -f vhd)",
@@ -89,12 +104,24 @@ export function registerExport(program: Command): void {
     .option("--zero-check", "with --allocation: also leave out hinted clusters that are all zeros")
     .option("--diff <BASE>", "export only the clusters that differ from BASE (raw file or device)")
     .option("--base-allocation <SPEC>", "clusters of BASE that may hold data (like --allocation)")
+    .option(
+      "--tar-prefix <PREFIX>",
+      "-f tar: members are named PREFIX/%08d (an XVA names them after the VDI's object id)",
+      "Ref:0",
+    )
+    .option(
+      "--checksum <KIND>",
+      "-f tar: checksum members, xxhash (.xxhash, XXH64, XAPI's default) or sha1 (.checksum)",
+      "xxhash",
+    )
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .addHelpText(
       "after",
       "\nExamples:\n" +
         "  diskstream export disk.raw > disk.qcow2\n" +
+        "  diskstream export /dev/vg/lv -f tar --allocation lv.vhd --tar-prefix Ref:3 > disk.tar\n" +
+        "  diskstream export new.raw --diff old.raw -f chunked | diskstream import copy-of-old.raw -f chunked\n" +
         "  diskstream export /dev/vg/lv -c 2M --allocation lv.json -o out.qcow2\n" +
         "  diskstream export new.raw --diff old.raw -o delta.qcow2\n" +
         "    (rebuild: qemu-img rebase -u -b old.raw -F raw delta.qcow2)\n" +
@@ -102,20 +129,38 @@ export function registerExport(program: Command): void {
         "  diskstream export new.raw -f vhd --diff old.raw | diskstream import copy-of-old.raw --delta",
     )
     .action(async (source: string, flags: ExportFlags, command: Command) => {
-      const format = flags.format;
-      if (format !== "qcow2" && format !== "vhd") {
-        throw new UsageError(`-f/--format must be qcow2 or vhd, got '${format}'`);
+      const format = flags.format as ExportFormat;
+      if (!FORMATS.includes(format)) {
+        throw new UsageError(
+          `-f/--format must be one of ${FORMATS.join(", ")}, got '${flags.format}'`,
+        );
       }
-      if (format === "vhd") {
+      if (format !== "qcow2") {
         for (const [key, flag] of [["clusterSize", "-c"], ["refcountBits", "-r"]]) {
           if (command.getOptionValueSource(key) === "cli") {
             throw new UsageError(
-              `${flag} applies to qcow2 only: a VHD has 2 MiB blocks and no refcounts (drop ${flag}, or use -f qcow2)`,
+              `${flag} applies to qcow2 only, not to -f ${format} (drop ${flag}, or use -f qcow2)`,
             );
           }
         }
       }
-      const cs = format === "vhd" ? DEFAULT_BLOCK_SIZE : flags.clusterSize;
+      if (format !== "tar") {
+        for (const [key, flag] of [["tarPrefix", "--tar-prefix"], ["checksum", "--checksum"]]) {
+          if (command.getOptionValueSource(key) === "cli") {
+            throw new UsageError(`${flag} applies to -f tar only`);
+          }
+        }
+      }
+      if (flags.checksum !== "xxhash" && flags.checksum !== "sha1") {
+        throw new UsageError(`--checksum must be xxhash or sha1, got '${flags.checksum}'`);
+      }
+      const cs = format === "vhd"
+        ? DEFAULT_BLOCK_SIZE
+        : format === "tar"
+        ? 1 << 20
+        : format === "qcow2"
+        ? flags.clusterSize
+        : DEFAULT_CLUSTER_SIZE;
       await runExport({
         source,
         target: endpointFrom(flags.output, flags.outputFd, "-o/--output and --output-fd"),
@@ -131,6 +176,8 @@ export function registerExport(program: Command): void {
           ? undefined
           : () => resolveAllocationSpec(flags.baseAllocation!, cs),
         progress: progressMode(flags),
+        tarPrefix: flags.tarPrefix,
+        checksum: flags.checksum,
       });
     });
 
@@ -236,7 +283,8 @@ async function readInfo(spec: string): Promise<ImageInfoJson> {
   return parseImageInfo(await readSpecText(spec), `image info ${spec}`);
 }
 
-async function runExport(run: ExportRun): Promise<void> {
+/** Runs one export (also used by `vhd-tool stream`). */
+export async function runExport(run: ExportRun): Promise<void> {
   if (run.progress === "machine" && run.target.kind === "std") {
     throw new UsageError(
       "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",
@@ -264,12 +312,33 @@ async function runExport(run: ExportRun): Promise<void> {
     progress: createProgress(run.progress, "export"),
     reuseBuffers: true, // without FFI, writeTo writes each chunk before reading the next
   };
-  const planned = run.format === "vhd"
-    ? await (await import("../export/vhd.ts")).exportVhd(run.source, options)
-    : await (await import("../export/export.ts")).exportQcow2(run.source, {
-      ...options,
-      clusterSize: run.clusterSize,
-      refcountBits: run.refcountBits,
-    });
-  await planned.writeTo(run.target);
+  await (await plannedExportOf(run, options)).writeTo(run.target);
+}
+
+async function plannedExportOf(
+  run: ExportRun,
+  options: import("../export/options.ts").StreamExportOptions,
+): Promise<{ writeTo(target: Endpoint): Promise<void> }> {
+  switch (run.format) {
+    case "vhd":
+      return (await import("../export/vhd.ts")).exportVhd(run.source, options);
+    case "raw":
+      return (await import("../export/wire.ts")).exportRaw(run.source, options);
+    case "chunked":
+      return (await import("../export/wire.ts")).exportChunked(run.source, options);
+    case "tar": {
+      const { checkTarPrefix } = await import("../xva/disk.ts");
+      return (await import("../export/wire.ts")).exportTar(run.source, {
+        ...options,
+        prefix: checkTarPrefix(run.tarPrefix ?? "Ref:0"),
+        checksum: run.checksum,
+      });
+    }
+    default:
+      return (await import("../export/export.ts")).exportQcow2(run.source, {
+        ...options,
+        clusterSize: run.clusterSize,
+        refcountBits: run.refcountBits,
+      });
+  }
 }

@@ -21,17 +21,28 @@ interface ImportFlags {
   maxBuffer?: number;
   progress?: boolean;
   machine?: boolean;
+  tarPrefix?: string;
+  ignoreChecksums?: boolean;
 }
 
-interface ImportRun {
+/** The input formats of `import`. */
+export type ImportRunFormat = ImportFormat | "raw" | "chunked" | "tar";
+const FORMATS: readonly ImportRunFormat[] = ["auto", "qcow2", "vhd", "raw", "chunked", "tar"];
+
+/** What one import run needs (also built by `vhd-tool serve`). */
+export interface ImportRun {
   dest: string;
   source: Endpoint;
-  format: ImportFormat;
+  format: ImportRunFormat;
   size?: number;
   prezeroed?: boolean;
   delta?: boolean;
   maxBuffer?: number;
   progress: ProgressMode;
+  /** tar: the members' prefix (default: the first member's). */
+  tarPrefix?: string;
+  /** tar: do not verify the checksums. */
+  ignoreChecksums?: boolean;
 }
 
 /** Registers the import commands on `program`. */
@@ -51,7 +62,12 @@ export function registerImport(program: Command): void {
       "read the image from inherited file descriptor N",
       fdOption("--input-fd"),
     )
-    .option("-f, --format <FORMAT>", "auto, qcow2 or vhd (a fixed VHD needs vhd)", "auto")
+    .option(
+      "-f, --format <FORMAT>",
+      "auto, qcow2 or vhd (a fixed VHD needs vhd); raw, chunked (vhd-tool's protocol) or\n" +
+        "tar (XVA disk members) must be given",
+      "auto",
+    )
     .option(
       "--size <BYTES>",
       "usable size of DEST: a larger image is refused before writing",
@@ -69,18 +85,38 @@ export function registerImport(program: Command): void {
         "memory for data that arrives before the metadata mapping it (default: 256M)",
       ).argParser(sizeOption("--max-buffer")),
     )
+    .option(
+      "--tar-prefix <PREFIX>",
+      "-f tar: the members' prefix (PREFIX/%08d); default: the first member's",
+    )
+    .option("--ignore-checksums", "-f tar: do not verify the .xxhash/.checksum members")
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .addHelpText(
       "after",
       "\nExamples:\n" +
         "  diskstream import disk.raw < disk.qcow2\n" +
+        "  diskstream import disk.raw -f tar --size 10G < disk.tar\n" +
+        "  diskstream import copy-of-old.raw -f chunked < diff.chunked\n" +
         "  curl -s http://host/disk.qcow2 | diskstream import /dev/vg/lv --progress\n" +
         "  diskstream import base-copy.raw --delta -i diff.qcow2",
     )
     .action(async (dest: string, flags: ImportFlags) => {
-      if (!["auto", "qcow2", "vhd"].includes(flags.format)) {
-        throw new UsageError(`-f/--format must be auto, qcow2 or vhd, got '${flags.format}'`);
+      const format = flags.format as ImportRunFormat;
+      if (!FORMATS.includes(format)) {
+        throw new UsageError(
+          `-f/--format must be one of ${FORMATS.join(", ")}, got '${flags.format}'`,
+        );
+      }
+      if (format !== "tar" && (flags.tarPrefix !== undefined || flags.ignoreChecksums)) {
+        throw new UsageError("--tar-prefix and --ignore-checksums apply to -f tar only");
+      }
+      const wire = format === "raw" || format === "chunked" || format === "tar";
+      if (wire && (flags.delta || flags.maxBuffer !== undefined)) {
+        throw new UsageError(
+          `--delta and --max-buffer apply to qcow2 and VHD only (a chunked stream always ` +
+            `leaves what it does not carry untouched)`,
+        );
       }
       if (flags.delta && flags.prezeroed) {
         throw new UsageError("--delta and --prezeroed do not go together");
@@ -88,12 +124,14 @@ export function registerImport(program: Command): void {
       await runImport({
         dest,
         source: endpointFrom(flags.input, flags.inputFd, "-i/--input and --input-fd"),
-        format: flags.format as ImportFormat,
+        format,
         size: flags.size,
         prezeroed: flags.prezeroed,
         delta: flags.delta,
         maxBuffer: flags.maxBuffer,
         progress: progressMode(flags),
+        tarPrefix: flags.tarPrefix,
+        ignoreChecksums: flags.ignoreChecksums,
       });
     });
 
@@ -114,7 +152,8 @@ export function registerImport(program: Command): void {
     });
 }
 
-async function runImport(run: ImportRun): Promise<void> {
+/** Runs one import (also used by `vhd-tool serve`). */
+export async function runImport(run: ImportRun): Promise<void> {
   if (run.source.kind === "std" && Deno.stdin.isTerminal()) {
     throw new UsageError(
       "refusing to read a disk image from a terminal: pipe it in or use -i FILE",
@@ -136,8 +175,37 @@ async function runImport(run: ImportRun): Promise<void> {
     import("../progress.ts"),
   ]);
   const progress = createProgress(run.progress, "import");
+  const src = run.source;
+  const pipe = openPipeInput(
+    src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
+    endpointName(src, "stdin"),
+  );
+  const format = run.format;
+  if (format === "raw" || format === "chunked" || format === "tar") {
+    const [wire, { ChunkStream }] = await Promise.all([
+      import("../import/wire.ts"),
+      import("../io/chunk_stream.ts"),
+    ]);
+    try {
+      const input = pipe ?? (await openInput(run.source, { blocking: true })).stream;
+      const stream = new ChunkStream(input);
+      const opts = { size: run.size, prezeroed: run.prezeroed, progress };
+      if (format === "raw") await wire.importRaw(stream, run.dest, opts);
+      else if (format === "chunked") await wire.importChunked(stream, run.dest, opts);
+      else {
+        await wire.importTar(stream, run.dest, {
+          ...opts,
+          prefix: run.tarPrefix,
+          ignoreChecksums: run.ignoreChecksums,
+        });
+      }
+    } finally {
+      pipe?.close();
+    }
+    return;
+  }
   const options = {
-    format: run.format,
+    format,
     size: run.size,
     prezeroed: run.prezeroed,
     delta: run.delta,
@@ -147,11 +215,6 @@ async function runImport(run: ImportRun): Promise<void> {
   };
   // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
   // the data can be spliced into DEST; anything else is read as a stream.
-  const src = run.source;
-  const pipe = openPipeInput(
-    src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
-    endpointName(src, "stdin"),
-  );
   if (pipe) {
     try {
       await importFromPipe(pipe, run.dest, options);
