@@ -283,3 +283,28 @@ export function combineChain(layers: ImageLayer[]): Allocation {
 export async function readImageAllocation(path: string): Promise<Allocation> {
   return combineChain(await readImageChain(path));
 }
+
+/**
+ * What changed in the image at `path` since its ancestor `base` (vhd-tool's
+ * `--relative-to`): the clusters that read data from a layer above `base` in the chain
+ * of `path`, at the image's own cluster or block size. Refuses a `base` that is not in
+ * the chain.
+ */
+export async function readAllocationAbove(path: string, base: string): Promise<Allocation> {
+  const layers = await readImageChain(path);
+  const baseId = await identity(base);
+  const at = (await Promise.all(layers.map((l) => identity(l.path)))).indexOf(baseId);
+  if (at < 0) {
+    throw new DiskstreamError(
+      `${base} is not in the parent chain of ${path} (${
+        layers.map((l) => l.path).join(" → ")
+      }): cannot tell what changed since it`,
+    );
+  }
+  if (at === 0) {
+    const top = layers[0];
+    const none = new ClusterSet(Math.ceil(top.virtualSize / top.clusterSize), top.clusterSize);
+    return { virtualSize: top.virtualSize, clusters: none };
+  }
+  return combineChain(layers.slice(0, at));
+}
