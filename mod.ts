@@ -108,3 +108,10 @@ export {
 } from "./lib/import/wire.ts";
 export { type ChecksumKind, loadChecksum } from "./lib/xva/checksum.ts";
 export { type OvaManifest, parseOvaXml, type XvaDisk, type XvaVm } from "./lib/xva/ova.ts";
+export { listXvaFile, listXvaStream, type XvaDiskListing, type XvaListing } from "./lib/xva/xva.ts";
+export {
+  extractXva,
+  type XvaExtracted,
+  type XvaExtractOptions,
+  type XvaExtractResult,
+} from "./lib/import/xva.ts";

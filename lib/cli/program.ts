@@ -10,6 +10,7 @@ import { registerExport } from "./export.ts";
 import { registerHeaders } from "./headers.ts";
 import { registerImport } from "./import.ts";
 import { registerVhdTool } from "./vhd_tool.ts";
+import { registerXva } from "./xva.ts";
 
 /** Builds the program with every command registered. */
 export function buildProgram(): Command {
@@ -33,6 +34,7 @@ export function buildProgram(): Command {
   registerImport(program);
   registerHeaders(program);
   registerVhdTool(program);
+  registerXva(program);
   for (const command of program.commands) {
     command.exitOverride();
     tidyHelp(command);
@@ -59,6 +61,7 @@ const SUMMARIES: Record<string, string> = {
   read_headers: "drop-in for vhd-tool read_headers (flat list)",
   read_headers_interval: "drop-in for vhd-tool read_headers_interval (intervals)",
   info: "a human summary of a qcow2/VHD image (--json for scripts)",
+  xva: "list or extract the disks of an XVA (XenServer/XCP-ng VM export)",
   "vhd-tool": "vhd-tool's stream/serve/read_headers command line, for XAPI's calls",
 };
 

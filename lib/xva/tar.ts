@@ -276,3 +276,52 @@ export class TarReader {
     return this.#current;
   }
 }
+
+/**
+ * The members of the tar file `file` (open for reading), read by seeking from header
+ * to header: only the 512-byte headers (and long-name records) are read, so listing a
+ * large archive costs a few reads per member. `label` names the file in messages.
+ */
+export async function* tarFileMembers(
+  file: Deno.FsFile,
+  size: number,
+  label: string,
+): AsyncGenerator<TarMember> {
+  const block = new Uint8Array(TAR_BLOCK);
+  let pos = 0;
+  let longName: string | null = null;
+  const readAt = async (buf: Uint8Array, at: number, what: string) => {
+    if (at + buf.length > size) {
+      throw new CorruptImageError(`${label} ends inside ${what}`, at);
+    }
+    await file.seek(at, Deno.SeekMode.Start);
+    for (let got = 0; got < buf.length;) {
+      const n = await file.read(buf.subarray(got));
+      if (n === null) throw new CorruptImageError(`${label} ends inside ${what}`, at + got);
+      got += n;
+    }
+  };
+  while (pos + TAR_BLOCK <= size) {
+    await readAt(block, pos, "a member header");
+    const h = parseTarHeader(block, pos, label);
+    if (h === null) return;
+    const dataOffset = pos + TAR_BLOCK;
+    const next = dataOffset + h.size + tarPadding(h.size);
+    if (h.meta) {
+      const body = new Uint8Array(h.size);
+      await readAt(body, dataOffset, "a tar metadata record");
+      longName = metaName(h.type, body) ?? longName;
+    } else {
+      if (dataOffset + h.size > size) {
+        throw new CorruptImageError(
+          `${label} ends inside member ${longName ?? h.name} (${h.size} bytes announced)`,
+          dataOffset,
+        );
+      }
+      yield { name: longName ?? h.name, size: h.size, type: h.type, headerOffset: pos, dataOffset };
+      longName = null;
+    }
+    pos = next;
+  }
+  if (pos < size) throw new CorruptImageError(`${label} ends inside a member header`, pos);
+}

@@ -1,0 +1,180 @@
+/**
+ * A whole XVA (XenServer/XCP-ng VM export): `ova.xml`, then each disk's members in the
+ * string order of their prefixes (the VDI object ids), then the tar end. This module
+ * lists what an XVA holds, from a file (headers only, by seeking) or a stream.
+ *
+ * @module
+ */
+import { CorruptImageError, describeIoError } from "../errors.ts";
+import type { ChunkStream } from "../io/chunk_stream.ts";
+import type { ChecksumKind } from "./checksum.ts";
+import { parseMemberName, XVA_CHUNK } from "./disk.ts";
+import { type OvaManifest, parseOvaXml, type XvaDisk } from "./ova.ts";
+import { tarFileMembers, type TarMember, TarReader } from "./tar.ts";
+
+/** The largest `ova.xml` read (bytes). */
+export const MAX_OVA_XML = 64 * 1024 * 1024;
+
+/** A disk of an XVA with what its members say. */
+export interface XvaDiskListing extends XvaDisk {
+  /** Data members present (keep-alives included). */
+  members: number;
+  /** Bytes in its data members. */
+  dataBytes: number;
+  /** The member numbers present, as inclusive runs. */
+  present: [first: number, last: number][];
+  /** Member numbers a whole disk has (1 MiB each, the last one shorter). */
+  expectedMembers: number;
+  /** The kinds of its checksum members. */
+  checksums: ChecksumKind[];
+}
+
+/** What an XVA holds. */
+export interface XvaListing extends Omit<OvaManifest, "disks"> {
+  disks: XvaDiskListing[];
+  /** Member prefixes that name no VDI of ova.xml. */
+  strayPrefixes: string[];
+}
+
+/** Collects the members of an XVA into a listing. */
+class Inventory {
+  readonly #disks: Map<string, XvaDiskListing>;
+  readonly #stray = new Set<string>();
+
+  constructor(readonly manifest: OvaManifest) {
+    this.#disks = new Map(manifest.disks.map((d) => [d.ref, {
+      ...d,
+      members: 0,
+      dataBytes: 0,
+      present: [],
+      expectedMembers: Math.ceil(d.virtualSize / XVA_CHUNK),
+      checksums: [],
+    }]));
+  }
+
+  add(m: TarMember): void {
+    if (m.type === "5") return;
+    const p = parseMemberName(m.name);
+    const disk = p && this.#disks.get(p.prefix);
+    if (!p || !disk) {
+      this.#stray.add(p ? p.prefix : m.name);
+      return;
+    }
+    if (p.checksum) {
+      if (!disk.checksums.includes(p.checksum)) disk.checksums.push(p.checksum);
+      return;
+    }
+    disk.members++;
+    disk.dataBytes += m.size;
+    const last = disk.present.at(-1);
+    if (last && last[1] + 1 === p.number) last[1] = p.number;
+    else disk.present.push([p.number, p.number]);
+  }
+
+  listing(): XvaListing {
+    return {
+      version: this.manifest.version,
+      vms: this.manifest.vms,
+      disks: [...this.#disks.values()],
+      strayPrefixes: [...this.#stray],
+    };
+  }
+}
+
+function parseOva(body: Uint8Array): OvaManifest {
+  return parseOvaXml(new TextDecoder().decode(body));
+}
+
+function notOva(m: TarMember | null, label: string): CorruptImageError {
+  return new CorruptImageError(
+    `${label} is not an XVA: its first member should be ova.xml, ` +
+      (m ? `found ${JSON.stringify(m.name)}` : "it holds no member"),
+    m?.headerOffset ?? 0,
+  );
+}
+
+/**
+ * Reads `ova.xml`, the first member of the XVA on `reader` (a stream), and returns
+ * the manifest; the reader is then at the first disk member.
+ */
+export async function readOvaMember(reader: TarReader): Promise<OvaManifest> {
+  const m = await reader.next();
+  if (m === null || m.name !== "ova.xml") throw notOva(m, reader.label);
+  return parseOva(await reader.readBody(MAX_OVA_XML));
+}
+
+/**
+ * Lists the XVA arriving on `input` (a pipe: every byte is read, the bodies are
+ * skipped).
+ */
+export async function listXvaStream(input: ChunkStream, label = "the XVA"): Promise<XvaListing> {
+  const reader = new TarReader(input, label);
+  const inv = new Inventory(await readOvaMember(reader));
+  for (let m = await reader.next(); m !== null; m = await reader.next()) inv.add(m);
+  return inv.listing();
+}
+
+/**
+ * Lists the XVA file at `path` from its headers alone (seeking over the members).
+ *
+ * @example
+ * ```ts
+ * import { listXvaFile } from "./xva.ts";
+ * import { tarHeader, TAR_END } from "./tar.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const m = (n: string, v: string) => `<member><name>${n}</name><value>${v}</value></member>`;
+ * const vdi = `<value><struct>${m("class", "VDI")}${m("id", "Ref:1")}` +
+ *   `${m("snapshot", `<struct>${m("virtual_size", "3145728")}</struct>`)}</struct></value>`;
+ * const xml = new TextEncoder().encode(
+ *   `<value><struct>${m("objects", `<array><data>${vdi}</data></array>`)}</struct></value>`,
+ * );
+ * const pad = (n: number) => new Uint8Array((512 - (n % 512)) % 512);
+ * const dir = await Deno.makeTempDir();
+ * const parts = [tarHeader("ova.xml", xml.length), xml, pad(xml.length)];
+ * for (const n of ["00000000", "00000002"]) {
+ *   parts.push(tarHeader(`Ref:1/${n}`, 1 << 20), new Uint8Array(1 << 20));
+ * }
+ * parts.push(TAR_END);
+ * await Deno.writeFile(`${dir}/vm.xva`, ReadableStream.from(parts));
+ * const listing = await listXvaFile(`${dir}/vm.xva`);
+ * assert.deepEqual(listing.disks[0].present, [[0, 0], [2, 2]]);
+ * assert.equal(listing.disks[0].expectedMembers, 3);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export async function listXvaFile(path: string): Promise<XvaListing> {
+  let file: Deno.FsFile;
+  try {
+    file = await Deno.open(path, { read: true });
+  } catch (err) {
+    throw describeIoError(err, path, "open");
+  }
+  try {
+    const size = (await file.stat()).size;
+    const members = tarFileMembers(file, size, path);
+    const first = await members.next();
+    const ova = first.done ? null : first.value;
+    if (ova === null || ova.name !== "ova.xml") throw notOva(ova, path);
+    if (ova.size > MAX_OVA_XML) {
+      throw new CorruptImageError(`${path}: ova.xml holds ${ova.size} bytes, too many`, 0);
+    }
+    const body = new Uint8Array(ova.size);
+    await file.seek(ova.dataOffset, Deno.SeekMode.Start);
+    for (let got = 0; got < body.length;) {
+      const n = await file.read(body.subarray(got));
+      if (n === null) throw new CorruptImageError(`${path} ends inside ova.xml`, ova.dataOffset);
+      got += n;
+    }
+    const inv = new Inventory(parseOva(body));
+    for await (const m of members) inv.add(m);
+    return inv.listing();
+  } finally {
+    file.close();
+  }
+}
+
+/** The file name a disk is extracted to: its ref with unsafe characters as `_`. */
+export function diskFileName(ref: string, extension: string): string {
+  return `${ref.replace(/[^A-Za-z0-9._-]/g, "_")}.${extension}`;
+}
