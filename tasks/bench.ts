@@ -366,6 +366,60 @@ function allCases(): BenchCase[] {
       },
     },
     {
+      name: "tar-hint",
+      title: "export -f tar (XVA disk members) of the fully allocated disk with a hint " +
+        "listing 5% of its 2 MiB blocks, vs qcow2 with the same hint, vs tar without it → pipe",
+      reference: "qcow2 --allocation",
+      contenders: async () => {
+        const [raw, hint] = [await inputs.fullRaw(), await inputs.hint5()];
+        const missing = await dsMissing("export", "--tar-prefix");
+        return [
+          {
+            name: "tar --allocation",
+            pipeline: toPipe([...DS, "export", "-f", "tar", "--allocation", hint, raw]),
+            unavailable: missing,
+          },
+          {
+            name: "qcow2 --allocation",
+            pipeline: toPipe([...DS, "export", "--allocation", hint, raw]),
+            unavailable: missing,
+          },
+          {
+            name: "tar",
+            pipeline: toPipe([...DS, "export", "-f", "tar", raw]),
+            unavailable: missing,
+          },
+        ];
+      },
+    },
+    {
+      name: "tar-import",
+      title: "import -f tar (XVA disk members) of the fully allocated disk through a pipe → " +
+        "new raw file, vs import of its qcow2",
+      reference: "import qcow2",
+      contenders: async () => {
+        const [raw, image] = [await inputs.fullRaw(), await inputs.fullQcow2()];
+        const missing = await dsMissing("import", "--ignore-checksums");
+        const tar = missing ? "" : await inputs.fullTar(DS);
+        const out = `${work}/out.raw`;
+        const common = { after: remove(out), verify: sameAs(raw, out, "raw") };
+        return [
+          {
+            name: "import -f tar",
+            pipeline: { stages: [["cat", tar], [...DS, "import", "-f", "tar", out]], mainStage: 1 },
+            unavailable: missing,
+            ...common,
+          },
+          {
+            name: "import qcow2",
+            pipeline: { stages: [["cat", image], [...DS, "import", out]], mainStage: 1 },
+            unavailable: missing,
+            ...common,
+          },
+        ];
+      },
+    },
+    {
       name: "headers",
       title: `headers of a ${gib(sizes.hugeVirtual)} qcow2 with ${sizes.hugeWrites} ` +
         `scattered 64 KiB clusters`,
@@ -566,6 +620,27 @@ const GOALS: Goal[] = [
     atLeast(5),
   ),
   goal(`headers faster than ${XO} (ratio = xo / headers)`, "headers", XO, DISKSTREAM, above(1)),
+  goal(
+    "export -f tar with a 5% hint within 1.2 × export -f qcow2 with the same hint",
+    "tar-hint",
+    "tar --allocation",
+    "qcow2 --allocation",
+    atMost(1.2),
+  ),
+  goal(
+    "export -f tar with a 5% hint ≥ 10 × faster than without it (ratio = plain / hinted)",
+    "tar-hint",
+    "tar",
+    "tar --allocation",
+    atLeast(10),
+  ),
+  goal(
+    "import -f tar within 1.3 × import of the qcow2",
+    "tar-import",
+    "import -f tar",
+    "import qcow2",
+    atMost(1.3),
+  ),
 ];
 
 function goalRow(g: Goal, results: Map<string, Outcome[]>): string {

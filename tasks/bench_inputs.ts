@@ -128,6 +128,40 @@ export class Inputs {
     });
   }
 
+  /**
+   * An allocation hint listing 5% of the full disk's 2 MiB blocks (as `vhd-tool
+   * read_headers_interval` prints a VHD's), for the tar export goals.
+   */
+  hint5(): Promise<string> {
+    return this.#once("hint5.json", async (path) => {
+      const blocks = Math.ceil(this.sizes.full / (2 * MiB));
+      const chosen = distinctIndexes(Math.max(1, Math.round(blocks * 0.05)), blocks, 55);
+      const runs: [number, number][] = [];
+      for (const b of chosen) {
+        const last = runs.at(-1);
+        if (last && last[1] + 1 === b) last[1] = b;
+        else runs.push([b, b]);
+      }
+      await Deno.writeTextFile(
+        path,
+        JSON.stringify({ virtual_size: this.sizes.full, cluster_bits: 21, data_clusters: runs }),
+      );
+    });
+  }
+
+  /** The full disk as XVA disk members (`export -f tar` by the diskstream in `cli`). */
+  fullTar(cli: string[]): Promise<string> {
+    return this.#once("full.tar", async (path) => {
+      const out = await Deno.open(path, { write: true, create: true, truncate: true });
+      const child = new Deno.Command(cli[0], {
+        args: [...cli.slice(1), "export", "-f", "tar", await this.fullRaw()],
+        stdout: "piped",
+      }).spawn();
+      await child.stdout.pipeTo(out.writable);
+      if (!(await child.status).success) throw new Error("export -f tar failed");
+    });
+  }
+
   /** A sparse disk with 64 KiB pieces of data spread evenly over its virtual size. */
   sparse(): Promise<string> {
     return this.#once("sparse.raw", async (path) => {

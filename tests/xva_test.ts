@@ -276,7 +276,13 @@ Deno.test("vhd-tool stream --relative-to: only the blocks the VHD chain changed 
   await withTempDir(async (dir) => {
     const size = 16 * MiB;
     const block = (b: number) => pseudoRandom(2 * MiB, b + 100); // writeVhd's block data
-    await writeVhd(`${dir}/base.vhd`, { diskType: DISK_TYPE_DYNAMIC, size, blocks: [0, 1, 6] });
+    // The parent lives elsewhere (as LVs in /dev/mapper on a host): found through --path.
+    await Deno.mkdir(`${dir}/mapper`);
+    await writeVhd(`${dir}/mapper/base.vhd`, {
+      diskType: DISK_TYPE_DYNAMIC,
+      size,
+      blocks: [0, 1, 6],
+    });
     await writeVhd(`${dir}/leaf.vhd`, {
       diskType: DISK_TYPE_DIFFERENCING,
       size,
@@ -289,8 +295,8 @@ Deno.test("vhd-tool stream --relative-to: only the blocks the VHD chain changed 
     await sh(
       `cd ${dir} && ${DS} vhd-tool stream --source-protocol none --source-format hybrid ` +
         `--source dev.raw:leaf.vhd --destination-protocol chunked --destination-format raw ` +
-        `--destination-fd 3 --tar-filename-prefix '' --progress --machine --direct --path /dev/mapper:. ` +
-        `--relative-to base.vhd 3>diff.chunked >/dev/null`,
+        `--destination-fd 3 --tar-filename-prefix '' --progress --machine --direct ` +
+        `--path ${dir}/mapper:. --relative-to mapper/base.vhd 3>diff.chunked >/dev/null`,
     );
     // Blocks 1 and 5 (the leaf's), each a run of its own: two pieces and the end.
     assert.equal((await Deno.stat(`${dir}/diff.chunked`)).size, 2 * (12 + 2 * MiB) + 12);
@@ -302,9 +308,17 @@ Deno.test("vhd-tool stream --relative-to: only the blocks the VHD chain changed 
     const r = await run("bash", [
       "-c",
       `cd ${dir} && ${DS} vhd-tool stream --source-format hybrid --source dev.raw:leaf.vhd ` +
-      `--relative-to dev.raw --destination-format vhd --destination null:`,
+      `--path mapper --relative-to dev.raw --destination-format vhd --destination null:`,
     ]);
     assert.equal(r.code, 1);
     assert.match(r.stderr, /dev\.raw is not in the parent chain of leaf\.vhd/);
+    // Without --path the parent is not found, and that is said.
+    const lost = await run("bash", [
+      "-c",
+      `cd ${dir} && ${DS} vhd-tool stream --source-format hybrid --source dev.raw:leaf.vhd ` +
+      `--relative-to mapper/base.vhd --destination-format vhd --destination null:`,
+    ]);
+    assert.equal(lost.code, 1);
+    assert.match(lost.stderr, /base\.vhd/);
   });
 });

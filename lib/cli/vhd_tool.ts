@@ -63,9 +63,18 @@ const REFUSED: [flag: string, takesValue: boolean, why: string][] = [
 function commonOptions(c: Command): Command {
   return c
     .option("-v, --verbose", "accepted (vhd-tool's verbose output)")
-    .option("--direct", "accepted: vhd-tool's O_DIRECT (diskstream syncs the data at the end)")
+    .option(
+      "--direct",
+      "accepted: vhd-tool's O_DIRECT; diskstream reads through the page cache and syncs\n" +
+        "what it writes before it exits",
+    )
     .option("--unbuffered", "the same as --direct")
-    .option("--path <DIRS>", "colon-separated directories where VHD parents are looked up", ".")
+    .option(
+      "--path <DIRS>",
+      "colon-separated directories where VHD parents are looked up first (then next to\n" +
+        "the child), as vhd-tool does",
+      ".",
+    )
     .option("--progress", "report progress (a bar, or with --machine 3-digit percentages)")
     .option("--machine", "with --progress: vhd-tool's 000…100 on stdout, for XAPI")
     .option("--prezeroed", "the destination already reads as zeros")
@@ -241,13 +250,14 @@ async function stream(f: StreamFlags): Promise<void> {
       source = f.source.slice(0, colon);
       const image = f.source.slice(colon + 1);
       const base = f.relativeTo;
+      const dirs = f.path.split(":").filter((d) => d !== "");
       allocation = async () => {
         const { readAllocationAbove, readImageAllocation } = await import(
           "../headers/image_allocation.ts"
         );
         const a = base === undefined
-          ? await readImageAllocation(image)
-          : await readAllocationAbove(image, base);
+          ? await readImageAllocation(image, dirs)
+          : await readAllocationAbove(image, base, dirs);
         const set = a.clusters;
         return set.clusterSize === cs
           ? a

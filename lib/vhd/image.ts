@@ -64,9 +64,10 @@ export interface VhdMap {
  * footer copy, else a fixed disk (footer in the last 512 bytes only). Throws
  * {@link CorruptImageError} with the byte offset for a bad cookie or checksum, a
  * missing or disagreeing end footer (a truncated file), tables past the end of the
- * file, or a BAT entry pointing past it.
+ * file, or a BAT entry pointing past it. A differencing disk's parent is looked up
+ * in `searchDirs` (vhd-tool's `--path`), then next to the file.
  */
-export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
+export async function readVhdMap(file: ImageFile, searchDirs: string[] = []): Promise<VhdMap> {
   if (file.size < FOOTER_SIZE) {
     throw new CorruptImageError(
       `VHD truncated: the file has ${file.size} bytes, less than one footer`,
@@ -116,7 +117,9 @@ export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
   checkVhdTables(header, footer.currentSize, at, file.size);
   const data = await readBat(file, header, footer.currentSize);
   const map: VhdMap = { footer, header, blockSize: header.blockSize, data };
-  if (footer.diskType === DISK_TYPE_DIFFERENCING) map.parent = await findParent(file, header);
+  if (footer.diskType === DISK_TYPE_DIFFERENCING) {
+    map.parent = await findParent(file, header, searchDirs);
+  }
   return map;
 }
 
@@ -172,7 +175,11 @@ const PATH_PLATFORMS = [PLATFORM_MACX, PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_WI
  * resolved against the child's folder. A Windows absolute path (`C:\…`) is tried by
  * its last component in the child's folder.
  */
-export async function parentCandidates(file: ImageFile, header: VhdDynamicHeader) {
+export async function parentCandidates(
+  file: ImageFile,
+  header: VhdDynamicHeader,
+  searchDirs: string[] = [],
+) {
   const names: string[] = [];
   const locators = [...header.parentLocators].sort((a, b) =>
     PATH_PLATFORMS.indexOf(a.platformCode) - PATH_PLATFORMS.indexOf(b.platformCode)
@@ -188,19 +195,24 @@ export async function parentCandidates(file: ImageFile, header: VhdDynamicHeader
     if (name) names.push(name);
   }
   if (header.parentUnicodeName) names.push(header.parentUnicodeName);
-  const dir = dirname(file.path);
+  const dirs = [...searchDirs, dirname(file.path)];
   const paths: string[] = [];
   for (const name of names) {
     let p = name.startsWith("/") ? name : name.replaceAll("\\", "/");
     if (/^[A-Za-z]:\//.test(p) || p.startsWith("//")) p = basename(p);
-    const full = isAbsolute(p) ? p : join(dir, p);
-    if (!paths.includes(full)) paths.push(full);
+    for (const full of isAbsolute(p) ? [p] : dirs.map((d) => join(d, p))) {
+      if (!paths.includes(full)) paths.push(full);
+    }
   }
   return { names, paths };
 }
 
-async function findParent(file: ImageFile, header: VhdDynamicHeader): Promise<VhdParentRef> {
-  const { names, paths } = await parentCandidates(file, header);
+async function findParent(
+  file: ImageFile,
+  header: VhdDynamicHeader,
+  searchDirs: string[],
+): Promise<VhdParentRef> {
+  const { names, paths } = await parentCandidates(file, header, searchDirs);
   const ref: VhdParentRef = { name: names[0] ?? "", tried: paths };
   for (const p of paths) {
     if (await isImagePath(p)) {
