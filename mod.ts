@@ -115,3 +115,5 @@ export {
   type XvaExtractOptions,
   type XvaExtractResult,
 } from "./lib/import/xva.ts";
+export { extractXvaFileAs, type XvaConvertOptions } from "./lib/export/xva.ts";
+export { XvaDiskSource, type XvaMemberRange } from "./lib/xva/disk_source.ts";

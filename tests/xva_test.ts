@@ -155,6 +155,39 @@ toolTest(
   },
 );
 
+toolTest(
+  "xva extract -f qcow2|vhd from a file: each disk streamed from its members in place",
+  NEEDS,
+  INSTALL,
+  async () => {
+    await withTempDir(async (dir) => {
+      const disks = await makeXva(dir);
+      for (const [format, qemuFormat] of [["qcow2", "qcow2"], ["vhd", "vpc"]]) {
+        const r = await runCli([
+          "xva",
+          "extract",
+          `${dir}/vm.xva`,
+          "-o",
+          `${dir}/${format}`,
+          "-f",
+          format,
+        ]);
+        assert.equal(r.code, 0, r.stderr);
+        assert.match(r.stderr, /checksums verified: 5 sha1/);
+        for (const d of disks) {
+          const out = `${dir}/${format}/${d.ref.replace(":", "_")}.${format}`;
+          assert.ok(await imagesEqual(d.path, out, "raw", qemuFormat), `${format} ${d.ref}`);
+        }
+      }
+      const piped = await runCli(["xva", "extract", "-", "-o", `${dir}/p`, "-f", "qcow2"], {
+        stdinFile: `${dir}/vm.xva`,
+      });
+      assert.equal(piped.code, 1);
+      assert.match(piped.stderr, /needs the XVA as a file/);
+    });
+  },
+);
+
 toolTest("xva extract refuses a corrupted member, naming it", NEEDS, INSTALL, async () => {
   await withTempDir(async (dir) => {
     await makeXva(dir);

@@ -42,7 +42,12 @@ export function registerXva(program: Command): void {
       "extract only this disk (repeatable; refs as 'xva list' prints them)",
       (v: string, acc: string[] = []) => [...acc, v],
     )
-    .option("-f, --format <FORMAT>", "output format: raw", "raw")
+    .option(
+      "-f, --format <FORMAT>",
+      "raw (from a file or a pipe), qcow2 or vhd (from a file: its checksums are verified\n" +
+        "in a first pass, then each disk streams from its members in place)",
+      "raw",
+    )
     .option("--ignore-checksums", "do not verify the checksum members")
     .option("--progress", "show a progress bar on stderr")
     .addHelpText(
@@ -119,14 +124,28 @@ export function formatListing(l: XvaListing): string {
 }
 
 async function extract(xva: string, f: ExtractFlags): Promise<void> {
+  if (!["raw", "qcow2", "vhd"].includes(f.format)) {
+    throw new UsageError(`-f/--format must be raw, qcow2 or vhd, got '${f.format}'`);
+  }
   if (f.format !== "raw") {
-    if (f.format === "qcow2" || f.format === "vhd") {
+    if (xva === "-") {
       throw new UnsupportedError(
-        `xva extract -f ${f.format} is not implemented yet: extract raw, then ` +
-          `'diskstream export DIR/REF.raw -f ${f.format}'`,
+        `xva extract -f ${f.format} needs the XVA as a file (its members are read twice); ` +
+          `from a pipe, extract raw`,
       );
     }
-    throw new UsageError(`-f/--format must be raw, got '${f.format}'`);
+    const [{ extractXvaFileAs }, { createProgress }] = await Promise.all([
+      import("../export/xva.ts"),
+      import("../progress.ts"),
+    ]);
+    report(
+      await extractXvaFileAs(xva, f.output, f.format as "qcow2" | "vhd", {
+        disks: f.disk,
+        ignoreChecksums: f.ignoreChecksums,
+        progress: createProgress(progressMode(f), "extract"),
+      }),
+    );
+    return;
   }
   if (xva === "-") refuseTerminal();
   const [{ extractXva }, { openInput }, { createProgress }] = await Promise.all([
@@ -143,6 +162,10 @@ async function extract(xva: string, f: ExtractFlags): Promise<void> {
     progress: createProgress(progressMode(f), "extract"),
     label: xva === "-" ? "stdin" : xva,
   });
+  report(r);
+}
+
+function report(r: import("../import/xva.ts").XvaExtractResult): void {
   for (const d of r.extracted) {
     const sums = Object.entries(d.verified).filter(([, n]) => n > 0).map(([k, n]) => `${n} ${k}`);
     console.error(

@@ -162,7 +162,7 @@ class Pass2<Layout> {
         );
       }
     }
-    const copier = this.image.pieces
+    const copier = this.image.pieces && this.src.kernelCopy !== false
       ? openKernelCopy(
         this.src.path,
         target.kind === "path"

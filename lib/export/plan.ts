@@ -149,7 +149,7 @@ export interface ExportPlan {
  * size before anything is read (to refuse a disk the format cannot hold).
  */
 export async function planExport(
-  source: string,
+  source: string | DiskSource,
   options: StreamExportOptions,
   cs: number,
   check: (virtualSize: number) => void,
@@ -158,7 +158,7 @@ export async function planExport(
     throw new UsageError("a base allocation needs a base disk (--base-allocation needs --diff)");
   }
   const progress = options.progress;
-  const src = await openDiskSource(source);
+  const src = typeof source === "string" ? await openDiskSource(source) : source;
   try {
     const virtualSize = alignUp(src.size, 512);
     check(virtualSize);

@@ -9,10 +9,10 @@ import { DiskstreamError, UsageError } from "../errors.ts";
 import { ChunkStream } from "../io/chunk_stream.ts";
 import type { ProgressSink } from "../progress.ts";
 import type { ChecksumKind } from "../xva/checksum.ts";
-import { decodeXvaDisk, parseMemberName } from "../xva/disk.ts";
+import { decodeXvaDisk } from "../xva/disk.ts";
 import type { OvaManifest } from "../xva/ova.ts";
 import { TarReader } from "../xva/tar.ts";
-import { diskFileName, readOvaMember } from "../xva/xva.ts";
+import { diskFileName, readOvaMember, walkXvaDisks } from "../xva/xva.ts";
 import { RawDestination } from "./raw_destination.ts";
 
 /** Options of {@link extractXva}. */
@@ -102,30 +102,13 @@ export async function extractXva(
     options.progress?.setTotal(total);
     await Deno.mkdir(dir, { recursive: true });
     const extracted: XvaExtracted[] = [];
-    const seen = new Set<string>();
     let before = 0;
-    let m = await reader.next();
-    while (m !== null) {
-      const p = parseMemberName(m.name);
-      const disk = p && byRef.get(p.prefix);
-      if (!p || !disk || !wanted.has(disk.ref)) {
-        m = await reader.next();
-        continue;
-      }
-      if (seen.has(disk.ref)) {
-        throw new DiskstreamError(
-          `member ${m.name} of disk ${disk.ref} comes after another disk's members: ` +
-            `the XVA is out of order`,
-        );
-      }
-      seen.add(disk.ref);
+    const seen = await walkXvaDisks(reader, manifest, wanted, async (disk, first) => {
       const path = join(dir, diskFileName(disk.ref, "raw"));
-      if (await exists(path)) {
-        throw new UsageError(`${path} exists already: remove it or extract into another directory`);
-      }
+      await refuseExisting(path);
       const target = await RawDestination.open(path, disk.virtualSize, 1 << 20);
       try {
-        const r = await decodeXvaDisk(reader, m, target, {
+        const r = await decodeXvaDisk(reader, first, target, {
           prefix: disk.ref,
           size: disk.virtualSize,
           ignoreChecksums: options.ignoreChecksums,
@@ -145,8 +128,7 @@ export async function extractXva(
         throw err;
       }
       before += disk.virtualSize;
-      m = await reader.next();
-    }
+    });
     const absent = [...wanted].filter((r) => !seen.has(r));
     const missing = (options.disks ?? []).filter((r) => absent.includes(r));
     if (missing.length > 0) {
@@ -160,11 +142,12 @@ export async function extractXva(
   }
 }
 
-async function exists(path: string): Promise<boolean> {
+/** Refuses to write over an existing file (extraction never overwrites). */
+export async function refuseExisting(path: string): Promise<void> {
   try {
     await Deno.lstat(path);
-    return true;
   } catch {
-    return false;
+    return;
   }
+  throw new UsageError(`${path} exists already: remove it or extract into another directory`);
 }

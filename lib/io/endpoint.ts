@@ -24,6 +24,12 @@ export interface DiskSource {
   /** True for a regular file (hole detection may apply), false for a device. */
   readonly isFile: boolean;
   /**
+   * False when `path` does not hold these bytes at these offsets (the source is a view
+   * of another file, such as a disk inside an XVA): then kernel copies from `path` must
+   * not be used. Absent means true.
+   */
+  readonly kernelCopy?: boolean;
+  /**
    * Fills all of `buf` with the bytes at `position`. Bytes at or past `limit`
    * (default: the size) read as zeros. Throws a `SourceChangedError` when the
    * source ends before `limit`.

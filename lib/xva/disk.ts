@@ -114,6 +114,12 @@ export interface XvaDiskOptions {
   ignoreChecksums?: boolean;
   /** Called with the disk bytes done so far. */
   onProgress?: (done: number) => void;
+  /**
+   * Called for each data member (keep-alives too) once its checksum is verified, with
+   * the disk offset its bytes belong at (to index an XVA file: `member.dataOffset` is
+   * then the file offset of those bytes).
+   */
+  onMember?: (member: TarMember, diskOffset: number) => void;
 }
 
 /** What {@link decodeXvaDisk} found. */
@@ -318,6 +324,7 @@ export async function decodeXvaDisk(
       }
       verified[kind]++;
     }
+    options.onMember?.(m, at0);
     options.onProgress?.(offset);
     if (target.queued >= FLUSH_BYTES) await target.flush();
   }

@@ -8,7 +8,8 @@
 import { CorruptImageError, describeIoError } from "../errors.ts";
 import type { ChunkStream } from "../io/chunk_stream.ts";
 import type { ChecksumKind } from "./checksum.ts";
-import { parseMemberName, XVA_CHUNK } from "./disk.ts";
+import { decodeXvaDisk, parseMemberName, XVA_CHUNK } from "./disk.ts";
+import type { XvaMemberRange } from "./disk_source.ts";
 import { type OvaManifest, parseOvaXml, type XvaDisk } from "./ova.ts";
 import { tarFileMembers, type TarMember, TarReader } from "./tar.ts";
 
@@ -177,4 +178,94 @@ export async function listXvaFile(path: string): Promise<XvaListing> {
 /** The file name a disk is extracted to: its ref with unsafe characters as `_`. */
 export function diskFileName(ref: string, extension: string): string {
   return `${ref.replace(/[^A-Za-z0-9._-]/g, "_")}.${extension}`;
+}
+
+/** What {@link walkXvaDisks} calls for each wanted disk, with its first member. */
+export type XvaDiskHandler = (disk: XvaDisk, first: TarMember) => Promise<void>;
+
+/**
+ * Walks the disks of the XVA on `reader` (after its ova.xml): for each disk of
+ * `wanted` whose members come, calls `handle` with its first member (the handler
+ * decodes the disk, e.g. with `decodeXvaDisk`); members of other disks are skipped.
+ * Refuses a disk whose members come in two separate stretches. Returns the refs seen.
+ */
+export async function walkXvaDisks(
+  reader: TarReader,
+  manifest: OvaManifest,
+  wanted: ReadonlySet<string>,
+  handle: XvaDiskHandler,
+): Promise<Set<string>> {
+  const byRef = new Map(manifest.disks.map((d) => [d.ref, d]));
+  const seen = new Set<string>();
+  for (let m = await reader.next(); m !== null; m = await reader.next()) {
+    const p = parseMemberName(m.name);
+    const disk = p && byRef.get(p.prefix);
+    if (!p || !disk || !wanted.has(disk.ref)) continue;
+    if (seen.has(disk.ref)) {
+      throw new CorruptImageError(
+        `member ${m.name} of disk ${disk.ref} comes after another disk's members: ` +
+          `the XVA is out of order`,
+        m.headerOffset,
+      );
+    }
+    seen.add(disk.ref);
+    await handle(disk, m);
+  }
+  return seen;
+}
+
+/** The data members of a disk of an XVA file: where its bytes are in the file. */
+export interface XvaDiskIndex {
+  disk: XvaDisk;
+  members: XvaMemberRange[];
+  /** Checksums verified, by kind. */
+  verified: Record<ChecksumKind, number>;
+}
+
+/**
+ * Reads the XVA file at `path` once from start to end, verifying every checksum of
+ * the disks in `wanted` (all when undefined), and returns where each of their data
+ * members lies in the file: the plan of an extraction to qcow2 or VHD (see
+ * {@link XvaDiskSource}).
+ */
+export async function indexXvaFile(
+  path: string,
+  wanted?: ReadonlySet<string>,
+  options: { ignoreChecksums?: boolean; onProgress?: (bytes: number) => void } = {},
+): Promise<{ manifest: OvaManifest; disks: XvaDiskIndex[] }> {
+  let file: Deno.FsFile;
+  try {
+    file = await Deno.open(path, { read: true });
+  } catch (err) {
+    throw describeIoError(err, path, "open");
+  }
+  const { ChunkStream } = await import("../io/chunk_stream.ts");
+  const input = new ChunkStream(file.readable);
+  try {
+    const reader = new TarReader(input, path);
+    const manifest = await readOvaMember(reader);
+    const disks: XvaDiskIndex[] = [];
+    const target = { queued: 0, write() {}, zero() {}, flush: () => Promise.resolve() };
+    let before = 0;
+    await walkXvaDisks(
+      reader,
+      manifest,
+      wanted ?? new Set(manifest.disks.map((d) => d.ref)),
+      async (disk, first) => {
+        const members: XvaMemberRange[] = [];
+        const r = await decodeXvaDisk(reader, first, target, {
+          prefix: disk.ref,
+          size: disk.virtualSize,
+          ignoreChecksums: options.ignoreChecksums,
+          onMember: (m, at) => members.push({ at, length: m.size, fileOffset: m.dataOffset }),
+          onProgress: (done) => options.onProgress?.(before + done),
+        });
+        before += disk.virtualSize;
+        disks.push({ disk, members, verified: r.verified });
+      },
+    );
+    return { manifest, disks };
+  } finally {
+    await input.cancel().catch(() => {});
+  }
 }
