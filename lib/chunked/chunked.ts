@@ -108,7 +108,7 @@ export async function decodeChunkedStream(
     held = [];
   };
   for (;;) {
-    const head = await input.read(CHUNK_HEADER_BYTES);
+    const head = await input.readCopy(CHUNK_HEADER_BYTES);
     if (head.length < CHUNK_HEADER_BYTES) {
       throw new CorruptImageError(
         head.length === 0
@@ -142,8 +142,8 @@ export async function decodeChunkedStream(
       }
       const take = Math.min(left, chunk.length);
       target.write(at, chunk, 0, take);
-      if (take < chunk.length) input.unshift(chunk.subarray(take));
-      else held.push(chunk);
+      input.unshift(chunk.subarray(take));
+      held.push(chunk);
       at += take;
       left -= take;
       pos += take;

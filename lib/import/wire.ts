@@ -219,6 +219,7 @@ export async function importRaw(
     () => RawDestination.open(dest, size, 65536, options),
     async (t) => {
       let at = 0;
+      let held: Uint8Array[] = [];
       for (let c = await input.next(); c !== null; c = await input.next()) {
         if (size !== null && at + c.length > size) {
           throw new CorruptImageError(
@@ -227,8 +228,13 @@ export async function importRaw(
           );
         }
         t.write(at, c, 0, c.length);
+        held.push(c);
         at += c.length;
-        if (t.queued >= 32 * 1024 * 1024) await t.flush();
+        if (t.queued >= 32 * 1024 * 1024) {
+          await t.flush();
+          for (const h of held) input.release(h);
+          held = [];
+        }
         options.progress?.update(at);
       }
       if (size !== null && at < size) {

@@ -143,6 +143,26 @@ export class ChunkStream {
     return out;
   }
 
+  /**
+   * The next `n` bytes copied into a buffer of their own (fewer only at the end of the
+   * stream), every input buffer they came from released: for headers read between
+   * large pieces of data, so that reading them never pins the input's buffers.
+   */
+  async readCopy(n: number): Promise<Uint8Array> {
+    const out = new Uint8Array(n);
+    let have = 0;
+    while (have < n) {
+      const c = await this.next();
+      if (!c) return out.subarray(0, have);
+      const take = Math.min(c.length, n - have);
+      out.set(c.subarray(0, take), have);
+      have += take;
+      this.unshift(c.subarray(take));
+      this.release(c);
+    }
+    return out;
+  }
+
   /** Stops reading (releases the source; a pipe's descriptor is left to its owner). */
   async cancel(): Promise<void> {
     if (this.#byob) await this.#byob.cancel();

@@ -204,6 +204,10 @@ export async function decodeXvaDisk(
     pending = null;
     return m;
   };
+  const flush = async () => {
+    await target.flush();
+    reader.releaseHeld();
+  };
   const result = (next: TarMember | null): XvaDiskResult => ({
     prefix: prefix ?? "",
     size: size ?? offset,
@@ -227,13 +231,17 @@ export async function decodeXvaDisk(
       if (members === 0) {
         throw new CorruptImageError(`${reader.label} holds no disk member`, reader.position);
       }
+      await flush();
       return result(null);
     }
     if (m.type === "5") continue; // a directory entry some tar writers add
     const parsed = parseMemberName(m.name);
     if (parsed && prefix === undefined) prefix = parsed.prefix;
     if (!parsed || parsed.prefix !== prefix) {
-      if (options.prefix === undefined && size === null && members > 0) return result(m);
+      if (options.prefix === undefined && size === null && members > 0) {
+        await flush();
+        return result(m);
+      }
       throw new CorruptImageError(
         `expected a disk member named ${diskMemberName(prefix ?? "PREFIX", last + 1)}` +
           ` or later, found ${JSON.stringify(m.name)}` +
@@ -326,8 +334,9 @@ export async function decodeXvaDisk(
     }
     options.onMember?.(m, at0);
     options.onProgress?.(offset);
-    if (target.queued >= FLUSH_BYTES) await target.flush();
+    if (target.queued >= FLUSH_BYTES) await flush();
   }
+  await flush();
   return result(null);
 }
 

@@ -144,6 +144,8 @@ export class TarReader {
   #left = 0;
   #pad = 0;
   #current: TarMember | null = null;
+  /** Input chunks handed out by streamBody and not released yet. */
+  #held: Uint8Array[] = [];
 
   /** `input` is the stream; `name` names it in messages. */
   constructor(input: ChunkStream, readonly label = "the tar stream") {
@@ -156,7 +158,7 @@ export class TarReader {
   }
 
   async #readExact(n: number, what: string): Promise<Uint8Array> {
-    const b = await this.#input.read(n);
+    const b = await this.#input.readCopy(n);
     if (b.length < n) {
       throw new CorruptImageError(
         `${this.label} ended inside ${what} (${b.length} of ${n} bytes)`,
@@ -174,7 +176,8 @@ export class TarReader {
         throw new CorruptImageError(`${this.label} ended inside ${what}`, this.#pos);
       }
       const take = Math.min(n, c.length);
-      if (take < c.length) this.#input.unshift(c.subarray(take));
+      this.#input.unshift(c.subarray(take));
+      this.#input.release(c);
       this.#pos += take;
       n -= take;
     }
@@ -197,7 +200,7 @@ export class TarReader {
     let longName: string | null = null;
     for (;;) {
       const headerOffset = this.#pos;
-      const block = await this.#input.read(TAR_BLOCK);
+      const block = await this.#input.readCopy(TAR_BLOCK);
       if (block.length === 0) return null; // ended between members, no end blocks
       if (block.length < TAR_BLOCK) {
         throw new CorruptImageError(
@@ -246,8 +249,9 @@ export class TarReader {
 
   /**
    * Hands the current member's body to `onPiece` in the input's chunks, without
-   * copying: `chunk[from, to)` are the body's bytes at `at`. The views stay valid
-   * (the input's buffers are not recycled while referred to).
+   * copying: `chunk[from, to)` are the body's bytes at `at`. The views stay valid until
+   * {@link TarReader.releaseHeld} (call it once nothing refers to them any more, e.g.
+   * after the writes queued from them were flushed).
    */
   async streamBody(
     onPiece: (chunk: Uint8Array, from: number, to: number, at: number) => void | Promise<void>,
@@ -263,12 +267,19 @@ export class TarReader {
         );
       }
       const take = Math.min(this.#left, c.length);
-      if (take < c.length) this.#input.unshift(c.subarray(take));
+      this.#input.unshift(c.subarray(take));
+      this.#held.push(c);
       await onPiece(c, 0, take, at);
       at += take;
       this.#pos += take;
       this.#left -= take;
     }
+  }
+
+  /** Lets the input reuse the buffers of the bodies handed out so far. */
+  releaseHeld(): void {
+    for (const c of this.#held) this.#input.release(c);
+    this.#held = [];
   }
 
   #need(): TarMember {
