@@ -203,3 +203,13 @@ export function toolTest(
     },
   });
 }
+
+/** The CLI as a shell command, for pipelines run with {@link sh}. */
+export const CLI_SH = `${Deno.execPath()} run -A ${CLI}`;
+
+/** Runs a bash pipeline (with pipefail), failing with its stderr; returns its stdout. */
+export async function sh(script: string): Promise<string> {
+  const r = await run("bash", ["-o", "pipefail", "-c", script]);
+  if (r.code !== 0) throw new Error(`${script}\n→ ${r.code}: ${r.stderr}`);
+  return new TextDecoder().decode(r.stdout);
+}

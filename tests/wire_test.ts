@@ -5,9 +5,10 @@
  */
 import assert from "node:assert/strict";
 import {
+  CLI_SH,
   pseudoRandom,
-  run,
   runCli,
+  sh,
   sha256File,
   toolTest,
   withTempDir,
@@ -29,14 +30,7 @@ async function makeDisk(path: string, size = 12 * MiB + MiB / 2): Promise<void> 
   ]);
 }
 
-/** Runs a shell pipeline, failing with its stderr. */
-async function sh(script: string): Promise<string> {
-  const r = await run("bash", ["-o", "pipefail", "-c", script]);
-  if (r.code !== 0) throw new Error(`${script}\n→ ${r.code}: ${r.stderr}`);
-  return new TextDecoder().decode(r.stdout);
-}
-
-const DS = `${Deno.execPath()} run -A ${new URL("../cli.ts", import.meta.url).pathname}`;
+const DS = CLI_SH;
 
 toolTest(
   "export -f tar: members, names and checksums as Python's tarfile, xxhsum and sha1sum read them",

@@ -6,12 +6,14 @@
  */
 import assert from "node:assert/strict";
 import {
+  CLI_SH,
   imagesEqual,
   pseudoRandom,
   qemu,
   qemuTest,
   run,
   runCli,
+  sh,
   sha256File,
   toolTest,
   withTempDir,
@@ -25,13 +27,7 @@ const PY = "/usr/bin/python3";
 const MAKE_XVA = new URL("./make_xva.py", import.meta.url).pathname;
 const NEEDS = [[PY, "-c", "import xxhash, tarfile"]];
 const INSTALL = "apt-get install -y python3 python3-xxhash";
-const DS = `${Deno.execPath()} run -A ${new URL("../cli.ts", import.meta.url).pathname}`;
-
-async function sh(script: string): Promise<string> {
-  const r = await run("bash", ["-o", "pipefail", "-c", script]);
-  if (r.code !== 0) throw new Error(`${script}\n→ ${r.code}: ${r.stderr}`);
-  return new TextDecoder().decode(r.stdout);
-}
+const DS = CLI_SH;
 
 interface DiskSpec {
   ref: string;

@@ -131,16 +131,7 @@ export class ChunkStream {
     }
     const out = new Uint8Array(n);
     out.set(first);
-    let have = first.length;
-    while (have < n) {
-      const c = await this.next();
-      if (!c) return out.subarray(0, have);
-      const take = Math.min(c.length, n - have);
-      out.set(c.subarray(0, take), have);
-      have += take;
-      this.unshift(c.subarray(take));
-    }
-    return out;
+    return await this.#gather(out, first.length, false);
   }
 
   /**
@@ -149,16 +140,19 @@ export class ChunkStream {
    * large pieces of data, so that reading them never pins the input's buffers.
    */
   async readCopy(n: number): Promise<Uint8Array> {
-    const out = new Uint8Array(n);
-    let have = 0;
-    while (have < n) {
+    return await this.#gather(new Uint8Array(n), 0, true);
+  }
+
+  /** Fills `out` from `have` on (fewer at the end); `release`s the chunks it used up. */
+  async #gather(out: Uint8Array, have: number, release: boolean): Promise<Uint8Array> {
+    while (have < out.length) {
       const c = await this.next();
       if (!c) return out.subarray(0, have);
-      const take = Math.min(c.length, n - have);
+      const take = Math.min(c.length, out.length - have);
       out.set(c.subarray(0, take), have);
       have += take;
       this.unshift(c.subarray(take));
-      this.release(c);
+      if (release) this.release(c);
     }
     return out;
   }

@@ -6,8 +6,8 @@
  *
  * @module
  */
-import { describeIoError, SourceChangedError } from "../errors.ts";
 import type { DiskSource } from "../io/endpoint.ts";
+import { ImageFile } from "../io/image_file.ts";
 
 /** One data member of a disk: `length` bytes for disk offset `at`, at `fileOffset`. */
 export interface XvaMemberRange {
@@ -20,14 +20,13 @@ export interface XvaMemberRange {
 export class XvaDiskSource implements DiskSource {
   readonly isFile = false;
   readonly kernelCopy = false;
-  #file: Deno.FsFile | null;
-  #queue: Promise<unknown> = Promise.resolve();
+  #file: ImageFile | null;
 
   private constructor(
     readonly path: string,
     readonly size: number,
     readonly members: readonly XvaMemberRange[],
-    file: Deno.FsFile,
+    file: ImageFile,
   ) {
     this.#file = file;
   }
@@ -58,12 +57,7 @@ export class XvaDiskSource implements DiskSource {
     size: number,
     members: readonly XvaMemberRange[],
   ): Promise<XvaDiskSource> {
-    let file: Deno.FsFile;
-    try {
-      file = await Deno.open(path, { read: true });
-    } catch (err) {
-      throw describeIoError(err, path, "open");
-    }
+    const file = await ImageFile.open(path);
     return new XvaDiskSource(path, size, members.filter((m) => m.length > 0), file);
   }
 
@@ -81,29 +75,25 @@ export class XvaDiskSource implements DiskSource {
   }
 
   readAt(buf: Uint8Array, position: number, limit = this.size): Promise<void> {
-    const op = async () => {
-      const file = this.#file;
-      if (file === null) throw new Error(`${this.path}: read after close`);
-      buf.fill(0);
-      const end = Math.min(position + buf.length, limit);
-      for (let i = this.#first(position); i < this.members.length; i++) {
-        const m = this.members[i];
-        if (m.at >= end) break;
-        const from = Math.max(position, m.at);
-        const to = Math.min(end, m.at + m.length);
-        await file.seek(m.fileOffset + (from - m.at), Deno.SeekMode.Start);
-        for (let got = from; got < to;) {
-          const n = await file.read(buf.subarray(got - position, to - position));
-          if (n === null) {
-            throw new SourceChangedError(`${this.path} ended while its members were read`);
-          }
-          got += n;
-        }
-      }
-    };
-    const next = this.#queue.then(op, op);
-    this.#queue = next.catch(() => {});
-    return next;
+    return Promise.resolve().then(() => this.readAtSync(buf, position, limit));
+  }
+
+  readAtSync(buf: Uint8Array, position: number, limit = this.size): void {
+    const file = this.#file;
+    if (file === null) throw new Error(`${this.path}: read after close`);
+    buf.fill(0);
+    const end = Math.min(position + buf.length, limit);
+    for (let i = this.#first(position); i < this.members.length; i++) {
+      const m = this.members[i];
+      if (m.at >= end) break;
+      const from = Math.max(position, m.at);
+      const to = Math.min(end, m.at + m.length);
+      file.readInto(
+        m.fileOffset + (from - m.at),
+        buf.subarray(from - position, to - position),
+        `the member for disk bytes ${m.at}-${m.at + m.length}`,
+      );
+    }
   }
 
   extents(limit: number): Promise<Iterable<readonly [number, number]>> {

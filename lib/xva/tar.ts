@@ -11,6 +11,7 @@
 import { decode, decodePax, encode } from "tar-mini";
 import { CorruptImageError, LimitError } from "../errors.ts";
 import type { ChunkStream } from "../io/chunk_stream.ts";
+import type { ImageFile } from "../io/image_file.ts";
 
 /** Bytes of a tar block (headers and padding). */
 export const TAR_BLOCK = 512;
@@ -289,50 +290,34 @@ export class TarReader {
 }
 
 /**
- * The members of the tar file `file` (open for reading), read by seeking from header
- * to header: only the 512-byte headers (and long-name records) are read, so listing a
- * large archive costs a few reads per member. `label` names the file in messages.
+ * The members of the tar file `file`, read by seeking from header to header: only the
+ * 512-byte headers (and long-name records) are read, so listing a large archive costs a
+ * few reads per member.
  */
-export async function* tarFileMembers(
-  file: Deno.FsFile,
-  size: number,
-  label: string,
-): AsyncGenerator<TarMember> {
+export function* tarFileMembers(file: ImageFile): Generator<TarMember> {
   const block = new Uint8Array(TAR_BLOCK);
+  const size = file.size;
   let pos = 0;
   let longName: string | null = null;
-  const readAt = async (buf: Uint8Array, at: number, what: string) => {
-    if (at + buf.length > size) {
-      throw new CorruptImageError(`${label} ends inside ${what}`, at);
-    }
-    await file.seek(at, Deno.SeekMode.Start);
-    for (let got = 0; got < buf.length;) {
-      const n = await file.read(buf.subarray(got));
-      if (n === null) throw new CorruptImageError(`${label} ends inside ${what}`, at + got);
-      got += n;
-    }
-  };
   while (pos + TAR_BLOCK <= size) {
-    await readAt(block, pos, "a member header");
-    const h = parseTarHeader(block, pos, label);
+    file.readInto(pos, block, "a tar member header");
+    const h = parseTarHeader(block, pos, file.path);
     if (h === null) return;
     const dataOffset = pos + TAR_BLOCK;
-    const next = dataOffset + h.size + tarPadding(h.size);
     if (h.meta) {
-      const body = new Uint8Array(h.size);
-      await readAt(body, dataOffset, "a tar metadata record");
-      longName = metaName(h.type, body) ?? longName;
+      longName = metaName(h.type, file.readAtSync(dataOffset, h.size, "a tar metadata record")) ??
+        longName;
     } else {
       if (dataOffset + h.size > size) {
         throw new CorruptImageError(
-          `${label} ends inside member ${longName ?? h.name} (${h.size} bytes announced)`,
+          `${file.path} ends inside member ${longName ?? h.name} (${h.size} bytes announced)`,
           dataOffset,
         );
       }
       yield { name: longName ?? h.name, size: h.size, type: h.type, headerOffset: pos, dataOffset };
       longName = null;
     }
-    pos = next;
+    pos = dataOffset + h.size + tarPadding(h.size);
   }
-  if (pos < size) throw new CorruptImageError(`${label} ends inside a member header`, pos);
+  if (pos < size) throw new CorruptImageError(`${file.path} ends inside a member header`, pos);
 }

@@ -5,7 +5,8 @@
  *
  * @module
  */
-import { CorruptImageError, describeIoError } from "../errors.ts";
+import { CorruptImageError } from "../errors.ts";
+import { withImageFile } from "../io/image_file.ts";
 import type { ChunkStream } from "../io/chunk_stream.ts";
 import type { ChecksumKind } from "./checksum.ts";
 import { decodeXvaDisk, parseMemberName, XVA_CHUNK } from "./disk.ts";
@@ -144,35 +145,19 @@ export async function listXvaStream(input: ChunkStream, label = "the XVA"): Prom
  * await Deno.remove(dir, { recursive: true });
  * ```
  */
-export async function listXvaFile(path: string): Promise<XvaListing> {
-  let file: Deno.FsFile;
-  try {
-    file = await Deno.open(path, { read: true });
-  } catch (err) {
-    throw describeIoError(err, path, "open");
-  }
-  try {
-    const size = (await file.stat()).size;
-    const members = tarFileMembers(file, size, path);
-    const first = await members.next();
+export function listXvaFile(path: string): Promise<XvaListing> {
+  return withImageFile(path, (file) => {
+    const members = tarFileMembers(file);
+    const first = members.next();
     const ova = first.done ? null : first.value;
     if (ova === null || ova.name !== "ova.xml") throw notOva(ova, path);
     if (ova.size > MAX_OVA_XML) {
       throw new CorruptImageError(`${path}: ova.xml holds ${ova.size} bytes, too many`, 0);
     }
-    const body = new Uint8Array(ova.size);
-    await file.seek(ova.dataOffset, Deno.SeekMode.Start);
-    for (let got = 0; got < body.length;) {
-      const n = await file.read(body.subarray(got));
-      if (n === null) throw new CorruptImageError(`${path} ends inside ova.xml`, ova.dataOffset);
-      got += n;
-    }
-    const inv = new Inventory(parseOva(body));
-    for await (const m of members) inv.add(m);
-    return inv.listing();
-  } finally {
-    file.close();
-  }
+    const inv = new Inventory(parseOva(file.readAtSync(ova.dataOffset, ova.size, "ova.xml")));
+    for (const m of members) inv.add(m);
+    return Promise.resolve(inv.listing());
+  });
 }
 
 /** The file name a disk is extracted to: its ref with unsafe characters as `_`. */
@@ -233,14 +218,9 @@ export async function indexXvaFile(
   wanted?: ReadonlySet<string>,
   options: { ignoreChecksums?: boolean; onProgress?: (bytes: number) => void } = {},
 ): Promise<{ manifest: OvaManifest; disks: XvaDiskIndex[] }> {
-  let file: Deno.FsFile;
-  try {
-    file = await Deno.open(path, { read: true });
-  } catch (err) {
-    throw describeIoError(err, path, "open");
-  }
   const { ChunkStream } = await import("../io/chunk_stream.ts");
-  const input = new ChunkStream(file.readable);
+  const { openInput } = await import("../io/stream.ts");
+  const input = new ChunkStream((await openInput({ kind: "path", path })).stream);
   try {
     const reader = new TarReader(input, path);
     const manifest = await readOvaMember(reader);
