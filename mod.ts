@@ -91,6 +91,7 @@ export type { DestinationKind, DestinationOptions } from "./lib/import/raw_desti
 
 // XAPI's wire formats: raw, vhd-tool's chunked protocol, XVA disk members in tar.
 export {
+  type ChunkedExportOptions,
   exportChunked,
   exportRaw,
   exportTar,

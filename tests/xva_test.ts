@@ -274,6 +274,23 @@ qemuTest(
           `${format}/${protocol}`,
         );
       }
+      // vhd-tool's chunked stream sets every byte unless --prezeroed: it overwrites a dirty disk.
+      const chunked = (prezeroed: string) =>
+        call(
+          `vhd-tool stream --source-protocol none --source-format raw --source dev.raw ` +
+            `--destination-protocol chunked --destination-format raw --destination-fd 3 ${prezeroed} 3>c.chunked`,
+        );
+      await chunked("--prezeroed");
+      const sparse = (await Deno.stat(`${dir}/c.chunked`)).size;
+      await chunked("");
+      assert.equal((await Deno.stat(`${dir}/c.chunked`)).size, size + 5 * 12); // 2 data, 2 zero pieces, end
+      assert.ok(sparse < 5 * MiB);
+      await Deno.writeFile(`${dir}/dirty.raw`, new Uint8Array(size).fill(0xee));
+      await call(
+        `vhd-tool serve --source-format raw --source-protocol chunked --source-fd 4 ` +
+          `--destination file://${dir}/dirty.raw --destination-format raw 4<c.chunked`,
+      );
+      assert.equal(await sha256File(`${dir}/dirty.raw`), await sha256File(`${dir}/dev.raw`));
       // Flags vhd-tool has and diskstream cannot honour are refused by name.
       for (
         const [flags, want] of [

@@ -53,6 +53,8 @@ export interface ExportRun {
   tarPrefix?: string;
   /** tar: the checksum members' kind (default xxhash). */
   checksum?: "xxhash" | "sha1";
+  /** chunked: also send the left-out clusters as zeros (vhd-tool without --prezeroed). */
+  fillGaps?: boolean;
 }
 
 // The export machinery is loaded when a command runs, so that start-up only pays
@@ -325,7 +327,10 @@ async function plannedExportOf(
     case "raw":
       return (await import("../export/wire.ts")).exportRaw(run.source, options);
     case "chunked":
-      return (await import("../export/wire.ts")).exportChunked(run.source, options);
+      return (await import("../export/wire.ts")).exportChunked(run.source, {
+        ...options,
+        fillGaps: run.fillGaps,
+      });
     case "tar": {
       const { checkTarPrefix } = await import("../xva/disk.ts");
       return (await import("../export/wire.ts")).exportTar(run.source, {

@@ -294,6 +294,8 @@ async function stream(f: StreamFlags): Promise<void> {
     progress: progressOf(f),
     tarPrefix: f.tarFilenamePrefix ?? "",
     checksum: "sha1", // vhd-tool's tar protocol writes SHA-1 .checksum members
+    // vhd-tool's chunked stream sets every byte unless --prezeroed; a diff keeps its gaps.
+    fillGaps: format === "chunked" && !f.prezeroed && f.relativeTo === undefined,
   });
 }
 

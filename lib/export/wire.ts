@@ -158,11 +158,22 @@ function plannedBytes(plan: ExportPlan, size: number): number {
   return n;
 }
 
+/** Options of {@link exportChunked}. */
+export interface ChunkedExportOptions extends StreamExportOptions {
+  /**
+   * Also send the clusters left out as pieces of zeros (never read), so that the
+   * stream sets every byte of the destination: vhd-tool's `stream` without
+   * `--prezeroed`. Not with a diff.
+   */
+  fillGaps?: boolean;
+}
+
 /**
  * Plans the export of the raw disk at `source` in vhd-tool's chunked protocol: each
  * run of planned clusters (non-zero, hinted, or changed against `base`) behind its
  * 12-byte header, and the end header. Applying the stream onto a copy of `base`
- * (`importChunked`) rebuilds the disk.
+ * (`importChunked`) rebuilds the disk; onto a zeroed destination, the disk itself
+ * (`fillGaps` writes the zeros too).
  *
  * @example
  * ```ts
@@ -184,23 +195,39 @@ function plannedBytes(plan: ExportPlan, size: number): number {
  */
 export async function exportChunked(
   source: string,
-  options: StreamExportOptions = {},
+  options: ChunkedExportOptions = {},
 ): Promise<WireExport> {
+  if (options.fillGaps && options.base !== undefined) {
+    throw new UsageError("a chunked diff cannot fill the gaps with zeros: they mean unchanged");
+  }
   const plan = await planExport(source, options, WIRE_CLUSTER, () => {});
   return plannedExport(plan, options, (virtualSize) => {
-    const runs: [number, number][] = [];
-    for (const [first, last] of setRuns(plan.clusters)) {
-      const end = Math.min(virtualSize, (last + 1) * WIRE_CLUSTER);
-      for (let at = first * WIRE_CLUSTER; at < end; at += MAX_CHUNKED_RUN) {
-        runs.push([at, Math.min(MAX_CHUNKED_RUN, end - at)]);
+    // [offset, length, zeros]: pieces of the disk, or of zeros (`fillGaps`).
+    const runs: [number, number, boolean][] = [];
+    const add = (start: number, end: number, zeros: boolean) => {
+      for (let at = start; at < end; at += MAX_CHUNKED_RUN) {
+        runs.push([at, Math.min(MAX_CHUNKED_RUN, end - at), zeros]);
       }
+    };
+    let done = 0;
+    for (const [first, last] of setRuns(plan.clusters)) {
+      if (options.fillGaps) add(done, first * WIRE_CLUSTER, true);
+      done = Math.min(virtualSize, (last + 1) * WIRE_CLUSTER);
+      add(first * WIRE_CLUSTER, done, false);
     }
+    if (options.fillGaps) add(done, virtualSize, true);
     const dataBytes = runs.reduce((n, [, len]) => n + len, 0);
     const fileSize = dataBytes + (runs.length + 1) * CHUNK_HEADER_BYTES;
     const pieces = function* (): Generator<Uint8Array | SourceRange> {
-      for (const [offset, length] of runs) {
+      for (const [offset, length, zeros] of runs) {
         yield encodeChunkHeader(offset, length);
-        yield { offset, length };
+        if (!zeros) {
+          yield { offset, length };
+          continue;
+        }
+        for (let n = 0; n < length; n += ZEROS.length) {
+          yield ZEROS.subarray(0, Math.min(ZEROS.length, length - n));
+        }
       }
       yield encodeChunkHeader(0, 0);
     };
