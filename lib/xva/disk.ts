@@ -245,7 +245,11 @@ export async function decodeXvaDisk(
       throw new CorruptImageError(
         `expected a disk member named ${diskMemberName(prefix ?? "PREFIX", last + 1)}` +
           ` or later, found ${JSON.stringify(m.name)}` +
-          (options.prefix === undefined ? "" : " (is --tar-prefix right?)"),
+          (m.name === "ova.xml"
+            ? ": this is a whole XVA (use 'diskstream xva extract')"
+            : options.prefix === undefined
+            ? ""
+            : " (is --tar-prefix right?)"),
         m.headerOffset,
       );
     }
