@@ -318,7 +318,7 @@ qemuTest(
   },
 );
 
-Deno.test("vhd-tool stream --relative-to: only the blocks the VHD chain changed since the base", async () => {
+qemuTest("vhd-tool stream --relative-to and --source-format vhd over a VHD chain", async () => {
   await withTempDir(async (dir) => {
     const size = 16 * MiB;
     const block = (b: number) => pseudoRandom(2 * MiB, b + 100); // writeVhd's block data
@@ -351,6 +351,28 @@ Deno.test("vhd-tool stream --relative-to: only the blocks the VHD chain changed 
     assert.deepEqual(copy.subarray(2 * MiB, 4 * MiB), block(1));
     assert.deepEqual(copy.subarray(10 * MiB, 12 * MiB), block(5));
     assert.deepEqual(copy.subarray(0, 2 * MiB), block(50)); // unchanged since the base: untouched
+    // --source-format vhd: the chain itself is the disk; sector bitmaps are honoured
+    // (sector 0 of leaf block 5 cleared: it reads from the base, which has no block 5).
+    const leaf = await Deno.open(`${dir}/leaf.vhd`, { read: true, write: true });
+    const entry = new Uint8Array(4);
+    await leaf.seek(1536 + 5 * 4, Deno.SeekMode.Start);
+    await leaf.read(entry);
+    await leaf.seek(new DataView(entry.buffer).getUint32(0) * 512, Deno.SeekMode.Start);
+    await leaf.write(new Uint8Array([0x7f]));
+    leaf.close();
+    const view = await Deno.readFile(`${dir}/dev.raw`);
+    view.fill(0, 10 * MiB, 10 * MiB + 512);
+    await Deno.writeFile(`${dir}/view.raw`, view);
+    for (const fmt of ["raw", "vhd"]) {
+      await sh(
+        `cd ${dir} && ${DS} vhd-tool stream --source-protocol none --source-format vhd ` +
+          `--source leaf.vhd --destination-protocol none --destination-format ${fmt} ` +
+          `--destination-fd 3 --path mapper 3>chain.${fmt}`,
+      );
+    }
+    assert.equal(await sha256File(`${dir}/chain.raw`), await sha256File(`${dir}/view.raw`));
+    const vhdOut = await sh(`cd ${dir} && qemu-img compare -f raw -F vpc view.raw chain.vhd`);
+    assert.match(vhdOut, /identical/);
     const r = await run("bash", [
       "-c",
       `cd ${dir} && ${DS} vhd-tool stream --source-format hybrid --source dev.raw:leaf.vhd ` +

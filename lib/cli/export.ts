@@ -7,6 +7,7 @@
 import type { Command } from "commander";
 import type { Allocation, ImageInfoJson } from "../alloc/allocation.ts";
 import { UnsupportedError, UsageError } from "../errors.ts";
+import type { DiskSource } from "../io/endpoint.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
@@ -38,7 +39,8 @@ const FORMATS: readonly ExportFormat[] = ["qcow2", "vhd", "raw", "chunked", "tar
 
 /** What one export run needs, however the flags were spelled. */
 export interface ExportRun {
-  source: string;
+  /** A path, or an opened source (vhd-tool's VHD chains). */
+  source: string | DiskSource;
   target: Endpoint;
   format: ExportFormat;
   /** Cluster size of the plan (for VHD its 2 MiB blocks); hints are read at this size. */

@@ -12,6 +12,7 @@ import { UnsupportedError, UsageError } from "../errors.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import type { Allocation } from "../alloc/allocation.ts";
+import type { DiskSource } from "../io/endpoint.ts";
 import { runExport } from "./export.ts";
 import { printHeaders } from "./headers.ts";
 import { runImport } from "./import.ts";
@@ -149,13 +150,19 @@ export function registerVhdTool(program: Command): void {
   refuseOptions(commonOptions(
     group.command("stream")
       .description(
-        "Export: vhd-tool stream. --source-format raw (SOURCE is a raw file or device) or\n" +
-          "hybrid (SOURCE is RAWDEV:IMAGE: bytes from RAWDEV, allocation from the VHD or\n" +
-          "qcow2 IMAGE's chain; --relative-to BASE.vhd keeps what changed since BASE);\n" +
+        "Export: vhd-tool stream. --source-format raw (SOURCE is a raw file or device), vhd\n" +
+          "(SOURCE is a VHD read through its parent chain) or hybrid (SOURCE is RAWDEV:IMAGE:\n" +
+          "bytes from RAWDEV, allocation from the VHD or qcow2 IMAGE's chain); --relative-to\n" +
+          "BASE.vhd keeps what changed since BASE;\n" +
           "--destination-format raw|vhd|qcow2; --destination-protocol none|chunked|tar.",
       )
       .option("--source <SOURCE>", "the disk: a path, or RAWDEV:IMAGE for hybrid")
-      .option("--source-format <FMT>", "raw or hybrid (vhd and nbdhybrid are refused)", "raw")
+      .option(
+        "--source-format <FMT>",
+        "raw, vhd (SOURCE is a VHD, read through its parent chain) or hybrid\n" +
+          "(nbdhybrid is refused)",
+        "raw",
+      )
       .option("--source-protocol <P>", "none")
       .option("--relative-to <BASE>", "hybrid: only what changed since this ancestor VHD")
       .option("--destination <DEST>", "stdout:, null:, fd://N, file://PATH or a path", "stdout:")
@@ -232,7 +239,7 @@ async function stream(f: StreamFlags): Promise<void> {
     ? dformat as "raw" | "vhd" | "qcow2"
     : protocol as "chunked" | "tar";
   const cs = format === "vhd" ? 2 << 20 : format === "tar" ? 1 << 20 : 65536;
-  let source = f.source;
+  let source: string | DiskSource = f.source;
   let allocation: (() => Promise<Allocation>) | undefined;
   switch (f.sourceFormat) {
     case "raw":
@@ -276,13 +283,28 @@ async function stream(f: StreamFlags): Promise<void> {
         "vhd-tool's --source-format nbdhybrid is not supported yet (NBD): use hybrid " +
           "(RAWDEV:VHDFILE) or raw",
       );
-    case "vhd":
-      throw new UnsupportedError(
-        "--source-format vhd is not supported yet: stream the raw device with " +
-          "--source-format hybrid RAWDEV:VHDFILE",
-      );
+    case "vhd": {
+      const dirs = f.path.split(":").filter((d) => d !== "");
+      const { VhdChainSource } = await import("../headers/vhd_source.ts");
+      source = await VhdChainSource.open(f.source, dirs);
+      const base = f.relativeTo;
+      if (base !== undefined) {
+        if (format === "raw") {
+          throw new UsageError(
+            "--relative-to with a raw destination: a raw stream cannot say what is unchanged " +
+              "(use --destination-protocol chunked, or --destination-format vhd)",
+          );
+        }
+        allocation = async () => {
+          const { readAllocationAbove } = await import("../headers/image_allocation.ts");
+          const a = await readAllocationAbove(f.source, base, dirs);
+          return { virtualSize: a.virtualSize, clusters: a.clusters.remap(cs, a.virtualSize) };
+        };
+      }
+      break;
+    }
     default:
-      throw new UsageError(`--source-format must be raw or hybrid, got '${f.sourceFormat}'`);
+      throw new UsageError(`--source-format must be raw, vhd or hybrid, got '${f.sourceFormat}'`);
   }
   await runExport({
     source,

@@ -18,7 +18,7 @@ import { setRuns } from "../alloc/runs.ts";
 import { ClusterSet } from "../alloc/cluster_set.ts";
 import { CHUNK_HEADER_BYTES, encodeChunkHeader } from "../chunked/chunked.ts";
 import { UsageError } from "../errors.ts";
-import { openDiskSource } from "../io/disk_source.ts";
+import { type DiskSource, openDiskSource } from "../io/disk_source.ts";
 import { CHUNK_SIZE } from "../io/stream.ts";
 import { ChunkSink, type WriterOptions } from "../qcow2/writer.ts";
 import type { ChecksumKind } from "../xva/checksum.ts";
@@ -106,7 +106,7 @@ function refuseDiff(options: StreamExportOptions, format: string, why: string): 
  * ```
  */
 export async function exportRaw(
-  source: string,
+  source: string | DiskSource,
   options: StreamExportOptions = {},
 ): Promise<WireExport> {
   refuseDiff(options, "raw", "a raw stream cannot say what is unchanged (use -f chunked or qcow2)");
@@ -141,8 +141,8 @@ export async function exportRaw(
 }
 
 /** A plan that takes every cluster, without reading anything. */
-async function wholeDiskPlan(source: string, cs: number): Promise<ExportPlan> {
-  const src = await openDiskSource(source);
+async function wholeDiskPlan(source: string | DiskSource, cs: number): Promise<ExportPlan> {
+  const src = typeof source === "string" ? await openDiskSource(source) : source;
   const count = Math.ceil(src.size / cs);
   const clusters = new ClusterSet(count, cs);
   if (count > 0) clusters.addRange(0, count - 1);
@@ -194,7 +194,7 @@ export interface ChunkedExportOptions extends StreamExportOptions {
  * ```
  */
 export async function exportChunked(
-  source: string,
+  source: string | DiskSource,
   options: ChunkedExportOptions = {},
 ): Promise<WireExport> {
   if (options.fillGaps && options.base !== undefined) {
@@ -274,7 +274,7 @@ export interface TarExportOptions extends StreamExportOptions {
  * ```
  */
 export async function exportTar(
-  source: string,
+  source: string | DiskSource,
   options: TarExportOptions = {},
 ): Promise<WireExport> {
   refuseDiff(options, "tar", "in a tar stream a missing chunk means zeros (use -f chunked)");

@@ -55,6 +55,8 @@ export interface VhdMap {
   blockSize: number;
   /** Blocks that hold data in this file (fixed disks: every block with data extents). */
   data: ClusterSet;
+  /** A dynamic disk's BAT: each block's first sector (its bitmap), or BAT_UNUSED. */
+  bat?: Uint32Array;
   /** The parent of a differencing disk. */
   parent?: VhdParentRef;
 }
@@ -115,8 +117,8 @@ export async function readVhdMap(file: ImageFile, searchDirs: string[] = []): Pr
     at,
   );
   checkVhdTables(header, footer.currentSize, at, file.size);
-  const data = await readBat(file, header, footer.currentSize);
-  const map: VhdMap = { footer, header, blockSize: header.blockSize, data };
+  const { data, bat } = await readBat(file, header, footer.currentSize);
+  const map: VhdMap = { footer, header, blockSize: header.blockSize, data, bat };
   if (footer.diskType === DISK_TYPE_DIFFERENCING) {
     map.parent = await findParent(file, header, searchDirs);
   }
@@ -127,10 +129,11 @@ async function readBat(
   file: ImageFile,
   header: VhdDynamicHeader,
   currentSize: number,
-): Promise<ClusterSet> {
+): Promise<{ data: ClusterSet; bat: Uint32Array }> {
   const used = usedBatEntries(currentSize, header.blockSize);
   const data = new ClusterSet(used, header.blockSize);
-  if (used === 0) return data;
+  const entries = new Uint32Array(used).fill(BAT_UNUSED);
+  if (used === 0) return { data, bat: entries };
   const bat = await file.readAt(header.tableOffset, used * 4, "VHD BAT");
   const view = new DataView(bat.buffer);
   const bitmap = blockBitmapSize(header.blockSize);
@@ -144,8 +147,9 @@ async function readBat(
       );
     }
     data.add(i);
+    entries[i] = sector;
   }
-  return data;
+  return { data, bat: entries };
 }
 
 /**
