@@ -107,10 +107,36 @@ export async function readOvaMember(reader: TarReader): Promise<OvaManifest> {
 
 /**
  * Lists the XVA arriving on `input` (a pipe: every byte is read, the bodies are
- * skipped).
+ * skipped). `label` names it in messages.
+ *
+ * @example
+ * ```ts
+ * import { listXvaStream } from "@diskstream/diskstream";
+ * import { tarHeader, TAR_END } from "./tar.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const m = (n: string, v: string) => `<member><name>${n}</name><value>${v}</value></member>`;
+ * const vm = `<value><struct>${m("class", "VM")}${m("id", "Ref:0")}` +
+ *   `${m("snapshot", `<struct>${m("name_label", "web")}</struct>`)}</struct></value>`;
+ * const xml = new TextEncoder().encode(
+ *   `<value><struct>${m("objects", `<array><data>${vm}</data></array>`)}</struct></value>`,
+ * );
+ * const pad = new Uint8Array((512 - (xml.length % 512)) % 512);
+ * const xva = ReadableStream.from([tarHeader("ova.xml", xml.length), xml, pad, TAR_END]);
+ * const listing = await listXvaStream(xva);
+ * assert.equal(listing.vms[0].name, "web");
+ * assert.deepEqual(listing.disks, []);
+ * ```
  */
-export async function listXvaStream(input: ChunkStream, label = "the XVA"): Promise<XvaListing> {
-  const reader = new TarReader(input, label);
+export async function listXvaStream(
+  input: ReadableStream<Uint8Array> | ChunkStream,
+  label = "the XVA",
+): Promise<XvaListing> {
+  const { ChunkStream } = await import("../io/chunk_stream.ts");
+  const reader = new TarReader(
+    input instanceof ChunkStream ? input : new ChunkStream(input),
+    label,
+  );
   const inv = new Inventory(await readOvaMember(reader));
   for (let m = await reader.next(); m !== null; m = await reader.next()) inv.add(m);
   return inv.listing();
