@@ -217,7 +217,7 @@ export async function decodeXvaDisk(
     next,
   });
   for (;;) {
-    if (size !== null && offset >= size && members > 0) break;
+    if (size !== null && offset >= size && (members > 0 || size === 0)) break;
     const m = await nextMember();
     if (m === null) {
       if (size !== null && offset < size) {
