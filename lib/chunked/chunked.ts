@@ -8,7 +8,7 @@
  * @module
  */
 import { CorruptImageError } from "../errors.ts";
-import type { ChunkStream } from "../io/chunk_stream.ts";
+import { type ChunkStream, DECODE_FLUSH_BYTES } from "../io/chunk_stream.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
 
 /** Bytes of a chunk header. */
@@ -61,9 +61,6 @@ export interface ChunkedResult {
   /** Stream bytes read, the end header included. */
   streamBytes: number;
 }
-
-/** Queued bytes after which the target is flushed (and input buffers released). */
-const FLUSH_BYTES = 32 * 1024 * 1024;
 
 /**
  * Reads a chunked stream from `input` into `target` until its end header. Refuses a
@@ -147,7 +144,7 @@ export async function decodeChunkedStream(
       at += take;
       left -= take;
       pos += take;
-      if (target.queued >= FLUSH_BYTES) await flush();
+      if (target.queued >= DECODE_FLUSH_BYTES) await flush();
     }
     dataBytes += length;
     pieces++;

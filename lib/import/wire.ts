@@ -11,7 +11,7 @@
  */
 import { decodeChunkedStream } from "../chunked/chunked.ts";
 import { CorruptImageError, DiskstreamError } from "../errors.ts";
-import { ChunkStream } from "../io/chunk_stream.ts";
+import { ChunkStream, DECODE_FLUSH_BYTES } from "../io/chunk_stream.ts";
 import { openDiskSource } from "../io/disk_source.ts";
 import type { ProgressSink } from "../progress.ts";
 import type { ChecksumKind } from "../xva/checksum.ts";
@@ -230,7 +230,7 @@ export async function importRaw(
         t.write(at, c, 0, c.length);
         held.push(c);
         at += c.length;
-        if (t.queued >= 32 * 1024 * 1024) {
+        if (t.queued >= DECODE_FLUSH_BYTES) {
           await t.flush();
           for (const h of held) input.release(h);
           held = [];

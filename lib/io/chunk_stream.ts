@@ -8,6 +8,12 @@ import { CHUNK_SIZE } from "./stream.ts";
 import type { PipeInput } from "./pipe_input.ts";
 
 /**
+ * Bytes of queued writes after which a decoder that writes views of the input's
+ * chunks flushes its target and releases those chunks (bounds its memory).
+ */
+export const DECODE_FLUSH_BYTES = 16 * 1024 * 1024;
+
+/**
  * The input of a decoder: chunks with a push-back. A byte stream is read with a BYOB
  * reader into a few recycled buffers ({@link ChunkStream.release} hands one back once
  * nothing refers to it), so memory stays at a few chunks however long the stream.

@@ -10,7 +10,7 @@
  * @module
  */
 import { CorruptImageError, UsageError } from "../errors.ts";
-import type { ChunkStream } from "../io/chunk_stream.ts";
+import { type ChunkStream, DECODE_FLUSH_BYTES } from "../io/chunk_stream.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
 import {
   type Checksum,
@@ -138,8 +138,6 @@ export interface XvaDiskResult {
   next: TarMember | null;
 }
 
-/** Queued bytes after which the target is flushed (only ever after a verified member). */
-const FLUSH_BYTES = 32 * 1024 * 1024;
 /** The longest checksum member accepted. */
 const MAX_CHECKSUM_BYTES = 128;
 
@@ -338,7 +336,7 @@ export async function decodeXvaDisk(
     }
     options.onMember?.(m, at0);
     options.onProgress?.(offset);
-    if (target.queued >= FLUSH_BYTES) await flush();
+    if (target.queued >= DECODE_FLUSH_BYTES) await flush();
   }
   await flush();
   return result(null);
