@@ -31,6 +31,7 @@ interface ExportFlags {
   machine?: boolean;
   tarPrefix: string;
   checksum: string;
+  sync: boolean;
 }
 
 /** The output formats of `export`. */
@@ -57,6 +58,8 @@ export interface ExportRun {
   checksum?: "xxhash" | "sha1";
   /** chunked: also send the left-out clusters as zeros (vhd-tool without --prezeroed). */
   fillGaps?: boolean;
+  /** Sync a file or device output before success (default true). */
+  sync?: boolean;
 }
 
 // The export machinery is loaded when a command runs, so that start-up only pays
@@ -120,9 +123,17 @@ export function registerExport(program: Command): void {
     )
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
+    .option(
+      "--no-sync",
+      "do not wait for the output file or device to reach its disk (fdatasync) before " +
+        "reporting success",
+    )
     .addHelpText(
       "after",
-      "\nExamples:\n" +
+      "\nA file or device output is synced before success. With -o FILE, SIGINT, SIGTERM and\n" +
+        "SIGHUP stop the export: a FILE it created is removed, and the exit status is 128 +\n" +
+        "the signal's number.\n" +
+        "\nExamples:\n" +
         "  diskstream export disk.raw > disk.qcow2\n" +
         "  diskstream export /dev/vg/lv -f tar --allocation lv.vhd --tar-prefix Ref:3 > disk.tar\n" +
         "  diskstream export new.raw --diff old.raw -f chunked | diskstream import copy-of-old.raw -f chunked\n" +
@@ -182,6 +193,7 @@ export function registerExport(program: Command): void {
         progress: progressMode(flags),
         tarPrefix: flags.tarPrefix,
         checksum: flags.checksum,
+        sync: flags.sync,
       });
     });
 
@@ -308,7 +320,22 @@ export async function runExport(run: ExportRun): Promise<void> {
   ]);
   // Refuse a terminal before any work.
   if (run.target.kind === "std") await openOutput(run.target);
+  // Writing a file: a signal stops the export cleanly (the file it created is removed).
+  if (run.target.kind === "path") {
+    const { stoppableBySignals } = await import("./signals.ts");
+    return await stoppableBySignals((signal) => exportTo(run, createProgress, signal));
+  }
+  await exportTo(run, createProgress);
+}
+
+async function exportTo(
+  run: ExportRun,
+  createProgress: typeof import("../progress.ts").createProgress,
+  signal?: AbortSignal,
+): Promise<void> {
   const options = {
+    signal,
+    sync: run.sync,
     allocation: await run.allocation?.(),
     zeroCheck: run.zeroCheck,
     base: run.base,

@@ -23,6 +23,7 @@ interface ImportFlags {
   machine?: boolean;
   tarPrefix?: string;
   ignoreChecksums?: boolean;
+  sync: boolean;
 }
 
 /** The input formats of `import`. */
@@ -43,6 +44,8 @@ export interface ImportRun {
   tarPrefix?: string;
   /** tar: do not verify the checksums. */
   ignoreChecksums?: boolean;
+  /** Sync DEST before success (default true). */
+  sync?: boolean;
 }
 
 /** Registers the import commands on `program`. */
@@ -92,9 +95,16 @@ export function registerImport(program: Command): void {
     .option("--ignore-checksums", "-f tar: do not verify the .xxhash/.checksum members")
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
+    .option(
+      "--no-sync",
+      "do not wait for DEST to reach its disk (fdatasync) before reporting success",
+    )
     .addHelpText(
       "after",
-      "\nExamples:\n" +
+      "\nDEST is synced before success. SIGINT, SIGTERM and SIGHUP stop the import: a DEST it\n" +
+        "created is removed; for an existing file or device the message says from which byte\n" +
+        "on it is partly written. The exit status is then 128 + the signal's number.\n" +
+        "\nExamples:\n" +
         "  diskstream import disk.raw < disk.qcow2\n" +
         "  diskstream import disk.raw -f tar --size 10G < disk.tar\n" +
         "  diskstream import copy-of-old.raw -f chunked < diff.chunked\n" +
@@ -132,6 +142,7 @@ export function registerImport(program: Command): void {
         progress: progressMode(flags),
         tarPrefix: flags.tarPrefix,
         ignoreChecksums: flags.ignoreChecksums,
+        sync: flags.sync,
       });
     });
 
@@ -174,57 +185,60 @@ export async function runImport(run: ImportRun): Promise<void> {
     import("../io/pipe_input.ts"),
     import("../progress.ts"),
   ]);
-  const progress = createProgress(run.progress, "import");
-  const src = run.source;
-  const pipe = openPipeInput(
-    src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
-    endpointName(src, "stdin"),
-  );
-  const format = run.format;
-  if (format === "raw" || format === "chunked" || format === "tar") {
-    const [wire, { ChunkStream }] = await Promise.all([
-      import("../import/wire.ts"),
-      import("../io/chunk_stream.ts"),
-    ]);
-    try {
-      const input = pipe ?? (await openInput(run.source, { blocking: true })).stream;
-      const stream = new ChunkStream(input);
-      const opts = { size: run.size, prezeroed: run.prezeroed, progress };
-      if (format === "raw") await wire.importRaw(stream, run.dest, opts);
-      else if (format === "chunked") await wire.importChunked(stream, run.dest, opts);
-      else {
-        await wire.importTar(stream, run.dest, {
+  // A signal stops the import: DEST is removed if it was created, else the message
+  // says from which byte on it is partly written.
+  const { stoppableBySignals } = await import("./signals.ts");
+  await stoppableBySignals(async (signal) => {
+    const progress = createProgress(run.progress, "import");
+    // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
+    // the data can be spliced into DEST; anything else is read as a stream.
+    const src = run.source;
+    const pipe = openPipeInput(
+      src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
+      endpointName(src, "stdin"),
+    );
+    const format = run.format;
+    if (format === "raw" || format === "chunked" || format === "tar") {
+      const [wire, { ChunkStream }] = await Promise.all([
+        import("../import/wire.ts"),
+        import("../io/chunk_stream.ts"),
+      ]);
+      try {
+        const input = pipe ?? (await openInput(run.source, { blocking: true })).stream;
+        const stream = new ChunkStream(input, signal);
+        const opts = { size: run.size, prezeroed: run.prezeroed, progress, sync: run.sync, signal };
+        if (format === "raw") return await wire.importRaw(stream, run.dest, opts);
+        if (format === "chunked") return await wire.importChunked(stream, run.dest, opts);
+        return await wire.importTar(stream, run.dest, {
           ...opts,
           prefix: run.tarPrefix,
           ignoreChecksums: run.ignoreChecksums,
         });
+      } finally {
+        pipe?.close();
       }
-    } finally {
-      pipe?.close();
     }
-    return;
-  }
-  const options = {
-    format,
-    size: run.size,
-    prezeroed: run.prezeroed,
-    delta: run.delta,
-    maxBuffer: run.maxBuffer,
-    progress,
-    streamLength: await streamLength(run.source),
-  };
-  // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
-  // the data can be spliced into DEST; anything else is read as a stream.
-  if (pipe) {
-    try {
-      await importFromPipe(pipe, run.dest, options);
-    } finally {
-      pipe.close();
+    const options = {
+      format,
+      size: run.size,
+      prezeroed: run.prezeroed,
+      delta: run.delta,
+      maxBuffer: run.maxBuffer,
+      progress,
+      streamLength: await streamLength(run.source),
+      sync: run.sync,
+      signal,
+    };
+    if (pipe) {
+      try {
+        return await importFromPipe(pipe, run.dest, options);
+      } finally {
+        pipe.close();
+      }
     }
-    return;
-  }
-  const input = await openInput(run.source, { blocking: true });
-  await importImage(input.stream, run.dest, options);
+    const input = await openInput(run.source, { blocking: true });
+    await importImage(input.stream, run.dest, options);
+  });
 }
 
 /**

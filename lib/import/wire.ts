@@ -51,8 +51,8 @@ export interface WireImportResult {
 
 type Source = ReadableStream<Uint8Array> | ChunkStream;
 
-function chunkStream(s: Source): ChunkStream {
-  return s instanceof ChunkStream ? s : new ChunkStream(s);
+function chunkStream(s: Source, signal?: AbortSignal): ChunkStream {
+  return s instanceof ChunkStream ? s : new ChunkStream(s, signal);
 }
 
 /** The size of an existing destination, or null when it does not exist. */
@@ -113,7 +113,7 @@ export async function importChunked(
   dest: string,
   options: WireImportOptions = {},
 ): Promise<WireImportResult> {
-  const input = chunkStream(stream);
+  const input = chunkStream(stream, options.signal);
   const size = options.size ?? await existingSize(dest);
   if (size === null) {
     throw new DiskstreamError(
@@ -164,7 +164,7 @@ export async function importTar(
   dest: string,
   options: TarImportOptions = {},
 ): Promise<WireImportResult> {
-  const input = chunkStream(stream);
+  const input = chunkStream(stream, options.signal);
   const size = options.size ?? null;
   if (size !== null) options.progress?.setTotal(size);
   const reader = new TarReader(input);
@@ -211,7 +211,7 @@ export async function importRaw(
   dest: string,
   options: WireImportOptions = {},
 ): Promise<WireImportResult> {
-  const input = chunkStream(stream);
+  const input = chunkStream(stream, options.signal);
   const size = options.size ?? null;
   if (size !== null) options.progress?.setTotal(size);
   const [target, total] = await run(
