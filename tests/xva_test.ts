@@ -390,3 +390,37 @@ qemuTest("vhd-tool stream --relative-to and --source-format vhd over a VHD chain
     assert.match(lost.stderr, /base\.vhd/);
   });
 });
+
+Deno.test("vhd-tool refuses descriptors this process did not inherit (fd://N, --source-fd N)", async () => {
+  await withTempDir(async (dir) => {
+    await writeSparse(`${dir}/d.raw`, MiB);
+    for (
+      const args of [
+        ["stream", "--source", `${dir}/d.raw`, "--destination", "fd://77"],
+        ["stream", "--source", `${dir}/d.raw`, "--destination-fd", "77"],
+        [
+          "serve",
+          "--source-protocol",
+          "tar",
+          "--source-fd",
+          "78",
+          "--destination",
+          `file://${dir}/o`,
+        ],
+        [
+          "serve",
+          "--source-protocol",
+          "tar",
+          "--source",
+          "fd://78",
+          "--destination",
+          `file://${dir}/o`,
+        ],
+      ]
+    ) {
+      const r = await runCli(["vhd-tool", ...args]);
+      assert.equal(r.code, 2, args.join(" "));
+      assert.match(r.stderr, /descriptor 7[78] is not open/);
+    }
+  });
+});

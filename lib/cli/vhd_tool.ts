@@ -17,6 +17,7 @@ import { runExport } from "./export.ts";
 import { printHeaders } from "./headers.ts";
 import { runImport } from "./import.ts";
 import { fdOption, sizeOption } from "./options.ts";
+import { inheritedFd } from "../io/descriptor.ts";
 
 interface CommonFlags {
   verbose?: boolean;
@@ -114,7 +115,7 @@ function endpointOf(text: string, role: "source" | "destination"): Endpoint {
   if (text === "stdout:" || text === "stdin:") return { kind: "std" };
   if (text === "null:") return { kind: "path", path: "/dev/null" };
   const fd = /^fd:(?:\/\/)?(\d+)$/.exec(text);
-  if (fd) return { kind: "fd", fd: Number(fd[1]) };
+  if (fd) return { kind: "fd", fd: inheritedFd(Number(fd[1]), `--${role} ${text}`) };
   if (text.startsWith("file://")) return { kind: "path", path: decodeURIComponent(text.slice(7)) };
   const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(text);
   if (scheme && scheme[1].length > 1) {
