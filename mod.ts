@@ -119,3 +119,29 @@ export {
 } from "./lib/import/xva.ts";
 export { extractXvaFileAs, type XvaConvertOptions } from "./lib/export/xva.ts";
 export { XvaDiskSource, type XvaMemberRange } from "./lib/xva/disk_source.ts";
+// HTTP(S): the client (export -o URL, import -i URL) and the disk server.
+export {
+  type HttpClientOptions,
+  type HttpDownload,
+  httpGet,
+  httpPut,
+  type HttpPutOptions,
+  HttpStatusError,
+  HttpTransferError,
+  parseHeaderLines,
+  redactUrl,
+} from "./lib/http/client.ts";
+export {
+  contentTypeOf,
+  FORMAT_CONTENT_TYPES,
+  formatOfContentType,
+} from "./lib/http/content_type.ts";
+export {
+  type DiskServer,
+  type DiskServerOptions,
+  type ServedExport,
+  type ServedImport,
+  SERVER_FORMATS,
+  type ServerFormat,
+  startDiskServer,
+} from "./lib/http/server.ts";

@@ -10,8 +10,10 @@ import type { ImportFormat } from "../import/import.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
+import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
+import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
-interface ImportFlags {
+interface ImportFlags extends HttpFlags {
   input?: string;
   inputFd?: number;
   format: string;
@@ -44,13 +46,15 @@ export interface ImportRun {
   tarPrefix?: string;
   /** tar: do not verify the checksums. */
   ignoreChecksums?: boolean;
+  /** `-i http(s)://…`: download with GET, and the client's flags. */
+  url?: { url: string; flags: HttpFlags };
   /** Sync DEST before success (default true). */
   sync?: boolean;
 }
 
 /** Registers the import commands on `program`. */
 export function registerImport(program: Command): void {
-  program
+  const importCommand = program
     .command("import")
     .description(
       "Import a qcow2 or VHD image arriving as a stream (stdin, a pipe, a socket) into a raw " +
@@ -59,7 +63,11 @@ export function registerImport(program: Command): void {
         "has none (unless --prezeroed); --delta applies a diff onto DEST.",
     )
     .argument("<DEST>", "raw file or block device to write (/dev/... needs --allow-all)")
-    .option("-i, --input <IN>", "read the image from IN ('-' = stdin, the default)")
+    .option(
+      "-i, --input <IN>",
+      "read the image from IN ('-' = stdin, the default); an http(s):// URL is downloaded\n" +
+        "with GET, its Content-Type naming the format when -f is not given",
+    )
     .option(
       "--input-fd <N>",
       "read the image from inherited file descriptor N",
@@ -109,8 +117,10 @@ export function registerImport(program: Command): void {
         "  diskstream import disk.raw -f tar --size 10G < disk.tar\n" +
         "  diskstream import copy-of-old.raw -f chunked < diff.chunked\n" +
         "  curl -s http://host/disk.qcow2 | diskstream import /dev/vg/lv --progress\n" +
-        "  diskstream import base-copy.raw --delta -i diff.qcow2",
-    )
+        "  diskstream import base-copy.raw --delta -i diff.qcow2\n" +
+        "  diskstream import /dev/vg/lv -i 'https://user:TOKEN@host/export_raw_vdi?vdi=a&format=qcow2'",
+    );
+  addHttpOptions(importCommand)
     .action(async (dest: string, flags: ImportFlags) => {
       const format = flags.format as ImportRunFormat;
       if (!FORMATS.includes(format)) {
@@ -131,9 +141,16 @@ export function registerImport(program: Command): void {
       if (flags.delta && flags.prezeroed) {
         throw new UsageError("--delta and --prezeroed do not go together");
       }
+      const url = flags.input !== undefined && isHttpUrl(flags.input) ? flags.input : undefined;
+      checkHttpFlags(flags, url !== undefined, "-i/--input");
       await runImport({
         dest,
-        source: endpointFrom(flags.input, flags.inputFd, "-i/--input and --input-fd"),
+        source: endpointFrom(
+          url === undefined ? flags.input : "-",
+          flags.inputFd,
+          "-i/--input and --input-fd",
+        ),
+        url: url === undefined ? undefined : { url, flags },
         format,
         size: flags.size,
         prezeroed: flags.prezeroed,
@@ -165,6 +182,7 @@ export function registerImport(program: Command): void {
 
 /** Runs one import (also used by `vhd-tool serve`). */
 export async function runImport(run: ImportRun): Promise<void> {
+  if (run.url) return await importFromUrl(run, run.url);
   if (run.source.kind === "std" && Deno.stdin.isTerminal()) {
     throw new UsageError(
       "refusing to read a disk image from a terminal: pipe it in or use -i FILE",
@@ -198,22 +216,10 @@ export async function runImport(run: ImportRun): Promise<void> {
       endpointName(src, "stdin"),
     );
     const format = run.format;
-    if (format === "raw" || format === "chunked" || format === "tar") {
-      const [wire, { ChunkStream }] = await Promise.all([
-        import("../import/wire.ts"),
-        import("../io/chunk_stream.ts"),
-      ]);
+    if (isWire(format)) {
       try {
         const input = pipe ?? (await openInput(run.source, { blocking: true })).stream;
-        const stream = new ChunkStream(input, signal);
-        const opts = { size: run.size, prezeroed: run.prezeroed, progress, sync: run.sync, signal };
-        if (format === "raw") return await wire.importRaw(stream, run.dest, opts);
-        if (format === "chunked") return await wire.importChunked(stream, run.dest, opts);
-        return await wire.importTar(stream, run.dest, {
-          ...opts,
-          prefix: run.tarPrefix,
-          ignoreChecksums: run.ignoreChecksums,
-        });
+        return await importWire(run, format, input, progress, signal);
       } finally {
         pipe?.close();
       }
@@ -241,6 +247,63 @@ export async function runImport(run: ImportRun): Promise<void> {
   });
 }
 
+/** `import -i URL`: the body of a GET, its format from its Content-Type unless given. */
+async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlags }) {
+  const opts = await httpOptionsOf(url.flags);
+  const [{ httpGet }, { formatOfContentType }, { importImage }, { createProgress }, {
+    stoppableBySignals,
+  }] = await Promise.all([
+    import("../http/client.ts"),
+    import("../http/content_type.ts"),
+    import("../import/import.ts"),
+    import("../progress.ts"),
+    import("./signals.ts"),
+  ]);
+  const download = await httpGet(url.url, opts);
+  if (isWire(run.format)) {
+    const wireFormat = run.format;
+    try {
+      await stoppableBySignals((signal) =>
+        importWire(
+          run,
+          wireFormat,
+          download.stream,
+          createProgress(run.progress, "import"),
+          signal,
+        )
+      );
+    } catch (err) {
+      await download.stream.cancel().catch(() => {});
+      throw err;
+    }
+    return;
+  }
+  const named = formatOfContentType(download.contentType);
+  const format = run.format !== "auto"
+    ? run.format
+    : named === "qcow2" || named === "vhd"
+    ? named
+    : "auto";
+  try {
+    await stoppableBySignals((signal) =>
+      importImage(download.stream, run.dest, {
+        format,
+        size: run.size,
+        prezeroed: run.prezeroed,
+        delta: run.delta,
+        maxBuffer: run.maxBuffer,
+        progress: createProgress(run.progress, "import"),
+        streamLength: download.length,
+        sync: run.sync,
+        signal,
+      })
+    );
+  } catch (err) {
+    await download.stream.cancel().catch(() => {});
+    throw err;
+  }
+}
+
 /**
  * The bytes left to read when the input is a regular file (for progress and fixed VHD
  * sizes): its size less the position an inherited descriptor is already at.
@@ -257,4 +320,33 @@ async function streamLength(source: Endpoint): Promise<number | undefined> {
   } catch {
     return undefined;
   }
+}
+
+type WireFormat = "raw" | "chunked" | "tar";
+
+function isWire(format: ImportRunFormat): format is WireFormat {
+  return format === "raw" || format === "chunked" || format === "tar";
+}
+
+/** Imports a raw, chunked or tar stream (XAPI's wire formats) into `run.dest`. */
+async function importWire(
+  run: ImportRun,
+  format: WireFormat,
+  input: ReadableStream<Uint8Array> | import("../io/pipe_input.ts").PipeInput,
+  progress: import("../progress.ts").ProgressSink,
+  signal: AbortSignal,
+): Promise<unknown> {
+  const [wire, { ChunkStream }] = await Promise.all([
+    import("../import/wire.ts"),
+    import("../io/chunk_stream.ts"),
+  ]);
+  const stream = new ChunkStream(input, signal);
+  const opts = { size: run.size, prezeroed: run.prezeroed, progress, sync: run.sync, signal };
+  if (format === "raw") return await wire.importRaw(stream, run.dest, opts);
+  if (format === "chunked") return await wire.importChunked(stream, run.dest, opts);
+  return await wire.importTar(stream, run.dest, {
+    ...opts,
+    prefix: run.tarPrefix,
+    ignoreChecksums: run.ignoreChecksums,
+  });
 }

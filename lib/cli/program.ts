@@ -11,6 +11,7 @@ import { registerHeaders } from "./headers.ts";
 import { registerImport } from "./import.ts";
 import { registerVhdTool } from "./vhd_tool.ts";
 import { registerXva } from "./xva.ts";
+import { registerServer } from "./server.ts";
 
 /** Builds the program with every command registered. */
 export function buildProgram(): Command {
@@ -35,6 +36,7 @@ export function buildProgram(): Command {
   registerHeaders(program);
   registerVhdTool(program);
   registerXva(program);
+  registerServer(program);
   for (const command of program.commands) {
     command.exitOverride();
     tidyHelp(command);
@@ -63,6 +65,7 @@ const SUMMARIES: Record<string, string> = {
   info: "a human summary of a qcow2/VHD image (--json for scripts)",
   xva: "list or extract the disks of an XVA (XenServer/XCP-ng VM export)",
   "vhd-tool": "vhd-tool's stream/serve/read_headers command line, for XAPI's calls",
+  server: "serve disks on XAPI's export_raw_vdi/import_raw_vdi HTTP(S) endpoints",
 };
 
 /**

@@ -66,8 +66,7 @@ export interface VhdMap {
  * footer copy, else a fixed disk (footer in the last 512 bytes only). Throws
  * {@link CorruptImageError} with the byte offset for a bad cookie or checksum, a
  * missing or disagreeing end footer (a truncated file), tables past the end of the
- * file, or a BAT entry pointing past it. A differencing disk's parent is looked up
- * in `searchDirs` (vhd-tool's `--path`), then next to the file.
+ * file, or a BAT entry pointing past it.
  */
 export async function readVhdMap(file: ImageFile, searchDirs: string[] = []): Promise<VhdMap> {
   if (file.size < FOOTER_SIZE) {
@@ -117,7 +116,7 @@ export async function readVhdMap(file: ImageFile, searchDirs: string[] = []): Pr
     at,
   );
   checkVhdTables(header, footer.currentSize, at, file.size);
-  const { data, bat } = await readBat(file, header, footer.currentSize);
+  const { data, bat } = readBat(file, header, footer.currentSize, at);
   const map: VhdMap = { footer, header, blockSize: header.blockSize, data, bat };
   if (footer.diskType === DISK_TYPE_DIFFERENCING) {
     map.parent = await findParent(file, header, searchDirs);
@@ -125,29 +124,57 @@ export async function readVhdMap(file: ImageFile, searchDirs: string[] = []): Pr
   return map;
 }
 
-async function readBat(
+/** BAT bytes read at a time: memory stays bounded whatever the BAT's size. */
+const BAT_CHUNK = 4 * 1024 * 1024;
+
+/**
+ * The allocated blocks of the BAT, read in pieces. A block placed inside the footer
+ * copy, the dynamic header (at `headerAt`) or the BAT is corruption (a BAT that is a
+ * hole in a sparse file reads as blocks at sector 0), and so is one past the end.
+ */
+function readBat(
   file: ImageFile,
   header: VhdDynamicHeader,
   currentSize: number,
-): Promise<{ data: ClusterSet; bat: Uint32Array }> {
+  headerAt: number,
+): { data: ClusterSet; bat: Uint32Array } {
   const used = usedBatEntries(currentSize, header.blockSize);
   const data = new ClusterSet(used, header.blockSize);
   const entries = new Uint32Array(used).fill(BAT_UNUSED);
-  if (used === 0) return { data, bat: entries };
-  const bat = await file.readAt(header.tableOffset, used * 4, "VHD BAT");
-  const view = new DataView(bat.buffer);
   const bitmap = blockBitmapSize(header.blockSize);
-  for (let i = 0; i < used; i++) {
-    const sector = view.getUint32(i * 4);
-    if (sector === BAT_UNUSED) continue;
-    if (sector * SECTOR_SIZE + bitmap > file.size) {
-      throw new CorruptImageError(
-        `VHD BAT entry ${i} points to sector ${sector}, past the end of the ${file.size}-byte file`,
-        header.tableOffset + i * 4,
-      );
+  const metadata: [number, number, string][] = [
+    [0, FOOTER_SIZE, "the footer copy"],
+    [headerAt, headerAt + DYNAMIC_HEADER_SIZE, "the dynamic header"],
+    [header.tableOffset, header.tableOffset + used * 4, "the BAT"],
+  ];
+  const buffer = new Uint8Array(Math.min(used * 4, BAT_CHUNK));
+  for (let first = 0; first < used; first += BAT_CHUNK / 4) {
+    const n = Math.min(used - first, BAT_CHUNK / 4);
+    const bat = buffer.subarray(0, n * 4);
+    file.readInto(header.tableOffset + first * 4, bat, "VHD BAT");
+    const view = new DataView(bat.buffer, bat.byteOffset, bat.byteLength);
+    for (let j = 0; j < n; j++) {
+      const sector = view.getUint32(j * 4);
+      if (sector === BAT_UNUSED) continue;
+      const i = first + j;
+      if (sector * SECTOR_SIZE + bitmap > file.size) {
+        throw new CorruptImageError(
+          `VHD BAT entry ${i} points to sector ${sector}, past the end of the ${file.size}-byte file`,
+          header.tableOffset + i * 4,
+        );
+      }
+      const start = sector * SECTOR_SIZE;
+      const end = start + bitmap + header.blockSize;
+      const inside = metadata.find(([a, b]) => start < b && end > a);
+      if (inside !== undefined) {
+        throw new CorruptImageError(
+          `VHD BAT entry ${i} places block ${i} at sector ${sector}, inside ${inside[2]}`,
+          header.tableOffset + i * 4,
+        );
+      }
+      data.add(i);
+      entries[i] = sector;
     }
-    data.add(i);
-    entries[i] = sector;
   }
   return { data, bat: entries };
 }
