@@ -623,6 +623,7 @@ const GOALS: Goal[] = [
     "import qcow2",
     atMost(1.3),
   ),
+  goal(
     "server export (curl) within 1.3 × curl of the same bytes as a static file from nginx",
     "http-get",
     DISKSTREAM,
