@@ -55,9 +55,9 @@ export function buildProgram(): Command {
 
 /** One line per command in `diskstream --help`. */
 const SUMMARIES: Record<string, string> = {
-  export: "raw disk or block device → qcow2 (or VHD) stream, optionally a diff",
+  export: "raw disk or block device → qcow2, VHD, raw, chunked or tar stream, optionally a diff",
   "qcow2-to-stdout": "drop-in for XAPI's qcow2-to-stdout.py (same flags)",
-  import: "qcow2/VHD stream → raw file or block device, one pass, no seeking",
+  import: "qcow2/VHD/raw/chunked/tar stream → raw file or block device, one pass, no seeking",
   stream_decode: "drop-in for qcow-stream-tool stream_decode (stdin → OUTPUT)",
   headers: "allocation JSON of a qcow2/VHD image, as vhd-tool prints it",
   read_headers: "drop-in for vhd-tool read_headers (flat list)",

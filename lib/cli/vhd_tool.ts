@@ -67,13 +67,13 @@ function commonOptions(c: Command): Command {
     .option("-v, --verbose", "accepted (vhd-tool's verbose output)")
     .option(
       "--direct",
-      "accepted: vhd-tool's O_DIRECT; diskstream reads through the page cache and syncs\n" +
+      "accepted: vhd-tool's O_DIRECT; diskstream reads through the page cache and syncs " +
         "what it writes before it exits",
     )
     .option("--unbuffered", "the same as --direct")
     .option(
       "--path <DIRS>",
-      "colon-separated directories where VHD parents are looked up first (then next to\n" +
+      "colon-separated directories where VHD parents are looked up first (then next to " +
         "the child), as vhd-tool does",
       ".",
     )
@@ -143,24 +143,24 @@ export function registerVhdTool(program: Command): void {
   const group = program
     .command("vhd-tool")
     .description(
-      "vhd-tool's command line as XAPI calls it (stream, serve, read_headers,\n" +
-        "read_headers_interval), so that a 'vhd-tool' shim running\n" +
+      "vhd-tool's command line as XAPI calls it (stream, serve, read_headers, " +
+        "read_headers_interval), so that a 'vhd-tool' shim running " +
         "'exec diskstream vhd-tool \"$@\"' can take its place.",
     );
 
   refuseOptions(commonOptions(
     group.command("stream")
       .description(
-        "Export: vhd-tool stream. --source-format raw (SOURCE is a raw file or device), vhd\n" +
-          "(SOURCE is a VHD read through its parent chain) or hybrid (SOURCE is RAWDEV:IMAGE:\n" +
-          "bytes from RAWDEV, allocation from the VHD or qcow2 IMAGE's chain); --relative-to\n" +
-          "BASE.vhd keeps what changed since BASE;\n" +
+        "Export: vhd-tool stream. --source-format raw (SOURCE is a raw file or device), vhd " +
+          "(SOURCE is a VHD read through its parent chain) or hybrid (SOURCE is RAWDEV:IMAGE: " +
+          "bytes from RAWDEV, allocation from the VHD or qcow2 IMAGE's chain); --relative-to " +
+          "BASE.vhd keeps what changed since BASE; " +
           "--destination-format raw|vhd|qcow2; --destination-protocol none|chunked|tar.",
       )
       .option("--source <SOURCE>", "the disk: a path, or RAWDEV:IMAGE for hybrid")
       .option(
         "--source-format <FMT>",
-        "raw, vhd (SOURCE is a VHD, read through its parent chain) or hybrid\n" +
+        "raw, vhd (SOURCE is a VHD, read through its parent chain) or hybrid " +
           "(nbdhybrid is refused)",
         "raw",
       )
@@ -180,8 +180,8 @@ export function registerVhdTool(program: Command): void {
   refuseOptions(commonOptions(
     group.command("serve")
       .description(
-        "Import: vhd-tool serve. Reads --source-fd N (or --source) in --source-format raw\n" +
-          "or vhd, --source-protocol none, chunked or tar, and writes the raw disk to\n" +
+        "Import: vhd-tool serve. Reads --source-fd N (or --source) in --source-format raw " +
+          "or vhd, --source-protocol none, chunked or tar, and writes the raw disk to " +
           "--destination file://PATH (a file or block device).",
       )
       .option("--source <SOURCE>", "stdin:, fd://N, file://PATH or a path", "stdin:")

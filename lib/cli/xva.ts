@@ -18,8 +18,8 @@ export function registerXva(program: Command): void {
 
   group.command("list")
     .description(
-      "Print the VM and its disks from ova.xml: each disk's ref (the prefix of its members),\n" +
-        "uuid, name, virtual size and which members are present. A file is listed from its\n" +
+      "Print the VM and its disks from ova.xml: each disk's ref (the prefix of its members), " +
+        "uuid, name, virtual size and which members are present. A file is listed from its " +
         "headers alone; '-' reads the whole stream.",
     )
     .argument("<XVA>", "the XVA file, or '-' for stdin")
@@ -31,8 +31,8 @@ export function registerXva(program: Command): void {
 
   group.command("extract")
     .description(
-      "Write each disk of the XVA to DIR as a raw file named after its ref (Ref:3 →\n" +
-        "DIR/Ref_3.raw), sparse, in one pass over the stream; every .xxhash/.checksum\n" +
+      "Write each disk of the XVA to DIR as a raw file named after its ref (Ref:3 → " +
+        "DIR/Ref_3.raw), sparse, in one pass over the stream; every .xxhash/.checksum " +
         "member is verified.",
     )
     .argument("<XVA>", "the XVA file, or '-' for stdin")
@@ -44,7 +44,7 @@ export function registerXva(program: Command): void {
     )
     .option(
       "-f, --format <FORMAT>",
-      "raw (from a file or a pipe), qcow2 or vhd (from a file: its checksums are verified\n" +
+      "raw (from a file or a pipe), qcow2 or vhd (from a file: its checksums are verified " +
         "in a first pass, then each disk streams from its members in place)",
       "raw",
     )
