@@ -55,7 +55,7 @@ export function registerXva(program: Command): void {
       "\nExamples:\n" +
         "  diskstream xva list vm.xva\n" +
         "  diskstream xva extract vm.xva -o disks/ --disk Ref:3\n" +
-        "  ssh host xe vm-export vm=web filename= | diskstream xva extract - -o disks/",
+        "  ssh host cat /srv/vm.xva | diskstream xva extract - -o disks/",
     )
     .action(async (xva: string, opts: ExtractFlags) => await extract(xva, opts));
 }
