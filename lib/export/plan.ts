@@ -5,7 +5,6 @@
  *
  * @module
  */
-import { setImmediate } from "node:timers";
 import type { Allocation } from "../alloc/allocation.ts";
 import { alignUp } from "../bytes.ts";
 import {
@@ -14,6 +13,8 @@ import {
   type Candidates,
   candidatesOf,
   scanWindows,
+  YIELD_BYTES,
+  yieldToEventLoop,
 } from "./scan.ts";
 import { ClusterSet } from "../alloc/cluster_set.ts";
 import { diffScanBytes, planDiff } from "./diff.ts";
@@ -52,8 +53,6 @@ function hintClusters(
 const PROBE_BYTES = 4096;
 /** Clusters of this size and more are probed first (smaller ones are read whole). */
 const PROBE_MIN_CLUSTER = 4 * PROBE_BYTES;
-/** Bytes examined between two yields to the event loop in the synchronous probing. */
-const YIELD_BYTES = 64 * 1024 * 1024;
 
 /** Pass 1 without a base: the candidate clusters that hold a non-zero byte. */
 async function planNonZero(
@@ -115,7 +114,7 @@ async function probeNonZero(
         onRead(cs);
         if ((sinceYield += cs) >= YIELD_BYTES) {
           sinceYield = 0;
-          await new Promise((resolve) => setImmediate(resolve));
+          await yieldToEventLoop();
         }
         continue;
       }
