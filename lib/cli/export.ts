@@ -11,7 +11,7 @@ import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
 import { DEFAULT_BLOCK_SIZE } from "../vhd/constants.ts";
-import { endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
+import { DIRECT_HELP, endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
 
 const clusterSizeOption = powerOfTwoOption("-c/--cluster-size", 512, 2 * 1024 * 1024);
 const refcountBitsOption = powerOfTwoOption("-r/--refcount-bits", 1, 64);
@@ -27,6 +27,7 @@ interface ExportFlags {
   diff?: string;
   baseAllocation?: string;
   progress?: boolean;
+  direct?: boolean;
   machine?: boolean;
 }
 
@@ -43,6 +44,7 @@ interface ExportRun {
   base?: string;
   baseAllocation?: () => Promise<Allocation>;
   progress: ProgressMode;
+  direct?: boolean;
 }
 
 // The export machinery is loaded when a command runs, so that start-up only pays
@@ -89,6 +91,7 @@ export function registerExport(program: Command): void {
     .option("--zero-check", "with --allocation: also leave out hinted clusters that are all zeros")
     .option("--diff <BASE>", "export only the clusters that differ from BASE (raw file or device)")
     .option("--base-allocation <SPEC>", "clusters of BASE that may hold data (like --allocation)")
+    .option("--direct", DIRECT_HELP)
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .addHelpText(
@@ -131,6 +134,7 @@ export function registerExport(program: Command): void {
           ? undefined
           : () => resolveAllocationSpec(flags.baseAllocation!, cs),
         progress: progressMode(flags),
+        direct: flags.direct,
       });
     });
 
@@ -261,6 +265,7 @@ async function runExport(run: ExportRun): Promise<void> {
     zeroCheck: run.zeroCheck,
     base: run.base,
     baseAllocation: await run.baseAllocation?.(),
+    direct: run.direct,
     progress: createProgress(run.progress, "export"),
     reuseBuffers: true, // without FFI, writeTo writes each chunk before reading the next
   };

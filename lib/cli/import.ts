@@ -9,7 +9,7 @@ import { UsageError } from "../errors.ts";
 import type { ImportFormat } from "../import/import.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
-import { endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
+import { DIRECT_HELP, endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
 
 interface ImportFlags {
   input?: string;
@@ -20,6 +20,7 @@ interface ImportFlags {
   delta?: boolean;
   maxBuffer?: number;
   progress?: boolean;
+  direct?: boolean;
   machine?: boolean;
 }
 
@@ -32,6 +33,7 @@ interface ImportRun {
   delta?: boolean;
   maxBuffer?: number;
   progress: ProgressMode;
+  direct?: boolean;
 }
 
 /** Registers the import commands on `program`. */
@@ -69,6 +71,7 @@ export function registerImport(program: Command): void {
         "memory for data that arrives before the metadata mapping it (default: 256M)",
       ).argParser(sizeOption("--max-buffer")),
     )
+    .option("--direct", DIRECT_HELP)
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .addHelpText(
@@ -94,6 +97,7 @@ export function registerImport(program: Command): void {
         delta: flags.delta,
         maxBuffer: flags.maxBuffer,
         progress: progressMode(flags),
+        direct: flags.direct,
       });
     });
 
@@ -142,6 +146,7 @@ async function runImport(run: ImportRun): Promise<void> {
     prezeroed: run.prezeroed,
     delta: run.delta,
     maxBuffer: run.maxBuffer,
+    direct: run.direct,
     progress,
     streamLength: await streamLength(run.source),
   };

@@ -35,6 +35,12 @@ export interface StreamExportOptions {
    * every chunk is a fresh buffer the consumer may keep.
    */
   reuseBuffers?: boolean;
+  /**
+   * Keep the disks' data out of the page cache (vhd-tool's `--direct`): what is read
+   * from the source and the base, and what is written to an output file, is dropped
+   * from the cache a few megabytes behind the transfer. Needs FFI (else ignored).
+   */
+  direct?: boolean;
 }
 
 /** Options of {@link exportQcow2}. */

@@ -14,6 +14,7 @@ import { SourceChangedError, UsageError } from "../errors.ts";
 import type { WriterOptions } from "../qcow2/writer.ts";
 import type { ProgressSink } from "../progress.ts";
 import { endpointPath, sameFile } from "../io/same_file.ts";
+import { openPageCache, type PageCache } from "../io/page_cache.ts";
 import type { PlannedExport, StreamExportOptions } from "./options.ts";
 import type { ExportPlan } from "./plan.ts";
 
@@ -54,7 +55,7 @@ export function plannedExport<Layout>(
     }, [
       ["source", src.path],
       ...(options.base === undefined ? [] : [["base", options.base]] as [string, string][]),
-    ]);
+    ], !!options.direct);
     return {
       // Made on first use: a ReadableStream starts pulling (prefetching) at once.
       get stream() {
@@ -86,6 +87,8 @@ class Pass2<Layout> {
     readonly writerOptions: WriterOptions,
     /** Files the output must not be: the source, and the base of a diff. */
     readonly protect: [role: string, path: string][],
+    /** Keep the copied data out of the page cache (see page_cache.ts). */
+    readonly direct: boolean,
   ) {}
 
   /** Refuses a second start and a source whose size changed since pass 1. */
@@ -164,21 +167,34 @@ class Pass2<Layout> {
       endpointName(target, "stdout"),
     );
     if (copier === null) return await pipeToOutput(this.stream(), await openOutput(target));
+    const drop = this.direct
+      ? {
+        src: openPageCache(this.src.path, true),
+        out: target.kind === "path" ? openPageCache(target.path, true) : null,
+      }
+      : null;
     try {
       await this.#start();
-      await this.#copyWith(copier);
+      await this.#copyWith(copier, drop?.src ?? null, drop?.out ?? null);
     } finally {
       copier.close();
+      drop?.src?.close();
+      drop?.out?.close();
       this.src.close();
     }
     this.progress?.finish();
   }
 
-  async #copyWith(copier: KernelCopy): Promise<void> {
+  async #copyWith(
+    copier: KernelCopy,
+    srcCache: PageCache | null,
+    outCache: PageCache | null,
+  ): Promise<void> {
     const src = this.src;
     for (const piece of this.image.pieces()) {
       if (piece instanceof Uint8Array) {
         copier.write(piece);
+        outCache?.wrote(this.#sent, piece.length);
         this.#sentBytes(piece.length);
         continue;
       }
@@ -188,6 +204,8 @@ class Pass2<Layout> {
         const real = Math.max(0, Math.min(step, src.size - at));
         if (real > 0) copier.copy(at, real);
         if (real < step) copier.write(new Uint8Array(step - real)); // the last cluster's padding
+        srcCache?.read(at, real);
+        outCache?.wrote(this.#sent, step);
         this.#sentBytes(step);
         at += step;
         await new Promise((resolve) => setImmediate(resolve)); // let timers and signals run
