@@ -79,8 +79,8 @@ export class DecompressPool {
 
   /**
    * A pool for clusters of `clusterSize` bytes compressed with `compressionType`
-   * (0 deflate, 1 zstd), with `size` workers (default: one per processor, at most
-   * 4; 0 decompresses everything on the main thread).
+   * (0 deflate, 1 zstd), with `size` workers (default: one per processor but one, at
+   * least 1 and at most 4; 0 decompresses everything on the main thread).
    */
   constructor(clusterSize: number, compressionType: number, size = defaultSize()) {
     this.#clusterSize = clusterSize;
@@ -239,8 +239,9 @@ export class DecompressPool {
   }
 }
 
+/** One worker per processor but one (the main thread decompresses too when they are busy). */
 function defaultSize(): number {
-  return Math.max(1, Math.min(MAX_WORKERS, navigator.hardwareConcurrency || 1));
+  return Math.max(1, Math.min(MAX_WORKERS, (navigator.hardwareConcurrency || 1) - 1));
 }
 
 /**

@@ -62,8 +62,8 @@ export interface StreamDecodeOptions {
   /** The stream's length, when known (a regular file). */
   streamLength?: number;
   /**
-   * Worker threads that decompress compressed clusters (default: one per processor,
-   * at most 4; 0: all on the main thread).
+   * Worker threads that decompress compressed clusters (default: one per processor
+   * but one, at least 1, at most 4; 0: all on the main thread).
    */
   workers?: number;
 }
