@@ -3,13 +3,14 @@
  * window (consecutive clusters coalesced into one read). Used by the plain export
  * (find non-zero clusters) and by diffs (compare with the base).
  *
- * Sources that read synchronously (files and devices) are read in 1 MiB windows
- * with blocking reads, one input after the other: measured, that costs the CPU time
- * of `cat` (the window stays in the processor's cache for the comparison, and no
- * thread hand-off per read), while asynchronous 4 MiB reads cost twice as much. The
- * inputs are still read ahead in parallel, by the kernel's readahead of each file.
- * Other sources (network transports) are read asynchronously, the next window of
- * every input while the current one is examined.
+ * Sources that read synchronously (files and devices) are read in 1 MiB windows: the
+ * first input with blocking reads on the main thread while the others (a diff's base)
+ * are read on Deno's I/O threads, so the two disks are read at the same time on two
+ * processors. Measured, blocking reads cost the CPU time of `cat` (the window stays in
+ * the processor's cache for the comparison, no thread hand-off per read), while
+ * asynchronous 4 MiB reads of both cost twice as much. Other sources (network
+ * transports) are read asynchronously, the next window of every input while the
+ * current one is examined.
  *
  * @module
  */
@@ -133,9 +134,12 @@ async function scanWindowsSync(
   let sinceYield = 0;
   for (const { first, parts } of windowsOf(runs, span)) {
     let bytes = 0;
-    for (let k = 0; k < inputs.length; k++) {
-      bytes += readWindowSync(inputs[k], buffers[k], first, parts, clusterSize);
-    }
+    // The other inputs (a diff's base) are read on Deno's I/O threads meanwhile.
+    const others = inputs.slice(1).map((input, k) =>
+      readWindow(input, buffers[k + 1], first, parts, clusterSize)
+    );
+    bytes += readWindowSync(inputs[0], buffers[0], first, parts, clusterSize);
+    for (const n of await Promise.all(others)) bytes += n;
     onRead(bytes);
     visit({ first, parts, buffers });
     if ((sinceYield += bytes) >= YIELD_BYTES) {
