@@ -101,7 +101,11 @@ Deno.test("deferred writes: written in the order queued, counted as queued until
     queued: 0,
   };
   let sent = 0;
-  const deferred = new DeferredWrites(target, 512, () => sent++);
+  const released: number[] = [];
+  const deferred = new DeferredWrites(target, 512, {
+    beforeWait: () => sent++,
+    written: (b) => released.push(b[0]),
+  });
   const later = Promise.withResolvers<Uint8Array>();
   deferred.defer(later.promise, (b) => target.write(0, b, 0, 1));
   deferred.defer(Promise.resolve(new Uint8Array([2])), (b) => target.write(512, b, 0, 1));
@@ -110,6 +114,7 @@ Deno.test("deferred writes: written in the order queued, counted as queued until
   setTimeout(() => later.resolve(new Uint8Array([1])), 10);
   await flushing;
   assert.deepEqual(writes, [[0, 1], [512, 2]]);
+  assert.deepEqual(released, [1, 2]);
   assert.equal(sent, 1);
   assert.equal(flushed, 1);
   assert.equal(deferred.queued, 0);
@@ -122,4 +127,22 @@ Deno.test("zstd data that overflows its cluster keeps the first cluster; a bomb 
   assert.deepEqual(decompressCluster(zstdCompressSync(data), CS, 1, 0).data, data.subarray(0, CS));
   const bomb = zstdCompressSync(new Uint8Array(64 * 1024 * 1024));
   assert.throws(() => decompressCluster(bomb, CS, 1, 4096), CorruptImageError);
+});
+
+Deno.test("decompress pool: released batches are reused, later batches stay right", async () => {
+  const pool = new DecompressPool(CS, 0, 1);
+  try {
+    assert.equal(await pool.whenReady(), 1);
+    for (let round = 0; round < 4; round++) {
+      const clusters = Array.from({ length: 40 }, (_, i) => cluster(round * 100 + i + 1));
+      const jobs = clusters.map((c, i) => pool.decompress(deflateRawSync(c), i));
+      pool.send();
+      const out = await Promise.all(jobs);
+      out.forEach((data, i) => assert.deepEqual(data, clusters[i], `round ${round}, cluster ${i}`));
+      for (const data of out) pool.release(data);
+    }
+    assert.ok(pool.counts.workers > 0);
+  } finally {
+    pool.close();
+  }
 });

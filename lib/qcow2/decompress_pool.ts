@@ -29,13 +29,14 @@ const BATCH_BYTES = 2 * 1024 * 1024;
 const MAX_WORKERS = 4;
 
 // One message per batch: the compressed inputs back to back, each cluster's output
-// written at `i * clusterSize` of one buffer (fresh buffers per cluster cost more
-// than the decompression, measured).
+// written at `i * clusterSize` of one buffer, recycled once its clusters are written
+// (fresh buffers cost page faults: about as much as the decompression, measured).
 const WORKER_SOURCE = `import * as zlib from "node:zlib";
 const decompress = (${makeDecompressor.toString()})(zlib);
 self.onmessage = ({ data: batch }) => {
   const { input, bounds, clusterSize, compressionType } = batch;
-  const out = new Uint8Array(clusterSize * (bounds.length - 1));
+  const size = clusterSize * (bounds.length - 1);
+  const out = batch.out && batch.out.byteLength >= size ? new Uint8Array(batch.out) : new Uint8Array(size);
   const results = [];
   for (let i = 0; i + 1 < bounds.length; i++) {
     const r = decompress(input.subarray(bounds[i], bounds[i + 1]), clusterSize, compressionType);
@@ -74,6 +75,10 @@ export class DecompressPool {
   #batchWorker: PoolWorker | null = null;
   #nextId = 0;
   #url: string | null = null;
+  /** Output buffers of answered batches: views not yet released, by buffer. */
+  readonly #lent = new Map<ArrayBufferLike, number>();
+  /** Output buffers to send again. */
+  readonly #free: ArrayBuffer[] = [];
   /** Clusters decompressed by workers / by the main thread (for tests and tuning). */
   readonly counts = { workers: 0, main: 0 };
 
@@ -120,13 +125,30 @@ export class DecompressPool {
     jobs.forEach((job, i) => input.set(job.input, bounds[i]));
     const id = this.#nextId++;
     w.inFlight.set(id, jobs);
+    const out = this.#free.pop();
     w.worker.postMessage({
       id,
       input,
       bounds,
+      out,
       clusterSize: this.#clusterSize,
       compressionType: this.#compressionType,
-    }, [input.buffer]);
+    }, out ? [input.buffer, out] : [input.buffer]);
+  }
+
+  /**
+   * A cluster returned by {@link DecompressPool.decompress} is no longer needed (it
+   * was written): its batch's buffer is reused once all of its clusters are.
+   */
+  release(data: Uint8Array): void {
+    const left = this.#lent.get(data.buffer);
+    if (left === undefined) return;
+    if (left > 1) {
+      this.#lent.set(data.buffer, left - 1);
+      return;
+    }
+    this.#lent.delete(data.buffer);
+    if (this.#free.length < 2 * MAX_WORKERS) this.#free.push(data.buffer as ArrayBuffer);
   }
 
   #here(input: Uint8Array, offset: number): Promise<Uint8Array> {
@@ -188,6 +210,7 @@ export class DecompressPool {
       if (!jobs) return;
       w.inFlight.delete(data.id);
       const cs = this.#clusterSize;
+      this.#lent.set(data.out.buffer, jobs.length);
       jobs.forEach((job, i) => {
         const r = data.results[i];
         const result: DecompressResult = r.error === undefined
@@ -259,10 +282,14 @@ export class DeferredWrites implements ImageTarget {
   readonly wroteDirect?: (offset: number, length: number) => void;
 
   /**
-   * `unit`: the bytes of one deferred write; `beforeWait` runs before flush waits
-   * (to send what is batched).
+   * `unit`: the bytes of one deferred write; `hooks.beforeWait` runs before flush
+   * waits (to send what is batched), `hooks.written` gets the bytes once written.
    */
-  constructor(target: ImageTarget, readonly unit: number, readonly beforeWait = () => {}) {
+  constructor(
+    target: ImageTarget,
+    readonly unit: number,
+    readonly hooks: { beforeWait?: () => void; written?: (bytes: Uint8Array) => void } = {},
+  ) {
     this.#target = target;
     this.path = target.path;
     if (target.wroteDirect) this.wroteDirect = (o, l) => target.wroteDirect!(o, l);
@@ -291,8 +318,14 @@ export class DeferredWrites implements ImageTarget {
     const pending = this.#pending;
     this.#pending = [];
     this.#pendingBytes = 0;
-    this.beforeWait();
-    for (const p of pending) p.write(await p.bytes);
+    this.hooks.beforeWait?.();
+    const written: Uint8Array[] = [];
+    for (const p of pending) {
+      const bytes = await p.bytes;
+      p.write(bytes);
+      written.push(bytes);
+    }
     await this.#target.flush();
+    if (this.hooks.written) { for (const bytes of written) this.hooks.written(bytes); }
   }
 }

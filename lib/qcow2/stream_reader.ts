@@ -87,7 +87,10 @@ export async function decodeQcow2Stream(
     unit: header.clusterSize,
   };
   const pool = new DecompressPool(header.clusterSize, header.compressionType, opts.workers);
-  const target = new DeferredWrites(await open(info), header.clusterSize, () => pool.send());
+  const target = new DeferredWrites(await open(info), header.clusterSize, {
+    beforeWait: () => pool.send(),
+    written: (bytes) => pool.release(bytes),
+  });
   try {
     const reader = new Qcow2StreamReader(header, target, opts.maxBuffer, pool);
     await walkChunks(input, reader.walker, target, () => {
