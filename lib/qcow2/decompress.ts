@@ -150,7 +150,7 @@ export function makeDecompressor(z: typeof zlib): Decompressor {
   function zstdCluster(input: Uint8Array, clusterSize: number): DecompressResult {
     // node:zlib refuses bytes after the last frame, so find where the frames end.
     // QEMU writes one frame per cluster; several are accepted, as QEMU's reader does.
-    const data = new Uint8Array(clusterSize);
+    let data: Uint8Array | null = null; // made when a cluster takes several frames
     let produced = 0;
     let at = 0;
     while (produced < clusterSize && at < input.length) {
@@ -165,6 +165,11 @@ export function makeDecompressor(z: typeof zlib): Decompressor {
           chunkSize: Math.max(64, lacking),
         });
         const keep = Math.min(out.length, lacking);
+        if (produced === 0 && keep === clusterSize) {
+          // One frame (as QEMU writes): its output is the cluster, no copy.
+          return { data: new Uint8Array(out.buffer, out.byteOffset, keep), used: end };
+        }
+        data ??= new Uint8Array(clusterSize);
         data.set(out.subarray(0, keep), produced);
         produced += keep;
       } catch (err) {
@@ -172,7 +177,7 @@ export function makeDecompressor(z: typeof zlib): Decompressor {
       }
       at = end;
     }
-    return { data: data.subarray(0, produced), used: at };
+    return { data: (data ?? new Uint8Array(0)).subarray(0, produced), used: at };
   }
 
   return (input, clusterSize, compressionType) => {
