@@ -22,6 +22,7 @@ interface ImportFlags {
   progress?: boolean;
   direct?: boolean;
   machine?: boolean;
+  sync: boolean;
 }
 
 interface ImportRun {
@@ -34,6 +35,8 @@ interface ImportRun {
   maxBuffer?: number;
   progress: ProgressMode;
   direct?: boolean;
+  /** Sync DEST before success (default true). */
+  sync?: boolean;
 }
 
 /** Registers the import commands on `program`. */
@@ -74,9 +77,16 @@ export function registerImport(program: Command): void {
     .option("--direct", DIRECT_HELP)
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
+    .option(
+      "--no-sync",
+      "do not wait for DEST to reach its disk (fdatasync) before reporting success",
+    )
     .addHelpText(
       "after",
-      "\nExamples:\n" +
+      "\nDEST is synced before success. SIGINT, SIGTERM and SIGHUP stop the import: a DEST it\n" +
+        "created is removed; for an existing file or device the message says from which byte\n" +
+        "on it is partly written. The exit status is then 128 + the signal's number.\n" +
+        "\nExamples:\n" +
         "  diskstream import disk.raw < disk.qcow2\n" +
         "  curl -s http://host/disk.qcow2 | diskstream import /dev/vg/lv --progress\n" +
         "  diskstream import base-copy.raw --delta -i diff.qcow2",
@@ -98,6 +108,7 @@ export function registerImport(program: Command): void {
         maxBuffer: flags.maxBuffer,
         progress: progressMode(flags),
         direct: flags.direct,
+        sync: flags.sync,
       });
     });
 
@@ -139,34 +150,40 @@ async function runImport(run: ImportRun): Promise<void> {
     import("../io/pipe_input.ts"),
     import("../progress.ts"),
   ]);
-  const progress = createProgress(run.progress, "import");
-  const options = {
-    format: run.format,
-    size: run.size,
-    prezeroed: run.prezeroed,
-    delta: run.delta,
-    maxBuffer: run.maxBuffer,
-    direct: run.direct,
-    progress,
-    streamLength: await streamLength(run.source),
-  };
-  // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
-  // the data can be spliced into DEST; anything else is read as a stream.
-  const src = run.source;
-  const pipe = openPipeInput(
-    src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
-    endpointName(src, "stdin"),
-  );
-  if (pipe) {
-    try {
-      await importFromPipe(pipe, run.dest, options);
-    } finally {
-      pipe.close();
+  // A signal stops the import: DEST is removed if it was created, else the message
+  // says from which byte on it is partly written.
+  const { stoppableBySignals } = await import("./signals.ts");
+  await stoppableBySignals(async (signal) => {
+    const progress = createProgress(run.progress, "import");
+    const options = {
+      format: run.format,
+      size: run.size,
+      prezeroed: run.prezeroed,
+      delta: run.delta,
+      maxBuffer: run.maxBuffer,
+      direct: run.direct,
+      progress,
+      streamLength: await streamLength(run.source),
+      sync: run.sync,
+      signal,
+    };
+    // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
+    // the data can be spliced into DEST; anything else is read as a stream.
+    const src = run.source;
+    const pipe = openPipeInput(
+      src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
+      endpointName(src, "stdin"),
+    );
+    if (pipe) {
+      try {
+        return await importFromPipe(pipe, run.dest, options);
+      } finally {
+        pipe.close();
+      }
     }
-    return;
-  }
-  const input = await openInput(run.source, { blocking: true });
-  await importImage(input.stream, run.dest, options);
+    const input = await openInput(run.source, { blocking: true });
+    await importImage(input.stream, run.dest, options);
+  });
 }
 
 /**
