@@ -13,8 +13,10 @@
 import { parseArgs } from "node:util";
 import { FULL_SIZES, Inputs, type InputSizes, QUICK_SIZES } from "./bench_inputs.ts";
 import {
+  type BenchCase,
   CommandFailed,
   commandOutput,
+  type Contender,
   displayPipeline,
   HAVE_GNU_TIME,
   killCurrent,
@@ -25,6 +27,7 @@ import {
   shellQuote,
 } from "./bench_measure.ts";
 import { imagesEqual } from "../tests/helpers.ts";
+import { httpCases, httpGoalRows } from "./bench_http.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 const DENO = Deno.execPath();
@@ -48,36 +51,6 @@ const STREAMS_VERSION = "8 × diskstream --version";
 const STREAMS = 8;
 /** Worst peak RSS of one diskstream process in the many-streams case (MiB). */
 let streamsRssMiB = NaN;
-
-/** One command of a case. */
-interface Contender {
-  name: string;
-  pipeline: Pipeline;
-  /** Why it cannot run here, if it cannot. */
-  unavailable?: string;
-  /** Removes what a run wrote (untimed). */
-  after?: () => Promise<void>;
-  /** Checks the output of the warm-up run; returns what is wrong, or null. */
-  verify?: () => Promise<string | null>;
-}
-
-/** A benchmark case: its contenders and the one ratios are computed against. */
-interface BenchCase {
-  name: string;
-  title: string;
-  reference: string;
-  contenders: () => Promise<Contender[]>;
-  /** Peers that do not take part, and why. */
-  notes?: string[];
-  /** Timed runs (default: --runs), for the long cases. */
-  runs?: number;
-  /** Drop the page cache before every run of this case (needs root; else not run). */
-  cold?: boolean;
-  /** Record the peak page cache use of these files or devices during each run. */
-  watchCache?: () => string[];
-  /** Releases what `contenders` set up (loop devices), after the case. */
-  cleanup?: () => Promise<void>;
-}
 
 /** What happened to one contender of a case. */
 interface Outcome {
@@ -536,6 +509,7 @@ function allCases(): BenchCase[] {
         ];
       },
     },
+    ...httpCases({ work, ds: DS, fullRaw: () => inputs.fullRaw(), sizes, log }),
   ];
 }
 
@@ -719,11 +693,7 @@ async function runCase(c: BenchCase): Promise<Outcome[]> {
       cacheGrowth: [],
     }];
   }
-  try {
-    return await runContenders(c, await c.contenders());
-  } finally {
-    await c.cleanup?.();
-  }
+  return await runContenders(c, await c.contenders());
 }
 
 async function runContenders(c: BenchCase, contenders: Contender[]): Promise<Outcome[]> {
@@ -981,6 +951,20 @@ const GOALS: Goal[] = [
     "export 1 MiB (cli.ts)",
     { target: "—", ok: () => true },
   ),
+  goal(
+    "server export (curl) within 1.3 × curl of the same bytes as a static file from nginx",
+    "http-get",
+    DISKSTREAM,
+    "nginx static file",
+    atMost(1.3),
+  ),
+  goal(
+    "export -o http://nginx (PUT) within 1.2 × `curl -T` of the finished image",
+    "http-put",
+    DISKSTREAM,
+    "curl -T",
+    atMost(1.2),
+  ),
 ];
 
 const cacheGrowthMiB = (o: Outcome) => Math.max(...o.cacheGrowth);
@@ -1107,7 +1091,13 @@ try {
         ? "run with --cold to drop the cache before every run (works here)"
         : "dropping the cache is not permitted here");
   }
-  for (const c of selected) results.set(c.name, await runCase(c));
+  for (const c of selected) {
+    try {
+      results.set(c.name, await runCase(c));
+    } finally {
+      await c.cleanup?.();
+    }
+  }
   const minutes = (performance.now() - started) / 60000;
   const report = [
     `## Benchmark`,
@@ -1123,6 +1113,7 @@ try {
     ...GOALS.filter((g) => results.has(g.case)).map((g) => goalRow(g, results)),
     ...LIMITS.filter((l) => results.has(l.case)).map((l) => limitRow(l, results)),
     rssRow(results),
+    ...httpGoalRows(results),
     "",
   ];
   console.log(report.join("\n"));

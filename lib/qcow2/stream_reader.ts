@@ -14,6 +14,7 @@
  *
  * @module
  */
+import { lowerBound } from "../alloc/cluster_set.ts";
 import { viewOf } from "../bytes.ts";
 import { CorruptImageError, UnsupportedError } from "../errors.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
@@ -22,7 +23,7 @@ import {
   type ChunkStream,
   type Expected,
   Mode,
-  RecordRun,
+  type RecordRun,
   StreamWalker,
   walkChunks,
   type WalkerFormat,
@@ -177,8 +178,8 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly #csizeShift: number;
   #l1Read = false;
   #pendingL2 = 0;
-  /** Host offsets of the L2 tables, for messages. */
-  #l2Offsets = new Set<number>();
+  /** Host offsets of the L2 tables, ascending, for messages. */
+  #l2Offsets = new Float64Array(0);
   #expectedEnd: number;
 
   constructor(h: Qcow2Header, target: DeferredWrites, maxBuffer: number, pool: DecompressPool) {
@@ -193,7 +194,7 @@ class Qcow2StreamReader implements WalkerFormat {
     this.#csizeShift = 62 - (h.clusterBits - 8);
     this.walker = new StreamWalker(this, h.clusterSize, new StreamBuffer(maxBuffer, h.clusterSize));
     this.#expectedEnd = h.clusterSize;
-    const run = new RecordRun(2);
+    const run = this.walker.newRun(2);
     if (h.refcountTableClusters > 0) {
       this.#expect(
         run,
@@ -222,6 +223,18 @@ class Qcow2StreamReader implements WalkerFormat {
     const end = start + length;
     if (end > this.#expectedEnd) this.#expectedEnd = end;
     if (start >= this.walker.pos) {
+      const last = run.count - 1;
+      if (
+        kind === DATA && last >= 0 && run.kind[last] === DATA &&
+        (aux + 1) * this.#cs <= this.#size && // the cluster cut by the end stays apart
+        run.start[last] + run.length[last] === start &&
+        run.aux[last] + run.length[last] / this.#cs === aux
+      ) {
+        // The next guest cluster in the next host cluster: one longer range (an image
+        // whose data follows its tables in order costs one range per table, not per cluster).
+        run.length[last] += length;
+        return;
+      }
       run.add(kind, start, length, aux);
       if (kind === L2) this.#pendingL2++;
       return;
@@ -291,7 +304,7 @@ class Qcow2StreamReader implements WalkerFormat {
 
   #readL1(bytes: Uint8Array) {
     const v = viewOf(bytes);
-    const run = new RecordRun(this.#l1Used);
+    const run = this.walker.newRun(64);
     const base = this.#h.l1TableOffset;
     for (let i = 0; i < this.#l1Used; i++) {
       const hi = v.getUint32(i * 8);
@@ -312,8 +325,8 @@ class Qcow2StreamReader implements WalkerFormat {
       }
       run.add(L2, off, this.#cs, i);
     }
-    this.#l2Offsets = new Set(run.start.subarray(0, run.count));
-    const future = new RecordRun(run.count);
+    this.#l2Offsets = run.start.slice(0, run.count).sort();
+    const future = this.walker.newRun(run.count);
     for (let i = 0; i < run.count; i++) {
       this.#expect(future, L2, run.start[i], this.#cs, run.aux[i]);
     }
@@ -327,7 +340,7 @@ class Qcow2StreamReader implements WalkerFormat {
     const cs = this.#cs;
     const first = l1Index * this.#l2Entries;
     const n = Math.min(this.#l2Entries, this.#clusters - first);
-    const run = new RecordRun(64);
+    const run = this.walker.newRun(64);
     const shift = this.#csizeShift - 32;
     const offMask = 2 ** shift - 1;
     for (let j = 0; j < n; j++) {
@@ -411,6 +424,11 @@ class Qcow2StreamReader implements WalkerFormat {
     return new CorruptImageError(what, b.start);
   }
 
+  /** True when an L2 table starts at host offset `offset`. */
+  #isL2Table(offset: number): boolean {
+    return this.#l2Offsets[lowerBound(this.#l2Offsets, offset)] === offset;
+  }
+
   /** The error for a claim on bytes that went by and are not held. */
   #missing(kind: number, aux: number, at: number): CorruptImageError {
     const what = this.describe(kind, aux);
@@ -422,8 +440,9 @@ class Qcow2StreamReader implements WalkerFormat {
     else if (
       at >= h.refcountTableOffset && at < h.refcountTableOffset + h.refcountTableClusters * cs
     ) where = "the refcount table";
-    else if (this.#l2Offsets.has(at - (at % cs))) where = "an L2 table";
-    else {
+    else if (this.#isL2Table(at - (at % cs))) {
+      where = "an L2 table";
+    } else {
       return new CorruptImageError(
         `${what} is placed at byte ${at}, which another L2 entry already claims`,
         at,
