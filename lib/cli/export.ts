@@ -12,7 +12,7 @@ import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
 import { DEFAULT_BLOCK_SIZE } from "../vhd/constants.ts";
-import { endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
+import { DIRECT_HELP, endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
 import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
 import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
@@ -30,6 +30,7 @@ interface ExportFlags extends HttpFlags {
   diff?: string;
   baseAllocation?: string;
   progress?: boolean;
+  direct?: boolean;
   machine?: boolean;
   tarPrefix: string;
   checksum: string;
@@ -61,6 +62,7 @@ export interface ExportRun {
   checksum?: "xxhash" | "sha1";
   /** chunked: also send the left-out clusters as zeros (vhd-tool without --prezeroed). */
   fillGaps?: boolean;
+  direct?: boolean;
   /** `-o http(s)://…`: upload with PUT, and the client's flags. */
   url?: { url: string; flags: HttpFlags };
   /** Sync a file or device output before success (default true). */
@@ -130,6 +132,7 @@ export function registerExport(program: Command): void {
       "-f tar: checksum members, xxhash (.xxhash, XXH64, XAPI's default) or sha1 (.checksum)",
       "xxhash",
     )
+    .option("--direct", DIRECT_HELP)
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .option(
@@ -212,6 +215,7 @@ export function registerExport(program: Command): void {
         progress: progressMode(flags),
         tarPrefix: flags.tarPrefix,
         checksum: flags.checksum,
+        direct: flags.direct,
         sync: flags.sync,
       });
     });
@@ -373,6 +377,7 @@ async function exportTo(
     zeroCheck: run.zeroCheck,
     base: run.base,
     baseAllocation: run.baseAllocation && await run.baseAllocation(await diskSize(run.base!)),
+    direct: run.direct,
     progress: createProgress(run.progress, "export"),
     // writeTo without FFI and an upload write each chunk before reading the next.
     reuseBuffers: true,

@@ -9,7 +9,7 @@ import { UsageError } from "../errors.ts";
 import type { ImportFormat } from "../import/import.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
-import { endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
+import { DIRECT_HELP, endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
 import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
 import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
@@ -22,6 +22,7 @@ interface ImportFlags extends HttpFlags {
   delta?: boolean;
   maxBuffer?: number;
   progress?: boolean;
+  direct?: boolean;
   machine?: boolean;
   tarPrefix?: string;
   ignoreChecksums?: boolean;
@@ -46,6 +47,7 @@ export interface ImportRun {
   tarPrefix?: string;
   /** tar: do not verify the checksums. */
   ignoreChecksums?: boolean;
+  direct?: boolean;
   /** `-i http(s)://…`: download with GET, and the client's flags. */
   url?: { url: string; flags: HttpFlags };
   /** Sync DEST before success (default true). */
@@ -101,6 +103,7 @@ export function registerImport(program: Command): void {
       "-f tar: the members' prefix (PREFIX/%08d); default: the first member's",
     )
     .option("--ignore-checksums", "-f tar: do not verify the .xxhash/.checksum members")
+    .option("--direct", DIRECT_HELP)
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .option(
@@ -159,6 +162,7 @@ export function registerImport(program: Command): void {
         progress: progressMode(flags),
         tarPrefix: flags.tarPrefix,
         ignoreChecksums: flags.ignoreChecksums,
+        direct: flags.direct,
         sync: flags.sync,
       });
     });
@@ -230,6 +234,7 @@ export async function runImport(run: ImportRun): Promise<void> {
       prezeroed: run.prezeroed,
       delta: run.delta,
       maxBuffer: run.maxBuffer,
+      direct: run.direct,
       progress,
       streamLength: await streamLength(run.source),
       sync: run.sync,

@@ -15,6 +15,7 @@ import type { WriterOptions } from "../qcow2/writer.ts";
 import type { ProgressSink } from "../progress.ts";
 import { blockDeviceSize, endpointPath, pathExists, sameFile } from "../io/same_file.ts";
 import { formatBytes } from "../size.ts";
+import { openPageCache, type PageCache } from "../io/page_cache.ts";
 import type { PlannedExport, StreamExportOptions } from "./options.ts";
 import type { ExportPlan } from "./plan.ts";
 
@@ -85,6 +86,8 @@ class Pass2<Layout> {
   readonly progress: ProgressSink | undefined;
   readonly signal: AbortSignal | undefined;
   readonly sync: boolean;
+  /** Keep the copied data out of the page cache (see page_cache.ts). */
+  readonly direct: boolean;
 
   constructor(
     readonly src: DiskSource,
@@ -98,6 +101,7 @@ class Pass2<Layout> {
     this.progress = options.progress;
     this.signal = options.signal;
     this.sync = options.sync ?? true;
+    this.direct = !!options.direct;
   }
 
   /** Refuses a second start and a source whose size changed since pass 1. */
@@ -216,22 +220,35 @@ class Pass2<Layout> {
     if (copier === null) {
       return await pipeToOutput(this.stream(), await openOutput(target), this.sync);
     }
+    const drop = this.direct
+      ? {
+        src: openPageCache(this.src.path, true),
+        out: target.kind === "path" ? openPageCache(target.path, true) : null,
+      }
+      : null;
     try {
       await this.#start();
-      await this.#copyWith(copier);
+      await this.#copyWith(copier, drop?.src ?? null, drop?.out ?? null);
       if (this.sync) copier.sync();
     } finally {
       copier.close();
+      drop?.src?.close();
+      drop?.out?.close();
       this.src.close();
     }
     this.progress?.finish();
   }
 
-  async #copyWith(copier: KernelCopy): Promise<void> {
+  async #copyWith(
+    copier: KernelCopy,
+    srcCache: PageCache | null,
+    outCache: PageCache | null,
+  ): Promise<void> {
     const src = this.src;
     for (const piece of this.image.pieces!()) {
       if (piece instanceof Uint8Array) {
         copier.write(piece);
+        outCache?.wrote(this.#sent, piece.length);
         this.#sentBytes(piece.length);
         continue;
       }
@@ -241,6 +258,8 @@ class Pass2<Layout> {
         const real = Math.max(0, Math.min(step, src.size - at));
         if (real > 0) copier.copy(at, real);
         if (real < step) copier.write(new Uint8Array(step - real)); // the last cluster's padding
+        srcCache?.read(at, real);
+        outCache?.wrote(this.#sent, step);
         this.#sentBytes(step);
         at += step;
         await new Promise((resolve) => setImmediate(resolve)); // let timers and signals run

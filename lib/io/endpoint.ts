@@ -41,6 +41,12 @@ export interface DiskSource {
    */
   readAtSync?(buf: Uint8Array, position: number, limit?: number): void;
   /**
+   * Asks for `[offset, offset + length)` to be read ahead (the kernel's readahead for
+   * a file or device), not waiting: small scattered reads that follow are then served
+   * from memory instead of one disk request each.
+   */
+  prefetch?(offset: number, length: number): void;
+  /**
    * The byte ranges `[start, end)` of the first `limit` bytes that may hold data,
    * ascending (a file's `SEEK_DATA` extents, a remote export's block status); null
    * when unknown (then every byte may).
