@@ -54,6 +54,11 @@ export interface ImportOptions extends DestinationOptions {
   progress?: ProgressSink;
   /** The stream's length when known (a regular file), for progress. */
   streamLength?: number;
+  /**
+   * Worker threads that decompress compressed qcow2 clusters (default: one per
+   * processor but one, at least 1, at most 4; 0: all on the main thread).
+   */
+  workers?: number;
 }
 
 /** What an import did. */
@@ -155,6 +160,7 @@ async function importChunks(
     maxBuffer: options.maxBuffer ?? DEFAULT_MAX_BUFFER,
     delta: options.delta,
     streamLength: options.streamLength,
+    workers: options.workers,
     onProgress: progress
       ? (done: number, total: number) => {
         const t = options.streamLength ?? total;

@@ -37,6 +37,7 @@ import {
   QCOW2_MAGIC,
 } from "./constants.ts";
 import { decompressCluster } from "./decompress.ts";
+import { DecompressPool, DeferredWrites } from "./decompress_pool.ts";
 import { HEADER_PROBE_BYTES, parseQcow2Header, type Qcow2Header } from "./header.ts";
 
 /** What a decoder learned from the image's header, before any data is written. */
@@ -61,6 +62,11 @@ export interface StreamDecodeOptions {
   onProgress?: (done: number, total: number) => void;
   /** The stream's length, when known (a regular file). */
   streamLength?: number;
+  /**
+   * Worker threads that decompress compressed clusters (default: one per processor
+   * but one, at least 1, at most 4; 0: all on the main thread).
+   */
+  workers?: number;
 }
 
 const DATA = 0;
@@ -81,11 +87,19 @@ export async function decodeQcow2Stream(
     virtualSize: header.size,
     unit: header.clusterSize,
   };
-  const target = await open(info);
-  const reader = new Qcow2StreamReader(header, target, opts.maxBuffer);
-  await walkChunks(input, reader.walker, target, () => {
-    opts.onProgress?.(reader.walker.pos, reader.expectedEnd());
+  const pool = new DecompressPool(header.clusterSize, header.compressionType, opts.workers);
+  const target = new DeferredWrites(await open(info), header.clusterSize, {
+    beforeWait: () => pool.send(),
+    written: (bytes) => pool.release(bytes),
   });
+  try {
+    const reader = new Qcow2StreamReader(header, target, opts.maxBuffer, pool);
+    await walkChunks(input, reader.walker, target, () => {
+      opts.onProgress?.(reader.walker.pos, reader.expectedEnd());
+    });
+  } finally {
+    pool.close();
+  }
   return info;
 }
 
@@ -154,7 +168,8 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly partialOk = [false, true, false, false, false];
   readonly walker: StreamWalker;
   readonly #h: Qcow2Header;
-  readonly #target: ImageTarget;
+  readonly #target: DeferredWrites;
+  readonly #pool: DecompressPool;
   readonly #cs: number;
   readonly #size: number;
   readonly #l2Entries: number;
@@ -167,9 +182,10 @@ class Qcow2StreamReader implements WalkerFormat {
   #l2Offsets = new Float64Array(0);
   #expectedEnd: number;
 
-  constructor(h: Qcow2Header, target: ImageTarget, maxBuffer: number) {
+  constructor(h: Qcow2Header, target: DeferredWrites, maxBuffer: number, pool: DecompressPool) {
     this.#h = h;
     this.#target = target;
+    this.#pool = pool;
     this.#cs = h.clusterSize;
     this.#size = h.size;
     this.#l2Entries = h.clusterSize / 8;
@@ -265,6 +281,16 @@ class Qcow2StreamReader implements WalkerFormat {
     }
     if (kind === L1) return this.#readL1(bytes);
     if (kind === COMPRESSED) {
+      if (this.walker.buffer === null) {
+        // Every table is known, so no byte after the compressed data can belong to a
+        // range still unknown: the length it used does not matter, and a worker may
+        // decompress it (a copy: `bytes` may be a view of an input chunk reused later).
+        this.#target.defer(
+          this.#pool.decompress(bytes.slice(), start),
+          (data) => this.onBytes(DATA, aux, 0, data, 0, data.length),
+        );
+        return;
+      }
       const { data, used } = decompressCluster(bytes, this.#cs, this.#h.compressionType, start);
       this.onBytes(DATA, aux, 0, data, 0, data.length);
       return used;
