@@ -7,10 +7,12 @@
 import type { Command } from "commander";
 import type { Allocation, ImageInfoJson } from "../alloc/allocation.ts";
 import { UnsupportedError, UsageError } from "../errors.ts";
+import type { DiskSource } from "../io/endpoint.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
 import { DEFAULT_BLOCK_SIZE } from "../vhd/constants.ts";
+<<<<<<< HEAD
 import {
   addNbdOptions,
   endpointFrom,
@@ -22,6 +24,9 @@ import {
 } from "./options.ts";
 import type { NbdOptions } from "../nbd/client.ts";
 import { isNbdUri } from "../nbd/uri.ts";
+=======
+import { DIRECT_HELP, endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
+>>>>>>> main
 import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
 import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
@@ -39,24 +44,43 @@ interface ExportFlags extends HttpFlags, NbdFlags {
   diff?: string;
   baseAllocation?: string;
   progress?: boolean;
+  direct?: boolean;
   machine?: boolean;
+  tarPrefix: string;
+  checksum: string;
   sync: boolean;
 }
 
+/** The output formats of `export`. */
+export type ExportFormat = "qcow2" | "vhd" | "raw" | "chunked" | "tar";
+const FORMATS: readonly ExportFormat[] = ["qcow2", "vhd", "raw", "chunked", "tar"];
+
 /** What one export run needs, however the flags were spelled. */
-interface ExportRun {
-  source: string;
+export interface ExportRun {
+  /** A path, or an opened source (vhd-tool's VHD chains). */
+  source: string | DiskSource;
   target: Endpoint;
-  format: "qcow2" | "vhd";
+  format: ExportFormat;
   /** Cluster size of the plan (for VHD its 2 MiB blocks); hints are read at this size. */
   clusterSize: number;
   refcountBits: number;
-  allocation?: () => Promise<Allocation>;
+  /** Reads the hint, checked against the size of the disk it is for. */
+  allocation?: (diskSize: number) => Promise<Allocation>;
   zeroCheck?: boolean;
   base?: string;
-  baseAllocation?: () => Promise<Allocation>;
+  baseAllocation?: (diskSize: number) => Promise<Allocation>;
   progress: ProgressMode;
+<<<<<<< HEAD
   nbd?: NbdOptions;
+=======
+  /** tar: the members' prefix (default Ref:0). */
+  tarPrefix?: string;
+  /** tar: the checksum members' kind (default xxhash). */
+  checksum?: "xxhash" | "sha1";
+  /** chunked: also send the left-out clusters as zeros (vhd-tool without --prezeroed). */
+  fillGaps?: boolean;
+  direct?: boolean;
+>>>>>>> main
   /** `-o http(s)://…`: upload with PUT, and the client's flags. */
   url?: { url: string; flags: HttpFlags };
   /** Sync a file or device output before success (default true). */
@@ -94,7 +118,12 @@ export function registerExport(program: Command): void {
       "write the image to inherited file descriptor N",
       fdOption("--output-fd"),
     )
-    .option("-f, --format <FORMAT>", "output format: qcow2 or vhd", "qcow2")
+    .option(
+      "-f, --format <FORMAT>",
+      "output format: qcow2, vhd, raw (the whole disk), chunked (vhd-tool's protocol) or\n" +
+        "tar (XVA disk members)",
+      "qcow2",
+    )
     .option(
       "-c, --cluster-size <SIZE>",
       "qcow2 cluster size, a power of two from 512 to 2M (refused with -f vhd)",
@@ -123,6 +152,17 @@ export function registerExport(program: Command): void {
       "export only the clusters that differ from BASE (raw file, device or NBD URI)",
     )
     .option("--base-allocation <SPEC>", "clusters of BASE that may hold data (like --allocation)")
+    .option(
+      "--tar-prefix <PREFIX>",
+      "-f tar: members are named PREFIX/%08d (an XVA names them after the VDI's object id)",
+      "Ref:0",
+    )
+    .option(
+      "--checksum <KIND>",
+      "-f tar: checksum members, xxhash (.xxhash, XXH64, XAPI's default) or sha1 (.checksum)",
+      "xxhash",
+    )
+    .option("--direct", DIRECT_HELP)
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .option(
@@ -137,6 +177,8 @@ export function registerExport(program: Command): void {
         "the signal's number.\n" +
         "\nExamples:\n" +
         "  diskstream export disk.raw > disk.qcow2\n" +
+        "  diskstream export /dev/vg/lv -f tar --allocation lv.vhd --tar-prefix Ref:3 > disk.tar\n" +
+        "  diskstream export new.raw --diff old.raw -f chunked | diskstream import copy-of-old.raw -f chunked\n" +
         "  diskstream export /dev/vg/lv -c 2M --allocation lv.json -o out.qcow2\n" +
         "  diskstream export new.raw --diff old.raw -o delta.qcow2\n" +
         "    (rebuild: qemu-img rebase -u -b old.raw -F raw delta.qcow2)\n" +
@@ -150,21 +192,43 @@ export function registerExport(program: Command): void {
     );
   addNbdOptions(addHttpOptions(exportCommand))
     .action(async (source: string, flags: ExportFlags, command: Command) => {
-      const format = flags.format;
-      if (format !== "qcow2" && format !== "vhd") {
-        throw new UsageError(`-f/--format must be qcow2 or vhd, got '${format}'`);
+      const format = flags.format as ExportFormat;
+      if (!FORMATS.includes(format)) {
+        throw new UsageError(
+          `-f/--format must be one of ${FORMATS.join(", ")}, got '${flags.format}'`,
+        );
       }
-      if (format === "vhd") {
+      if (format !== "qcow2") {
         for (const [key, flag] of [["clusterSize", "-c"], ["refcountBits", "-r"]]) {
           if (command.getOptionValueSource(key) === "cli") {
             throw new UsageError(
-              `${flag} applies to qcow2 only: a VHD has 2 MiB blocks and no refcounts (drop ${flag}, or use -f qcow2)`,
+              `${flag} applies to qcow2 only, not to -f ${format} (drop ${flag}, or use -f qcow2)`,
             );
           }
         }
       }
+<<<<<<< HEAD
       const cs = format === "vhd" ? DEFAULT_BLOCK_SIZE : flags.clusterSize;
       const nbd = nbdOptionsFrom(flags);
+=======
+      if (format !== "tar") {
+        for (const [key, flag] of [["tarPrefix", "--tar-prefix"], ["checksum", "--checksum"]]) {
+          if (command.getOptionValueSource(key) === "cli") {
+            throw new UsageError(`${flag} applies to -f tar only`);
+          }
+        }
+      }
+      if (flags.checksum !== "xxhash" && flags.checksum !== "sha1") {
+        throw new UsageError(`--checksum must be xxhash or sha1, got '${flags.checksum}'`);
+      }
+      const cs = format === "vhd"
+        ? DEFAULT_BLOCK_SIZE
+        : format === "tar"
+        ? 1 << 20
+        : format === "qcow2"
+        ? flags.clusterSize
+        : DEFAULT_CLUSTER_SIZE;
+>>>>>>> main
       const url = flags.output !== undefined && isHttpUrl(flags.output) ? flags.output : undefined;
       // --cacert also serves nbds:// sources, bases and allocations.
       const usesNbd = [source, flags.diff, flags.allocation, flags.baseAllocation]
@@ -187,14 +251,26 @@ export function registerExport(program: Command): void {
         refcountBits: flags.refcountBits,
         allocation: flags.allocation === undefined
           ? undefined
+<<<<<<< HEAD
           : () => resolveAllocationSpec(flags.allocation!, cs, undefined, nbd),
+=======
+          : (size) => resolveAllocationSpec(flags.allocation!, cs, undefined, size),
+>>>>>>> main
         zeroCheck: flags.zeroCheck,
         base: flags.diff,
         baseAllocation: flags.baseAllocation === undefined
           ? undefined
+<<<<<<< HEAD
           : () => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, nbd),
         progress: progressMode(flags),
         nbd,
+=======
+          : (size) => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, size),
+        progress: progressMode(flags),
+        tarPrefix: flags.tarPrefix,
+        checksum: flags.checksum,
+        direct: flags.direct,
+>>>>>>> main
         sync: flags.sync,
       });
     });
@@ -252,11 +328,12 @@ export function registerExport(program: Command): void {
         if (map === undefined && json === undefined) {
           throw new UsageError("a --json-header-*info descriptor needs its --json-header-*map");
         }
-        return async () =>
+        return async (size: number) =>
           await resolveAllocationSpec(
             json ?? `fd:${map}`,
             cs,
             info === undefined ? undefined : await readInfo(`fd:${info}`),
+            size,
           );
       };
       await runExport({
@@ -301,7 +378,20 @@ async function readInfo(spec: string): Promise<ImageInfoJson> {
   return parseImageInfo(await readSpecText(spec), `image info ${spec}`);
 }
 
-async function runExport(run: ExportRun): Promise<void> {
+/** The size of a raw disk, learned before a hint for it is read (hints are checked against it). */
+async function diskSize(source: string | DiskSource): Promise<number> {
+  if (typeof source !== "string") return source.size;
+  const { openDiskSource } = await import("../io/disk_source.ts");
+  const src = await openDiskSource(source);
+  try {
+    return src.size;
+  } finally {
+    src.close();
+  }
+}
+
+/** Runs one export (also used by `vhd-tool stream`). */
+export async function runExport(run: ExportRun): Promise<void> {
   if (run.progress === "machine" && run.target.kind === "std" && !run.url) {
     throw new UsageError(
       "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",
@@ -338,22 +428,17 @@ async function exportTo(
   const options = {
     signal,
     sync: run.sync,
-    allocation: await run.allocation?.(),
+    allocation: run.allocation && await run.allocation(await diskSize(run.source)),
     zeroCheck: run.zeroCheck,
     base: run.base,
-    baseAllocation: await run.baseAllocation?.(),
+    baseAllocation: run.baseAllocation && await run.baseAllocation(await diskSize(run.base!)),
+    direct: run.direct,
     progress: createProgress(run.progress, "export"),
     nbd: run.nbd,
     // writeTo without FFI and an upload write each chunk before reading the next.
     reuseBuffers: true,
   };
-  const planned = run.format === "vhd"
-    ? await (await import("../export/vhd.ts")).exportVhd(run.source, options)
-    : await (await import("../export/export.ts")).exportQcow2(run.source, {
-      ...options,
-      clusterSize: run.clusterSize,
-      refcountBits: run.refcountBits,
-    });
+  const planned = await plannedExportOf(run, options);
   if (run.url && http) {
     const [{ httpPut }, { contentTypeOf }] = await Promise.all([
       import("../http/client.ts"),
@@ -365,4 +450,42 @@ async function exportTo(
     });
   }
   await planned.writeTo(run.target);
+}
+
+/** The planned export of `run`'s format. */
+async function plannedExportOf(
+  run: ExportRun,
+  options: import("../export/options.ts").StreamExportOptions,
+): Promise<
+  {
+    stream: ReadableStream<Uint8Array>;
+    layout: { fileSize: number };
+    writeTo(target: Endpoint): Promise<void>;
+  }
+> {
+  switch (run.format) {
+    case "vhd":
+      return (await import("../export/vhd.ts")).exportVhd(run.source, options);
+    case "raw":
+      return (await import("../export/wire.ts")).exportRaw(run.source, options);
+    case "chunked":
+      return (await import("../export/wire.ts")).exportChunked(run.source, {
+        ...options,
+        fillGaps: run.fillGaps,
+      });
+    case "tar": {
+      const { checkTarPrefix } = await import("../xva/disk.ts");
+      return (await import("../export/wire.ts")).exportTar(run.source, {
+        ...options,
+        prefix: checkTarPrefix(run.tarPrefix ?? "Ref:0"),
+        checksum: run.checksum,
+      });
+    }
+    default:
+      return (await import("../export/export.ts")).exportQcow2(run.source, {
+        ...options,
+        clusterSize: run.clusterSize,
+        refcountBits: run.refcountBits,
+      });
+  }
 }

@@ -9,6 +9,7 @@ import { UsageError } from "../errors.ts";
 import type { ImportFormat } from "../import/import.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
+<<<<<<< HEAD
 import {
   addNbdOptions,
   endpointFrom,
@@ -20,6 +21,9 @@ import {
 } from "./options.ts";
 import type { NbdOptions } from "../nbd/client.ts";
 import { isNbdUri } from "../nbd/uri.ts";
+=======
+import { DIRECT_HELP, endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
+>>>>>>> main
 import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
 import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
@@ -32,20 +36,36 @@ interface ImportFlags extends HttpFlags, NbdFlags {
   delta?: boolean;
   maxBuffer?: number;
   progress?: boolean;
+  direct?: boolean;
   machine?: boolean;
+  tarPrefix?: string;
+  ignoreChecksums?: boolean;
   sync: boolean;
 }
 
-interface ImportRun {
+/** The input formats of `import`. */
+export type ImportRunFormat = ImportFormat | "raw" | "chunked" | "tar";
+const FORMATS: readonly ImportRunFormat[] = ["auto", "qcow2", "vhd", "raw", "chunked", "tar"];
+
+/** What one import run needs (also built by `vhd-tool serve`). */
+export interface ImportRun {
   dest: string;
   source: Endpoint;
-  format: ImportFormat;
+  format: ImportRunFormat;
   size?: number;
   prezeroed?: boolean;
   delta?: boolean;
   maxBuffer?: number;
   progress: ProgressMode;
+<<<<<<< HEAD
   nbd?: NbdOptions;
+=======
+  /** tar: the members' prefix (default: the first member's). */
+  tarPrefix?: string;
+  /** tar: do not verify the checksums. */
+  ignoreChecksums?: boolean;
+  direct?: boolean;
+>>>>>>> main
   /** `-i http(s)://…`: download with GET, and the client's flags. */
   url?: { url: string; flags: HttpFlags };
   /** Sync DEST before success (default true). */
@@ -77,7 +97,12 @@ export function registerImport(program: Command): void {
       "read the image from inherited file descriptor N",
       fdOption("--input-fd"),
     )
-    .option("-f, --format <FORMAT>", "auto, qcow2 or vhd (a fixed VHD needs vhd)", "auto")
+    .option(
+      "-f, --format <FORMAT>",
+      "auto, qcow2 or vhd (a fixed VHD needs vhd); raw, chunked (vhd-tool's protocol) or\n" +
+        "tar (XVA disk members) must be given",
+      "auto",
+    )
     .option(
       "--size <BYTES>",
       "usable size of DEST: a larger image is refused before writing",
@@ -95,6 +120,12 @@ export function registerImport(program: Command): void {
         "memory for data that arrives before the metadata mapping it (default: 256M)",
       ).argParser(sizeOption("--max-buffer")),
     )
+    .option(
+      "--tar-prefix <PREFIX>",
+      "-f tar: the members' prefix (PREFIX/%08d); default: the first member's",
+    )
+    .option("--ignore-checksums", "-f tar: do not verify the .xxhash/.checksum members")
+    .option("--direct", DIRECT_HELP)
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .option(
@@ -108,6 +139,8 @@ export function registerImport(program: Command): void {
         "on it is partly written. The exit status is then 128 + the signal's number.\n" +
         "\nExamples:\n" +
         "  diskstream import disk.raw < disk.qcow2\n" +
+        "  diskstream import disk.raw -f tar --size 10G < disk.tar\n" +
+        "  diskstream import copy-of-old.raw -f chunked < diff.chunked\n" +
         "  curl -s http://host/disk.qcow2 | diskstream import /dev/vg/lv --progress\n" +
         "  diskstream import base-copy.raw --delta -i diff.qcow2\n" +
         "  diskstream import /dev/vg/lv -i 'https://user:TOKEN@host/export_raw_vdi?vdi=a&format=qcow2'\n" +
@@ -115,8 +148,21 @@ export function registerImport(program: Command): void {
     );
   addNbdOptions(addHttpOptions(importCommand))
     .action(async (dest: string, flags: ImportFlags) => {
-      if (!["auto", "qcow2", "vhd"].includes(flags.format)) {
-        throw new UsageError(`-f/--format must be auto, qcow2 or vhd, got '${flags.format}'`);
+      const format = flags.format as ImportRunFormat;
+      if (!FORMATS.includes(format)) {
+        throw new UsageError(
+          `-f/--format must be one of ${FORMATS.join(", ")}, got '${flags.format}'`,
+        );
+      }
+      if (format !== "tar" && (flags.tarPrefix !== undefined || flags.ignoreChecksums)) {
+        throw new UsageError("--tar-prefix and --ignore-checksums apply to -f tar only");
+      }
+      const wire = format === "raw" || format === "chunked" || format === "tar";
+      if (wire && (flags.delta || flags.maxBuffer !== undefined)) {
+        throw new UsageError(
+          `--delta and --max-buffer apply to qcow2 and VHD only (a chunked stream always ` +
+            `leaves what it does not carry untouched)`,
+        );
       }
       if (flags.delta && flags.prezeroed) {
         throw new UsageError("--delta and --prezeroed do not go together");
@@ -136,13 +182,19 @@ export function registerImport(program: Command): void {
           "-i/--input and --input-fd",
         ),
         url: url === undefined ? undefined : { url, flags },
-        format: flags.format as ImportFormat,
+        format,
         size: flags.size,
         prezeroed: flags.prezeroed,
         delta: flags.delta,
         maxBuffer: flags.maxBuffer,
         progress: progressMode(flags),
+<<<<<<< HEAD
         nbd: nbdOptionsFrom(flags),
+=======
+        tarPrefix: flags.tarPrefix,
+        ignoreChecksums: flags.ignoreChecksums,
+        direct: flags.direct,
+>>>>>>> main
         sync: flags.sync,
       });
     });
@@ -164,7 +216,8 @@ export function registerImport(program: Command): void {
     });
 }
 
-async function runImport(run: ImportRun): Promise<void> {
+/** Runs one import (also used by `vhd-tool serve`). */
+export async function runImport(run: ImportRun): Promise<void> {
   if (run.url) return await importFromUrl(run, run.url);
   if (run.source.kind === "std" && Deno.stdin.isTerminal()) {
     throw new UsageError(
@@ -191,6 +244,7 @@ async function runImport(run: ImportRun): Promise<void> {
   const { stoppableBySignals } = await import("./signals.ts");
   await stoppableBySignals(async (signal) => {
     const progress = createProgress(run.progress, "import");
+<<<<<<< HEAD
     const options = {
       format: run.format,
       size: run.size,
@@ -203,6 +257,8 @@ async function runImport(run: ImportRun): Promise<void> {
       signal,
       nbd: run.nbd,
     };
+=======
+>>>>>>> main
     // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
     // the data can be spliced into DEST; anything else is read as a stream.
     const src = run.source;
@@ -210,6 +266,27 @@ async function runImport(run: ImportRun): Promise<void> {
       src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
       endpointName(src, "stdin"),
     );
+    const format = run.format;
+    if (isWire(format)) {
+      try {
+        const input = pipe ?? (await openInput(run.source, { blocking: true })).stream;
+        return await importWire(run, format, input, progress, signal);
+      } finally {
+        pipe?.close();
+      }
+    }
+    const options = {
+      format,
+      size: run.size,
+      prezeroed: run.prezeroed,
+      delta: run.delta,
+      maxBuffer: run.maxBuffer,
+      direct: run.direct,
+      progress,
+      streamLength: await streamLength(run.source),
+      sync: run.sync,
+      signal,
+    };
     if (pipe) {
       try {
         return await importFromPipe(pipe, run.dest, options);
@@ -235,6 +312,24 @@ async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlag
     import("./signals.ts"),
   ]);
   const download = await httpGet(url.url, opts);
+  if (isWire(run.format)) {
+    const wireFormat = run.format;
+    try {
+      await stoppableBySignals((signal) =>
+        importWire(
+          run,
+          wireFormat,
+          download.stream,
+          createProgress(run.progress, "import"),
+          signal,
+        )
+      );
+    } catch (err) {
+      await download.stream.cancel().catch(() => {});
+      throw err;
+    }
+    return;
+  }
   const named = formatOfContentType(download.contentType);
   const format = run.format !== "auto"
     ? run.format
@@ -278,4 +373,33 @@ async function streamLength(source: Endpoint): Promise<number | undefined> {
   } catch {
     return undefined;
   }
+}
+
+type WireFormat = "raw" | "chunked" | "tar";
+
+function isWire(format: ImportRunFormat): format is WireFormat {
+  return format === "raw" || format === "chunked" || format === "tar";
+}
+
+/** Imports a raw, chunked or tar stream (XAPI's wire formats) into `run.dest`. */
+async function importWire(
+  run: ImportRun,
+  format: WireFormat,
+  input: ReadableStream<Uint8Array> | import("../io/pipe_input.ts").PipeInput,
+  progress: import("../progress.ts").ProgressSink,
+  signal: AbortSignal,
+): Promise<unknown> {
+  const [wire, { ChunkStream }] = await Promise.all([
+    import("../import/wire.ts"),
+    import("../io/chunk_stream.ts"),
+  ]);
+  const stream = new ChunkStream(input, signal);
+  const opts = { size: run.size, prezeroed: run.prezeroed, progress, sync: run.sync, signal };
+  if (format === "raw") return await wire.importRaw(stream, run.dest, opts);
+  if (format === "chunked") return await wire.importChunked(stream, run.dest, opts);
+  return await wire.importTar(stream, run.dest, {
+    ...opts,
+    prefix: run.tarPrefix,
+    ignoreChecksums: run.ignoreChecksums,
+  });
 }

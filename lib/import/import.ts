@@ -57,8 +57,16 @@ export interface ImportOptions extends DestinationOptions {
   progress?: ProgressSink;
   /** The stream's length when known (a regular file), for progress. */
   streamLength?: number;
+<<<<<<< HEAD
   /** How to reach a destination that is an NBD export: connections, CA certificate. */
   nbd?: NbdOptions;
+=======
+  /**
+   * Worker threads that decompress compressed qcow2 clusters (default: one per
+   * processor but one, at least 1, at most 4; 0: all on the main thread).
+   */
+  workers?: number;
+>>>>>>> main
 }
 
 /** What an import did. */
@@ -160,6 +168,7 @@ async function importChunks(
     maxBuffer: options.maxBuffer ?? DEFAULT_MAX_BUFFER,
     delta: options.delta,
     streamLength: options.streamLength,
+    workers: options.workers,
     onProgress: progress
       ? (done: number, total: number) => {
         const t = options.streamLength ?? total;

@@ -64,7 +64,7 @@ export async function walkChunks(
       }
       onChunk(chunk);
       await write(chunk);
-      if (direct?.move()) {
+      if (await direct?.move()) {
         onChunk(EMPTY);
         limit = walker.nextAssembled?.() ?? 0;
       }
@@ -81,6 +81,13 @@ export async function walkChunks(
 const EMPTY = new Uint8Array(0);
 /** Spliced bytes after which their writeback to the device is started. */
 const WRITEBACK_STRIDE = 16 * 1024 * 1024;
+/**
+ * How long a splice waits in place for the pipe's next bytes (a writer a little slower
+ * than us) before waiting on another thread, out of the event loop's way.
+ */
+const BRIEF_WAIT_MS = 20;
+/** Spliced bytes between two turns of the event loop (signals, timers). */
+const MOVE_BUDGET = 256 * 1024 * 1024;
 
 /** The splice path of {@link walkChunks}, when input, decoder and target allow it. */
 function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarget) {
@@ -92,9 +99,16 @@ function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarg
   // The range spliced since the last writeback was started.
   let lo = Infinity;
   let hi = 0;
+  // Why the last moves stopped: the pipe was empty (a splice would block, out of reach
+  // of signals), or this turn's budget was spent.
+  let starved = false;
+  let budget = 0;
   const move = (guest: number, length: number): number => {
-    // An empty pipe would block here, out of reach of signals: read it as usual instead.
-    if (!pipe.ready()) return 0;
+    if (budget <= 0) return 0;
+    if (!pipe.ready(BRIEF_WAIT_MS)) {
+      starved = true;
+      return 0;
+    }
     const n = pipe.splice(fd!, guest, length, path);
     if (n < 0) {
       // Refused for these descriptors: read everything from now on.
@@ -103,6 +117,7 @@ function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarg
       return 0;
     }
     if (n > 0) {
+      budget -= n;
       target.wroteDirect!(guest, n);
       lo = Math.min(lo, guest);
       hi = Math.max(hi, guest + n);
@@ -115,9 +130,21 @@ function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarg
     return n;
   };
   return {
-    /** Moves what can be moved now; true if anything was. */
-    move(): boolean {
-      return fd !== null && input.drained && walker.moveDirect!(move) > 0;
+    /**
+     * Moves what the decoder lets move, waiting (interruptibly) for the pipe's bytes and
+     * letting the event loop run between budgets; true if anything was moved.
+     */
+    async move(): Promise<boolean> {
+      let any = false;
+      while (fd !== null && input.drained) {
+        starved = false;
+        budget = MOVE_BUDGET;
+        if (walker.moveDirect!(move) > 0) any = true;
+        if (starved) await input.waitForPipe();
+        else if (budget <= 0) await input.waitForPipe(true);
+        else break;
+      }
+      return any;
     },
     close() {
       if (fd !== null) pipe.closeDestination(fd);

@@ -9,6 +9,14 @@ import type { PipeInput } from "./pipe_input.ts";
 
 /** Longest wait for a pipe's next bytes between two looks at the abort signal. */
 const PIPE_WAIT_MS = 200;
+/** How long a read waits in place for the pipe's next bytes before {@link PIPE_WAIT_MS}. */
+const BRIEF_WAIT_MS = 20;
+
+/**
+ * Bytes of queued writes after which a decoder that writes views of the input's
+ * chunks flushes its target and releases those chunks (bounds its memory).
+ */
+export const DECODE_FLUSH_BYTES = 16 * 1024 * 1024;
 
 /**
  * The input of a decoder: chunks with a push-back. A byte stream is read with a BYOB
@@ -94,10 +102,7 @@ export class ChunkStream {
     const pipe = this.pipe!;
     let filled = 0;
     while (filled < buf.length) {
-      while (!pipe.ready()) {
-        this.#signal?.throwIfAborted();
-        await pipe.wait(PIPE_WAIT_MS);
-      }
+      await this.waitForPipe();
       const n = pipe.read(buf.subarray(filled));
       if (n === 0) break;
       filled += n;
@@ -108,6 +113,23 @@ export class ChunkStream {
     }
     this.#lent.set(buf.buffer, 1);
     return buf.subarray(0, filled);
+  }
+
+  /**
+   * Until the pipe has bytes (or its writer is gone): waits on another thread, looking
+   * at the abort signal in between (its reason is thrown). `turn`: also let the event
+   * loop run once first (pending signals and timers), even when bytes are there.
+   */
+  async waitForPipe(turn = false): Promise<void> {
+    const pipe = this.pipe;
+    if (pipe === null) return;
+    if (turn) await new Promise((resolve) => setTimeout(resolve, 0));
+    this.#signal?.throwIfAborted();
+    // A writer a little slower than us: wait briefly in place (no thread hop).
+    while (!pipe.ready(BRIEF_WAIT_MS)) {
+      await pipe.wait(PIPE_WAIT_MS);
+      this.#signal?.throwIfAborted();
+    }
   }
 
   /** True when no byte read from the input waits in front (the next byte is the input's). */
@@ -153,14 +175,28 @@ export class ChunkStream {
     }
     const out = new Uint8Array(n);
     out.set(first);
-    let have = first.length;
-    while (have < n) {
+    return await this.#gather(out, first.length, false);
+  }
+
+  /**
+   * The next `n` bytes copied into a buffer of their own (fewer only at the end of the
+   * stream), every input buffer they came from released: for headers read between
+   * large pieces of data, so that reading them never pins the input's buffers.
+   */
+  async readCopy(n: number): Promise<Uint8Array> {
+    return await this.#gather(new Uint8Array(n), 0, true);
+  }
+
+  /** Fills `out` from `have` on (fewer at the end); `release`s the chunks it used up. */
+  async #gather(out: Uint8Array, have: number, release: boolean): Promise<Uint8Array> {
+    while (have < out.length) {
       const c = await this.next();
       if (!c) return out.subarray(0, have);
-      const take = Math.min(c.length, n - have);
+      const take = Math.min(c.length, out.length - have);
       out.set(c.subarray(0, take), have);
       have += take;
       this.unshift(c.subarray(take));
+      if (release) this.release(c);
     }
     return out;
   }

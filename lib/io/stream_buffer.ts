@@ -28,6 +28,8 @@ export class StreamBuffer {
   readonly #data: (Uint8Array | null | undefined)[] = [];
   #used = 0;
   #released = 0;
+  /** Memory counted against the same limit elsewhere (the agenda's metadata). */
+  #others: () => number = () => 0;
 
   /**
    * `limit` is the most memory (bytes) the kept pieces may use; `unit` the grain at
@@ -36,6 +38,16 @@ export class StreamBuffer {
   constructor(limit: number, unit: number) {
     this.#limit = limit;
     this.#unit = unit;
+  }
+
+  /** The most memory (bytes) the kept pieces, and whatever shares the limit, may use. */
+  get limit(): number {
+    return this.#limit;
+  }
+
+  /** Counts `others()` bytes (metadata kept elsewhere) against the same limit. */
+  shareLimit(others: () => number): void {
+    this.#others = others;
   }
 
   /** Memory the kept pieces use now (bytes). */
@@ -76,7 +88,7 @@ export class StreamBuffer {
   }
 
   #push(start: number, end: number, data: Uint8Array | null, cost: number) {
-    if (this.#used + cost > this.#limit) {
+    if (this.#used + cost + this.#others() > this.#limit) {
       throw new LimitError(
         `more than ${
           formatBytes(this.#limit)
@@ -208,7 +220,8 @@ export class StreamBuffer {
   }
 }
 
-function nextLimit(limit: number): string {
+/** A larger `--max-buffer` to suggest after `limit` was not enough. */
+export function nextLimit(limit: number): string {
   const mib = Math.max(1, Math.ceil((limit * 4) / 2 ** 20));
   return mib >= 1024 && mib % 1024 === 0 ? `${mib / 1024}G` : `${mib}M`;
 }

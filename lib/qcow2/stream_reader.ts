@@ -14,6 +14,7 @@
  *
  * @module
  */
+import { lowerBound } from "../alloc/cluster_set.ts";
 import { viewOf } from "../bytes.ts";
 import { CorruptImageError, UnsupportedError } from "../errors.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
@@ -22,7 +23,7 @@ import {
   type ChunkStream,
   type Expected,
   Mode,
-  RecordRun,
+  type RecordRun,
   StreamWalker,
   walkChunks,
   type WalkerFormat,
@@ -36,6 +37,7 @@ import {
   QCOW2_MAGIC,
 } from "./constants.ts";
 import { decompressCluster } from "./decompress.ts";
+import { DecompressPool, DeferredWrites } from "./decompress_pool.ts";
 import { HEADER_PROBE_BYTES, parseQcow2Header, type Qcow2Header } from "./header.ts";
 
 /** What a decoder learned from the image's header, before any data is written. */
@@ -60,6 +62,11 @@ export interface StreamDecodeOptions {
   onProgress?: (done: number, total: number) => void;
   /** The stream's length, when known (a regular file). */
   streamLength?: number;
+  /**
+   * Worker threads that decompress compressed clusters (default: one per processor
+   * but one, at least 1, at most 4; 0: all on the main thread).
+   */
+  workers?: number;
 }
 
 const DATA = 0;
@@ -80,11 +87,19 @@ export async function decodeQcow2Stream(
     virtualSize: header.size,
     unit: header.clusterSize,
   };
-  const target = await open(info);
-  const reader = new Qcow2StreamReader(header, target, opts.maxBuffer);
-  await walkChunks(input, reader.walker, target, () => {
-    opts.onProgress?.(reader.walker.pos, reader.expectedEnd());
+  const pool = new DecompressPool(header.clusterSize, header.compressionType, opts.workers);
+  const target = new DeferredWrites(await open(info), header.clusterSize, {
+    beforeWait: () => pool.send(),
+    written: (bytes) => pool.release(bytes),
   });
+  try {
+    const reader = new Qcow2StreamReader(header, target, opts.maxBuffer, pool);
+    await walkChunks(input, reader.walker, target, () => {
+      opts.onProgress?.(reader.walker.pos, reader.expectedEnd());
+    });
+  } finally {
+    pool.close();
+  }
   return info;
 }
 
@@ -153,7 +168,8 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly partialOk = [false, true, false, false, false];
   readonly walker: StreamWalker;
   readonly #h: Qcow2Header;
-  readonly #target: ImageTarget;
+  readonly #target: DeferredWrites;
+  readonly #pool: DecompressPool;
   readonly #cs: number;
   readonly #size: number;
   readonly #l2Entries: number;
@@ -162,13 +178,14 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly #csizeShift: number;
   #l1Read = false;
   #pendingL2 = 0;
-  /** Host offsets of the L2 tables, for messages. */
-  #l2Offsets = new Set<number>();
+  /** Host offsets of the L2 tables, ascending, for messages. */
+  #l2Offsets = new Float64Array(0);
   #expectedEnd: number;
 
-  constructor(h: Qcow2Header, target: ImageTarget, maxBuffer: number) {
+  constructor(h: Qcow2Header, target: DeferredWrites, maxBuffer: number, pool: DecompressPool) {
     this.#h = h;
     this.#target = target;
+    this.#pool = pool;
     this.#cs = h.clusterSize;
     this.#size = h.size;
     this.#l2Entries = h.clusterSize / 8;
@@ -177,7 +194,7 @@ class Qcow2StreamReader implements WalkerFormat {
     this.#csizeShift = 62 - (h.clusterBits - 8);
     this.walker = new StreamWalker(this, h.clusterSize, new StreamBuffer(maxBuffer, h.clusterSize));
     this.#expectedEnd = h.clusterSize;
-    const run = new RecordRun(2);
+    const run = this.walker.newRun(2);
     if (h.refcountTableClusters > 0) {
       this.#expect(
         run,
@@ -206,6 +223,18 @@ class Qcow2StreamReader implements WalkerFormat {
     const end = start + length;
     if (end > this.#expectedEnd) this.#expectedEnd = end;
     if (start >= this.walker.pos) {
+      const last = run.count - 1;
+      if (
+        kind === DATA && last >= 0 && run.kind[last] === DATA &&
+        (aux + 1) * this.#cs <= this.#size && // the cluster cut by the end stays apart
+        run.start[last] + run.length[last] === start &&
+        run.aux[last] + run.length[last] / this.#cs === aux
+      ) {
+        // The next guest cluster in the next host cluster: one longer range (an image
+        // whose data follows its tables in order costs one range per table, not per cluster).
+        run.length[last] += length;
+        return;
+      }
       run.add(kind, start, length, aux);
       if (kind === L2) this.#pendingL2++;
       return;
@@ -252,6 +281,16 @@ class Qcow2StreamReader implements WalkerFormat {
     }
     if (kind === L1) return this.#readL1(bytes);
     if (kind === COMPRESSED) {
+      if (this.walker.buffer === null) {
+        // Every table is known, so no byte after the compressed data can belong to a
+        // range still unknown: the length it used does not matter, and a worker may
+        // decompress it (a copy: `bytes` may be a view of an input chunk reused later).
+        this.#target.defer(
+          this.#pool.decompress(bytes.slice(), start),
+          (data) => this.onBytes(DATA, aux, 0, data, 0, data.length),
+        );
+        return;
+      }
       const { data, used } = decompressCluster(bytes, this.#cs, this.#h.compressionType, start);
       this.onBytes(DATA, aux, 0, data, 0, data.length);
       return used;
@@ -265,7 +304,7 @@ class Qcow2StreamReader implements WalkerFormat {
 
   #readL1(bytes: Uint8Array) {
     const v = viewOf(bytes);
-    const run = new RecordRun(this.#l1Used);
+    const run = this.walker.newRun(64);
     const base = this.#h.l1TableOffset;
     for (let i = 0; i < this.#l1Used; i++) {
       const hi = v.getUint32(i * 8);
@@ -286,8 +325,8 @@ class Qcow2StreamReader implements WalkerFormat {
       }
       run.add(L2, off, this.#cs, i);
     }
-    this.#l2Offsets = new Set(run.start.subarray(0, run.count));
-    const future = new RecordRun(run.count);
+    this.#l2Offsets = run.start.slice(0, run.count).sort();
+    const future = this.walker.newRun(run.count);
     for (let i = 0; i < run.count; i++) {
       this.#expect(future, L2, run.start[i], this.#cs, run.aux[i]);
     }
@@ -301,7 +340,7 @@ class Qcow2StreamReader implements WalkerFormat {
     const cs = this.#cs;
     const first = l1Index * this.#l2Entries;
     const n = Math.min(this.#l2Entries, this.#clusters - first);
-    const run = new RecordRun(64);
+    const run = this.walker.newRun(64);
     const shift = this.#csizeShift - 32;
     const offMask = 2 ** shift - 1;
     for (let j = 0; j < n; j++) {
@@ -385,6 +424,11 @@ class Qcow2StreamReader implements WalkerFormat {
     return new CorruptImageError(what, b.start);
   }
 
+  /** True when an L2 table starts at host offset `offset`. */
+  #isL2Table(offset: number): boolean {
+    return this.#l2Offsets[lowerBound(this.#l2Offsets, offset)] === offset;
+  }
+
   /** The error for a claim on bytes that went by and are not held. */
   #missing(kind: number, aux: number, at: number): CorruptImageError {
     const what = this.describe(kind, aux);
@@ -396,8 +440,9 @@ class Qcow2StreamReader implements WalkerFormat {
     else if (
       at >= h.refcountTableOffset && at < h.refcountTableOffset + h.refcountTableClusters * cs
     ) where = "the refcount table";
-    else if (this.#l2Offsets.has(at - (at % cs))) where = "an L2 table";
-    else {
+    else if (this.#isL2Table(at - (at % cs))) {
+      where = "an L2 table";
+    } else {
       return new CorruptImageError(
         `${what} is placed at byte ${at}, which another L2 entry already claims`,
         at,

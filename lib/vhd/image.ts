@@ -55,6 +55,8 @@ export interface VhdMap {
   blockSize: number;
   /** Blocks that hold data in this file (fixed disks: every block with data extents). */
   data: ClusterSet;
+  /** A dynamic disk's BAT: each block's first sector (its bitmap), or BAT_UNUSED. */
+  bat?: Uint32Array;
   /** The parent of a differencing disk. */
   parent?: VhdParentRef;
 }
@@ -66,7 +68,7 @@ export interface VhdMap {
  * missing or disagreeing end footer (a truncated file), tables past the end of the
  * file, or a BAT entry pointing past it.
  */
-export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
+export async function readVhdMap(file: ImageFile, searchDirs: string[] = []): Promise<VhdMap> {
   if (file.size < FOOTER_SIZE) {
     throw new CorruptImageError(
       `VHD truncated: the file has ${file.size} bytes, less than one footer`,
@@ -114,35 +116,67 @@ export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
     at,
   );
   checkVhdTables(header, footer.currentSize, at, file.size);
-  const data = await readBat(file, header, footer.currentSize);
-  const map: VhdMap = { footer, header, blockSize: header.blockSize, data };
-  if (footer.diskType === DISK_TYPE_DIFFERENCING) map.parent = await findParent(file, header);
+  const { data, bat } = readBat(file, header, footer.currentSize, at);
+  const map: VhdMap = { footer, header, blockSize: header.blockSize, data, bat };
+  if (footer.diskType === DISK_TYPE_DIFFERENCING) {
+    map.parent = await findParent(file, header, searchDirs);
+  }
   return map;
 }
 
-async function readBat(
+/** BAT bytes read at a time: memory stays bounded whatever the BAT's size. */
+const BAT_CHUNK = 4 * 1024 * 1024;
+
+/**
+ * The allocated blocks of the BAT, read in pieces. A block placed inside the footer
+ * copy, the dynamic header (at `headerAt`) or the BAT is corruption (a BAT that is a
+ * hole in a sparse file reads as blocks at sector 0), and so is one past the end.
+ */
+function readBat(
   file: ImageFile,
   header: VhdDynamicHeader,
   currentSize: number,
-): Promise<ClusterSet> {
+  headerAt: number,
+): { data: ClusterSet; bat: Uint32Array } {
   const used = usedBatEntries(currentSize, header.blockSize);
   const data = new ClusterSet(used, header.blockSize);
-  if (used === 0) return data;
-  const bat = await file.readAt(header.tableOffset, used * 4, "VHD BAT");
-  const view = new DataView(bat.buffer);
+  const entries = new Uint32Array(used).fill(BAT_UNUSED);
   const bitmap = blockBitmapSize(header.blockSize);
-  for (let i = 0; i < used; i++) {
-    const sector = view.getUint32(i * 4);
-    if (sector === BAT_UNUSED) continue;
-    if (sector * SECTOR_SIZE + bitmap > file.size) {
-      throw new CorruptImageError(
-        `VHD BAT entry ${i} points to sector ${sector}, past the end of the ${file.size}-byte file`,
-        header.tableOffset + i * 4,
-      );
+  const metadata: [number, number, string][] = [
+    [0, FOOTER_SIZE, "the footer copy"],
+    [headerAt, headerAt + DYNAMIC_HEADER_SIZE, "the dynamic header"],
+    [header.tableOffset, header.tableOffset + used * 4, "the BAT"],
+  ];
+  const buffer = new Uint8Array(Math.min(used * 4, BAT_CHUNK));
+  for (let first = 0; first < used; first += BAT_CHUNK / 4) {
+    const n = Math.min(used - first, BAT_CHUNK / 4);
+    const bat = buffer.subarray(0, n * 4);
+    file.readInto(header.tableOffset + first * 4, bat, "VHD BAT");
+    const view = new DataView(bat.buffer, bat.byteOffset, bat.byteLength);
+    for (let j = 0; j < n; j++) {
+      const sector = view.getUint32(j * 4);
+      if (sector === BAT_UNUSED) continue;
+      const i = first + j;
+      if (sector * SECTOR_SIZE + bitmap > file.size) {
+        throw new CorruptImageError(
+          `VHD BAT entry ${i} points to sector ${sector}, past the end of the ${file.size}-byte file`,
+          header.tableOffset + i * 4,
+        );
+      }
+      const start = sector * SECTOR_SIZE;
+      const end = start + bitmap + header.blockSize;
+      const inside = metadata.find(([a, b]) => start < b && end > a);
+      if (inside !== undefined) {
+        throw new CorruptImageError(
+          `VHD BAT entry ${i} places block ${i} at sector ${sector}, inside ${inside[2]}`,
+          header.tableOffset + i * 4,
+        );
+      }
+      data.add(i);
+      entries[i] = sector;
     }
-    data.add(i);
   }
-  return data;
+  return { data, bat: entries };
 }
 
 /**
@@ -172,7 +206,11 @@ const PATH_PLATFORMS = [PLATFORM_MACX, PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_WI
  * resolved against the child's folder. A Windows absolute path (`C:\…`) is tried by
  * its last component in the child's folder.
  */
-export async function parentCandidates(file: ImageFile, header: VhdDynamicHeader) {
+export async function parentCandidates(
+  file: ImageFile,
+  header: VhdDynamicHeader,
+  searchDirs: string[] = [],
+) {
   const names: string[] = [];
   const locators = [...header.parentLocators].sort((a, b) =>
     PATH_PLATFORMS.indexOf(a.platformCode) - PATH_PLATFORMS.indexOf(b.platformCode)
@@ -188,19 +226,24 @@ export async function parentCandidates(file: ImageFile, header: VhdDynamicHeader
     if (name) names.push(name);
   }
   if (header.parentUnicodeName) names.push(header.parentUnicodeName);
-  const dir = dirname(file.path);
+  const dirs = [...searchDirs, dirname(file.path)];
   const paths: string[] = [];
   for (const name of names) {
     let p = name.startsWith("/") ? name : name.replaceAll("\\", "/");
     if (/^[A-Za-z]:\//.test(p) || p.startsWith("//")) p = basename(p);
-    const full = isAbsolute(p) ? p : join(dir, p);
-    if (!paths.includes(full)) paths.push(full);
+    for (const full of isAbsolute(p) ? [p] : dirs.map((d) => join(d, p))) {
+      if (!paths.includes(full)) paths.push(full);
+    }
   }
   return { names, paths };
 }
 
-async function findParent(file: ImageFile, header: VhdDynamicHeader): Promise<VhdParentRef> {
-  const { names, paths } = await parentCandidates(file, header);
+async function findParent(
+  file: ImageFile,
+  header: VhdDynamicHeader,
+  searchDirs: string[],
+): Promise<VhdParentRef> {
+  const { names, paths } = await parentCandidates(file, header, searchDirs);
   const ref: VhdParentRef = { name: names[0] ?? "", tried: paths };
   for (const p of paths) {
     if (await isImagePath(p)) {

@@ -20,7 +20,7 @@ import {
   type ChunkStream,
   type Expected,
   Mode,
-  RecordRun,
+  type RecordRun,
   StreamWalker,
   walkChunks,
   type WalkerFormat,
@@ -103,6 +103,7 @@ export async function decodeVhdStream(
   input.unshift(headerBytes.subarray(FOOTER_SIZE)); // the walk starts after the footer copy
   if (headerBytes.length === footer.dataOffset + DYNAMIC_HEADER_SIZE) {
     const h = parseVhdDynamicHeader(headerBytes.subarray(footer.dataOffset), footer.dataOffset);
+    checkVhdTables(h, footer.currentSize, footer.dataOffset); // before a destination is made
     info.unit = h.blockSize;
   }
   const target = await open(info, true);
@@ -149,7 +150,7 @@ class VhdStreamReader implements WalkerFormat {
     this.#size = footer.currentSize;
     this.#differencing = footer.diskType === DISK_TYPE_DIFFERENCING;
     this.walker = new StreamWalker(this, FOOTER_SIZE, new StreamBuffer(maxBuffer, GRAIN));
-    const run = new RecordRun(1);
+    const run = this.walker.newRun(1);
     run.add(HEADER, footer.dataOffset!, DYNAMIC_HEADER_SIZE, 0);
     this.walker.add(run);
     this.#expectedEnd = footer.dataOffset! + DYNAMIC_HEADER_SIZE;
@@ -172,7 +173,7 @@ class VhdStreamReader implements WalkerFormat {
     this.#blockSize = h.blockSize;
     this.#bitmapSize = blockBitmapSize(h.blockSize);
     const length = usedBatEntries(this.#size, h.blockSize) * 4;
-    const run = new RecordRun(1);
+    const run = this.walker.newRun(1);
     this.#expect(run, BAT, h.tableOffset, length, 0);
     this.walker.add(run);
     if (length === 0) this.walker.stopBuffering();
@@ -182,7 +183,7 @@ class VhdStreamReader implements WalkerFormat {
     const v = viewOf(bytes);
     const n = bytes.length / 4;
     this.#batEnd = start + bytes.length;
-    const run = new RecordRun(2 * n);
+    const run = this.walker.newRun(64); // grows with the allocated blocks, not the BAT
     for (let i = 0; i < n; i++) {
       const sector = v.getUint32(i * 4);
       if (sector === BAT_UNUSED) continue;
