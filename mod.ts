@@ -91,13 +91,11 @@ export {
 } from "./lib/import/import.ts";
 export type { DestinationKind, DestinationOptions } from "./lib/import/raw_destination.ts";
 
-<<<<<<< HEAD
 // NBD (nbd://, nbds://, nbd+unix:// sources, bases, destinations and allocations).
 export { isNbdUri, type NbdAddress, parseNbdUri } from "./lib/nbd/uri.ts";
 export { DEFAULT_CONNECTIONS, NbdExport, type NbdOptions } from "./lib/nbd/client.ts";
 export { nbdAllocation } from "./lib/nbd/allocation.ts";
 
-=======
 // XAPI's wire formats: raw, vhd-tool's chunked protocol, XVA disk members in tar.
 export {
   type ChunkedExportOptions,
@@ -127,7 +125,6 @@ export {
 } from "./lib/import/xva.ts";
 export { extractXvaFileAs, type XvaConvertOptions } from "./lib/export/xva.ts";
 export { XvaDiskSource, type XvaMemberRange } from "./lib/xva/disk_source.ts";
->>>>>>> main
 // HTTP(S): the client (export -o URL, import -i URL) and the disk server.
 export {
   type HttpClientOptions,

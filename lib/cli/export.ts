@@ -12,9 +12,9 @@ import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
 import { DEFAULT_BLOCK_SIZE } from "../vhd/constants.ts";
-<<<<<<< HEAD
 import {
   addNbdOptions,
+  DIRECT_HELP,
   endpointFrom,
   fdOption,
   type NbdFlags,
@@ -24,9 +24,6 @@ import {
 } from "./options.ts";
 import type { NbdOptions } from "../nbd/client.ts";
 import { isNbdUri } from "../nbd/uri.ts";
-=======
-import { DIRECT_HELP, endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
->>>>>>> main
 import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
 import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
@@ -70,9 +67,7 @@ export interface ExportRun {
   base?: string;
   baseAllocation?: (diskSize: number) => Promise<Allocation>;
   progress: ProgressMode;
-<<<<<<< HEAD
   nbd?: NbdOptions;
-=======
   /** tar: the members' prefix (default Ref:0). */
   tarPrefix?: string;
   /** tar: the checksum members' kind (default xxhash). */
@@ -80,7 +75,6 @@ export interface ExportRun {
   /** chunked: also send the left-out clusters as zeros (vhd-tool without --prezeroed). */
   fillGaps?: boolean;
   direct?: boolean;
->>>>>>> main
   /** `-o http(s)://…`: upload with PUT, and the client's flags. */
   url?: { url: string; flags: HttpFlags };
   /** Sync a file or device output before success (default true). */
@@ -207,10 +201,6 @@ export function registerExport(program: Command): void {
           }
         }
       }
-<<<<<<< HEAD
-      const cs = format === "vhd" ? DEFAULT_BLOCK_SIZE : flags.clusterSize;
-      const nbd = nbdOptionsFrom(flags);
-=======
       if (format !== "tar") {
         for (const [key, flag] of [["tarPrefix", "--tar-prefix"], ["checksum", "--checksum"]]) {
           if (command.getOptionValueSource(key) === "cli") {
@@ -228,7 +218,7 @@ export function registerExport(program: Command): void {
         : format === "qcow2"
         ? flags.clusterSize
         : DEFAULT_CLUSTER_SIZE;
->>>>>>> main
+      const nbd = nbdOptionsFrom(flags);
       const url = flags.output !== undefined && isHttpUrl(flags.output) ? flags.output : undefined;
       // --cacert also serves nbds:// sources, bases and allocations.
       const usesNbd = [source, flags.diff, flags.allocation, flags.baseAllocation]
@@ -251,26 +241,17 @@ export function registerExport(program: Command): void {
         refcountBits: flags.refcountBits,
         allocation: flags.allocation === undefined
           ? undefined
-<<<<<<< HEAD
-          : () => resolveAllocationSpec(flags.allocation!, cs, undefined, nbd),
-=======
-          : (size) => resolveAllocationSpec(flags.allocation!, cs, undefined, size),
->>>>>>> main
+          : (size) => resolveAllocationSpec(flags.allocation!, cs, undefined, size, nbd),
         zeroCheck: flags.zeroCheck,
         base: flags.diff,
         baseAllocation: flags.baseAllocation === undefined
           ? undefined
-<<<<<<< HEAD
-          : () => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, nbd),
+          : (size) => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, size, nbd),
         progress: progressMode(flags),
         nbd,
-=======
-          : (size) => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, size),
-        progress: progressMode(flags),
         tarPrefix: flags.tarPrefix,
         checksum: flags.checksum,
         direct: flags.direct,
->>>>>>> main
         sync: flags.sync,
       });
     });
@@ -397,7 +378,8 @@ export async function runExport(run: ExportRun): Promise<void> {
       "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",
     );
   }
-  if (run.zeroCheck && run.allocation === undefined && !isNbdUri(run.source)) {
+  const nbdSource = typeof run.source === "string" && isNbdUri(run.source);
+  if (run.zeroCheck && run.allocation === undefined && !nbdSource) {
     throw new UsageError(
       "--zero-check goes with --allocation or an NBD source (otherwise every cluster is checked)",
     );

@@ -9,9 +9,9 @@ import { UsageError } from "../errors.ts";
 import type { ImportFormat } from "../import/import.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
-<<<<<<< HEAD
 import {
   addNbdOptions,
+  DIRECT_HELP,
   endpointFrom,
   fdOption,
   type NbdFlags,
@@ -21,9 +21,6 @@ import {
 } from "./options.ts";
 import type { NbdOptions } from "../nbd/client.ts";
 import { isNbdUri } from "../nbd/uri.ts";
-=======
-import { DIRECT_HELP, endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
->>>>>>> main
 import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
 import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
@@ -57,15 +54,12 @@ export interface ImportRun {
   delta?: boolean;
   maxBuffer?: number;
   progress: ProgressMode;
-<<<<<<< HEAD
   nbd?: NbdOptions;
-=======
   /** tar: the members' prefix (default: the first member's). */
   tarPrefix?: string;
   /** tar: do not verify the checksums. */
   ignoreChecksums?: boolean;
   direct?: boolean;
->>>>>>> main
   /** `-i http(s)://…`: download with GET, and the client's flags. */
   url?: { url: string; flags: HttpFlags };
   /** Sync DEST before success (default true). */
@@ -188,13 +182,10 @@ export function registerImport(program: Command): void {
         delta: flags.delta,
         maxBuffer: flags.maxBuffer,
         progress: progressMode(flags),
-<<<<<<< HEAD
         nbd: nbdOptionsFrom(flags),
-=======
         tarPrefix: flags.tarPrefix,
         ignoreChecksums: flags.ignoreChecksums,
         direct: flags.direct,
->>>>>>> main
         sync: flags.sync,
       });
     });
@@ -244,21 +235,6 @@ export async function runImport(run: ImportRun): Promise<void> {
   const { stoppableBySignals } = await import("./signals.ts");
   await stoppableBySignals(async (signal) => {
     const progress = createProgress(run.progress, "import");
-<<<<<<< HEAD
-    const options = {
-      format: run.format,
-      size: run.size,
-      prezeroed: run.prezeroed,
-      delta: run.delta,
-      maxBuffer: run.maxBuffer,
-      progress,
-      streamLength: await streamLength(run.source),
-      sync: run.sync,
-      signal,
-      nbd: run.nbd,
-    };
-=======
->>>>>>> main
     // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
     // the data can be spliced into DEST; anything else is read as a stream.
     const src = run.source;
@@ -286,6 +262,7 @@ export async function runImport(run: ImportRun): Promise<void> {
       streamLength: await streamLength(run.source),
       sync: run.sync,
       signal,
+      nbd: run.nbd,
     };
     if (pipe) {
       try {

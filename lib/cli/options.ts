@@ -62,7 +62,6 @@ export function progressMode(opts: { progress?: boolean; machine?: boolean }): P
   return opts.progress ? "bar" : "none";
 }
 
-<<<<<<< HEAD
 /** The NBD flags of a command (see {@link addNbdOptions}). */
 export interface NbdFlags {
   connections?: number;
@@ -91,9 +90,8 @@ export function addNbdOptions(command: Command): Command {
 export function nbdOptionsFrom(flags: NbdFlags): NbdOptions {
   return { connections: flags.connections, cacert: flags.cacert };
 }
-=======
+
 /** Help of `--direct` (export and import). */
 export const DIRECT_HELP =
   "keep the disk's data out of the host's page cache (vhd-tool's --direct): it is\n" +
   "dropped from the cache a few MiB behind the transfer (needs --allow-ffi)";
->>>>>>> main

@@ -205,17 +205,9 @@ class Pass2<Layout> {
   }
 
   async #write(target: Endpoint, name: string): Promise<void> {
-<<<<<<< HEAD
-    const copier = this.src.remote ? null : openKernelCopy(
-      this.src.path,
-      target.kind === "path" ? { path: target.path } : { fd: target.kind === "fd" ? target.fd : 1 },
-      name,
-      this.sync,
-    );
-=======
     // Kernel copies only when the format gives pieces (no checksums to compute) and the
     // source's path holds its bytes (not a disk inside an XVA, not a VHD chain).
-    const copier = this.image.pieces && this.src.kernelCopy !== false
+    const copier = this.image.pieces && this.src.kernelCopy !== false && !this.src.remote
       ? openKernelCopy(
         this.src.path,
         target.kind === "path"
@@ -225,7 +217,6 @@ class Pass2<Layout> {
         this.sync,
       )
       : null;
->>>>>>> main
     if (copier === null) {
       return await pipeToOutput(this.stream(), await openOutput(target), this.sync);
     }

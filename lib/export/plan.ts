@@ -143,8 +143,12 @@ async function probeNonZero(
 }
 
 /** Opens a source or base: a file or device, or an NBD export (`nbd://…`). */
-async function openSource(path: string, options: StreamExportOptions): Promise<DiskSource> {
-  if (!isNbdUri(path)) return await openDiskSource(path);
+async function openSource(
+  path: string,
+  options: StreamExportOptions,
+  direct = options.direct,
+): Promise<DiskSource> {
+  if (!isNbdUri(path)) return await openDiskSource(path, { direct });
   const { NbdSource } = await import("../nbd/source.ts");
   return await NbdSource.open(path, options.nbd);
 }
@@ -177,13 +181,7 @@ export async function planExport(
     throw new UsageError("a base allocation needs a base disk (--base-allocation needs --diff)");
   }
   const progress = options.progress;
-<<<<<<< HEAD
-  const src = await openSource(source, options);
-=======
-  const src = typeof source === "string"
-    ? await openDiskSource(source, { direct: options.direct })
-    : source;
->>>>>>> main
+  const src = typeof source === "string" ? await openSource(source, options) : source;
   try {
     const virtualSize = alignUp(src.size, 512);
     check(virtualSize);
@@ -240,11 +238,7 @@ async function planAgainstBase(
   onRead: (bytes: number) => void,
   direct?: boolean,
 ): Promise<ClusterSet> {
-<<<<<<< HEAD
-  const base = await openSource(basePath, options);
-=======
-  const base = await openDiskSource(basePath, { direct });
->>>>>>> main
+  const base = await openSource(basePath, options, direct);
   try {
     const virtualSize = alignUp(src.size, 512);
     const baseLimit = Math.min(base.size, virtualSize);

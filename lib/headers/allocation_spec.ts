@@ -111,11 +111,8 @@ export async function resolveAllocationSpec(
   spec: string,
   clusterSize: number,
   info?: ImageInfoJson,
-<<<<<<< HEAD
-  nbd?: NbdOptions,
-=======
   diskSize?: number,
->>>>>>> main
+  nbd?: NbdOptions,
 ): Promise<Allocation> {
   if (isNbdUri(spec)) {
     return await (await import("../nbd/allocation.ts")).nbdAllocation(spec, clusterSize, nbd);

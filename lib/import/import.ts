@@ -57,16 +57,13 @@ export interface ImportOptions extends DestinationOptions {
   progress?: ProgressSink;
   /** The stream's length when known (a regular file), for progress. */
   streamLength?: number;
-<<<<<<< HEAD
   /** How to reach a destination that is an NBD export: connections, CA certificate. */
   nbd?: NbdOptions;
-=======
   /**
    * Worker threads that decompress compressed qcow2 clusters (default: one per
    * processor but one, at least 1, at most 4; 0: all on the main thread).
    */
   workers?: number;
->>>>>>> main
 }
 
 /** What an import did. */

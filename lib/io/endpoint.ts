@@ -24,20 +24,18 @@ export interface DiskSource {
   /** True for a regular file (hole detection may apply), false for a device. */
   readonly isFile: boolean;
   /**
-<<<<<<< HEAD
    * True for a network export (NBD): `path` is no file to copy from in the kernel,
    * and its {@link DiskSource.extents} come from the server's metadata, so they are
    * planned as data without being read first (as a trusted allocation hint is), since
    * reading to check them would cost what the metadata saves.
    */
   readonly remote?: boolean;
-=======
+  /**
    * False when `path` does not hold these bytes at these offsets (the source is a view
    * of another file, such as a disk inside an XVA): then kernel copies from `path` must
    * not be used. Absent means true.
    */
   readonly kernelCopy?: boolean;
->>>>>>> main
   /**
    * Fills all of `buf` with the bytes at `position`. Bytes at or past `limit`
    * (default: the size) read as zeros. Throws a `SourceChangedError` when the
