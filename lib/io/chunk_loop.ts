@@ -14,6 +14,10 @@ export interface ChunkConsumer {
   moveDirect?(move: (guest: number, length: number) => number): number;
   /** See {@link StreamWalker.nextAssembled}. */
   nextAssembled?(): number;
+  /** See {@link StreamWalker.advance}. */
+  advance?(limit: number): number;
+  /** Stream offset of the next byte to come. */
+  readonly pos?: number;
   /** The stream ended; throws if it ended too early. */
   end(): void;
 }
@@ -51,8 +55,15 @@ export async function walkChunks(
   // After data went by spliced, read only the table that comes next (when one does),
   // so that the data after it is spliced too.
   let limit = 0;
+  const seekable = input.seekable;
   try {
     for (;;) {
+      if (seekable && walker.advance && walker.pos !== undefined) {
+        // Nothing is kept and no range needs the bytes up to the next range: seek.
+        const from = walker.pos;
+        const to = walker.advance(seekable.size);
+        if (to > from) input.skip(to - from);
+      }
       const chunk = await input.next(limit);
       limit = 0;
       if (!chunk) break;

@@ -58,6 +58,43 @@ export interface PipeInput {
   close(): void;
 }
 
+/** The destination side of {@link PipeInput.splice}, shared by every input that moves data in the kernel. */
+export type DestinationOps = Pick<
+  PipeInput,
+  "openDestination" | "startWriteback" | "closeDestination"
+>;
+
+/** {@link DestinationOps} through libc, or null without FFI. */
+export function destinationOps(): DestinationOps | null {
+  const c = libc.loadLibc(SYMBOLS);
+  if (c === null) return null;
+  return {
+    openDestination(path) {
+      const out = c.open(encoder.encode(path + "\0"), libc.O_WRONLY | libc.O_CLOEXEC, 0);
+      return out < 0 ? null : out;
+    },
+    startWriteback(out, at, length) {
+      c.sync_file_range(out, BigInt(at), BigInt(length), SYNC_FILE_RANGE_WRITE);
+    },
+    closeDestination(out) {
+      c.close(out);
+    },
+  };
+}
+
+/**
+ * The result of a failed kernel move of data (`splice`, `copy_file_range`) with errno
+ * `e`: -1 when the kernel refuses it for these descriptors (read the bytes instead),
+ * else the error naming `input`, `dest` and the guest offset `at`.
+ */
+export function moveFailure(e: number, how: string, input: string, dest: string, at: number): -1 {
+  if (libc.REFUSED_ERRNOS.has(e)) return -1;
+  throw new DiskstreamError(
+    `cannot ${how} data from ${input} to ${dest} at byte ${at}: ` +
+      (e === ENOSPC ? "no space left on the device" : `errno ${e}`),
+  );
+}
+
 /**
  * The pipe at descriptor `fd` (0 = stdin; left open) or at `path` (a named pipe,
  * opened here), or null when FFI is unavailable or it is not a blocking pipe.
@@ -87,6 +124,7 @@ export function openPipeInput(
     throw new DiskstreamError(`cannot ${what} ${name}: errno ${errno()}`);
   };
   return {
+    ...destinationOps()!,
     name,
     read(buf) {
       for (;;) {
@@ -94,10 +132,6 @@ export function openPipeInput(
         if (n >= 0) return n;
         if (errno() !== libc.EINTR) fail("read");
       }
-    },
-    openDestination(path) {
-      const out = c.open(encoder.encode(path + "\0"), libc.O_WRONLY | libc.O_CLOEXEC, 0);
-      return out < 0 ? null : out;
     },
     splice(destFd, at, length, dest) {
       for (;;) {
@@ -114,19 +148,8 @@ export function openPipeInput(
         );
         if (n >= 0) return n;
         const e = errno();
-        if (e === libc.EINTR) continue;
-        if (libc.REFUSED_ERRNOS.has(e)) return -1;
-        throw new DiskstreamError(
-          `cannot move data from ${name} to ${dest} at byte ${at}: ` +
-            (e === ENOSPC ? "no space left on the device" : `errno ${e}`),
-        );
+        if (e !== libc.EINTR) return moveFailure(e, "move", name, dest, at);
       }
-    },
-    startWriteback(out, at, length) {
-      c.sync_file_range(out, BigInt(at), BigInt(length), SYNC_FILE_RANGE_WRITE);
-    },
-    closeDestination(out) {
-      c.close(out);
     },
     close() {
       if (own) c.close(fd);

@@ -112,6 +112,40 @@ export class StreamWalker implements ChunkConsumer {
     this.buffer = null;
   }
 
+  /**
+   * Passes over the stream up to `limit` (never beyond) without its bytes, for as
+   * long as no range needs them: only once nothing is kept (every table known), over
+   * gaps and {@link Mode.Skip} ranges. Returns the offset reached: a seekable input
+   * skips there instead of reading.
+   */
+  advance(limit: number): number {
+    if (this.buffer !== null) return this.pos;
+    const rec = this.#rec;
+    while (this.pos < limit) {
+      const cur = this.#cur;
+      if (cur) {
+        if (this.#fmt.modes[cur.kind] !== Mode.Skip) break;
+        this.pos = Math.min(cur.end, limit);
+        if (this.pos === cur.end) {
+          this.#cur = null;
+          this.#finish(cur, null);
+        }
+        continue;
+      }
+      const next = this.#queue.peekStart();
+      if (next > this.pos) {
+        this.pos = Math.min(next, limit);
+        continue;
+      }
+      this.#queue.peek(rec);
+      // A range starting inside the previous one: push() says what it means.
+      if (rec.start < this.pos || this.#fmt.modes[rec.kind] !== Mode.Skip) break;
+      this.#queue.pop(rec);
+      this.#cur = { ...rec, end: rec.start + rec.length, bytes: null, filled: 0 };
+    }
+    return this.pos;
+  }
+
   /** Feeds the next chunk of the stream. */
   push(chunk: Uint8Array): void {
     const fmt = this.#fmt;
