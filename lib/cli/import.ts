@@ -19,6 +19,8 @@ interface ImportFlags {
   prezeroed?: boolean;
   delta?: boolean;
   maxBuffer?: number;
+  spool: boolean;
+  spoolDir?: string;
   progress?: boolean;
   machine?: boolean;
 }
@@ -31,6 +33,8 @@ interface ImportRun {
   prezeroed?: boolean;
   delta?: boolean;
   maxBuffer?: number;
+  spool?: boolean;
+  spoolDir?: string;
   progress: ProgressMode;
 }
 
@@ -42,7 +46,10 @@ export function registerImport(program: Command): void {
       "Import a qcow2 or VHD image arriving as a stream (stdin, a pipe, a socket) into a raw " +
         "file or block device, in one pass without seeking. A new file is created at the " +
         "virtual size and stays sparse; an existing file or device gets zeros where the image " +
-        "has none (unless --prezeroed); --delta applies a diff onto DEST.",
+        "has none (unless --prezeroed); --delta applies a diff onto DEST. From a file (-i FILE, " +
+        "stdin redirected from a file, --input-fd of a file) the tables are read first and the " +
+        "data in file order, so nothing is buffered; from a pipe, data that comes before its " +
+        "tables is held in memory (--max-buffer), then in a spool file (--spool-dir).",
     )
     .argument("<DEST>", "raw file or block device to write (/dev/... needs --allow-all)")
     .option("-i, --input <IN>", "read the image from IN ('-' = stdin, the default)")
@@ -51,7 +58,11 @@ export function registerImport(program: Command): void {
       "read the image from inherited file descriptor N",
       fdOption("--input-fd"),
     )
-    .option("-f, --format <FORMAT>", "auto, qcow2 or vhd (a fixed VHD needs vhd)", "auto")
+    .option(
+      "-f, --format <FORMAT>",
+      "auto, qcow2 or vhd (a fixed VHD from a pipe needs vhd; from a file it is recognised)",
+      "auto",
+    )
     .option(
       "--size <BYTES>",
       "usable size of DEST: a larger image is refused before writing",
@@ -66,8 +77,19 @@ export function registerImport(program: Command): void {
     .addOption(
       new Option(
         "--max-buffer <SIZE>",
-        "memory for data that arrives before the metadata mapping it (default: 256M)",
+        "memory for data that arrives before the metadata mapping it; more goes to the " +
+          "spool file (default: 64M)",
       ).argParser(sizeOption("--max-buffer")),
+    )
+    .option(
+      "--spool-dir <DIR>",
+      "folder of the spool file for what does not fit in --max-buffer (default: the system " +
+        "temporary folder; the file is deleted at once and its space freed at the end)",
+    )
+    .option(
+      "--no-spool",
+      "refuse an image whose data before its tables exceeds --max-buffer (the message says " +
+        "how much is needed) instead of spooling it",
     )
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
@@ -93,6 +115,8 @@ export function registerImport(program: Command): void {
         prezeroed: flags.prezeroed,
         delta: flags.delta,
         maxBuffer: flags.maxBuffer,
+        spool: flags.spool,
+        spoolDir: flags.spoolDir,
         progress: progressMode(flags),
       });
     });
@@ -127,13 +151,20 @@ async function runImport(run: ImportRun): Promise<void> {
     );
   }
   // The import machinery is loaded only when the command runs (faster start-up).
-  const [{ importFromPipe, importImage }, { endpointName, openInput }, { openPipeInput }, {
-    createProgress,
-  }] = await Promise.all([
+  const [
+    { importFromFile, importFromPipe, importImage },
+    { endpointName, openInput },
+    { openPipeInput },
+    { openFileInput },
+    { createProgress },
+    { formatBytes },
+  ] = await Promise.all([
     import("../import/import.ts"),
     import("../io/stream.ts"),
     import("../io/pipe_input.ts"),
+    import("../io/file_input.ts"),
     import("../progress.ts"),
+    import("../size.ts"),
   ]);
   const progress = createProgress(run.progress, "import");
   const options = {
@@ -142,42 +173,42 @@ async function runImport(run: ImportRun): Promise<void> {
     prezeroed: run.prezeroed,
     delta: run.delta,
     maxBuffer: run.maxBuffer,
+    spool: run.spool,
+    spoolDir: run.spoolDir,
     progress,
-    streamLength: await streamLength(run.source),
   };
-  // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
-  // the data can be spliced into DEST; anything else is read as a stream.
   const src = run.source;
-  const pipe = openPipeInput(
-    src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
-    endpointName(src, "stdin"),
-  );
-  if (pipe) {
+  const where = src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : {
+    path: src.path,
+  };
+  const name = endpointName(src, "stdin");
+  // A file or device is read by random access (tables first); a pipe through its
+  // descriptor, so that the data can be spliced into DEST; anything else as a stream.
+  const file = await openFileInput(where, name);
+  if (file) {
     try {
-      await importFromPipe(pipe, run.dest, options);
+      await importFromFile(file, run.dest, options);
     } finally {
-      pipe.close();
+      file.close();
     }
     return;
   }
-  const input = await openInput(run.source, { blocking: true });
-  await importImage(input.stream, run.dest, options);
-}
-
-/**
- * The bytes left to read when the input is a regular file (for progress and fixed VHD
- * sizes): its size less the position an inherited descriptor is already at.
- */
-async function streamLength(source: Endpoint): Promise<number | undefined> {
-  try {
-    const { descriptorPosition } = await import("../io/stream.ts");
-    const fd = source.kind === "std" ? 0 : source.kind === "fd" ? source.fd : undefined;
-    const info = await Deno.stat(
-      fd === undefined ? (source as { path: string }).path : `/dev/fd/${fd}`,
+  const pipe = openPipeInput(where, name);
+  let spooled = 0;
+  if (pipe) {
+    try {
+      spooled = (await importFromPipe(pipe, run.dest, options)).spooledBytes;
+    } finally {
+      pipe.close();
+    }
+  } else {
+    const input = await openInput(run.source, { blocking: true });
+    spooled = (await importImage(input.stream, run.dest, options)).spooledBytes;
+  }
+  if (spooled > 0) {
+    console.error(
+      `import: ${formatBytes(spooled)} (${spooled} bytes) of the stream came before its tables ` +
+        `and waited in a spool file in ${run.spoolDir ?? "the system temporary folder"}`,
     );
-    if (!info.isFile) return undefined;
-    return info.size - (fd === undefined ? 0 : descriptorPosition(fd));
-  } catch {
-    return undefined;
   }
 }

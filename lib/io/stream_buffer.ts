@@ -87,7 +87,9 @@ export class StreamBuffer {
         formatBytes(this.#limit)
       } of the stream arrived before the metadata that maps it ` +
         `(from byte offset ${this.#lostAt} on); this image needs --max-buffer ` +
-        `${atLeast ? "above " : ""}${sizeText(this.#peak)} to be imported from a pipe without a spool file ` +
+        `${atLeast ? "above " : ""}${
+          sizeText(this.#peak)
+        } to be imported from a pipe without a spool file ` +
         "(or allow spooling, or give the image as a file: -i FILE)",
     );
   }

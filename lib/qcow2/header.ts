@@ -11,6 +11,7 @@ import {
   COMPRESSION_DEFLATE,
   COMPRESSION_ZSTD,
   EXT_BACKING_FORMAT,
+  EXT_BITMAPS,
   EXT_DATA_FILE,
   EXT_END,
   INCOMPAT_COMPRESSION,
@@ -62,6 +63,8 @@ export interface Qcow2Header {
   backingFormat?: string;
   /** External data file name (extension 0x44415441), when present. */
   dataFile?: string;
+  /** Where the bitmap directory is (extension 0x23852875), when present. */
+  bitmapDirectory?: { offset: number; size: number };
 }
 
 /** Bytes needed to parse the fixed part of any header (v3 with compression type). */
@@ -249,6 +252,13 @@ function parseExtensions(cluster0: Uint8Array, h: Qcow2Header): void {
     const text = () => decoder.decode(cluster0.subarray(data, data + length));
     if (type === EXT_BACKING_FORMAT) h.backingFormat = text();
     if (type === EXT_DATA_FILE) h.dataFile = text();
+    if (type === EXT_BITMAPS && length >= 24) {
+      const size = v.getBigUint64(data + 8);
+      const offset = v.getBigUint64(data + 16);
+      if (size <= BigInt(Number.MAX_SAFE_INTEGER) && offset <= BigInt(Number.MAX_SAFE_INTEGER)) {
+        h.bitmapDirectory = { offset: Number(offset), size: Number(size) };
+      }
+    }
     off = data + Math.ceil(length / 8) * 8;
   }
 }

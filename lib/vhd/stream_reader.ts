@@ -15,7 +15,8 @@ import { viewOf } from "../bytes.ts";
 import { CorruptImageError, LimitError, UnsupportedError } from "../errors.ts";
 import type { StreamDecodeOptions, StreamImageInfo } from "../qcow2/stream_reader.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
-import { StreamBuffer, ZERO_RANGE } from "../io/stream_buffer.ts";
+import type { SeekableInput } from "../io/file_input.ts";
+import { LOST_RANGE, StreamBuffer, ZERO_RANGE } from "../io/stream_buffer.ts";
 import {
   type ChunkStream,
   type Expected,
@@ -48,6 +49,9 @@ const BAT = 1;
 const BITMAP = 2;
 const BLOCK = 3;
 
+/** The bitmap of a block whose bitmap was not kept (see `LOST_RANGE`). */
+const LOST_BITMAP = new Uint8Array(0);
+
 /** Grain at which buffered bytes are kept. */
 const GRAIN = 64 * 1024;
 
@@ -62,7 +66,10 @@ export async function decodeVhdStream(
 ): Promise<StreamImageInfo> {
   const head = await input.read(FOOTER_SIZE);
   input.unshift(head);
-  if (!isVhdFooter(head)) return await decodeFixed(input, opts, open);
+  // A file whose last sector is a fixed disk's footer is that fixed disk, whatever its
+  // first sector looks like (it may hold another VHD).
+  const fixed = input.seekable !== null && fixedFooterAtEnd(input.seekable);
+  if (fixed || !isVhdFooter(head)) return await decodeFixed(input, opts, open);
   const footer = parseVhdFooter(head, 0);
   if (footer.diskType === DISK_TYPE_FIXED) {
     throw new CorruptImageError(
@@ -97,7 +104,7 @@ export async function decodeVhdStream(
         `raise --max-buffer if the image is genuine`,
     );
   }
-  const reader = new VhdStreamReader(footer, opts.maxBuffer);
+  const reader = new VhdStreamReader(footer, opts);
   // The block size (the destination's grain) is in the header.
   const headerBytes = await input.read(footer.dataOffset + DYNAMIC_HEADER_SIZE);
   input.unshift(headerBytes.subarray(FOOTER_SIZE)); // the walk starts after the footer copy
@@ -115,6 +122,24 @@ export async function decodeVhdStream(
   });
   reader.checkEnd(tail);
   return info;
+}
+
+/**
+ * True when the last 512 bytes of `file` are a valid footer of a fixed VHD whose size
+ * is everything before it.
+ */
+export function fixedFooterAtEnd(file: SeekableInput): boolean {
+  const at = file.size - FOOTER_SIZE;
+  if (at < 0) return false;
+  const tail = new Uint8Array(FOOTER_SIZE);
+  file.readInto(at, tail, "the VHD footer");
+  if (!isVhdFooter(tail)) return false;
+  try {
+    const f = parseVhdFooter(tail, at);
+    return f.diskType === DISK_TYPE_FIXED && f.currentSize === at;
+  } catch {
+    return false; // not a footer after all: read as the start says
+  }
 }
 
 /** The last `n` bytes of `tail` followed by `chunk`. */
@@ -144,11 +169,15 @@ class VhdStreamReader implements WalkerFormat {
   #expectedEnd: number;
   #batEnd = 0;
 
-  constructor(footer: VhdFooter, maxBuffer: number) {
+  constructor(footer: VhdFooter, opts: StreamDecodeOptions) {
     this.#footer = footer;
     this.#size = footer.currentSize;
     this.#differencing = footer.diskType === DISK_TYPE_DIFFERENCING;
-    this.walker = new StreamWalker(this, FOOTER_SIZE, new StreamBuffer(maxBuffer, GRAIN));
+    this.walker = new StreamWalker(
+      this,
+      FOOTER_SIZE,
+      new StreamBuffer(opts.maxBuffer, GRAIN, opts.spool ?? null),
+    );
     const run = new RecordRun(1);
     run.add(HEADER, footer.dataOffset!, DYNAMIC_HEADER_SIZE, 0);
     this.walker.add(run);
@@ -203,6 +232,11 @@ class VhdStreamReader implements WalkerFormat {
       return;
     }
     const got = this.walker.buffer?.take(start, length);
+    if (got === LOST_RANGE) {
+      // Not kept: the import fails once every table is known; write nothing of it.
+      if (kind === BITMAP) this.#bitmaps.set(aux, LOST_BITMAP);
+      return;
+    }
     if (got === undefined) throw this.#missing(kind, aux, start);
     const bytes = got === ZERO_RANGE ? new Uint8Array(length) : got;
     if (kind === BLOCK) {
@@ -216,6 +250,7 @@ class VhdStreamReader implements WalkerFormat {
   /** Block data as it streams by: set bitmap bits are data, clear bits zeros or parent. */
   onBytes(_kind: number, block: number, at: number, chunk: Uint8Array, from: number, to: number) {
     const bitmap = this.#bitmaps.get(block)!;
+    if (bitmap === LOST_BITMAP) return;
     const base = block * this.#blockSize;
     const end = at + (to - from);
     let p = at;
