@@ -148,11 +148,15 @@ qemuTest(
         assertOk(await importPiped(img, existing));
         assertBytes(await Deno.readFile(existing), want);
       }
-      // The BAT after the blocks with too little buffer.
+      // The BAT after the blocks with too little buffer: spooled, or refused without a spool.
       const img = `${dir}/htrue.vhd`;
+      const small = await importPiped(img, `${dir}/small.raw`, ["--max-buffer", "64K"]);
+      assertOk(small);
+      assert.match(small.stderr, /waited in a spool file/);
+      assertBytes(await Deno.readFile(`${dir}/small.raw`), want);
       assertOneLineError(
-        await importPiped(img, `${dir}/small.raw`, ["--max-buffer", "64K"]),
-        /larger --max-buffer/,
+        await importPiped(img, `${dir}/nospool.raw`, ["--max-buffer", "64K", "--no-spool"]),
+        /needs --max-buffer \d+M/,
       );
     });
   },

@@ -233,17 +233,22 @@ function validateLayout(h: Qcow2Header, fileSize?: number): void {
 function parseExtensions(cluster0: Uint8Array, h: Qcow2Header): void {
   const v = viewOf(cluster0);
   let off = h.headerLength;
-  // v2 images may carry extensions too (after the 72-byte header); both end at
-  // an end marker or at the end of the cluster.
-  const limit = Math.min(cluster0.length, h.clusterSize);
+  // v2 images may carry extensions too (after the 72-byte header). As in QEMU, they
+  // end at an end marker, at the backing file name (QEMU 0.10 and older wrote the name
+  // right after the 72-byte header, with no extensions), or at the end of the cluster.
+  const end = h.backingFileOffset > 0
+    ? Math.min(h.backingFileOffset, h.clusterSize)
+    : h.clusterSize;
+  const limit = Math.min(cluster0.length, end);
   while (off + 8 <= limit) {
     const type = v.getUint32(off);
     const length = v.getUint32(off + 4);
     if (type === EXT_END) return;
     const data = off + 8;
-    if (data + length > h.clusterSize) {
+    if (data + length > end) {
       throw new CorruptImageError(
-        `qcow2 header extension 0x${hex(type)} (${length} bytes) runs past the first cluster`,
+        `qcow2 header extension 0x${hex(type)} (${length} bytes) runs past the end of the ` +
+          (end < h.clusterSize ? `extensions (the backing file name at ${end})` : "first cluster"),
         off,
       );
     }
