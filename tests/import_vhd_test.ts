@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { buildVhdDynamicHeader } from "../lib/vhd/dynamic_header.ts";
 import { buildVhdFooter } from "../lib/vhd/footer.ts";
-import { pseudoRandom, qemu, qemuTest, withTempDir } from "./helpers.ts";
+import { pseudoRandom, qemu, qemuTest, runCli, withTempDir } from "./helpers.ts";
 import {
   assertOk,
   assertOneLineError,
@@ -147,6 +147,11 @@ qemuTest(
         await Deno.writeFile(existing, new Uint8Array(SIZE).fill(0x33));
         assertOk(await importPiped(img, existing));
         assertBytes(await Deno.readFile(existing), want);
+        // From a file: header and BAT read first, nothing held, whatever the layout.
+        const file = `${dir}/f${batLast}.raw`;
+        const r = await runCli(["import", file, "-i", img, "--max-buffer", "4K", "--no-spool"]);
+        assertOk(r);
+        assertBytes(await Deno.readFile(file), want);
       }
       // The BAT after the blocks with too little buffer: spooled, or refused without a spool.
       const img = `${dir}/htrue.vhd`;

@@ -48,6 +48,8 @@ const HEADER = 0;
 const BAT = 1;
 const BITMAP = 2;
 const BLOCK = 3;
+/** The dynamic header or the BAT, read already by random access (aux: which). */
+const TABLE = 4;
 
 /** The bitmap of a block whose bitmap was not kept (see `LOST_RANGE`). */
 const LOST_BITMAP = new Uint8Array(0);
@@ -95,6 +97,20 @@ export async function decodeVhdStream(
     virtualSize: footer.currentSize,
     unit: DEFAULT_BLOCK_SIZE,
   };
+  if (input.seekable) {
+    // A file: header and BAT by random access, then the blocks in file order.
+    const reader = new VhdStreamReader(footer, opts, input.seekable);
+    info.unit = reader.blockSize;
+    await input.read(FOOTER_SIZE); // the footer copy, read already
+    reader.target = await open(info, true);
+    await walkChunks(input, reader.walker, reader.target, () => {
+      opts.onProgress?.(reader.walker.pos, reader.expectedEnd());
+    });
+    const tail = new Uint8Array(Math.min(FOOTER_SIZE, input.seekable.size));
+    input.seekable.readInto(input.seekable.size - tail.length, tail, "the VHD footer");
+    reader.checkEnd(tail);
+    return info;
+  }
   const headerEnd = footer.dataOffset + DYNAMIC_HEADER_SIZE;
   if (headerEnd > Math.max(opts.maxBuffer, 1024 * 1024)) {
     // Everything up to the header is held in memory: bound it like any read-ahead.
@@ -104,7 +120,7 @@ export async function decodeVhdStream(
         `raise --max-buffer if the image is genuine`,
     );
   }
-  const reader = new VhdStreamReader(footer, opts);
+  const reader = new VhdStreamReader(footer, opts, null);
   // The block size (the destination's grain) is in the header.
   const headerBytes = await input.read(footer.dataOffset + DYNAMIC_HEADER_SIZE);
   input.unshift(headerBytes.subarray(FOOTER_SIZE)); // the walk starts after the footer copy
@@ -154,9 +170,9 @@ function lastBytes(tail: Uint8Array, chunk: Uint8Array, n: number): Uint8Array {
 
 /** The VHD side of the walk: header, BAT, bitmaps and blocks. */
 class VhdStreamReader implements WalkerFormat {
-  readonly modes = [Mode.Assemble, Mode.Assemble, Mode.Assemble, Mode.Stream];
-  readonly sharesTail = [false, false, false, false];
-  readonly partialOk = [false, false, false, false];
+  readonly modes = [Mode.Assemble, Mode.Assemble, Mode.Assemble, Mode.Stream, Mode.Skip];
+  readonly sharesTail = [false, false, false, false, false];
+  readonly partialOk = [false, false, false, false, false];
   readonly walker: StreamWalker;
   target!: ImageTarget;
   readonly #footer: VhdFooter;
@@ -169,7 +185,11 @@ class VhdStreamReader implements WalkerFormat {
   #expectedEnd: number;
   #batEnd = 0;
 
-  constructor(footer: VhdFooter, opts: StreamDecodeOptions) {
+  /**
+   * With `tables` (a file or device), the dynamic header and the BAT are read from it
+   * by random access: the walk then only meets blocks, in file order, and holds nothing.
+   */
+  constructor(footer: VhdFooter, opts: StreamDecodeOptions, tables: SeekableInput | null) {
     this.#footer = footer;
     this.#size = footer.currentSize;
     this.#differencing = footer.diskType === DISK_TYPE_DIFFERENCING;
@@ -178,10 +198,28 @@ class VhdStreamReader implements WalkerFormat {
       FOOTER_SIZE,
       new StreamBuffer(opts.maxBuffer, GRAIN, opts.spool ?? null),
     );
-    const run = new RecordRun(1);
-    run.add(HEADER, footer.dataOffset!, DYNAMIC_HEADER_SIZE, 0);
+    const at = footer.dataOffset!;
+    this.#expectedEnd = at + DYNAMIC_HEADER_SIZE;
+    const run = new RecordRun(2);
+    if (!tables) {
+      run.add(HEADER, at, DYNAMIC_HEADER_SIZE, 0);
+      this.walker.add(run);
+      return;
+    }
+    const header = new Uint8Array(DYNAMIC_HEADER_SIZE);
+    tables.readInto(at, header, "the VHD dynamic header");
+    this.#expect(run, TABLE, at, DYNAMIC_HEADER_SIZE, HEADER);
+    const h = this.#useHeader(header, at);
+    const bat = new Uint8Array(usedBatEntries(this.#size, h.blockSize) * 4);
+    tables.readInto(h.tableOffset, bat, "the VHD block allocation table (BAT)");
+    if (bat.length > 0) this.#expect(run, TABLE, h.tableOffset, bat.length, BAT);
     this.walker.add(run);
-    this.#expectedEnd = footer.dataOffset! + DYNAMIC_HEADER_SIZE;
+    this.#readBat(bat, h.tableOffset);
+  }
+
+  /** The block size (known once the dynamic header is read). */
+  get blockSize(): number {
+    return this.#blockSize;
   }
 
   expectedEnd(): number {
@@ -195,16 +233,22 @@ class VhdStreamReader implements WalkerFormat {
   }
 
   #readHeader(bytes: Uint8Array, start: number) {
-    const h = parseVhdDynamicHeader(bytes, start);
-    checkVhdTables(h, this.#size, start);
-    this.#header = h;
-    this.#blockSize = h.blockSize;
-    this.#bitmapSize = blockBitmapSize(h.blockSize);
+    const h = this.#useHeader(bytes, start);
     const length = usedBatEntries(this.#size, h.blockSize) * 4;
     const run = new RecordRun(1);
     this.#expect(run, BAT, h.tableOffset, length, 0);
     this.walker.add(run);
     if (length === 0) this.walker.stopBuffering();
+  }
+
+  /** Parses and checks the dynamic header at `start`. */
+  #useHeader(bytes: Uint8Array, start: number): VhdDynamicHeader {
+    const h = parseVhdDynamicHeader(bytes, start);
+    checkVhdTables(h, this.#size, start);
+    this.#header = h;
+    this.#blockSize = h.blockSize;
+    this.#bitmapSize = blockBitmapSize(h.blockSize);
+    return h;
   }
 
   #readBat(bytes: Uint8Array, start: number) {
@@ -330,13 +374,15 @@ class VhdStreamReader implements WalkerFormat {
         return "the VHD block allocation table (BAT)";
       case BITMAP:
         return `the sector bitmap of block ${aux}`;
+      case TABLE:
+        return this.describe(aux, 0);
       default:
         return `the data of block ${aux} (guest offset ${aux * this.#blockSize})`;
     }
   }
 
   overlap(a: Expected, b: Expected): Error {
-    const meta = (k: number) => k === HEADER || k === BAT;
+    const meta = (k: number) => k === HEADER || k === BAT || k === TABLE;
     const da = this.describe(a.kind, a.aux);
     const db = this.describe(b.kind, b.aux);
     const what = meta(a.kind) || meta(b.kind)
