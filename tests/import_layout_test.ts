@@ -323,3 +323,22 @@ Deno.test("stream buffer: spooled pieces read back; dropped metadata is not coun
   counting.drop(4096, 4096); // known to be metadata: no longer counted
   assert.match(counting.overflowError().message, /needs --max-buffer 1M/);
 });
+
+qemuTest("import -i: a truncated file is refused before anything is written", async () => {
+  await withTempDir(async (dir) => {
+    const img = await snapshotImage(dir);
+    const cut = `${dir}/cut.qcow2`;
+    const bytes = await Deno.readFile(img);
+    await Deno.writeFile(cut, bytes.subarray(0, bytes.length - 100_000));
+    const dest = `${dir}/dest.raw`;
+    const before = pseudoRandom(8 * MiB, 6);
+    await Deno.writeFile(dest, before);
+    assertOneLineError(
+      await runCli(["import", dest, "-i", cut]),
+      /the data of guest cluster \d+ .* past the end of the \d+-byte file: the image is truncated/,
+    );
+    assert.deepEqual(await Deno.readFile(dest), before, "the destination is untouched");
+    assertOneLineError(await runCli(["import", `${dir}/new.raw`, "-i", cut]), /truncated/);
+    await assert.rejects(Deno.stat(`${dir}/new.raw`), Deno.errors.NotFound);
+  });
+});

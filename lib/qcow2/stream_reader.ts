@@ -274,6 +274,20 @@ class Qcow2StreamReader implements WalkerFormat {
       }
       i = j;
     }
+    // A truncated file is refused before anything is written.
+    for (let i = 0; i < data.count; i++) {
+      const end = data.start[i] + data.length[i];
+      if (data.kind[i] === DATA && end > file.size) {
+        // The first cluster of the (merged) range that the file does not hold whole.
+        const k = Math.floor(Math.max(0, file.size - data.start[i]) / cs);
+        const at = data.start[i] + k * cs;
+        throw new CorruptImageError(
+          `${this.describe(DATA, data.aux[i] + k)} lies at bytes ${at}–${at + cs - 1}, past ` +
+            `the end of the ${file.size}-byte file: the image is truncated`,
+          file.size,
+        );
+      }
+    }
     this.walker.add(data);
     this.#l1Read = true;
     this.walker.stopBuffering();
