@@ -373,7 +373,7 @@ function allCases(): BenchCase[] {
       reference: "pipe, converted",
       notes: [
         "Through a pipe the old data must be held until the last active L2 table has gone by " +
-        "(nothing in the stream says it is stale): up to --max-buffer (64M) in memory, the " +
+        "(nothing in the stream says it is stale): up to --max-buffer (16M) in memory, the " +
         "rest in the spool file, forgotten once every table is known. From a file (`-i`) " +
         "the tables are read first and only the live data is read, in file order.",
       ],

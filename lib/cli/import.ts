@@ -78,7 +78,7 @@ export function registerImport(program: Command): void {
       new Option(
         "--max-buffer <SIZE>",
         "memory for data that arrives before the metadata mapping it; more goes to the " +
-          "spool file (default: 64M)",
+          "spool file (default: 16M)",
       ).argParser(sizeOption("--max-buffer")),
     )
     .option(

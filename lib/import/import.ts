@@ -22,17 +22,17 @@ import { Spool } from "../io/spool.ts";
 export type ImportFormat = "auto" | "qcow2" | "vhd";
 
 /**
- * Default of {@link ImportOptions.maxBuffer}: 64 MiB.
+ * Default of {@link ImportOptions.maxBuffer}: 16 MiB (beyond it, a spool file).
  *
  * @example
  * ```ts
  * import { DEFAULT_MAX_BUFFER, parseSize } from "@diskstream/diskstream";
  * import assert from "node:assert/strict";
  *
- * assert.equal(DEFAULT_MAX_BUFFER, parseSize("64M"));
+ * assert.equal(DEFAULT_MAX_BUFFER, parseSize("16M"));
  * ```
  */
-export const DEFAULT_MAX_BUFFER = 64 * 1024 * 1024;
+export const DEFAULT_MAX_BUFFER = 16 * 1024 * 1024;
 
 /** Options of {@link importImage}. */
 export interface ImportOptions extends DestinationOptions {
