@@ -16,6 +16,8 @@ export interface ChunkConsumer {
   nextAssembled?(): number;
   /** See {@link StreamWalker.advance}. */
   advance?(limit: number): number;
+  /** See {@link StreamWalker.spoolAhead}. */
+  spoolAhead?(move: (fd: number, offset: number, length: number) => number): number;
   /** Stream offset of the next byte to come. */
   readonly pos?: number;
   /** The stream ended; throws if it ended too early. */
@@ -56,6 +58,12 @@ export async function walkChunks(
   // so that the data after it is spliced too.
   let limit = 0;
   const seekable = input.seekable;
+  const pipe = seekable ? null : input.pipe;
+  const spoolMove = pipe && walker.spoolAhead
+    ? () =>
+      input.drained &&
+      walker.spoolAhead!((fd, at, length) => pipe.splice(fd, at, length, "the spool file")) > 0
+    : null;
   try {
     for (;;) {
       if (seekable && walker.advance && walker.pos !== undefined) {
@@ -75,7 +83,11 @@ export async function walkChunks(
       }
       onChunk(chunk);
       await write(chunk);
-      if (direct?.move()) {
+      // Data spliced into the destination, bytes waiting for their tables into the spool.
+      for (let moved = true; moved;) {
+        moved = direct?.move() === true;
+        if (spoolMove?.()) moved = true;
+        if (!moved) break;
         onChunk(EMPTY);
         limit = walker.nextAssembled?.() ?? 0;
       }

@@ -10,6 +10,7 @@
 import { dirname } from "node:path";
 import { describeIoError, LimitError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
+import { type DestinationOps, destinationOps } from "./pipe_input.ts";
 
 /** errno codes of a full filesystem or a file-size limit (ENOSPC, EFBIG, EDQUOT). */
 const FULL = /\(os error (28|27|122)\)|No space left|File too large|quota/i;
@@ -19,6 +20,9 @@ export class Spool {
   /** The folder asked for (undefined: the system temporary folder). */
   readonly #dir: string | undefined;
   #file: Deno.FsFile | null = null;
+  /** With FFI, a second descriptor of the file that the kernel may write into (splice). */
+  #fd = -1;
+  #ops: DestinationOps | null = null;
   #where = "";
   #end = 0;
 
@@ -45,19 +49,56 @@ export class Spool {
       f.seekSync(at, Deno.SeekMode.Start);
       for (let done = 0; done < bytes.length;) done += f.writeSync(bytes.subarray(done));
     } catch (err) {
-      const msg = err instanceof Error ? err.message : String(err);
-      if (FULL.test(msg)) {
-        throw new LimitError(
-          `the spool file in ${this.folder} ran out of space after ${formatBytes(at)} ` +
-            `(${msg.replace(/ \(os error \d+\)$/, "")}): free space there, give --spool-dir ` +
-            "on a larger filesystem, or send the image with its tables first",
-          { cause: err },
-        );
-      }
-      throw describeIoError(err, `the spool file in ${this.folder}`, "write to");
+      throw this.#failed(err, at);
     }
     this.#end = at + bytes.length;
     return at;
+  }
+
+  /**
+   * Appends up to `length` bytes that `move(fd, offset, length)` has the kernel write
+   * into the spool's descriptor at `offset` (a splice from the input pipe), and says
+   * where they are; null when this is not possible (no FFI, refused): write them instead.
+   */
+  writeDirect(
+    length: number,
+    move: (fd: number, offset: number, length: number) => number,
+  ): { at: number; n: number } | null {
+    this.#open();
+    if (this.#fd < 0) return null;
+    const at = this.#end;
+    let n: number;
+    try {
+      n = move(this.#fd, at, length);
+    } catch (err) {
+      throw this.#failed(err, at);
+    }
+    if (n < 0) {
+      this.#ops!.closeDestination(this.#fd);
+      this.#fd = -1;
+      return null;
+    }
+    this.#end = at + n;
+    return { at, n };
+  }
+
+  /** The error for a failed write after `at` bytes: one line when the disk is full. */
+  #failed(err: unknown, at: number): Error {
+    const msg = err instanceof Error ? err.message : String(err);
+    if (FULL.test(msg)) {
+      return new LimitError(
+        `the spool file in ${this.folder} ran out of space after ${formatBytes(at)} ` +
+          `(${
+            msg.replace(/ \(os error \d+\)$/, "").replace(
+              /^.*: no space left on the device$/,
+              "No space left on device",
+            )
+          }): free space there, give --spool-dir on a larger filesystem, or send the image ` +
+          "with its tables first",
+        { cause: err },
+      );
+    }
+    return describeIoError(err, `the spool file in ${this.folder}`, "write to");
   }
 
   /** Fills `target` with the spooled bytes at `offset`. */
@@ -79,6 +120,8 @@ export class Spool {
   close(): void {
     const f = this.#file;
     this.#file = null;
+    if (this.#fd >= 0) this.#ops!.closeDestination(this.#fd);
+    this.#fd = -1;
     if (!f) return;
     try {
       f.truncateSync(0);
@@ -103,6 +146,8 @@ export class Spool {
     this.#where = dirname(path);
     try {
       this.#file = Deno.openSync(path, { read: true, write: true });
+      this.#ops = destinationOps();
+      this.#fd = this.#ops?.openDestination(path) ?? -1;
     } finally {
       Deno.removeSync(path); // unlinked: the space is freed when the file is closed
     }

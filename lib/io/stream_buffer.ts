@@ -52,6 +52,8 @@ export class StreamBuffer {
   #wouldUse = 0;
   #peak = 0;
   #lostAt = -1;
+  /** The last bytes kept went to the spool: memory is full. */
+  #spilling = false;
   /** Stream ranges dropped as unneeded metadata: `[start, end)` pairs, merged. */
   readonly #dropped: number[] = [];
 
@@ -117,7 +119,8 @@ export class StreamBuffer {
       }
       const cost = this.#cost(pos, end - at);
       this.#count(cost);
-      if (this.#used + cost <= this.#limit) {
+      this.#spilling = this.#used + cost > this.#limit;
+      if (!this.#spilling) {
         const copy = chunk.slice(at, end);
         for (let a = at; a < end;) {
           const p = start + (a - from);
@@ -134,6 +137,25 @@ export class StreamBuffer {
       }
       at = end;
     }
+  }
+
+  /**
+   * Once memory is full, keeps up to `length` stream bytes at `start` in the spool
+   * without reading them: `move(fd, offset, length)` has the kernel write them into the
+   * spool file (a splice from the input pipe) and says how many it moved. Returns that
+   * count, 0 when the bytes must be read and {@link add}ed instead.
+   */
+  spoolDirect(
+    start: number,
+    length: number,
+    move: (fd: number, offset: number, length: number) => number,
+  ): number {
+    if (!this.#spilling || this.#spool === null) return 0;
+    const r = this.#spool.writeDirect(length, move);
+    if (r === null || r.n <= 0) return 0;
+    this.#count(this.#cost(start, r.n));
+    this.#push(start, start + r.n, r.at);
+    return r.n;
   }
 
   /** Memory `length` non-zero bytes at `pos` take in memory pieces. */

@@ -17,6 +17,8 @@ export { type Expected, Mode, RecordRun } from "./agenda.ts";
 export { ChunkStream } from "./chunk_stream.ts";
 export { type ChunkConsumer, walkChunks } from "./chunk_loop.ts";
 
+/** Most bytes moved into the spool at once. */
+const MAX_SPOOL_MOVE = 64 * 1024 * 1024;
 /** Most bytes asked of one move (contiguous ranges are moved together). */
 const MAX_DIRECT = 64 * 1024 * 1024;
 
@@ -146,6 +148,20 @@ export class StreamWalker implements ChunkConsumer {
       this.#cur = { ...rec, end: rec.start + rec.length, bytes: null, filled: 0 };
     }
     return this.pos;
+  }
+
+  /**
+   * When no range is under way and the bytes up to the next range are to be kept in
+   * the spool (memory is full), has `move` put them there without reading them (see
+   * {@link StreamBuffer.spoolDirect}). Returns how many bytes went by.
+   */
+  spoolAhead(move: (fd: number, offset: number, length: number) => number): number {
+    if (this.#cur !== null || this.buffer === null) return 0;
+    const gap = Math.min(this.#queue.peekStart() - this.pos, MAX_SPOOL_MOVE);
+    if (gap <= 0) return 0;
+    const n = this.buffer.spoolDirect(this.pos, gap, move);
+    this.pos += n;
+    return n;
   }
 
   /** Feeds the next chunk of the stream. */
