@@ -202,6 +202,33 @@ qemuTest("import: pipe past --max-buffer spools, --no-spool names what is enough
   });
 });
 
+qemuTest(
+  "import: thousands of refcount blocks before the refcount table, tiny --max-buffer",
+  async () => {
+    await withTempDir(async (dir) => {
+      // qemu-img convert at 512 B clusters with 64-bit refcounts: a refcount block after
+      // every 64 data clusters, named only by the refcount table two thirds in.
+      const raw = `${dir}/r.raw`;
+      await Deno.writeFile(raw, pseudoRandom(32 * MiB, 8));
+      const img = `${dir}/rc.qcow2`;
+      await qemu([
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=512,refcount_bits=64",
+        raw,
+        img,
+      ]);
+      const r = await importPiped(img, `${dir}/out.raw`, ["--max-buffer", "16K"]);
+      assertOk(r);
+      assert.match(r.stderr, /waited in a spool file/);
+      await assertSameBytes(raw, `${dir}/out.raw`);
+    });
+  },
+);
+
 Deno.test({
   name: "import: a full spool filesystem is one clear line",
   // Mounting a small tmpfs needs root (CI runs as root).

@@ -29,6 +29,12 @@ export const LOST_RANGE: unique symbol = Symbol("lost range");
 
 /** Bookkeeping cost counted for every kept piece, so tiny pieces cannot run away. */
 const PIECE_OVERHEAD = 64;
+/**
+ * With a spool, the index of pieces that hold no bytes in memory (spooled, all-zero)
+ * is bounded on its own: 2 Mi pieces, for example the refcount blocks of a 64 GiB image
+ * with 512-byte clusters, which go by before the refcount table that names them.
+ */
+const INDEX_LIMIT = 2 * 1024 * 1024 * PIECE_OVERHEAD;
 
 /**
  * A piece's bytes: in memory, `null` all zeros, a number: the offset in the spool,
@@ -47,6 +53,8 @@ export class StreamBuffer {
   readonly #ends: number[] = [];
   readonly #data: Piece[] = [];
   #used = 0;
+  /** Index cost of the pieces counted apart from memory (see {@link INDEX_LIMIT}). */
+  #index = 0;
   #released = 0;
   /** Memory the pieces would use without a limit, and its peak. */
   #wouldUse = 0;
@@ -185,16 +193,19 @@ export class StreamBuffer {
       }
     }
     if (data === null) this.#count(PIECE_OVERHEAD);
-    this.#used += PIECE_OVERHEAD;
-    if (this.#used > this.#limit) {
-      if (typeof data === "number") {
+    if (this.#spool !== null) {
+      this.#index += PIECE_OVERHEAD;
+      if (this.#index > Math.max(this.#limit, INDEX_LIMIT)) {
         throw new LimitError(
-          `the stream's bytes waiting for their tables lie in more pieces than ` +
-            `--max-buffer ${formatBytes(this.#limit)} can index (at byte offset ${start}); ` +
-            "import again with a larger --max-buffer, or give the image as a file (-i FILE)",
+          `the stream's bytes waiting for their tables lie in more than ` +
+            `${this.#index / PIECE_OVERHEAD} separate pieces (at byte offset ${start}); give ` +
+            `the image as a file (-i FILE), or import with --max-buffer ` +
+            `${sizeText(2 * this.#index)}`,
         );
       }
-      if (this.#spool === null) {
+    } else {
+      this.#used += PIECE_OVERHEAD;
+      if (this.#used > this.#limit) {
         if (this.#lostAt < 0) this.#lostAt = start;
         // Counting only: the index itself must stay bounded.
         if (this.#used > 2 * this.#limit) throw this.overflowError(true);
@@ -321,7 +332,8 @@ export class StreamBuffer {
     const d = this.#data[i];
     if (d === undefined) return;
     if (d === null) this.#count(-PIECE_OVERHEAD);
-    this.#used -= (d instanceof Uint8Array ? d.length : 0) + PIECE_OVERHEAD;
+    if (this.#spool !== null && !(d instanceof Uint8Array)) this.#index -= PIECE_OVERHEAD;
+    else this.#used -= (d instanceof Uint8Array ? d.length : 0) + PIECE_OVERHEAD;
     this.#data[i] = undefined;
     this.#released++;
   }
@@ -367,6 +379,7 @@ export class StreamBuffer {
     this.#ends.length = 0;
     this.#data.length = 0;
     this.#used = 0;
+    this.#index = 0;
     this.#released = 0;
     this.#wouldUse = 0;
     this.#spool?.close();
