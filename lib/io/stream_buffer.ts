@@ -166,6 +166,25 @@ export class StreamBuffer {
     return r.n;
   }
 
+  /**
+   * Moves every piece kept in memory to the spool (the memory is wanted for metadata);
+   * returns the bytes of memory freed, 0 without a spool.
+   */
+  spill(): number {
+    if (this.#spool === null) return 0;
+    let freed = 0;
+    for (let i = 0; i < this.#data.length; i++) {
+      const d = this.#data[i];
+      if (!(d instanceof Uint8Array)) continue;
+      this.#data[i] = this.#spool.write(d);
+      this.#used -= d.length + PIECE_OVERHEAD;
+      this.#index += PIECE_OVERHEAD;
+      freed += d.length + PIECE_OVERHEAD;
+    }
+    this.#spilling = true;
+    return freed;
+  }
+
   /** Memory `length` non-zero bytes at `pos` take in memory pieces. */
   #cost(pos: number, length: number): number {
     const units = Math.ceil((pos % this.#unit + length) / this.#unit);
