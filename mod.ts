@@ -24,6 +24,7 @@ export {
   BrokenPipeError,
   CorruptImageError,
   DiskstreamError,
+  InterruptedError,
   LimitError,
   PermissionError,
   SourceChangedError,

@@ -84,3 +84,50 @@ export function describeIoError(err: unknown, path: string, action: string): Dis
   const msg = err instanceof Error ? err.message : String(err);
   return new DiskstreamError(`cannot ${action} ${path}: ${msg}`, { cause: err });
 }
+
+/** Numbers of the signals the commands stop cleanly on (Linux, x86-64 and arm64). */
+export const STOP_SIGNALS: Readonly<Record<"SIGHUP" | "SIGINT" | "SIGTERM", number>> = {
+  SIGHUP: 1,
+  SIGINT: 2,
+  SIGTERM: 15,
+};
+
+/**
+ * The work was stopped by a signal (`signal`, e.g. `"SIGTERM"`) before it finished;
+ * the message says what was interrupted and in which state the destination is. Exit
+ * status 128 + the signal's number. Give one as the reason of the `signal` option of
+ * an import or export to stop it; the error thrown then tells what was left.
+ *
+ * @example Stop an import from the library
+ * ```ts
+ * import { exportQcow2, importImage, InterruptedError } from "@diskstream/diskstream";
+ * import assert from "node:assert/strict";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await Deno.writeFile(`${dir}/disk.raw`, new Uint8Array(1 << 20).fill(1));
+ * const exported = await exportQcow2(`${dir}/disk.raw`);
+ * const controller = new AbortController();
+ * controller.abort(new InterruptedError("SIGTERM"));
+ * await assert.rejects(
+ *   importImage(exported.stream, `${dir}/copy.raw`, { signal: controller.signal }),
+ *   (err: InterruptedError) => err.exitCode === 143 && /interrupted by SIGTERM/.test(err.message),
+ * );
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export class InterruptedError extends DiskstreamError {
+  /** The signal's name. */
+  readonly signal: string;
+  override readonly exitCode: number;
+  constructor(signal: string, message = `interrupted by ${signal}`, options?: ErrorOptions) {
+    super(message, options);
+    this.signal = signal;
+    const number = (STOP_SIGNALS as Record<string, number>)[signal];
+    this.exitCode = number === undefined ? 1 : 128 + number;
+  }
+
+  /** The same interruption, told with what was interrupted and what state it left. */
+  retell(message: string): InterruptedError {
+    return new InterruptedError(this.signal, message, { cause: this });
+  }
+}

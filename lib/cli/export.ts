@@ -28,6 +28,7 @@ interface ExportFlags {
   baseAllocation?: string;
   progress?: boolean;
   machine?: boolean;
+  sync: boolean;
 }
 
 /** What one export run needs, however the flags were spelled. */
@@ -43,6 +44,8 @@ interface ExportRun {
   base?: string;
   baseAllocation?: () => Promise<Allocation>;
   progress: ProgressMode;
+  /** Sync a file or device output before success (default true). */
+  sync?: boolean;
 }
 
 // The export machinery is loaded when a command runs, so that start-up only pays
@@ -91,9 +94,17 @@ export function registerExport(program: Command): void {
     .option("--base-allocation <SPEC>", "clusters of BASE that may hold data (like --allocation)")
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
+    .option(
+      "--no-sync",
+      "do not wait for the output file or device to reach its disk (fdatasync) before " +
+        "reporting success",
+    )
     .addHelpText(
       "after",
-      "\nExamples:\n" +
+      "\nA file or device output is synced before success. With -o FILE, SIGINT, SIGTERM and\n" +
+        "SIGHUP stop the export: a FILE it created is removed, and the exit status is 128 +\n" +
+        "the signal's number.\n" +
+        "\nExamples:\n" +
         "  diskstream export disk.raw > disk.qcow2\n" +
         "  diskstream export /dev/vg/lv -c 2M --allocation lv.json -o out.qcow2\n" +
         "  diskstream export new.raw --diff old.raw -o delta.qcow2\n" +
@@ -131,6 +142,7 @@ export function registerExport(program: Command): void {
           ? undefined
           : () => resolveAllocationSpec(flags.baseAllocation!, cs),
         progress: progressMode(flags),
+        sync: flags.sync,
       });
     });
 
@@ -256,7 +268,22 @@ async function runExport(run: ExportRun): Promise<void> {
   ]);
   // Refuse a terminal before any work.
   if (run.target.kind === "std") await openOutput(run.target);
+  // Writing a file: a signal stops the export cleanly (the file it created is removed).
+  if (run.target.kind === "path") {
+    const { stoppableBySignals } = await import("./signals.ts");
+    return await stoppableBySignals((signal) => exportTo(run, createProgress, signal));
+  }
+  await exportTo(run, createProgress);
+}
+
+async function exportTo(
+  run: ExportRun,
+  createProgress: typeof import("../progress.ts").createProgress,
+  signal?: AbortSignal,
+): Promise<void> {
   const options = {
+    signal,
+    sync: run.sync,
     allocation: await run.allocation?.(),
     zeroCheck: run.zeroCheck,
     base: run.base,

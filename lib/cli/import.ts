@@ -23,6 +23,7 @@ interface ImportFlags {
   spoolDir?: string;
   progress?: boolean;
   machine?: boolean;
+  sync: boolean;
 }
 
 interface ImportRun {
@@ -36,6 +37,8 @@ interface ImportRun {
   spool?: boolean;
   spoolDir?: string;
   progress: ProgressMode;
+  /** Sync DEST before success (default true). */
+  sync?: boolean;
 }
 
 /** Registers the import commands on `program`. */
@@ -93,9 +96,16 @@ export function registerImport(program: Command): void {
     )
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
+    .option(
+      "--no-sync",
+      "do not wait for DEST to reach its disk (fdatasync) before reporting success",
+    )
     .addHelpText(
       "after",
-      "\nExamples:\n" +
+      "\nDEST is synced before success. SIGINT, SIGTERM and SIGHUP stop the import: a DEST it\n" +
+        "created is removed; for an existing file or device the message says from which byte\n" +
+        "on it is partly written. The exit status is then 128 + the signal's number.\n" +
+        "\nExamples:\n" +
         "  diskstream import disk.raw < disk.qcow2\n" +
         "  curl -s http://host/disk.qcow2 | diskstream import /dev/vg/lv --progress\n" +
         "  diskstream import base-copy.raw --delta -i diff.qcow2",
@@ -118,6 +128,7 @@ export function registerImport(program: Command): void {
         spool: flags.spool,
         spoolDir: flags.spoolDir,
         progress: progressMode(flags),
+        sync: flags.sync,
       });
     });
 
@@ -166,49 +177,55 @@ async function runImport(run: ImportRun): Promise<void> {
     import("../progress.ts"),
     import("../size.ts"),
   ]);
-  const progress = createProgress(run.progress, "import");
-  const options = {
-    format: run.format,
-    size: run.size,
-    prezeroed: run.prezeroed,
-    delta: run.delta,
-    maxBuffer: run.maxBuffer,
-    spool: run.spool,
-    spoolDir: run.spoolDir,
-    progress,
-  };
-  const src = run.source;
-  const where = src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : {
-    path: src.path,
-  };
-  const name = endpointName(src, "stdin");
-  // A file or device is read by random access (tables first); a pipe through its
-  // descriptor, so that the data can be spliced into DEST; anything else as a stream.
-  const file = await openFileInput(where, name);
-  if (file) {
-    try {
-      await importFromFile(file, run.dest, options);
-    } finally {
-      file.close();
+  // A signal stops the import: DEST is removed if it was created, else the message
+  // says from which byte on it is partly written.
+  const { stoppableBySignals } = await import("./signals.ts");
+  const result = await stoppableBySignals(async (signal) => {
+    const progress = createProgress(run.progress, "import");
+    const options = {
+      format: run.format,
+      size: run.size,
+      prezeroed: run.prezeroed,
+      delta: run.delta,
+      maxBuffer: run.maxBuffer,
+      spool: run.spool,
+      spoolDir: run.spoolDir,
+      progress,
+      sync: run.sync,
+      signal,
+    };
+    const src = run.source;
+    const where = src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : {
+      path: src.path,
+    };
+    const name = endpointName(src, "stdin");
+    // A file or device is read by random access (tables first); a pipe through its
+    // descriptor, so that the data can be spliced into DEST; anything else as a stream.
+    const file = await openFileInput(where, name);
+    if (file) {
+      try {
+        return await importFromFile(file, run.dest, options);
+      } finally {
+        file.close();
+      }
     }
-    return;
-  }
-  const pipe = openPipeInput(where, name);
-  let spooled = 0;
-  if (pipe) {
-    try {
-      spooled = (await importFromPipe(pipe, run.dest, options)).spooledBytes;
-    } finally {
-      pipe.close();
+    const pipe = openPipeInput(where, name);
+    if (pipe) {
+      try {
+        return await importFromPipe(pipe, run.dest, options);
+      } finally {
+        pipe.close();
+      }
     }
-  } else {
     const input = await openInput(run.source, { blocking: true });
-    spooled = (await importImage(input.stream, run.dest, options)).spooledBytes;
-  }
-  if (spooled > 0) {
+    return await importImage(input.stream, run.dest, options);
+  });
+  if (result.spooledBytes > 0) {
     console.error(
-      `import: ${formatBytes(spooled)} (${spooled} bytes) of the stream came before its tables ` +
-        `and waited in a spool file in ${run.spoolDir ?? "the system temporary folder"}`,
+      `import: ${formatBytes(result.spooledBytes)} (${result.spooledBytes} bytes) of the stream ` +
+        `came before its tables and waited in a spool file in ${
+          run.spoolDir ?? "the system temporary folder"
+        }`,
     );
   }
 }

@@ -5,6 +5,7 @@
  * @module
  */
 import { UsageError } from "../errors.ts";
+import { inheritedFd } from "../io/descriptor.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { parseSize } from "../size.ts";
@@ -14,13 +15,17 @@ export function sizeOption(flag: string): (v: string) => number {
   return (v) => parseSize(v, flag);
 }
 
-/** A file descriptor number (`--output-fd N`). */
+/**
+ * A file descriptor number (`--output-fd N`) that the caller passed: a descriptor
+ * this process did not inherit (closed, or one of the runtime's own) is refused
+ * here, before any work.
+ */
 export function fdOption(flag: string): (v: string) => number {
   return (v) => {
     if (!/^\d+$/.test(v)) {
       throw new UsageError(`${flag} needs a file descriptor number, got '${v}'`);
     }
-    return Number(v);
+    return inheritedFd(Number(v), `${flag} ${v}`);
   };
 }
 

@@ -35,6 +35,17 @@ export interface StreamExportOptions {
    * every chunk is a fresh buffer the consumer may keep.
    */
   reuseBuffers?: boolean;
+  /**
+   * {@link PlannedExport.writeTo}: make the output durable (`fdatasync`) before
+   * returning, when it is a file or a device (default true).
+   */
+  sync?: boolean;
+  /**
+   * Stops the export when aborted: pass 1 and pass 2 check it between reads and
+   * copies; `writeTo` then removes an output file it created and throws (an
+   * `InterruptedError` reason is retold with what was interrupted).
+   */
+  signal?: AbortSignal;
 }
 
 /** Options of {@link exportQcow2}. */
@@ -67,7 +78,8 @@ export interface PlannedExport<Layout> {
    * `splice(2)` moves them into a pipe, `copy_file_range(2)` into a file (the
    * fastest way, though each kernel call of up to 8 MiB holds the event loop while
    * the reader is slow); otherwise the stream is written. stdout is refused when it
-   * is a terminal.
+   * is a terminal. Unless `sync` is false, a file or device output is synced before
+   * the promise resolves. On failure, an output file this call created is removed.
    */
   writeTo(target: Endpoint): Promise<void>;
 }

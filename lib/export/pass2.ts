@@ -10,10 +10,11 @@ import { setImmediate } from "node:timers";
 import type { DiskSource } from "../io/disk_source.ts";
 import { type Endpoint, endpointName, openOutput, pipeToOutput } from "../io/stream.ts";
 import { COPY_STEP, type KernelCopy, openKernelCopy } from "../io/kernel_copy.ts";
-import { SourceChangedError, UsageError } from "../errors.ts";
+import { DiskstreamError, InterruptedError, SourceChangedError, UsageError } from "../errors.ts";
 import type { WriterOptions } from "../qcow2/writer.ts";
 import type { ProgressSink } from "../progress.ts";
-import { endpointPath, sameFile } from "../io/same_file.ts";
+import { blockDeviceSize, endpointPath, pathExists, sameFile } from "../io/same_file.ts";
+import { formatBytes } from "../size.ts";
 import type { PlannedExport, StreamExportOptions } from "./options.ts";
 import type { ExportPlan } from "./plan.ts";
 
@@ -47,7 +48,7 @@ export function plannedExport<Layout>(
   try {
     const image = writer(plan.virtualSize);
     options.progress?.setTotal(scanned + image.fileSize);
-    const pass2 = new Pass2(src, image, options.progress, scanned, {
+    const pass2 = new Pass2(src, image, options, scanned, {
       chunkSize: options.chunkSize,
       reuseBuffers: options.reuseBuffers,
       sourceSize: src.size,
@@ -77,16 +78,23 @@ class Pass2<Layout> {
   #sent = 0;
   #started = false;
   #stream: ReadableStream<Uint8Array> | null = null;
+  readonly progress: ProgressSink | undefined;
+  readonly signal: AbortSignal | undefined;
+  readonly sync: boolean;
 
   constructor(
     readonly src: DiskSource,
     readonly image: ImageWriter<Layout>,
-    readonly progress: ProgressSink | undefined,
+    options: StreamExportOptions,
     readonly scanned: number,
     readonly writerOptions: WriterOptions,
     /** Files the output must not be: the source, and the base of a diff. */
     readonly protect: [role: string, path: string][],
-  ) {}
+  ) {
+    this.progress = options.progress;
+    this.signal = options.signal;
+    this.sync = options.sync ?? true;
+  }
 
   /** Refuses a second start and a source whose size changed since pass 1. */
   async #start(): Promise<void> {
@@ -101,6 +109,7 @@ class Pass2<Layout> {
   }
 
   #sentBytes(bytes: number): void {
+    this.signal?.throwIfAborted();
     this.#sent += bytes;
     this.progress?.update(this.scanned + this.#sent);
   }
@@ -158,15 +167,49 @@ class Pass2<Layout> {
         );
       }
     }
+    const name = endpointName(target, "stdout");
+    const capacity = await blockDeviceSize(out);
+    if (capacity !== null && capacity < this.image.fileSize) {
+      throw new DiskstreamError(
+        `${name} holds ${capacity} bytes (${formatBytes(capacity)}), less than the image's ` +
+          `${this.image.fileSize} bytes (${formatBytes(this.image.fileSize)}): refusing to write`,
+      );
+    }
+    // An output file this export creates is removed if it fails; one that existed is
+    // truncated and rewritten from byte 0 on.
+    const created = target.kind === "path" && !(await pathExists(target.path));
+    try {
+      await this.#write(target, name);
+    } catch (err) {
+      this.src.close();
+      if (created) await Deno.remove(target.path).catch(() => {});
+      if (!(err instanceof InterruptedError)) throw err;
+      throw err.retell(
+        `export of ${this.src.path} to ${name} interrupted by ${err.signal}: ` +
+          (created
+            ? `${name} (created by this export) was removed`
+            : this.#sent === 0
+            ? `nothing was written to ${name}`
+            : `${name} is partly written from byte 0 on (up to ${this.#sent} of the image's ` +
+              `${this.image.fileSize} bytes)`),
+      );
+    }
+  }
+
+  async #write(target: Endpoint, name: string): Promise<void> {
     const copier = openKernelCopy(
       this.src.path,
       target.kind === "path" ? { path: target.path } : { fd: target.kind === "fd" ? target.fd : 1 },
-      endpointName(target, "stdout"),
+      name,
+      this.sync,
     );
-    if (copier === null) return await pipeToOutput(this.stream(), await openOutput(target));
+    if (copier === null) {
+      return await pipeToOutput(this.stream(), await openOutput(target), this.sync);
+    }
     try {
       await this.#start();
       await this.#copyWith(copier);
+      if (this.sync) copier.sync();
     } finally {
       copier.close();
       this.src.close();

@@ -19,7 +19,7 @@ import { ClusterSet } from "../alloc/cluster_set.ts";
 import { diffScanBytes, planDiff } from "./diff.ts";
 import { type DiskSource, openDiskSource } from "../io/disk_source.ts";
 import { CHUNK_SIZE } from "../io/stream.ts";
-import { DiskstreamError, UsageError } from "../errors.ts";
+import { DiskstreamError, InterruptedError, UsageError } from "../errors.ts";
 import type { ProgressSink } from "../progress.ts";
 import { zeroTest } from "../zero.ts";
 import type { StreamExportOptions } from "./options.ts";
@@ -167,6 +167,7 @@ export async function planExport(
     const sourceCandidates = await candidatesOf(src, virtualSize, cs, hint, options.zeroCheck);
     let scanned = 0;
     const onRead = (bytes: number) => {
+      options.signal?.throwIfAborted();
       scanned += bytes;
       progress?.update(scanned);
     };
@@ -186,9 +187,16 @@ export async function planExport(
       if (estimate > 0) progress?.setTotal(2 * estimate);
       clusters = await planNonZero(src, sourceCandidates, cs, onRead);
     }
+    options.signal?.throwIfAborted();
     return { src, virtualSize, clusters, scanned };
   } catch (err) {
     src.close();
+    if (err instanceof InterruptedError) {
+      throw err.retell(
+        `export of ${source} interrupted by ${err.signal} while reading what to export: ` +
+          `nothing was written`,
+      );
+    }
     throw err;
   }
 }

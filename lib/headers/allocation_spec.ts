@@ -8,6 +8,7 @@
  */
 import { type Allocation, type ImageInfoJson, parseAllocation } from "../alloc/allocation.ts";
 import { describeIoError, DiskstreamError, UsageError } from "../errors.ts";
+import { descriptorPath } from "../io/descriptor.ts";
 import { readImageAllocation } from "./image_allocation.ts";
 
 /** Bytes looked at to tell JSON from an image. */
@@ -16,7 +17,7 @@ const SNIFF_BYTES = 4096;
 /** The path to open for a SPEC: `fd:N` → `/dev/fd/N`. */
 function specPath(spec: string): string {
   const m = /^fd:(\d+)$/.exec(spec);
-  if (m) return `/dev/fd/${m[1]}`;
+  if (m) return descriptorPath(Number(m[1]), spec);
   if (spec.startsWith("fd:")) {
     throw new UsageError(`'${spec}' is not a file descriptor: use fd:N with a number N`);
   }

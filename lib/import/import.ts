@@ -4,7 +4,12 @@
  *
  * @module
  */
-import { CorruptImageError, UnsupportedError } from "../errors.ts";
+import {
+  CorruptImageError,
+  DiskstreamError,
+  InterruptedError,
+  UnsupportedError,
+} from "../errors.ts";
 import type { ProgressSink } from "../progress.ts";
 import type { PipeInput } from "../io/pipe_input.ts";
 import { decodeQcow2Stream, type StreamImageInfo } from "../qcow2/stream_reader.ts";
@@ -83,7 +88,8 @@ const VHD_COOKIE = [...new TextEncoder().encode("conectix")];
  * Imports the qcow2 or VHD image in `stream` into the raw file or block device at
  * `dest`. A new file is created at the virtual size and left sparse; an existing
  * file or device gets zeros where the image has none unless `prezeroed`; `delta`
- * applies a diff onto `dest`. The data is synced before the promise resolves. On
+ * applies a diff onto `dest`. The data is synced before the promise resolves (unless
+ * `sync` is false); `signal` stops the import (see {@link DestinationOptions}). On
  * failure a file created by the import is removed.
  *
  * Errors are `DiskstreamError`s: {@link CorruptImageError} (truncated or
@@ -132,7 +138,7 @@ export function importImage(
   dest: string,
   options: ImportOptions = {},
 ): Promise<ImportResult> {
-  return importChunks(new ChunkStream(stream), dest, options);
+  return importChunks(new ChunkStream(stream, options.signal), dest, options);
 }
 
 /**
@@ -146,7 +152,7 @@ export function importFromPipe(
   dest: string,
   options: ImportOptions = {},
 ): Promise<ImportResult> {
-  return importChunks(new ChunkStream(pipe), dest, options);
+  return importChunks(new ChunkStream(pipe, options.signal), dest, options);
 }
 
 /**
@@ -160,7 +166,7 @@ export function importFromFile(
   dest: string,
   options: ImportOptions = {},
 ): Promise<ImportResult> {
-  return importChunks(new ChunkStream(file), dest, {
+  return importChunks(new ChunkStream(file, options.signal), dest, {
     ...options,
     streamLength: options.streamLength ?? file.size,
   });
@@ -215,8 +221,19 @@ async function importChunks(
       spooledBytes: spool?.bytes ?? 0,
     };
   } catch (err) {
-    await (target as RawDestination | null)?.abort();
+    const t = target as RawDestination | null;
+    await t?.abort();
     await input.cancel().catch(() => {});
+    if (err instanceof InterruptedError) {
+      throw err.retell(
+        `import into ${dest} interrupted by ${err.signal}: ` +
+          (t ? t.damage : `nothing was written to ${dest}`),
+      );
+    }
+    // An existing file or device: say what the failure left in it.
+    if (err instanceof DiskstreamError && t !== null && t.kind !== "new file") {
+      err.message = `${err.message}; ${t.damage}`;
+    }
     throw err;
   } finally {
     spool?.close();

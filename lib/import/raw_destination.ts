@@ -33,6 +33,10 @@ export interface DestinationOptions {
   prezeroed?: boolean;
   /** Apply a diff: leave unallocated ranges untouched, write zeros for ZERO ranges. */
   delta?: boolean;
+  /** Sync the data to the device (fdatasync) before finishing (default true). */
+  sync?: boolean;
+  /** Stops the writes when aborted: the next flush throws the reason. */
+  signal?: AbortSignal;
 }
 
 /** How the destination was found. */
@@ -74,6 +78,10 @@ export class RawDestination implements DiskTarget {
   #dataBytes = 0;
   #directBytes = 0;
   #queued = 0;
+  /** The lowest offset written (or extended) so far: the destination is intact below it. */
+  #lowest = Infinity;
+  readonly #sync: boolean;
+  readonly #signal: AbortSignal | undefined;
 
   private constructor(
     path: string,
@@ -100,6 +108,11 @@ export class RawDestination implements DiskTarget {
       ? new ClusterSet(Math.ceil(fillLimit / unit), unit)
       : null;
     this.#fillLimit = fill ? fillLimit : 0;
+    this.#sync = opts.sync ?? true;
+    this.#signal = opts.signal;
+    if (kind === "file" && virtualSize !== null && sizes.initial < virtualSize) {
+      this.#lowest = sizes.initial; // extended to the virtual size
+    }
   }
 
   /**
@@ -215,6 +228,7 @@ export class RawDestination implements DiskTarget {
 
   wroteDirect(offset: number, length: number): void {
     this.#check(offset, length);
+    this.#lowest = Math.min(this.#lowest, offset);
     this.#directBytes += length;
     this.#dataBytes += length;
     this.#written?.addBytes(offset, length);
@@ -274,6 +288,7 @@ export class RawDestination implements DiskTarget {
   }
 
   async flush(): Promise<void> {
+    this.#signal?.throwIfAborted();
     const offs = this.#offs;
     const bufs = this.#bufs;
     const bufOffs = this.#bufOffs;
@@ -289,6 +304,7 @@ export class RawDestination implements DiskTarget {
         if (this.#filePos !== offs[i]) {
           await f.seek(offs[i], Deno.SeekMode.Start);
         }
+        this.#lowest = Math.min(this.#lowest, offs[i]);
         const view = new Uint8Array(bufs[i], bufOffs[i], lens[i]);
         let done = 0;
         while (done < view.length) done += await f.write(view.subarray(done));
@@ -330,12 +346,23 @@ export class RawDestination implements DiskTarget {
         await fill(written.length);
       }
       await this.flush();
-      await this.#file.syncData();
+      if (this.#sync) await this.#file.syncData();
     } catch (err) {
       this.#close();
       throw describeIoError(err, this.path, "write to");
     }
     this.#close();
+  }
+
+  /**
+   * What a failed import left in the destination, for messages (after
+   * {@link RawDestination.abort}): removed, not written, or partly written from
+   * which byte on.
+   */
+  get damage(): string {
+    if (this.kind === "new file") return `${this.path} (created by this import) was removed`;
+    if (this.#lowest === Infinity) return `${this.path} was not written`;
+    return `${this.path} (an existing ${this.kind}) is partly written from byte ${this.#lowest} on`;
   }
 
   /** Gives up: closes, and removes the file if this import created it. */

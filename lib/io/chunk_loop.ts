@@ -116,6 +116,8 @@ function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarg
   let lo = Infinity;
   let hi = 0;
   const move = (guest: number, length: number): number => {
+    // An empty pipe would block here, out of reach of signals: read it as usual instead.
+    if (!pipe.ready()) return 0;
     const n = pipe.splice(fd!, guest, length, path);
     if (n < 0) {
       // Refused for these descriptors: read everything from now on.

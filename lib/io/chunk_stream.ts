@@ -8,6 +8,9 @@ import { CHUNK_SIZE } from "./stream.ts";
 import type { PipeInput } from "./pipe_input.ts";
 import type { SeekableInput } from "./file_input.ts";
 
+/** Longest wait for a pipe's next bytes between two looks at the abort signal. */
+const PIPE_WAIT_MS = 200;
+
 /**
  * The input of a decoder: chunks with a push-back. A byte stream is read with a BYOB
  * reader into a few recycled buffers ({@link ChunkStream.release} hands one back once
@@ -25,8 +28,17 @@ export class ChunkStream {
   /** Buffers handed out, with the number of their pieces not released yet. */
   readonly #lent = new Map<ArrayBufferLike, number>();
   #ended = false;
+  readonly #signal: AbortSignal | undefined;
 
-  constructor(source: ReadableStream<Uint8Array> | AsyncIterator<Uint8Array> | PipeInput) {
+  /**
+   * `signal` stops a wait for a pipe's next bytes (the reason is thrown); other
+   * inputs are read as they come.
+   */
+  constructor(
+    source: ReadableStream<Uint8Array> | AsyncIterator<Uint8Array> | PipeInput,
+    signal?: AbortSignal,
+  ) {
+    this.#signal = signal;
     if ("splice" in source) {
       this.pipe = source;
       if ("skip" in source) this.seekable = source as SeekableInput;
@@ -58,6 +70,7 @@ export class ChunkStream {
   }
 
   async #pull(limit: number): Promise<Uint8Array | null> {
+    this.#signal?.throwIfAborted();
     if (this.#it) {
       const r = await this.#it.next();
       return r.done ? null : r.value;
@@ -76,11 +89,20 @@ export class ChunkStream {
     return r.value;
   }
 
-  /** Fills `buf` from the pipe (blocking reads: no thread hop per pipe-full). */
-  #fill(buf: Uint8Array): Uint8Array | null {
+  /**
+   * Fills `buf` from the pipe: blocking reads while bytes are there (no thread hop per
+   * pipe-full); while the pipe is empty, waits on another thread, so that signals and
+   * timers are handled meanwhile.
+   */
+  async #fill(buf: Uint8Array): Promise<Uint8Array | null> {
+    const pipe = this.pipe!;
     let filled = 0;
     while (filled < buf.length) {
-      const n = this.pipe!.read(buf.subarray(filled));
+      while (!pipe.ready()) {
+        this.#signal?.throwIfAborted();
+        await pipe.wait(PIPE_WAIT_MS);
+      }
+      const n = pipe.read(buf.subarray(filled));
       if (n === 0) break;
       filled += n;
     }

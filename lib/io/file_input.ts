@@ -77,6 +77,8 @@ export async function openFileInput(
     skip(n) {
       pos += n;
     },
+    ready: () => true, // a file never makes a read wait for a writer
+    wait: () => Promise.resolve(),
     openDestination(destPath) {
       if (!dest || !c) return null;
       if (inFd < 0) inFd = c.open(new TextEncoder().encode(path + "\0"), libc.O_CLOEXEC, 0);
@@ -101,7 +103,7 @@ export async function openFileInput(
           return n;
         }
         const e = libc.readErrno(c!.__errno_location);
-        if (e !== libc.EINTR) return moveFailure(e, "copy", name, destName, at);
+        if (e !== libc.EINTR) return moveFailure(e, name, destName, at);
       }
     },
     startWriteback: (fd, at, length) => dest?.startWriteback(fd, at, length),

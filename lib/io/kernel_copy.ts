@@ -29,13 +29,19 @@ import {
   REFUSED_ERRNOS,
   SPLICE_F_MORE,
   SPLICE_F_MOVE,
+  WRITE_SIDE_ERRNOS,
 } from "./libc.ts";
+import { errnoMessage } from "./errno.ts";
 
 /** Bytes moved per call. */
 export const COPY_STEP = 8 * 1024 * 1024;
 const O_CREAT = 0o100;
 const O_TRUNC = 0o1000;
 const EPIPE = 32;
+const EINVAL = 22;
+const SYNC_FILE_RANGE_WRITE = 2;
+/** Bytes written to an output file after which their writeback is started. */
+const WRITEBACK_STRIDE = 16 * 1024 * 1024;
 /** errno values after which a plain pread/write copy is tried instead. */
 const UNSUPPORTED = REFUSED_ERRNOS;
 
@@ -51,6 +57,8 @@ const SYMBOLS = {
     parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"],
     result: "isize",
   },
+  fdatasync: { parameters: ["i32"], result: "i32" },
+  sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
@@ -73,6 +81,11 @@ export interface KernelCopy {
   write(bytes: Uint8Array): void;
   /** Copies `length` source bytes at `offset` to the output (in the kernel when possible). */
   copy(offset: number, length: number): void;
+  /**
+   * Makes what was written durable (`fdatasync`) when the output is a file or a
+   * device; a pipe or socket has nothing to sync.
+   */
+  sync(): void;
   /** Closes what was opened here (an inherited output descriptor stays open). */
   close(): void;
 }
@@ -80,20 +93,23 @@ export interface KernelCopy {
 /**
  * Opens `source` for kernel copies into `output` (a path, created or truncated, or an
  * inherited descriptor), or returns null when FFI is unavailable or the output is a
- * non-blocking descriptor. `name` names the output in messages.
+ * non-blocking descriptor. `name` names the output in messages. `writeback`: an
+ * output file opened here gets its writeback started every 16 MiB
+ * (`sync_file_range`), so that a final {@link KernelCopy.sync} has little left.
  */
 export function openKernelCopy(
   source: string,
   output: { path: string } | { fd: number },
   name: string,
+  writeback = false,
 ): KernelCopy | null {
   const c = loadLibc(SYMBOLS);
   if (c === null) return null;
   const errno = () => readErrno(c.__errno_location);
-  const fail = (what: string, path: string): never => {
-    const e = errno();
+  /** Throws for the errno of a failed call, naming the side it belongs to. */
+  const fail = (e: number, what: string): never => {
     if (e === EPIPE) throw new BrokenPipeError(`${name}: the reader closed the pipe`);
-    throw new DiskstreamError(`cannot ${what} ${path}: errno ${e}`);
+    throw new DiskstreamError(`${what}: ${errnoMessage(e)}`);
   };
   let outFd: number;
   let ownOut = false;
@@ -124,14 +140,32 @@ export function openKernelCopy(
   const offsetBytes = new Uint8Array(offset.buffer);
   let bounce: Uint8Array | null = null;
 
+  // Bytes written to an output opened here, and up to where writeback was started.
+  let outPos = 0;
+  let writebackFrom = 0;
+  const moved = (n: number) => {
+    outPos += n;
+    if (writeback && ownOut && outPos - writebackFrom >= WRITEBACK_STRIDE) {
+      c.sync_file_range(
+        outFd,
+        BigInt(writebackFrom),
+        BigInt(outPos - writebackFrom),
+        SYNC_FILE_RANGE_WRITE,
+      );
+      writebackFrom = outPos;
+    }
+  };
+
   const writeAll = (bytes: Uint8Array) => {
     for (let done = 0; done < bytes.length;) {
       const n = Number(c.write(outFd, bytes.subarray(done), BigInt(bytes.length - done)));
       if (n < 0) {
-        if (errno() === EINTR) continue;
-        fail("write to", name);
+        const e = errno();
+        if (e === EINTR) continue;
+        fail(e, `cannot write to ${name}`);
       }
       done += n;
+      moved(n);
     }
   };
 
@@ -163,6 +197,7 @@ export function openKernelCopy(
         const n = step(at + done, Math.min(COPY_STEP, length - done));
         if (n > 0) {
           done += n;
+          if (method !== "bounce") moved(n); // bounce counted its writes
           continue;
         }
         if (n === 0) {
@@ -177,7 +212,21 @@ export function openKernelCopy(
           method = next;
           continue;
         }
-        fail(method === "bounce" ? "read" : `copy (${method}) from`, source);
+        fail(
+          e,
+          method === "bounce"
+            ? `cannot read ${source} at byte ${at + done}`
+            : WRITE_SIDE_ERRNOS.has(e)
+            ? `cannot write to ${name} (copying ${source} from byte ${at + done} with ${method})`
+            : `cannot copy (${method}) from ${source} at byte ${at + done} to ${name}`,
+        );
+      }
+    },
+    sync() {
+      while (c.fdatasync(outFd) < 0) {
+        const e = errno();
+        if (e === EINVAL) return; // a pipe or a socket
+        if (e !== EINTR) fail(e, `cannot sync ${name} to its device (fdatasync)`);
       }
     },
     close() {

@@ -66,3 +66,10 @@ export const PIPE_BYTES = 1024 * 1024;
  * EXDEV EINVAL ENOSYS EOPNOTSUPP): callers take their portable path instead.
  */
 export const REFUSED_ERRNOS: ReadonlySet<number> = new Set([1, 9, 18, 22, 38, 95]);
+
+/**
+ * errno values that a copy gets from its destination, never its source: the disk is
+ * full (ENOSPC, EDQUOT), the file too large (EFBIG), read-only (EROFS), the reader
+ * gone (EPIPE).
+ */
+export const WRITE_SIDE_ERRNOS: ReadonlySet<number> = new Set([28, 122, 27, 30, 32]);

@@ -1,18 +1,23 @@
 /**
- * An import's input when it is a pipe and FFI is permitted: blocking `read(2)` into
- * the caller's buffers, and `splice(2)` to move the image's data from the pipe into
- * the destination file inside the kernel (no copy through JavaScript). Optional:
- * {@link openPipeInput} returns null without `--allow-ffi`, off Linux, or when the
- * descriptor is not a blocking pipe, and the import reads a ReadableStream instead.
+ * An import's input when it is a pipe (or a socket) and FFI is permitted: blocking
+ * `read(2)` into the caller's buffers once `poll(2)` says bytes are there (waiting on
+ * another thread otherwise, so signals are handled), and `splice(2)` to move the
+ * image's data from a pipe into the destination file inside the kernel (no copy
+ * through JavaScript). Optional: {@link openPipeInput} returns null without
+ * `--allow-ffi`, off Linux, or when the descriptor is not a blocking pipe or socket,
+ * and the import reads a ReadableStream instead.
  *
  * @module
  */
 import { DiskstreamError } from "../errors.ts";
 import * as libc from "./libc.ts";
+import { errnoMessage } from "./errno.ts";
 
 const O_RDONLY = 0;
 const SYNC_FILE_RANGE_WRITE = 2;
-const ENOSPC = 28;
+const POLLIN = 1;
+const SOL_SOCKET = 1;
+const SO_TYPE = 3;
 /** Bytes asked per splice call. */
 const SPLICE_STEP = 16 * 1024 * 1024;
 
@@ -23,6 +28,14 @@ const SYMBOLS = {
   read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   splice: { parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"], result: "isize" },
   sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32" },
+  getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
+  poll: { parameters: ["buffer", "u64", "i32"], result: "i32" },
+  poll_waiting: {
+    name: "poll",
+    parameters: ["buffer", "u64", "i32"],
+    result: "i32",
+    nonblocking: true,
+  },
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
@@ -34,6 +47,13 @@ export interface PipeInput {
   readonly name: string;
   /** Reads up to `buf.length` bytes (blocking); 0 at the end. */
   read(buf: Uint8Array): number;
+  /** True when a read or splice would not block: bytes are waiting, or the writer is gone. */
+  ready(): boolean;
+  /**
+   * Waits up to `ms` milliseconds for {@link PipeInput.ready} on another thread, so
+   * that timers and signal listeners run meanwhile.
+   */
+  wait(ms: number): Promise<void>;
   /**
    * Opens `path` (already created and sized) for {@link PipeInput.splice}; null when
    * it cannot be opened this way (the ordinary writes still work).
@@ -87,17 +107,20 @@ export function destinationOps(): DestinationOps | null {
  * `e`: -1 when the kernel refuses it for these descriptors (read the bytes instead),
  * else the error naming `input`, `dest` and the guest offset `at`.
  */
-export function moveFailure(e: number, how: string, input: string, dest: string, at: number): -1 {
+export function moveFailure(e: number, input: string, dest: string, at: number): -1 {
   if (libc.REFUSED_ERRNOS.has(e)) return -1;
   throw new DiskstreamError(
-    `cannot ${how} data from ${input} to ${dest} at byte ${at}: ` +
-      (e === ENOSPC ? "no space left on the device" : `errno ${e}`),
+    (libc.WRITE_SIDE_ERRNOS.has(e)
+      ? `cannot write to ${dest} at byte ${at} (moving data from ${input})`
+      : `cannot move data from ${input} to ${dest} at byte ${at}`) +
+      `: ${errnoMessage(e)}`,
   );
 }
 
 /**
- * The pipe at descriptor `fd` (0 = stdin; left open) or at `path` (a named pipe,
- * opened here), or null when FFI is unavailable or it is not a blocking pipe.
+ * The pipe or socket at descriptor `fd` (0 = stdin; left open) or at `path` (a named
+ * pipe, opened here), or null when FFI is unavailable or it is not a blocking pipe or
+ * socket.
  * Enlarges the pipe's buffer when allowed (fewer wake-ups).
  */
 export function openPipeInput(
@@ -112,16 +135,27 @@ export function openPipeInput(
     : source.fd;
   if (fd < 0) return null; // the ordinary path reports it
   const flags = c.fcntl(fd, libc.F_GETFL, 0);
-  if (flags < 0 || (flags & libc.O_NONBLOCK) !== 0 || c.fcntl(fd, libc.F_GETPIPE_SZ, 0) <= 0) {
+  const isPipe = c.fcntl(fd, libc.F_GETPIPE_SZ, 0) > 0;
+  // A socket (XAPI hands over its HTTP connection as stdin) is read the same way, so
+  // that a signal is handled while it is silent; splice refuses it (data is read).
+  const isSocket = !isPipe &&
+    c.getsockopt(fd, SOL_SOCKET, SO_TYPE, new Uint8Array(4), new Uint8Array([4, 0, 0, 0])) === 0;
+  if (flags < 0 || (flags & libc.O_NONBLOCK) !== 0 || !(isPipe || isSocket)) {
     if (own) c.close(fd);
-    return null; // not a blocking pipe
+    return null; // not a blocking pipe or socket
   }
-  c.fcntl(fd, libc.F_SETPIPE_SZ, libc.PIPE_BYTES); // optional: fails quietly when not allowed
+  // A larger pipe: fewer wake-ups (optional: fails quietly when not allowed).
+  if (isPipe) c.fcntl(fd, libc.F_SETPIPE_SZ, libc.PIPE_BYTES);
   const errno = () => libc.readErrno(c.__errno_location);
   const offset = new BigInt64Array(1);
   const offsetBytes = new Uint8Array(offset.buffer);
+  // struct pollfd { int fd; short events; short revents; }, asking for POLLIN.
+  const pollFd = new Uint8Array(8);
+  new DataView(pollFd.buffer).setInt32(0, fd, true);
+  new DataView(pollFd.buffer).setInt16(4, POLLIN, true);
+  const waitFd = pollFd.slice();
   const fail = (what: string): never => {
-    throw new DiskstreamError(`cannot ${what} ${name}: errno ${errno()}`);
+    throw new DiskstreamError(`cannot ${what} ${name}: ${errnoMessage(errno())}`);
   };
   return {
     ...destinationOps()!,
@@ -132,6 +166,12 @@ export function openPipeInput(
         if (n >= 0) return n;
         if (errno() !== libc.EINTR) fail("read");
       }
+    },
+    ready() {
+      return c.poll(pollFd, 1n, 0) !== 0; // 1: readable or hung up; -1: let read report it
+    },
+    async wait(ms) {
+      await c.poll_waiting(waitFd, 1n, ms);
     },
     splice(destFd, at, length, dest) {
       for (;;) {
@@ -148,7 +188,7 @@ export function openPipeInput(
         );
         if (n >= 0) return n;
         const e = errno();
-        if (e !== libc.EINTR) return moveFailure(e, "move", name, dest, at);
+        if (e !== libc.EINTR) return moveFailure(e, name, dest, at);
       }
     },
     close() {

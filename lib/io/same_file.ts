@@ -5,11 +5,13 @@
  *
  * @module
  */
+import { descriptorPath } from "./descriptor.ts";
 import type { Endpoint } from "./stream.ts";
 
 /** The path through which an endpoint's file can be looked at (`/dev/fd/N`, `/dev/stdout`). */
 export function endpointPath(e: Endpoint, std: "stdin" | "stdout"): string {
-  return e.kind === "path" ? e.path : e.kind === "fd" ? `/dev/fd/${e.fd}` : `/dev/${std}`;
+  if (e.kind === "fd") return descriptorPath(e.fd, `fd ${e.fd}`);
+  return e.kind === "path" ? e.path : `/dev/${std}`;
 }
 
 /**
@@ -29,6 +31,42 @@ async function identity(path: string) {
     const isDevice = s.isBlockDevice === true;
     if (!s.isFile && !isDevice) return null;
     return { isDevice, dev: s.dev, ino: s.ino, rdev: s.rdev };
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * True when `path` names something (a file, a device, a dangling link): an output
+ * that did not exist before a run is the run's to remove when it fails.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { pathExists } from "./same_file.ts";
+ *
+ * assert.equal(await pathExists("/"), true);
+ * assert.equal(await pathExists("/no/such/path"), false);
+ * ```
+ */
+export async function pathExists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * The size of the block device at `path` (learnt by seeking to its end: `stat` says
+ * 0), or null when `path` is not a block device or cannot be looked at.
+ */
+export async function blockDeviceSize(path: string): Promise<number | null> {
+  try {
+    if ((await Deno.stat(path)).isBlockDevice !== true) return null;
+    using device = await Deno.open(path, { read: true });
+    return await device.seek(0, Deno.SeekMode.End);
   } catch {
     return null;
   }

@@ -6,6 +6,7 @@
  * @module
  */
 import { BrokenPipeError, describeIoError, UsageError } from "../errors.ts";
+import { descriptorPath } from "./descriptor.ts";
 
 /** Where a stream goes or comes from. */
 export type Endpoint =
@@ -24,7 +25,12 @@ export interface Output {
   readonly isStdout: boolean;
   /** Writes all of `chunk`. */
   write(chunk: Uint8Array): Promise<void>;
-  /** Flushes and closes (stdout is left open). */
+  /**
+   * Makes what was written durable (fdatasync) when the output is a file or a device
+   * opened here; nothing for stdout, pipes and sockets.
+   */
+  sync(): Promise<void>;
+  /** Closes (stdout is left open). */
   close(): Promise<void>;
 }
 
@@ -50,9 +56,9 @@ export async function openOutput(target: Endpoint): Promise<Output> {
         "refusing to write a disk image to a terminal: redirect stdout or use -o FILE",
       );
     }
-    return wrap(name, true, Deno.stdout, () => Promise.resolve());
+    return wrap(name, true, Deno.stdout, () => Promise.resolve(), () => Promise.resolve());
   }
-  const path = target.kind === "path" ? target.path : `/dev/fd/${target.fd}`;
+  const path = target.kind === "path" ? target.path : descriptorPath(target.fd, name);
   let file: Deno.FsFile;
   try {
     file = await Deno.open(
@@ -62,13 +68,22 @@ export async function openOutput(target: Endpoint): Promise<Output> {
   } catch (err) {
     throw describeIoError(err, name, "open for writing");
   }
-  return wrap(name, false, file, () => Promise.resolve(file.close()));
+  const sync = async () => {
+    try {
+      const info = await file.stat();
+      if (info.isFile || info.isBlockDevice) await file.syncData();
+    } catch (err) {
+      throw describeIoError(err, name, "sync (fdatasync)");
+    }
+  };
+  return wrap(name, false, file, sync, () => Promise.resolve(file.close()));
 }
 
 function wrap(
   name: string,
   isStdout: boolean,
   w: { write(p: Uint8Array): Promise<number> },
+  sync: () => Promise<void>,
   close: () => Promise<void>,
 ): Output {
   return {
@@ -84,17 +99,23 @@ function wrap(
         throw describeIoError(err, name, "write to");
       }
     },
+    sync,
     close,
   };
 }
 
-/** Writes every chunk of `stream` to `output`, then closes the output. */
+/**
+ * Writes every chunk of `stream` to `output`, syncs it (unless `sync` is false: see
+ * {@link Output.sync}), then closes the output.
+ */
 export async function pipeToOutput(
   stream: ReadableStream<Uint8Array>,
   output: Output,
+  sync = true,
 ): Promise<void> {
   try {
     for await (const chunk of stream) await output.write(chunk);
+    if (sync) await output.sync();
   } finally {
     await output.close();
   }
@@ -119,7 +140,7 @@ export async function openInput(source: Endpoint, opts: InputOptions = {}): Prom
   const name = endpointName(source, "stdin");
   const from = opts.blocking ? blockingReadableFrom : readableFrom;
   if (source.kind === "std") return { name, stream: from(Deno.stdin, name) };
-  const path = source.kind === "path" ? source.path : `/dev/fd/${source.fd}`;
+  const path = source.kind === "path" ? source.path : descriptorPath(source.fd, name);
   let file: Deno.FsFile;
   try {
     file = await Deno.open(path, { read: true });
