@@ -61,7 +61,7 @@ export async function walkChunks(
   const pipe = seekable ? null : input.pipe;
   const spoolMove = pipe && walker.spoolAhead
     ? () =>
-      input.drained &&
+      input.drained && pipe.ready() && // an empty pipe would block out of reach of signals
       walker.spoolAhead!((fd, at, length) => pipe.splice(fd, at, length, "the spool file")) > 0
     : null;
   try {
