@@ -90,6 +90,8 @@ export async function walkChunks(
         if (!moved) break;
         onChunk(EMPTY);
         limit = walker.nextAssembled?.() ?? 0;
+        // Kernel moves are synchronous: let signals and timers run between slices.
+        await new Promise((resolve) => setTimeout(resolve, 0));
       }
     }
   } finally {
@@ -102,6 +104,8 @@ export async function walkChunks(
 }
 
 const EMPTY = new Uint8Array(0);
+/** Most bytes moved by the kernel between two turns of the event loop. */
+const DIRECT_SLICE = 256 * 1024 * 1024;
 /** Spliced bytes after which their writeback to the device is started. */
 const WRITEBACK_STRIDE = 16 * 1024 * 1024;
 
@@ -115,7 +119,10 @@ function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarg
   // The range spliced since the last writeback was started.
   let lo = Infinity;
   let hi = 0;
+  // Bytes this call of move() may still move (a file's data would go in one go).
+  let budget = 0;
   const move = (guest: number, length: number): number => {
+    if (budget <= 0) return 0;
     // An empty pipe would block here, out of reach of signals: read it as usual instead.
     if (!pipe.ready()) return 0;
     const n = pipe.splice(fd!, guest, length, path);
@@ -126,6 +133,7 @@ function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarg
       return 0;
     }
     if (n > 0) {
+      budget -= n;
       target.wroteDirect!(guest, n);
       lo = Math.min(lo, guest);
       hi = Math.max(hi, guest + n);
@@ -140,6 +148,7 @@ function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarg
   return {
     /** Moves what can be moved now; true if anything was. */
     move(): boolean {
+      budget = DIRECT_SLICE;
       return fd !== null && input.drained && walker.moveDirect!(move) > 0;
     },
     close() {
