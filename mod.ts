@@ -89,3 +89,30 @@ export {
   type ImportResult,
 } from "./lib/import/import.ts";
 export type { DestinationKind, DestinationOptions } from "./lib/import/raw_destination.ts";
+
+// HTTP(S): the client (export -o URL, import -i URL) and the disk server.
+export {
+  type HttpClientOptions,
+  type HttpDownload,
+  httpGet,
+  httpPut,
+  type HttpPutOptions,
+  HttpStatusError,
+  HttpTransferError,
+  parseHeaderLines,
+  redactUrl,
+} from "./lib/http/client.ts";
+export {
+  contentTypeOf,
+  FORMAT_CONTENT_TYPES,
+  formatOfContentType,
+} from "./lib/http/content_type.ts";
+export {
+  type DiskServer,
+  type DiskServerOptions,
+  type ServedExport,
+  type ServedImport,
+  SERVER_FORMATS,
+  type ServerFormat,
+  startDiskServer,
+} from "./lib/http/server.ts";

@@ -13,8 +13,10 @@
 import { parseArgs } from "node:util";
 import { FULL_SIZES, Inputs, type InputSizes, QUICK_SIZES } from "./bench_inputs.ts";
 import {
+  type BenchCase,
   CommandFailed,
   commandOutput,
+  type Contender,
   displayPipeline,
   HAVE_GNU_TIME,
   killCurrent,
@@ -24,6 +26,7 @@ import {
   type Sample,
 } from "./bench_measure.ts";
 import { imagesEqual } from "../tests/helpers.ts";
+import { httpCases, httpGoalRows } from "./bench_http.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 const DENO = Deno.execPath();
@@ -36,28 +39,6 @@ const RSS_LIMIT_MIB = 200;
 /** Names of the contenders, used by the goals. */
 const DISKSTREAM = "diskstream";
 const XO = "@xen-orchestra/qcow2";
-
-/** One command of a case. */
-interface Contender {
-  name: string;
-  pipeline: Pipeline;
-  /** Why it cannot run here, if it cannot. */
-  unavailable?: string;
-  /** Removes what a run wrote (untimed). */
-  after?: () => Promise<void>;
-  /** Checks the output of the warm-up run; returns what is wrong, or null. */
-  verify?: () => Promise<string | null>;
-}
-
-/** A benchmark case: its contenders and the one ratios are computed against. */
-interface BenchCase {
-  name: string;
-  title: string;
-  reference: string;
-  contenders: () => Promise<Contender[]>;
-  /** Peers that do not take part, and why. */
-  notes?: string[];
-}
 
 /** What happened to one contender of a case. */
 interface Outcome {
@@ -422,6 +403,7 @@ function allCases(): BenchCase[] {
         ];
       },
     },
+    ...httpCases({ work, ds: DS, fullRaw: () => inputs.fullRaw(), sizes, log }),
   ];
 }
 
@@ -616,6 +598,20 @@ const GOALS: Goal[] = [
     atLeast(5),
   ),
   goal(`headers faster than ${XO} (ratio = xo / headers)`, "headers", XO, DISKSTREAM, above(1)),
+  goal(
+    "server export (curl) within 1.3 × curl of the same bytes as a static file from nginx",
+    "http-get",
+    DISKSTREAM,
+    "nginx static file",
+    atMost(1.3),
+  ),
+  goal(
+    "export -o http://nginx (PUT) within 1.2 × `curl -T` of the finished image",
+    "http-put",
+    DISKSTREAM,
+    "curl -T",
+    atMost(1.2),
+  ),
 ];
 
 function goalRow(g: Goal, results: Map<string, Outcome[]>): string {
@@ -698,7 +694,13 @@ try {
         ? "run with --cold to drop the cache before every run (works here)"
         : "dropping the cache is not permitted here");
   }
-  for (const c of selected) results.set(c.name, await runCase(c));
+  for (const c of selected) {
+    try {
+      results.set(c.name, await runCase(c));
+    } finally {
+      await c.cleanup?.();
+    }
+  }
   const minutes = (performance.now() - started) / 60000;
   const report = [
     `## Benchmark`,
@@ -713,6 +715,7 @@ try {
     "|---|--:|--:|---|",
     ...GOALS.filter((g) => results.has(g.case)).map((g) => goalRow(g, results)),
     rssRow(results),
+    ...httpGoalRows(results),
     "",
   ];
   console.log(report.join("\n"));

@@ -17,6 +17,30 @@ export interface Pipeline {
   mainStage?: number;
 }
 
+/** One command of a case. */
+export interface Contender {
+  name: string;
+  pipeline: Pipeline;
+  /** Why it cannot run here, if it cannot. */
+  unavailable?: string;
+  /** Removes what a run wrote (untimed). */
+  after?: () => Promise<void>;
+  /** Checks the output of the warm-up run; returns what is wrong, or null. */
+  verify?: () => Promise<string | null>;
+}
+
+/** A benchmark case: its contenders and the one ratios are computed against. */
+export interface BenchCase {
+  name: string;
+  title: string;
+  reference: string;
+  contenders: () => Promise<Contender[]>;
+  /** Peers that do not take part, and why (and facts a case adds after its runs). */
+  notes?: string[];
+  /** Stops what `contenders` started (servers), after the case. */
+  cleanup?: () => Promise<void>;
+}
+
 /**
  * One timed run: wall seconds, and per stage the peak RSS (KiB) and CPU seconds (user +
  * system), NaN when unknown.

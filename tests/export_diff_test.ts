@@ -198,22 +198,42 @@ qemuTest("diff: trusted hints export base-only clusters unread; --zero-check", a
   });
 });
 
-qemuTest("diff: interval hints that overlap are never counted twice", async () => {
-  await withTempDir(async (dir) => {
-    const { base, source } = await pair(dir);
-    await Deno.writeTextFile(
-      `${dir}/s.json`,
-      `{"virtual_size":${12 * MiB},"cluster_bits":16,"data_clusters":[[0,60],[2,5],[128,191]]}`,
-    );
-    await Deno.writeTextFile(
-      `${dir}/b.json`,
-      `{"virtual_size":${
-        8 * MiB + 1000
-      },"cluster_bits":16,"data_clusters":[[0,3],[2,2],[10,20],[128,128]]}`,
-    );
-    await cliDiff(source, base, `${dir}/d.qcow2`, `${dir}/s.json`, `${dir}/b.json`);
-  });
-});
+qemuTest(
+  "diff: interval hints split at a cluster never count it twice; overlaps are refused",
+  async () => {
+    await withTempDir(async (dir) => {
+      const { base, source } = await pair(dir);
+      await Deno.writeTextFile(
+        `${dir}/s.json`,
+        `{"virtual_size":${12 * MiB},"cluster_bits":16,"data_clusters":[[0,1],[2,60],[128,191]]}`,
+      );
+      await Deno.writeTextFile(
+        `${dir}/b.json`,
+        `{"virtual_size":${
+          8 * MiB + 1000
+        },"cluster_bits":16,"data_clusters":[[0,1],[2,3],[10,20],[128,128]]}`,
+      );
+      await cliDiff(source, base, `${dir}/d.qcow2`, `${dir}/s.json`, `${dir}/b.json`);
+      // Overlapping intervals are not a valid hint (issue 8): refused, naming the entry.
+      await Deno.writeTextFile(
+        `${dir}/o.json`,
+        `{"virtual_size":${12 * MiB},"cluster_bits":16,"data_clusters":[[0,60],[2,5],[128,191]]}`,
+      );
+      const r = await runCli([
+        "export",
+        source,
+        "-o",
+        `${dir}/o.qcow2`,
+        "--diff",
+        base,
+        "--allocation",
+        `${dir}/o.json`,
+      ]);
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /data_clusters\[1\] \(cluster 2\) is not after cluster 60/);
+    });
+  },
+);
 
 qemuTest("qcow2-to-stdout: XAPI's flags, with qemu-img map/info on descriptors", async () => {
   await withTempDir(async (dir) => {

@@ -267,7 +267,7 @@ Deno.test("export --allocation: a hint for another disk size is refused", async 
       `${dir}/bad.json`,
     ]);
     assert.equal(r.code, 1);
-    assert.match(r.stderr, /^diskstream: the allocation hint describes a disk of \d+ bytes/);
+    assert.match(r.stderr, /^diskstream: allocation \S+ describes a disk of \d+ bytes/);
   });
 });
 

@@ -1,9 +1,17 @@
 /**
- * A set of cluster indices stored as a bitmap: one bit per cluster of the disk, so a
- * 1 TiB disk at 64 KiB clusters costs 2 MiB whatever is allocated.
+ * A set of cluster indices stored as a paged bitmap: one bit per cluster, in pages of
+ * 65536 clusters (8 KiB) created only where a cluster is added. A 1 TiB disk at 64
+ * KiB clusters costs at most 2 MiB; a disk that merely claims to be huge (an image
+ * header saying 2^53 bytes, an empty L1 table) costs nothing for its empty regions,
+ * so memory and time follow the clusters really present, not the declared size.
  *
  * @module
  */
+
+/** Clusters per page (a power of two). */
+const PAGE_BITS = 65536;
+/** 32-bit words per page. */
+const PAGE_WORDS = PAGE_BITS / 32;
 
 /** A bitmap of `length` clusters of `clusterSize` bytes each. */
 export class ClusterSet {
@@ -11,13 +19,17 @@ export class ClusterSet {
   readonly length: number;
   /** Size in bytes of one cluster. */
   readonly clusterSize: number;
-  readonly #words: Uint32Array;
+  /** Pages by page index; `#keys` holds their indices in ascending order. */
+  readonly #pages = new Map<number, Uint32Array>();
+  #keys: number[] = [];
   #count = 0;
+  /** The page looked up last (most accesses stay within one page). */
+  #lastKey = -1;
+  #lastPage: Uint32Array | undefined;
 
   constructor(length: number, clusterSize: number) {
     this.length = length;
     this.clusterSize = clusterSize;
-    this.#words = new Uint32Array(Math.ceil(length / 32));
   }
 
   /** Number of clusters in the set. */
@@ -25,18 +37,46 @@ export class ClusterSet {
     return this.#count;
   }
 
+  #page(key: number): Uint32Array | undefined {
+    if (key !== this.#lastKey) {
+      this.#lastKey = key;
+      this.#lastPage = this.#pages.get(key);
+    }
+    return this.#lastPage;
+  }
+
+  #pageForWrite(key: number): Uint32Array {
+    const existing = this.#page(key);
+    if (existing) return existing;
+    const page = new Uint32Array(PAGE_WORDS);
+    this.#pages.set(key, page);
+    const keys = this.#keys;
+    if (keys.length === 0 || keys[keys.length - 1] < key) keys.push(key);
+    else keys.splice(lowerBound(keys, key), 0, key);
+    this.#lastKey = key;
+    this.#lastPage = page;
+    return page;
+  }
+
   /** True if cluster `i` is in the set. */
   has(i: number): boolean {
-    return (this.#words[Math.floor(i / 32)] & (1 << (i % 32))) !== 0;
+    if (i < 0 || i >= this.length) return false;
+    const key = Math.floor(i / PAGE_BITS);
+    const page = this.#page(key);
+    if (page === undefined) return false;
+    const b = i - key * PAGE_BITS;
+    return (page[b >>> 5] & (1 << (b & 31))) !== 0;
   }
 
   /** Adds cluster `i` (ignored when out of range). */
   add(i: number): void {
     if (i < 0 || i >= this.length) return;
-    const w = Math.floor(i / 32);
-    const bit = 1 << (i % 32);
-    if ((this.#words[w] & bit) === 0) {
-      this.#words[w] |= bit;
+    const key = Math.floor(i / PAGE_BITS);
+    const page = this.#pageForWrite(key);
+    const b = i - key * PAGE_BITS;
+    const bit = 1 << (b & 31);
+    if ((page[b >>> 5] & bit) === 0) {
+      page[b >>> 5] |= bit;
       this.#count++;
     }
   }
@@ -44,26 +84,39 @@ export class ClusterSet {
   /** Removes cluster `i`. */
   delete(i: number): void {
     if (i < 0 || i >= this.length) return;
-    const w = Math.floor(i / 32);
-    const bit = 1 << (i % 32);
-    if ((this.#words[w] & bit) !== 0) {
-      this.#words[w] &= ~bit;
+    const key = Math.floor(i / PAGE_BITS);
+    const page = this.#page(key);
+    if (page === undefined) return;
+    const b = i - key * PAGE_BITS;
+    const bit = 1 << (b & 31);
+    if ((page[b >>> 5] & bit) !== 0) {
+      page[b >>> 5] &= ~bit;
       this.#count--;
     }
   }
 
   /** Adds every cluster from `first` to `last`, both inclusive, clipped to the set. */
   addRange(first: number, last: number): void {
-    const lo = Math.max(0, first);
+    let i = Math.max(0, first);
     const hi = Math.min(this.length - 1, last);
-    for (let i = lo; i <= hi; i++) {
-      if (i % 32 === 0 && i + 31 <= hi) {
-        const w = i / 32;
-        this.#count += 32 - popcount(this.#words[w]);
-        this.#words[w] = 0xffffffff;
-        i += 31;
-      } else {
-        this.add(i);
+    while (i <= hi) {
+      const key = Math.floor(i / PAGE_BITS);
+      const page = this.#pageForWrite(key);
+      const base = key * PAGE_BITS;
+      const end = Math.min(hi, base + PAGE_BITS - 1);
+      for (; i <= end; i++) {
+        const b = i - base;
+        if ((b & 31) === 0 && i + 31 <= end) {
+          this.#count += 32 - popcount(page[b >>> 5]);
+          page[b >>> 5] = 0xffffffff;
+          i += 31;
+        } else {
+          const bit = 1 << (b & 31);
+          if ((page[b >>> 5] & bit) === 0) {
+            page[b >>> 5] |= bit;
+            this.#count++;
+          }
+        }
       }
     }
   }
@@ -79,64 +132,73 @@ export class ClusterSet {
     this.addRange(first, last);
   }
 
-  /** The first cluster ≥ `from` in the set, or -1; skips empty words. */
+  /** The first cluster ≥ `from` in the set, or -1; skips absent pages and empty words. */
   nextSet(from: number): number {
-    const words = this.#words;
-    let w = Math.floor(Math.max(0, from) / 32);
-    if (w >= words.length) return -1;
-    let bits = words[w] & (~0 << (Math.max(0, from) & 31));
-    while (bits === 0) {
-      if (++w >= words.length) return -1;
-      bits = words[w];
+    from = Math.max(0, from);
+    if (from >= this.length) return -1;
+    const keys = this.#keys;
+    const fromKey = Math.floor(from / PAGE_BITS);
+    for (let k = lowerBound(keys, fromKey); k < keys.length; k++) {
+      const key = keys[k];
+      const page = this.#pages.get(key)!;
+      const base = key * PAGE_BITS;
+      const start = key === fromKey ? from - base : 0;
+      let w = start >>> 5;
+      let bits = page[w] & (~0 << (start & 31));
+      while (bits === 0 && ++w < PAGE_WORDS) bits = page[w];
+      if (bits === 0) continue;
+      const i = base + w * 32 + 31 - Math.clz32(bits & -bits);
+      return i < this.length ? i : -1;
     }
-    const i = w * 32 + 31 - Math.clz32(bits & -bits);
-    return i < this.length ? i : -1;
+    return -1;
   }
 
   /** The first cluster ≥ `from` not in the set (`length` if none); skips full words. */
   nextClear(from: number): number {
-    const words = this.#words;
-    let w = Math.floor(Math.max(0, from) / 32);
-    if (w >= words.length) return this.length;
-    let bits = ~words[w] & (~0 << (Math.max(0, from) & 31));
-    while (bits === 0) {
-      if (++w >= words.length) return this.length;
-      bits = ~words[w];
+    let i = Math.max(0, from);
+    while (i < this.length) {
+      const key = Math.floor(i / PAGE_BITS);
+      const page = this.#page(key);
+      if (page === undefined) return i;
+      const base = key * PAGE_BITS;
+      const start = i - base;
+      let w = start >>> 5;
+      let bits = ~page[w] & (~0 << (start & 31));
+      while (bits === 0 && ++w < PAGE_WORDS) bits = ~page[w];
+      if (bits !== 0) return Math.min(this.length, base + w * 32 + 31 - Math.clz32(bits & -bits));
+      i = base + PAGE_BITS;
     }
-    return Math.min(this.length, w * 32 + 31 - Math.clz32(bits & -bits));
+    return this.length;
   }
 
   /** Adds every cluster of `other`. Both sets must have the same length. */
   addAll(other: ClusterSet): void {
-    for (const i of other) this.add(i);
+    for (const [first, last] of other.runs()) this.addRange(first, last);
   }
 
-  /** The cluster indices in ascending order; skips empty words quickly. */
+  /** The cluster indices in ascending order; skips absent pages and empty words. */
   *[Symbol.iterator](): IterableIterator<number> {
-    const words = this.#words;
-    for (let w = 0; w < words.length; w++) {
-      let bits = words[w];
-      while (bits !== 0) {
-        const low = bits & -bits;
-        const i = w * 32 + 31 - Math.clz32(low);
-        yield i;
-        bits ^= low;
+    for (const key of this.#keys) {
+      const page = this.#pages.get(key)!;
+      const base = key * PAGE_BITS;
+      for (let w = 0; w < PAGE_WORDS; w++) {
+        let bits = page[w];
+        while (bits !== 0) {
+          const low = bits & -bits;
+          yield base + w * 32 + 31 - Math.clz32(low);
+          bits ^= low;
+        }
       }
     }
   }
 
   /** Maximal runs of consecutive clusters as `[first, last]` pairs, both inclusive. */
   *runs(): IterableIterator<[number, number]> {
-    let start = -1;
-    let prev = -2;
-    for (const i of this) {
-      if (i !== prev + 1) {
-        if (start >= 0) yield [start, prev];
-        start = i;
-      }
-      prev = i;
+    for (let i = this.nextSet(0); i >= 0;) {
+      const end = this.nextClear(i);
+      yield [i, end - 1];
+      i = end < this.length ? this.nextSet(end) : -1;
     }
-    if (start >= 0) yield [start, prev];
   }
 
   /**
@@ -146,7 +208,8 @@ export class ClusterSet {
   remap(clusterSize: number, virtualSize: number): ClusterSet {
     const out = new ClusterSet(Math.ceil(virtualSize / clusterSize), clusterSize);
     if (clusterSize === this.clusterSize && out.length === this.length) {
-      out.#words.set(this.#words.subarray(0, out.#words.length));
+      for (const key of this.#keys) out.#pages.set(key, this.#pages.get(key)!.slice());
+      out.#keys = [...this.#keys];
       out.#count = this.#count;
       return out;
     }
@@ -157,6 +220,18 @@ export class ClusterSet {
     }
     return out;
   }
+}
+
+/** The index of the first value ≥ `x` in the ascending `sorted` (its length if none). */
+export function lowerBound(sorted: ArrayLike<number>, x: number): number {
+  let lo = 0;
+  let hi = sorted.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (sorted[mid] < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
 function popcount(x: number): number {

@@ -12,11 +12,13 @@ import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
 import { DEFAULT_BLOCK_SIZE } from "../vhd/constants.ts";
 import { endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
+import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
+import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
 const clusterSizeOption = powerOfTwoOption("-c/--cluster-size", 512, 2 * 1024 * 1024);
 const refcountBitsOption = powerOfTwoOption("-r/--refcount-bits", 1, 64);
 
-interface ExportFlags {
+interface ExportFlags extends HttpFlags {
   output?: string;
   outputFd?: number;
   format: string;
@@ -39,11 +41,14 @@ interface ExportRun {
   /** Cluster size of the plan (for VHD its 2 MiB blocks); hints are read at this size. */
   clusterSize: number;
   refcountBits: number;
-  allocation?: () => Promise<Allocation>;
+  /** Reads the hint, checked against the size of the disk it is for. */
+  allocation?: (diskSize: number) => Promise<Allocation>;
   zeroCheck?: boolean;
   base?: string;
-  baseAllocation?: () => Promise<Allocation>;
+  baseAllocation?: (diskSize: number) => Promise<Allocation>;
   progress: ProgressMode;
+  /** `-o http(s)://…`: upload with PUT, and the client's flags. */
+  url?: { url: string; flags: HttpFlags };
   /** Sync a file or device output before success (default true). */
   sync?: boolean;
 }
@@ -55,7 +60,7 @@ const resolveAllocationSpec: typeof import("../headers/allocation_spec.ts").reso
 
 /** Registers the export commands on `program`. */
 export function registerExport(program: Command): void {
-  program
+  const exportCommand = program
     .command("export")
     .description(
       "Export a raw disk (file or block device) as a qcow2 v3 stream (or with -f vhd a\n" +
@@ -65,7 +70,11 @@ export function registerExport(program: Command): void {
         "read; with --diff only the clusters that differ from BASE are written.",
     )
     .argument("<SOURCE>", "raw disk image or block device (/dev/... needs --allow-all)")
-    .option("-o, --output <OUT>", "write the image to OUT ('-' = stdout, the default)")
+    .option(
+      "-o, --output <OUT>",
+      "write the image to OUT ('-' = stdout, the default); an http(s):// URL is uploaded\n" +
+        "with PUT and an exact Content-Length (credentials from user:password@)",
+    )
     .option(
       "--output-fd <N>",
       "write the image to inherited file descriptor N",
@@ -110,8 +119,11 @@ export function registerExport(program: Command): void {
         "  diskstream export new.raw --diff old.raw -o delta.qcow2\n" +
         "    (rebuild: qemu-img rebase -u -b old.raw -F raw delta.qcow2)\n" +
         "  diskstream export /dev/vg/lv -f vhd --allocation lv.json --output-fd 3\n" +
-        "  diskstream export new.raw -f vhd --diff old.raw | diskstream import copy-of-old.raw --delta",
-    )
+        "  diskstream export new.raw -f vhd --diff old.raw | diskstream import copy-of-old.raw --delta\n" +
+        "  diskstream export /dev/vg/lv -o 'https://host/import_raw_vdi?vdi=a&format=qcow2' \\\n" +
+        "    --header 'Authorization: Bearer TOKEN' --cacert ca.pem",
+    );
+  addHttpOptions(exportCommand)
     .action(async (source: string, flags: ExportFlags, command: Command) => {
       const format = flags.format;
       if (format !== "qcow2" && format !== "vhd") {
@@ -127,20 +139,27 @@ export function registerExport(program: Command): void {
         }
       }
       const cs = format === "vhd" ? DEFAULT_BLOCK_SIZE : flags.clusterSize;
+      const url = flags.output !== undefined && isHttpUrl(flags.output) ? flags.output : undefined;
+      checkHttpFlags(flags, url !== undefined, "-o/--output");
       await runExport({
         source,
-        target: endpointFrom(flags.output, flags.outputFd, "-o/--output and --output-fd"),
+        target: endpointFrom(
+          url === undefined ? flags.output : "-",
+          flags.outputFd,
+          "-o/--output and --output-fd",
+        ),
+        url: url === undefined ? undefined : { url, flags },
         format,
         clusterSize: cs,
         refcountBits: flags.refcountBits,
         allocation: flags.allocation === undefined
           ? undefined
-          : () => resolveAllocationSpec(flags.allocation!, cs),
+          : (size) => resolveAllocationSpec(flags.allocation!, cs, undefined, size),
         zeroCheck: flags.zeroCheck,
         base: flags.diff,
         baseAllocation: flags.baseAllocation === undefined
           ? undefined
-          : () => resolveAllocationSpec(flags.baseAllocation!, cs),
+          : (size) => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, size),
         progress: progressMode(flags),
         sync: flags.sync,
       });
@@ -199,11 +218,12 @@ export function registerExport(program: Command): void {
         if (map === undefined && json === undefined) {
           throw new UsageError("a --json-header-*info descriptor needs its --json-header-*map");
         }
-        return async () =>
+        return async (size: number) =>
           await resolveAllocationSpec(
             json ?? `fd:${map}`,
             cs,
             info === undefined ? undefined : await readInfo(`fd:${info}`),
+            size,
           );
       };
       await runExport({
@@ -248,8 +268,19 @@ async function readInfo(spec: string): Promise<ImageInfoJson> {
   return parseImageInfo(await readSpecText(spec), `image info ${spec}`);
 }
 
+/** The size of a raw disk, learned before a hint for it is read (hints are checked against it). */
+async function diskSize(path: string): Promise<number> {
+  const { openDiskSource } = await import("../io/disk_source.ts");
+  const src = await openDiskSource(path);
+  try {
+    return src.size;
+  } finally {
+    src.close();
+  }
+}
+
 async function runExport(run: ExportRun): Promise<void> {
-  if (run.progress === "machine" && run.target.kind === "std") {
+  if (run.progress === "machine" && run.target.kind === "std" && !run.url) {
     throw new UsageError(
       "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",
     );
@@ -267,7 +298,7 @@ async function runExport(run: ExportRun): Promise<void> {
     import("../progress.ts"),
   ]);
   // Refuse a terminal before any work.
-  if (run.target.kind === "std") await openOutput(run.target);
+  if (run.target.kind === "std" && !run.url) await openOutput(run.target);
   // Writing a file: a signal stops the export cleanly (the file it created is removed).
   if (run.target.kind === "path") {
     const { stoppableBySignals } = await import("./signals.ts");
@@ -281,15 +312,17 @@ async function exportTo(
   createProgress: typeof import("../progress.ts").createProgress,
   signal?: AbortSignal,
 ): Promise<void> {
+  const http = run.url && await httpOptionsOf(run.url.flags);
   const options = {
     signal,
     sync: run.sync,
-    allocation: await run.allocation?.(),
+    allocation: run.allocation && await run.allocation(await diskSize(run.source)),
     zeroCheck: run.zeroCheck,
     base: run.base,
-    baseAllocation: await run.baseAllocation?.(),
+    baseAllocation: run.baseAllocation && await run.baseAllocation(await diskSize(run.base!)),
     progress: createProgress(run.progress, "export"),
-    reuseBuffers: true, // without FFI, writeTo writes each chunk before reading the next
+    // writeTo without FFI and an upload write each chunk before reading the next.
+    reuseBuffers: true,
   };
   const planned = run.format === "vhd"
     ? await (await import("../export/vhd.ts")).exportVhd(run.source, options)
@@ -298,5 +331,15 @@ async function exportTo(
       clusterSize: run.clusterSize,
       refcountBits: run.refcountBits,
     });
+  if (run.url && http) {
+    const [{ httpPut }, { contentTypeOf }] = await Promise.all([
+      import("../http/client.ts"),
+      import("../http/content_type.ts"),
+    ]);
+    return await httpPut(run.url.url, planned.stream, planned.layout.fileSize, {
+      ...http,
+      contentType: contentTypeOf(run.format),
+    });
+  }
   await planned.writeTo(run.target);
 }

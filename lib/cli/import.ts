@@ -10,8 +10,10 @@ import type { ImportFormat } from "../import/import.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
+import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
+import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
-interface ImportFlags {
+interface ImportFlags extends HttpFlags {
   input?: string;
   inputFd?: number;
   format: string;
@@ -37,13 +39,15 @@ interface ImportRun {
   spool?: boolean;
   spoolDir?: string;
   progress: ProgressMode;
+  /** `-i http(s)://…`: download with GET, and the client's flags. */
+  url?: { url: string; flags: HttpFlags };
   /** Sync DEST before success (default true). */
   sync?: boolean;
 }
 
 /** Registers the import commands on `program`. */
 export function registerImport(program: Command): void {
-  program
+  const importCommand = program
     .command("import")
     .description(
       "Import a qcow2 or VHD image arriving as a stream (stdin, a pipe, a socket) into a raw " +
@@ -55,7 +59,11 @@ export function registerImport(program: Command): void {
         "tables is held in memory (--max-buffer), then in a spool file (--spool-dir).",
     )
     .argument("<DEST>", "raw file or block device to write (/dev/... needs --allow-all)")
-    .option("-i, --input <IN>", "read the image from IN ('-' = stdin, the default)")
+    .option(
+      "-i, --input <IN>",
+      "read the image from IN ('-' = stdin, the default); an http(s):// URL is downloaded\n" +
+        "with GET, its Content-Type naming the format when -f is not given",
+    )
     .option(
       "--input-fd <N>",
       "read the image from inherited file descriptor N",
@@ -108,8 +116,10 @@ export function registerImport(program: Command): void {
         "\nExamples:\n" +
         "  diskstream import disk.raw < disk.qcow2\n" +
         "  curl -s http://host/disk.qcow2 | diskstream import /dev/vg/lv --progress\n" +
-        "  diskstream import base-copy.raw --delta -i diff.qcow2",
-    )
+        "  diskstream import base-copy.raw --delta -i diff.qcow2\n" +
+        "  diskstream import /dev/vg/lv -i 'https://user:TOKEN@host/export_raw_vdi?vdi=a&format=qcow2'",
+    );
+  addHttpOptions(importCommand)
     .action(async (dest: string, flags: ImportFlags) => {
       if (!["auto", "qcow2", "vhd"].includes(flags.format)) {
         throw new UsageError(`-f/--format must be auto, qcow2 or vhd, got '${flags.format}'`);
@@ -117,9 +127,16 @@ export function registerImport(program: Command): void {
       if (flags.delta && flags.prezeroed) {
         throw new UsageError("--delta and --prezeroed do not go together");
       }
+      const url = flags.input !== undefined && isHttpUrl(flags.input) ? flags.input : undefined;
+      checkHttpFlags(flags, url !== undefined, "-i/--input");
       await runImport({
         dest,
-        source: endpointFrom(flags.input, flags.inputFd, "-i/--input and --input-fd"),
+        source: endpointFrom(
+          url === undefined ? flags.input : "-",
+          flags.inputFd,
+          "-i/--input and --input-fd",
+        ),
+        url: url === undefined ? undefined : { url, flags },
         format: flags.format as ImportFormat,
         size: flags.size,
         prezeroed: flags.prezeroed,
@@ -150,6 +167,7 @@ export function registerImport(program: Command): void {
 }
 
 async function runImport(run: ImportRun): Promise<void> {
+  if (run.url) return await importFromUrl(run, run.url);
   if (run.source.kind === "std" && Deno.stdin.isTerminal()) {
     throw new UsageError(
       "refusing to read a disk image from a terminal: pipe it in or use -i FILE",
@@ -227,5 +245,46 @@ async function runImport(run: ImportRun): Promise<void> {
           run.spoolDir ?? "the system temporary folder"
         }`,
     );
+  }
+}
+
+/** `import -i URL`: the body of a GET, its format from its Content-Type unless given. */
+async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlags }) {
+  const opts = await httpOptionsOf(url.flags);
+  const [{ httpGet }, { formatOfContentType }, { importImage }, { createProgress }, {
+    stoppableBySignals,
+  }] = await Promise.all([
+    import("../http/client.ts"),
+    import("../http/content_type.ts"),
+    import("../import/import.ts"),
+    import("../progress.ts"),
+    import("./signals.ts"),
+  ]);
+  const download = await httpGet(url.url, opts);
+  const named = formatOfContentType(download.contentType);
+  const format = run.format !== "auto"
+    ? run.format
+    : named === "qcow2" || named === "vhd"
+    ? named
+    : "auto";
+  try {
+    await stoppableBySignals((signal) =>
+      importImage(download.stream, run.dest, {
+        format,
+        size: run.size,
+        prezeroed: run.prezeroed,
+        delta: run.delta,
+        maxBuffer: run.maxBuffer,
+        spool: run.spool,
+        spoolDir: run.spoolDir,
+        progress: createProgress(run.progress, "import"),
+        streamLength: download.length,
+        sync: run.sync,
+        signal,
+      })
+    );
+  } catch (err) {
+    await download.stream.cancel().catch(() => {});
+    throw err;
   }
 }

@@ -9,6 +9,7 @@ import { UsageError } from "../errors.ts";
 import { registerExport } from "./export.ts";
 import { registerHeaders } from "./headers.ts";
 import { registerImport } from "./import.ts";
+import { registerServer } from "./server.ts";
 
 /** Builds the program with every command registered. */
 export function buildProgram(): Command {
@@ -31,6 +32,7 @@ export function buildProgram(): Command {
   registerExport(program);
   registerImport(program);
   registerHeaders(program);
+  registerServer(program);
   for (const command of program.commands) {
     command.exitOverride();
     tidyHelp(command);
@@ -57,6 +59,7 @@ const SUMMARIES: Record<string, string> = {
   read_headers: "drop-in for vhd-tool read_headers (flat list)",
   read_headers_interval: "drop-in for vhd-tool read_headers_interval (intervals)",
   info: "a human summary of a qcow2/VHD image (--json for scripts)",
+  server: "serve disks on XAPI's export_raw_vdi/import_raw_vdi HTTP(S) endpoints",
 };
 
 /**

@@ -29,6 +29,20 @@ function looksLikeJson(text: string): boolean {
   return /^\s*[[{]/.test(text);
 }
 
+/**
+ * True when `text` is JSON of another kind (`null`, `42`, `"x"`, `true`): an
+ * allocation file gone wrong, to be refused as such rather than read as an image.
+ */
+function isOtherJson(text: string): boolean {
+  if (!/^\s*(null|true|false|-?\d|")/.test(text)) return false;
+  try {
+    JSON.parse(text);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** True when `path` is a regular file or a block device (false for FIFOs and the like). */
 async function isSeekable(path: string): Promise<boolean> {
   try {
@@ -59,12 +73,20 @@ export function parseImageInfo(text: string, where: string): ImageInfoJson {
   if (info === null || typeof info !== "object" || !("virtual-size" in info)) {
     throw new DiskstreamError(`${where}: not 'qemu-img info --output=json' output`);
   }
+  const size = (info as Record<string, unknown>)["virtual-size"];
+  if (typeof size !== "number" || !Number.isSafeInteger(size) || size < 0) {
+    throw new DiskstreamError(
+      `${where}: "virtual-size" must be a non-negative integer, not ${JSON.stringify(size)}`,
+    );
+  }
   return info as ImageInfoJson;
 }
 
 /**
  * The allocation a SPEC names, mapped onto clusters of `clusterSize` bytes. `info`
  * (from `qemu-img info --output=json`) gives the virtual size of `qemu-img map` JSON.
+ * `diskSize`, when given, is the size of the disk the hint is for: a hint for another
+ * size is refused before anything is sized from it.
  *
  * @example Read a vhd-tool style hint with 2 MiB blocks as 64 KiB clusters
  * ```ts
@@ -86,6 +108,7 @@ export async function resolveAllocationSpec(
   spec: string,
   clusterSize: number,
   info?: ImageInfoJson,
+  diskSize?: number,
 ): Promise<Allocation> {
   const path = specPath(spec);
   const where = `allocation ${spec}`;
@@ -93,28 +116,39 @@ export async function resolveAllocationSpec(
   // Only a regular file (or a device) can be an image whose header is read.
   if (path !== spec || !(await isSeekable(path))) {
     const text = await readSpecText(spec);
-    if (!looksLikeJson(text)) {
+    if (!looksLikeJson(text) && !isOtherJson(text)) {
       throw new DiskstreamError(
         text.trim() === ""
           ? `${where}: nothing to read: expected allocation JSON`
           : `${where}: a descriptor or pipe must carry allocation JSON (an image file needs a path)`,
       );
     }
-    return parseAllocation(text, clusterSize, where, info);
+    return parseAllocation(text, clusterSize, where, info, diskSize);
   }
   let head: string;
+  let whole = false; // the head is the whole file
   try {
     using file = await Deno.open(path, { read: true });
     const buf = new Uint8Array(SNIFF_BYTES);
     const n = (await file.read(buf)) ?? 0;
     head = new TextDecoder().decode(buf.subarray(0, n));
+    whole = n < SNIFF_BYTES;
   } catch (err) {
     throw describeIoError(err, spec, "read");
   }
-  if (looksLikeJson(head)) {
-    return parseAllocation(await readSpecText(spec), clusterSize, where, info);
+  if (looksLikeJson(head) || (whole && isOtherJson(head))) {
+    return parseAllocation(await readSpecText(spec), clusterSize, where, info, diskSize);
   }
   const image = await readImageAllocation(path);
+  if (
+    diskSize !== undefined && image.virtualSize !== diskSize &&
+    image.virtualSize !== Math.ceil(diskSize / 512) * 512
+  ) {
+    throw new DiskstreamError(
+      `${where}: the image describes a disk of ${image.virtualSize} bytes but the disk has ` +
+        `${diskSize} bytes: the allocation does not belong to this disk`,
+    );
+  }
   const set = image.clusters;
   return set.clusterSize === clusterSize ? image : {
     virtualSize: image.virtualSize,

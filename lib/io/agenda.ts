@@ -32,6 +32,8 @@ export interface Expected {
  * stream offset before it joins the agenda.
  */
 export class RecordRun {
+  /** Memory one range slot takes: three doubles and a byte. */
+  static readonly SLOT_BYTES = 25;
   start: Float64Array;
   length: Float64Array;
   aux: Float64Array;
@@ -39,12 +41,19 @@ export class RecordRun {
   count = 0;
   /** Read position while the run is on the agenda. */
   next = 0;
+  /** Called with the memory a growth is about to take (it may throw to refuse it). */
+  onGrow?: (bytes: number) => void;
 
   constructor(capacity: number) {
     this.start = new Float64Array(capacity);
     this.length = new Float64Array(capacity);
     this.aux = new Float64Array(capacity);
     this.kind = new Uint8Array(capacity);
+  }
+
+  /** Memory the run holds (its capacity, not only its count). */
+  get bytes(): number {
+    return this.start.length * RecordRun.SLOT_BYTES;
   }
 
   /** Appends a range (the run grows as needed). */
@@ -59,6 +68,7 @@ export class RecordRun {
 
   #grow() {
     const cap = Math.max(16, this.start.length * 2);
+    this.onGrow?.(cap * RecordRun.SLOT_BYTES);
     const grow = <T extends Float64Array | Uint8Array>(a: T, b: T) => (b.set(a), b);
     this.start = grow(this.start, new Float64Array(cap));
     this.length = grow(this.length, new Float64Array(cap));
@@ -90,15 +100,22 @@ export class RecordRun {
 export class RecordQueue {
   #heap: RecordRun[] = [];
   #size = 0;
+  #bytes = 0;
 
   get size(): number {
     return this.#size;
+  }
+
+  /** Memory the runs on the agenda hold. */
+  get bytes(): number {
+    return this.#bytes;
   }
 
   push(run: RecordRun) {
     if (run.count === 0) return;
     run.next = 0;
     this.#size += run.count;
+    this.#bytes += run.bytes;
     const h = this.#heap;
     h.push(run);
     let i = h.length - 1;
@@ -146,6 +163,7 @@ export class RecordQueue {
     out.aux = top.aux[i];
     this.#size--;
     if (top.next === top.count) {
+      this.#bytes -= top.bytes;
       const last = h.pop()!;
       if (h.length === 0) return;
       h[0] = last;

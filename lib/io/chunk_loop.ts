@@ -84,8 +84,8 @@ export async function walkChunks(
       onChunk(chunk);
       await write(chunk);
       // Data spliced into the destination, bytes waiting for their tables into the spool.
-      for (let moved = true; moved;) {
-        moved = direct?.move() === true;
+      for (;;) {
+        let moved = (await direct?.move()) === true;
         if (spoolMove?.()) moved = true;
         if (!moved) break;
         onChunk(EMPTY);
@@ -104,10 +104,15 @@ export async function walkChunks(
 }
 
 const EMPTY = new Uint8Array(0);
-/** Most bytes moved by the kernel between two turns of the event loop. */
-const DIRECT_SLICE = 256 * 1024 * 1024;
 /** Spliced bytes after which their writeback to the device is started. */
 const WRITEBACK_STRIDE = 16 * 1024 * 1024;
+/**
+ * How long a splice waits in place for the pipe's next bytes (a writer a little slower
+ * than us) before waiting on another thread, out of the event loop's way.
+ */
+const BRIEF_WAIT_MS = 20;
+/** Spliced bytes between two turns of the event loop (signals, timers). */
+const MOVE_BUDGET = 256 * 1024 * 1024;
 
 /** The splice path of {@link walkChunks}, when input, decoder and target allow it. */
 function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarget) {
@@ -119,12 +124,16 @@ function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarg
   // The range spliced since the last writeback was started.
   let lo = Infinity;
   let hi = 0;
-  // Bytes this call of move() may still move (a file's data would go in one go).
+  // Why the last moves stopped: the pipe was empty (a splice would block, out of reach
+  // of signals), or this turn's budget was spent.
+  let starved = false;
   let budget = 0;
   const move = (guest: number, length: number): number => {
     if (budget <= 0) return 0;
-    // An empty pipe would block here, out of reach of signals: read it as usual instead.
-    if (!pipe.ready()) return 0;
+    if (!pipe.ready(BRIEF_WAIT_MS)) {
+      starved = true;
+      return 0;
+    }
     const n = pipe.splice(fd!, guest, length, path);
     if (n < 0) {
       // Refused for these descriptors: read everything from now on.
@@ -146,10 +155,21 @@ function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarg
     return n;
   };
   return {
-    /** Moves what can be moved now; true if anything was. */
-    move(): boolean {
-      budget = DIRECT_SLICE;
-      return fd !== null && input.drained && walker.moveDirect!(move) > 0;
+    /**
+     * Moves what the decoder lets move, waiting (interruptibly) for the pipe's bytes and
+     * letting the event loop run between budgets; true if anything was moved.
+     */
+    async move(): Promise<boolean> {
+      let any = false;
+      while (fd !== null && input.drained) {
+        starved = false;
+        budget = MOVE_BUDGET;
+        if (walker.moveDirect!(move) > 0) any = true;
+        if (starved) await input.waitForPipe();
+        else if (budget <= 0) await input.waitForPipe(true);
+        else break;
+      }
+      return any;
     },
     close() {
       if (fd !== null) pipe.closeDestination(fd);

@@ -10,6 +10,8 @@ import type { SeekableInput } from "./file_input.ts";
 
 /** Longest wait for a pipe's next bytes between two looks at the abort signal. */
 const PIPE_WAIT_MS = 200;
+/** How long a read waits in place for the pipe's next bytes before {@link PIPE_WAIT_MS}. */
+const BRIEF_WAIT_MS = 20;
 
 /**
  * The input of a decoder: chunks with a push-back. A byte stream is read with a BYOB
@@ -98,10 +100,7 @@ export class ChunkStream {
     const pipe = this.pipe!;
     let filled = 0;
     while (filled < buf.length) {
-      while (!pipe.ready()) {
-        this.#signal?.throwIfAborted();
-        await pipe.wait(PIPE_WAIT_MS);
-      }
+      await this.waitForPipe();
       const n = pipe.read(buf.subarray(filled));
       if (n === 0) break;
       filled += n;
@@ -127,6 +126,23 @@ export class ChunkStream {
       this.release(back);
     }
     if (n > 0) this.seekable!.skip(n);
+  }
+
+  /**
+   * Until the pipe has bytes (or its writer is gone): waits on another thread, looking
+   * at the abort signal in between (its reason is thrown). `turn`: also let the event
+   * loop run once first (pending signals and timers), even when bytes are there.
+   */
+  async waitForPipe(turn = false): Promise<void> {
+    const pipe = this.pipe;
+    if (pipe === null) return;
+    if (turn) await new Promise((resolve) => setTimeout(resolve, 0));
+    this.#signal?.throwIfAborted();
+    // A writer a little slower than us: wait briefly in place (no thread hop).
+    while (!pipe.ready(BRIEF_WAIT_MS)) {
+      await pipe.wait(PIPE_WAIT_MS);
+      this.#signal?.throwIfAborted();
+    }
   }
 
   /** True when no byte read from the input waits in front (the next byte is the input's). */

@@ -47,8 +47,11 @@ export interface PipeInput {
   readonly name: string;
   /** Reads up to `buf.length` bytes (blocking); 0 at the end. */
   read(buf: Uint8Array): number;
-  /** True when a read or splice would not block: bytes are waiting, or the writer is gone. */
-  ready(): boolean;
+  /**
+   * True when a read or splice would not block: bytes are waiting, or the writer is
+   * gone. Waits up to `ms` milliseconds for that, blocking this thread (default 0).
+   */
+  ready(ms?: number): boolean;
   /**
    * Waits up to `ms` milliseconds for {@link PipeInput.ready} on another thread, so
    * that timers and signal listeners run meanwhile.
@@ -167,8 +170,11 @@ export function openPipeInput(
         if (errno() !== libc.EINTR) fail("read");
       }
     },
-    ready() {
-      return c.poll(pollFd, 1n, 0) !== 0; // 1: readable or hung up; -1: let read report it
+    ready(ms = 0) {
+      const r = c.poll(pollFd, 1n, ms); // 1: readable or hung up
+      // -1: interrupted by a signal (not ready: its listener must run), else let the
+      // read report the error.
+      return r > 0 || (r < 0 && errno() !== libc.EINTR);
     },
     async wait(ms) {
       await c.poll_waiting(waitFd, 1n, ms);

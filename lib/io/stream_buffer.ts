@@ -64,6 +64,8 @@ export class StreamBuffer {
   #spilling = false;
   /** Stream ranges dropped as unneeded metadata: `[start, end)` pairs, merged. */
   readonly #dropped: number[] = [];
+  /** Memory counted against the same limit elsewhere (the agenda's metadata). */
+  #others: () => number = () => 0;
 
   /**
    * `limit` is the most memory (bytes) the kept pieces may use; `unit` the grain at
@@ -74,6 +76,16 @@ export class StreamBuffer {
     this.#limit = limit;
     this.#unit = unit;
     this.#spool = spool;
+  }
+
+  /** The most memory (bytes) the kept pieces, and whatever shares the limit, may use. */
+  get limit(): number {
+    return this.#limit;
+  }
+
+  /** Counts `others()` bytes (metadata kept elsewhere) against the same limit. */
+  shareLimit(others: () => number): void {
+    this.#others = others;
   }
 
   /** Memory the kept pieces use now (bytes). */
@@ -127,7 +139,7 @@ export class StreamBuffer {
       }
       const cost = this.#cost(pos, end - at);
       this.#count(cost);
-      this.#spilling = this.#used + cost > this.#limit;
+      this.#spilling = this.#used + cost + this.#others() > this.#limit;
       if (!this.#spilling) {
         const copy = chunk.slice(at, end);
         for (let a = at; a < end;) {
@@ -193,7 +205,9 @@ export class StreamBuffer {
 
   #count(delta: number) {
     this.#wouldUse += delta;
-    if (this.#wouldUse > this.#peak) this.#peak = this.#wouldUse;
+    // The metadata shares the limit: what is needed is both at once.
+    const need = this.#wouldUse + this.#others();
+    if (need > this.#peak) this.#peak = need;
   }
 
   /** A piece outside memory (zeros, spooled, lost): merged with the last when it continues it. */
@@ -224,10 +238,10 @@ export class StreamBuffer {
       }
     } else {
       this.#used += PIECE_OVERHEAD;
-      if (this.#used > this.#limit) {
+      if (this.#used + this.#others() > this.#limit) {
         if (this.#lostAt < 0) this.#lostAt = start;
         // Counting only: the index itself must stay bounded.
-        if (this.#used > 2 * this.#limit) throw this.overflowError(true);
+        if (this.#used + this.#others() > 2 * this.#limit) throw this.overflowError(true);
       }
     }
     this.#append(start, end, data);
@@ -423,4 +437,9 @@ export class StreamBuffer {
 function sizeText(bytes: number): string {
   const mib = Math.max(1, Math.ceil(bytes / 2 ** 20));
   return mib >= 1024 && mib % 1024 === 0 ? `${mib / 1024}G` : `${mib}M`;
+}
+
+/** A larger `--max-buffer` to suggest after `limit` was not enough. */
+export function nextLimit(limit: number): string {
+  return sizeText(limit * 4);
 }

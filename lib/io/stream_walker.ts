@@ -8,9 +8,10 @@
  *
  * @module
  */
-import { CorruptImageError } from "../errors.ts";
-import type { StreamBuffer } from "./stream_buffer.ts";
-import { type Expected, Mode, RecordQueue, type RecordRun } from "./agenda.ts";
+import { CorruptImageError, LimitError } from "../errors.ts";
+import { formatBytes } from "../size.ts";
+import { nextLimit, type StreamBuffer } from "./stream_buffer.ts";
+import { type Expected, Mode, RecordQueue, RecordRun } from "./agenda.ts";
 import type { ChunkConsumer } from "./chunk_loop.ts";
 
 export { type Expected, Mode, RecordRun } from "./agenda.ts";
@@ -81,10 +82,74 @@ export class StreamWalker implements ChunkConsumer {
     tailStart: 0,
   };
 
+  /** The memory limit shared by the kept bytes and the metadata (the agenda, a table). */
+  #limit: number;
+
   constructor(format: WalkerFormat, pos: number, buffer: StreamBuffer) {
     this.#fmt = format;
     this.pos = pos;
     this.buffer = buffer;
+    this.#limit = buffer.limit;
+    buffer.shareLimit(() => this.metadataBytes);
+  }
+
+  /**
+   * Memory the metadata read so far holds: the ranges still expected and the table
+   * being assembled. It counts against `--max-buffer` with the kept bytes, so that a
+   * stream of tables naming far-away clusters cannot grow memory without bound.
+   */
+  get metadataBytes(): number {
+    return this.#queue.bytes + (this.#cur?.bytes?.length ?? 0);
+  }
+
+  /** The error for assembling `rec` (a table) past the limit. */
+  #tooLarge(rec: Expected, held: number): never {
+    throw new LimitError(
+      `${this.#fmt.describe(rec.kind, rec.aux)} (${formatBytes(rec.length)} at byte ` +
+        `${rec.start}) does not fit in --max-buffer ${formatBytes(this.#limit)} with the ` +
+        `${formatBytes(held)} already held; import ` +
+        `again with a larger --max-buffer (for example --max-buffer ${nextLimit(this.#limit)})`,
+    );
+  }
+
+  /**
+   * A run to fill and {@link add}: its growth is checked against the memory limit as
+   * it fills, so that a table naming many ranges is refused before it takes the memory.
+   */
+  /**
+   * Lets the metadata use up to `bytes` (when more than the limit): for tables read
+   * whole from a file, whose memory follows the tables the file really holds.
+   */
+  allowMetadata(bytes: number): void {
+    this.#limit = Math.max(this.#limit, bytes);
+  }
+
+  newRun(capacity = 64): RecordRun {
+    this.#checkMemory(capacity * RecordRun.SLOT_BYTES);
+    const run = new RecordRun(capacity);
+    run.onGrow = (bytes) => this.#checkMemory(bytes);
+    return run;
+  }
+
+  /**
+   * Throws {@link LimitError} when the metadata and the kept bytes, with `extra` bytes
+   * more, pass the limit.
+   */
+  #checkMemory(extra = 0): void {
+    const meta = this.metadataBytes + extra;
+    let held = this.buffer?.used ?? 0;
+    if (meta + held <= this.#limit) return;
+    // Data held in memory can wait in the spool instead: the metadata needs the room.
+    if (held > 0 && this.buffer!.spill() > 0) held = this.buffer!.used;
+    if (meta + held <= this.#limit) return;
+    throw new LimitError(
+      `the image's tables name ${this.#queue.size} ranges still to come in the stream ` +
+        `(${formatBytes(meta)} of metadata${
+          held > 0 ? `, besides ${formatBytes(held)} of data held` : ""
+        }), more than --max-buffer ${formatBytes(this.#limit)} allows (at byte offset ` +
+        `${this.pos}); import again with a larger --max-buffer (for example ` +
+        `--max-buffer ${nextLimit(this.#limit)}), or from a file`,
+    );
   }
 
   /**
@@ -106,6 +171,7 @@ export class StreamWalker implements ChunkConsumer {
   add(run: RecordRun): void {
     run.sort();
     this.#queue.push(run);
+    this.#checkMemory();
   }
 
   /** Every table is known: forget the kept bytes and keep no more. */
@@ -213,6 +279,12 @@ export class StreamWalker implements ChunkConsumer {
         this.pos = end;
         this.#finish(rec, mode === Mode.Assemble ? chunk.subarray(i - rec.length, i) : null);
       } else {
+        // Check before allocating: a table's length comes from the image.
+        let held = this.metadataBytes + (this.buffer?.used ?? 0);
+        if (mode === Mode.Assemble && held + rec.length > this.#limit && this.buffer?.spill()) {
+          held = this.metadataBytes + this.buffer.used; // the data waits in the spool
+        }
+        if (mode === Mode.Assemble && held + rec.length > this.#limit) this.#tooLarge(rec, held);
         this.#cur = {
           ...rec,
           end,

@@ -185,6 +185,8 @@ async function readL1(file: ImageFile, header: Qcow2Header, entries: number): Pr
   const view = new DataView(bytes.buffer);
   const doubles = new Float64Array(bytes.buffer);
   const refs: L2Ref[] = [];
+  /** L2 table offsets seen, with the L1 entry naming them: each table serves one entry. */
+  const seen = new Map<number, number>();
   for (
     let i = nextNonZero(doubles, 0, entries);
     i < entries;
@@ -205,9 +207,37 @@ async function readL1(file: ImageFile, header: Qcow2Header, entries: number): Pr
         at,
       );
     }
+    const shared = seen.get(offset);
+    if (shared !== undefined) {
+      throw new CorruptImageError(
+        `qcow2 L1 entries ${shared} and ${i} both point to the L2 table at ${offset}: ` +
+          "a table shared between entries is corruption (qemu-img check reports it; " +
+          "repair with qemu-img check -r all)",
+        at,
+      );
+    }
+    const inside = metadataAt(header, offset);
+    if (inside !== undefined) {
+      throw new CorruptImageError(
+        `qcow2 L1 entry ${i} points to an L2 table at ${offset}, inside ${inside}`,
+        at,
+      );
+    }
+    seen.set(offset, i);
     refs.push({ l1Index: i, offset });
   }
   return refs;
+}
+
+/** Which metadata the cluster at `offset` belongs to (header, L1 or refcount table), if any. */
+function metadataAt(h: Qcow2Header, offset: number): string | undefined {
+  const cs = h.clusterSize;
+  const within = (start: number, bytes: number) =>
+    bytes > 0 && offset < start + bytes && offset + cs > start;
+  if (offset < cs) return "the header cluster";
+  if (within(h.l1TableOffset, h.l1Size * 8)) return "the L1 table";
+  if (within(h.refcountTableOffset, h.refcountTableClusters * cs)) return "the refcount table";
+  return undefined;
 }
 
 /** Tables sorted by file offset, in runs of adjacent clusters of at most 4 MiB each. */

@@ -14,6 +14,7 @@
  *
  * @module
  */
+import { lowerBound } from "../alloc/cluster_set.ts";
 import { viewOf } from "../bytes.ts";
 import { CorruptImageError, UnsupportedError } from "../errors.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
@@ -25,7 +26,7 @@ import {
   type ChunkStream,
   type Expected,
   Mode,
-  RecordRun,
+  type RecordRun,
   StreamWalker,
   walkChunks,
   type WalkerFormat,
@@ -190,8 +191,8 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly #csizeShift: number;
   #l1Read = false;
   #pendingL2 = 0;
-  /** Host offsets of the L2 tables, for messages. */
-  #l2Offsets = new Set<number>();
+  /** Host offsets of the L2 tables, ascending, for messages. */
+  #l2Offsets = new Float64Array(0);
   #expectedEnd: number;
 
   /**
@@ -215,7 +216,7 @@ class Qcow2StreamReader implements WalkerFormat {
     const buffer = new StreamBuffer(opts.maxBuffer, h.clusterSize, opts.spool ?? null);
     this.walker = new StreamWalker(this, h.clusterSize, buffer);
     this.#expectedEnd = h.clusterSize;
-    const run = new RecordRun(4);
+    const run = this.walker.newRun(4);
     if (h.refcountTableClusters > 0) {
       const length = h.refcountTableClusters * this.#cs;
       if (tables) this.#expect(run, UNNEEDED, h.refcountTableOffset, length, UNNEEDED_REFCOUNTS);
@@ -245,10 +246,12 @@ class Qcow2StreamReader implements WalkerFormat {
     this.#expect(meta, UNNEEDED, h.l1TableOffset, this.#l1Used * 8, UNNEEDED_L1);
     const l1 = new Uint8Array(this.#l1Used * 8);
     file.readInto(h.l1TableOffset, l1, "the qcow2 L1 table");
+    // The ranges the tables name take memory that follows the L2 tables the file holds.
+    this.walker.allowMetadata(4 * Math.min(this.#l1Used * cs, file.size));
     const refs = this.#l2Refs(l1);
     refs.sort();
-    this.#l2Offsets = new Set(refs.start.subarray(0, refs.count));
-    const data = new RecordRun(64);
+    this.#l2Offsets = refs.start.slice(0, refs.count); // sorted above
+    const data = this.walker.newRun(64);
     const most = Math.max(1, Math.floor(CHUNK_SIZE / cs));
     const buf = new Uint8Array(Math.min(refs.count, most) * cs);
     for (let i = 0; i < refs.count;) {
@@ -319,12 +322,16 @@ class Qcow2StreamReader implements WalkerFormat {
     const end = start + length;
     if (end > this.#expectedEnd && kind !== UNNEEDED) this.#expectedEnd = end;
     if (start >= this.walker.pos) {
-      const i = run.count - 1;
+      const last = run.count - 1;
       if (
-        kind === DATA && i >= 0 && run.kind[i] === DATA && run.start[i] + run.length[i] === start &&
-        run.aux[i] + run.length[i] / this.#cs === aux
+        kind === DATA && last >= 0 && run.kind[last] === DATA &&
+        (aux + 1) * this.#cs <= this.#size && // the cluster cut by the end stays apart
+        run.start[last] + run.length[last] === start &&
+        run.aux[last] + run.length[last] / this.#cs === aux
       ) {
-        run.length[i] += length; // contiguous in the stream and the guest: one range
+        // The next guest cluster in the next host cluster: one longer range (an image
+        // whose data follows its tables in order costs one range per table, not per cluster).
+        run.length[last] += length;
         return;
       }
       run.add(kind, start, length, aux);
@@ -406,7 +413,7 @@ class Qcow2StreamReader implements WalkerFormat {
   /** The L2 tables the L1 table in `bytes` points to (aux: the L1 index), checked. */
   #l2Refs(bytes: Uint8Array): RecordRun {
     const v = viewOf(bytes);
-    const run = new RecordRun(this.#l1Used);
+    const run = this.walker.newRun(64);
     const base = this.#h.l1TableOffset;
     for (let i = 0; i < this.#l1Used; i++) {
       const hi = v.getUint32(i * 8);
@@ -432,8 +439,8 @@ class Qcow2StreamReader implements WalkerFormat {
 
   #readL1(bytes: Uint8Array) {
     const run = this.#l2Refs(bytes);
-    this.#l2Offsets = new Set(run.start.subarray(0, run.count));
-    const future = new RecordRun(run.count);
+    this.#l2Offsets = run.start.slice(0, run.count).sort();
+    const future = this.walker.newRun(run.count);
     for (let i = 0; i < run.count; i++) {
       this.#expect(future, L2, run.start[i], this.#cs, run.aux[i]);
     }
@@ -451,7 +458,7 @@ class Qcow2StreamReader implements WalkerFormat {
     const cs = this.#cs;
     const first = l1Index * this.#l2Entries;
     const n = Math.min(this.#l2Entries, this.#clusters - first);
-    const run = into ?? new RecordRun(64);
+    const run = into ?? this.walker.newRun(64);
     const shift = this.#csizeShift - 32;
     const offMask = 2 ** shift - 1;
     for (let j = 0; j < n; j++) {
@@ -501,7 +508,7 @@ class Qcow2StreamReader implements WalkerFormat {
   #readRefcountTable(bytes: Uint8Array) {
     const v = viewOf(bytes);
     const cs = this.#cs;
-    const run = new RecordRun(16);
+    const run = this.walker.newRun(16);
     let from = -1;
     let to = -1;
     for (let i = 0; i + 8 <= bytes.length; i += 8) {
@@ -525,7 +532,7 @@ class Qcow2StreamReader implements WalkerFormat {
    */
   #readSnapshot(bytes: Uint8Array, start: number, index: number) {
     const v = viewOf(bytes);
-    const run = new RecordRun(4);
+    const run = this.walker.newRun(4);
     const l1Offset = v.getUint32(0) * 2 ** 32 + v.getUint32(4);
     const l1Bytes = v.getUint32(8) * 8;
     const variable = v.getUint16(12) + v.getUint16(14) + v.getUint32(36);
@@ -549,10 +556,10 @@ class Qcow2StreamReader implements WalkerFormat {
     for (let i = 0; i + 8 <= bytes.length; i += 8) {
       const off = (v.getUint32(i) & 0x00ffffff) * 2 ** 32 +
         ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
-      if (off !== 0 && off % cs === 0 && !this.#l2Offsets.has(off)) offsets.push(off);
+      if (off !== 0 && off % cs === 0 && !this.#isL2Table(off)) offsets.push(off);
     }
     offsets.sort((a, b) => a - b);
-    const run = new RecordRun(offsets.length);
+    const run = this.walker.newRun(offsets.length);
     for (let i = 0; i < offsets.length; i++) {
       if (offsets[i] !== offsets[i - 1]) this.#unneeded(run, offsets[i], cs, UNNEEDED_SNAPSHOTS);
     }
@@ -612,6 +619,11 @@ class Qcow2StreamReader implements WalkerFormat {
     return new CorruptImageError(what, b.start);
   }
 
+  /** True when an L2 table starts at host offset `offset`. */
+  #isL2Table(offset: number): boolean {
+    return this.#l2Offsets[lowerBound(this.#l2Offsets, offset)] === offset;
+  }
+
   /** The error for a claim on bytes that went by and are not held. */
   #missing(kind: number, aux: number, at: number): CorruptImageError {
     const what = this.describe(kind, aux);
@@ -623,7 +635,7 @@ class Qcow2StreamReader implements WalkerFormat {
     else if (
       at >= h.refcountTableOffset && at < h.refcountTableOffset + h.refcountTableClusters * cs
     ) where = "the refcount table";
-    else if (this.#l2Offsets.has(at - (at % cs))) where = "an L2 table";
+    else if (this.#isL2Table(at - (at % cs))) where = "an L2 table";
     else if (this.walker.buffer?.dropped(at)) {
       where = "a refcount block, a snapshot's table or the bitmap directory";
     } else {

@@ -23,6 +23,8 @@ export const VHD_VERSION = 0x00010000;
 export const NO_DATA_OFFSET = 0xffffffffffffffffn;
 /** A BAT entry for a block that is not allocated. */
 export const BAT_UNUSED = 0xffffffff;
+/** The largest virtual size QEMU and vhd-tool accept for a VHD: 2040 GiB. */
+export const VHD_MAX_SIZE = 2040 * 2 ** 30;
 /** Block size most tools write (and the only one vhd-tool writes): 2 MiB. */
 export const DEFAULT_BLOCK_SIZE = 2 * 1024 * 1024;
 /** VHD timestamps count seconds from 2000-01-01 00:00:00 UTC. */

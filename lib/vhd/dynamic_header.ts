@@ -25,6 +25,7 @@ import {
   PLATFORM_WI2K,
   PLATFORM_WI2R,
   SECTOR_SIZE,
+  VHD_MAX_SIZE,
   VHD_VERSION,
 } from "./constants.ts";
 import { checkedVhdStructure, fourCC, vhdChecksum, vhdTimestamp } from "./footer.ts";
@@ -157,6 +158,8 @@ export function blockBitmapSize(blockSize: number): number {
  * Checks the header's tables against the disk's virtual size (`currentSize` from the
  * footer) and, when known, the file size: the BAT must have an entry for every block
  * of the disk and lie inside the file. `base` is the header's offset in the file.
+ * A disk above 2040 GiB (the VHD limit, which QEMU and vhd-tool apply too) is
+ * refused, so that no BAT describes more than that.
  */
 export function checkVhdTables(
   header: VhdDynamicHeader,
@@ -164,6 +167,12 @@ export function checkVhdTables(
   base: number,
   fileSize?: number,
 ): void {
+  if (currentSize > VHD_MAX_SIZE) {
+    throw new CorruptImageError(
+      `VHD current size ${currentSize} is above the 2040 GiB (${VHD_MAX_SIZE} bytes) a VHD can hold`,
+      48,
+    );
+  }
   const need = usedBatEntries(currentSize, header.blockSize);
   if (header.maxTableEntries < need) {
     throw new CorruptImageError(

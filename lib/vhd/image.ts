@@ -114,33 +114,61 @@ export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
     at,
   );
   checkVhdTables(header, footer.currentSize, at, file.size);
-  const data = await readBat(file, header, footer.currentSize);
+  const data = readBat(file, header, footer.currentSize, at);
   const map: VhdMap = { footer, header, blockSize: header.blockSize, data };
   if (footer.diskType === DISK_TYPE_DIFFERENCING) map.parent = await findParent(file, header);
   return map;
 }
 
-async function readBat(
+/** BAT bytes read at a time: memory stays bounded whatever the BAT's size. */
+const BAT_CHUNK = 4 * 1024 * 1024;
+
+/**
+ * The allocated blocks of the BAT, read in pieces. A block placed inside the footer
+ * copy, the dynamic header (at `headerAt`) or the BAT is corruption (a BAT that is a
+ * hole in a sparse file reads as blocks at sector 0), and so is one past the end.
+ */
+function readBat(
   file: ImageFile,
   header: VhdDynamicHeader,
   currentSize: number,
-): Promise<ClusterSet> {
+  headerAt: number,
+): ClusterSet {
   const used = usedBatEntries(currentSize, header.blockSize);
   const data = new ClusterSet(used, header.blockSize);
-  if (used === 0) return data;
-  const bat = await file.readAt(header.tableOffset, used * 4, "VHD BAT");
-  const view = new DataView(bat.buffer);
   const bitmap = blockBitmapSize(header.blockSize);
-  for (let i = 0; i < used; i++) {
-    const sector = view.getUint32(i * 4);
-    if (sector === BAT_UNUSED) continue;
-    if (sector * SECTOR_SIZE + bitmap > file.size) {
-      throw new CorruptImageError(
-        `VHD BAT entry ${i} points to sector ${sector}, past the end of the ${file.size}-byte file`,
-        header.tableOffset + i * 4,
-      );
+  const metadata: [number, number, string][] = [
+    [0, FOOTER_SIZE, "the footer copy"],
+    [headerAt, headerAt + DYNAMIC_HEADER_SIZE, "the dynamic header"],
+    [header.tableOffset, header.tableOffset + used * 4, "the BAT"],
+  ];
+  const buffer = new Uint8Array(Math.min(used * 4, BAT_CHUNK));
+  for (let first = 0; first < used; first += BAT_CHUNK / 4) {
+    const n = Math.min(used - first, BAT_CHUNK / 4);
+    const bat = buffer.subarray(0, n * 4);
+    file.readInto(header.tableOffset + first * 4, bat, "VHD BAT");
+    const view = new DataView(bat.buffer, bat.byteOffset, bat.byteLength);
+    for (let j = 0; j < n; j++) {
+      const sector = view.getUint32(j * 4);
+      if (sector === BAT_UNUSED) continue;
+      const i = first + j;
+      if (sector * SECTOR_SIZE + bitmap > file.size) {
+        throw new CorruptImageError(
+          `VHD BAT entry ${i} points to sector ${sector}, past the end of the ${file.size}-byte file`,
+          header.tableOffset + i * 4,
+        );
+      }
+      const start = sector * SECTOR_SIZE;
+      const end = start + bitmap + header.blockSize;
+      const inside = metadata.find(([a, b]) => start < b && end > a);
+      if (inside !== undefined) {
+        throw new CorruptImageError(
+          `VHD BAT entry ${i} places block ${i} at sector ${sector}, inside ${inside[2]}`,
+          header.tableOffset + i * 4,
+        );
+      }
+      data.add(i);
     }
-    data.add(i);
   }
   return data;
 }

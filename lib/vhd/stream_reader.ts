@@ -21,7 +21,7 @@ import {
   type ChunkStream,
   type Expected,
   Mode,
-  RecordRun,
+  type RecordRun,
   StreamWalker,
   walkChunks,
   type WalkerFormat,
@@ -126,6 +126,7 @@ export async function decodeVhdStream(
   input.unshift(headerBytes.subarray(FOOTER_SIZE)); // the walk starts after the footer copy
   if (headerBytes.length === footer.dataOffset + DYNAMIC_HEADER_SIZE) {
     const h = parseVhdDynamicHeader(headerBytes.subarray(footer.dataOffset), footer.dataOffset);
+    checkVhdTables(h, footer.currentSize, footer.dataOffset); // before a destination is made
     info.unit = h.blockSize;
   }
   const target = await open(info, true);
@@ -200,7 +201,7 @@ class VhdStreamReader implements WalkerFormat {
     );
     const at = footer.dataOffset!;
     this.#expectedEnd = at + DYNAMIC_HEADER_SIZE;
-    const run = new RecordRun(2);
+    const run = this.walker.newRun(2);
     if (!tables) {
       run.add(HEADER, at, DYNAMIC_HEADER_SIZE, 0);
       this.walker.add(run);
@@ -211,6 +212,8 @@ class VhdStreamReader implements WalkerFormat {
     this.#expect(run, TABLE, at, DYNAMIC_HEADER_SIZE, HEADER);
     const h = this.#useHeader(header, at);
     const bat = new Uint8Array(usedBatEntries(this.#size, h.blockSize) * 4);
+    // Two ranges per allocated block at most: memory follows the BAT in the file.
+    this.walker.allowMetadata(16 * bat.length);
     tables.readInto(h.tableOffset, bat, "the VHD block allocation table (BAT)");
     if (bat.length > 0) this.#expect(run, TABLE, h.tableOffset, bat.length, BAT);
     this.walker.add(run);
@@ -235,7 +238,7 @@ class VhdStreamReader implements WalkerFormat {
   #readHeader(bytes: Uint8Array, start: number) {
     const h = this.#useHeader(bytes, start);
     const length = usedBatEntries(this.#size, h.blockSize) * 4;
-    const run = new RecordRun(1);
+    const run = this.walker.newRun(1);
     this.#expect(run, BAT, h.tableOffset, length, 0);
     this.walker.add(run);
     if (length === 0) this.walker.stopBuffering();
@@ -255,7 +258,7 @@ class VhdStreamReader implements WalkerFormat {
     const v = viewOf(bytes);
     const n = bytes.length / 4;
     this.#batEnd = start + bytes.length;
-    const run = new RecordRun(2 * n);
+    const run = this.walker.newRun(64); // grows with the allocated blocks, not the BAT
     for (let i = 0; i < n; i++) {
       const sector = v.getUint32(i * 4);
       if (sector === BAT_UNUSED) continue;

@@ -25,14 +25,19 @@ import { LimitError } from "../errors.ts";
 import { CHUNK_SIZE } from "../io/stream.ts";
 import { ChunkSink, type ClusterReader } from "../qcow2/writer.ts";
 import { formatBytes } from "../size.ts";
-import { DEFAULT_BLOCK_SIZE, DISK_TYPE_DYNAMIC, FOOTER_SIZE, SECTOR_SIZE } from "./constants.ts";
+import {
+  DEFAULT_BLOCK_SIZE,
+  DISK_TYPE_DYNAMIC,
+  FOOTER_SIZE,
+  SECTOR_SIZE,
+  VHD_MAX_SIZE,
+} from "./constants.ts";
 import { blockBitmapSize, buildVhdDynamicHeader } from "./dynamic_header.ts";
 import { buildVhdFooter } from "./footer.ts";
 
 /** Where vhd-tool puts the BAT: after the footer copy, the header and one spare sector. */
 export const VHD_TABLE_OFFSET = 2048;
-/** The largest virtual size QEMU and vhd-tool accept for a VHD: 2040 GiB. */
-export const VHD_MAX_SIZE = 2040 * 2 ** 30;
+export { VHD_MAX_SIZE };
 /**
  * The footer's creator application: QEMU's marker for "the size is `current_size`"
  * (see {@link VhdFooterFields}). vhd-tool writes `caml`, which QEMU reads by CHS.
