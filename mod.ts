@@ -90,6 +90,35 @@ export {
 } from "./lib/import/import.ts";
 export type { DestinationKind, DestinationOptions } from "./lib/import/raw_destination.ts";
 
+// XAPI's wire formats: raw, vhd-tool's chunked protocol, XVA disk members in tar.
+export {
+  type ChunkedExportOptions,
+  exportChunked,
+  exportRaw,
+  exportTar,
+  type TarExportOptions,
+  type WireExport,
+  type WireLayout,
+} from "./lib/export/wire.ts";
+export {
+  importChunked,
+  importRaw,
+  importTar,
+  type TarImportOptions,
+  type WireImportOptions,
+  type WireImportResult,
+} from "./lib/import/wire.ts";
+export { type ChecksumKind, loadChecksum } from "./lib/xva/checksum.ts";
+export { type OvaManifest, parseOvaXml, type XvaDisk, type XvaVm } from "./lib/xva/ova.ts";
+export { listXvaFile, listXvaStream, type XvaDiskListing, type XvaListing } from "./lib/xva/xva.ts";
+export {
+  extractXva,
+  type XvaExtracted,
+  type XvaExtractOptions,
+  type XvaExtractResult,
+} from "./lib/import/xva.ts";
+export { extractXvaFileAs, type XvaConvertOptions } from "./lib/export/xva.ts";
+export { XvaDiskSource, type XvaMemberRange } from "./lib/xva/disk_source.ts";
 // HTTP(S): the client (export -o URL, import -i URL) and the disk server.
 export {
   type HttpClientOptions,

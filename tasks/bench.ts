@@ -4,7 +4,7 @@
  * Builds its inputs in a temp dir (sparse where possible; removed afterwards, also on
  * Ctrl-C or failure), runs every case for diskstream and the peers in rotating order
  * after one untimed warm-up (which also checks the outputs), and prints a Markdown
- * report: medians, ratios, peak RSS, and the goals of issue 5 with PASS/FAIL.
+ * report: medians, ratios, peak RSS, and the goals of issues 5 and 13 with PASS/FAIL.
  *
  *   deno task bench [--runs N] [--quick] [--case NAME]... [--dir DIR] [--cold] [--cli PATH]
  *
@@ -24,6 +24,7 @@ import {
   median,
   type Pipeline,
   type Sample,
+  shellQuote,
 } from "./bench_measure.ts";
 import { imagesEqual } from "../tests/helpers.ts";
 import { httpCases, httpGoalRows } from "./bench_http.ts";
@@ -39,6 +40,17 @@ const RSS_LIMIT_MIB = 200;
 /** Names of the contenders, used by the goals. */
 const DISKSTREAM = "diskstream";
 const XO = "@xen-orchestra/qcow2";
+const PV = "pv -q";
+const VERSION = "diskstream --version";
+const CAT_BOTH = "cat base new";
+const QEMU_WB = "qemu-img convert -t writeback";
+const STREAMS_DS = "8 × diskstream export";
+const STREAMS_PV = "8 × pv -q";
+const STREAMS_VERSION = "8 × diskstream --version";
+/** Concurrent streams of the many-streams case. */
+const STREAMS = 8;
+/** Worst peak RSS of one diskstream process in the many-streams case (MiB). */
+let streamsRssMiB = NaN;
 
 /** What happened to one contender of a case. */
 interface Outcome {
@@ -47,6 +59,8 @@ interface Outcome {
   samples: Sample[];
   mainStage: number;
   problem?: string;
+  /** Peak page cache use of the case's files per timed run, MiB (cases that watch it). */
+  cacheGrowth: number[];
 }
 
 const { values: opts } = parseArgs({
@@ -92,6 +106,7 @@ const inputs = new Inputs(work, sizes, log);
 
 function cleanupAndExit(code: number): never {
   killCurrent();
+  for (const dev of loops) new Deno.Command("losetup", { args: ["-d", dev] }).outputSync();
   try {
     Deno.removeSync(work, { recursive: true });
   } catch {
@@ -207,6 +222,8 @@ function allCases(): BenchCase[] {
             unavailable: await dsMissing("export"),
           },
           { name: "cat | cat", pipeline: toPipe(["cat", raw]) },
+          { name: PV, pipeline: toPipe(["pv", "-q", raw]), unavailable: await missingTool("pv") },
+          { name: VERSION, pipeline: { stages: [[...DS, "--version"]] } },
           { name: "bare Deno loop", pipeline: toPipe([...COPY_LOOP, raw]) },
           await xo((node) => toPipe([...node, "export", raw, "-"])),
         ];
@@ -291,6 +308,7 @@ function allCases(): BenchCase[] {
             pipeline: toPipe([...DS, "export", "--diff", base, raw]),
             unavailable: await dsMissing("export", "--diff"),
           },
+          { name: CAT_BOTH, pipeline: { stages: [["cat", base, raw]] } },
         ];
       },
     },
@@ -316,6 +334,11 @@ function allCases(): BenchCase[] {
             name: DISKSTREAM,
             pipeline: { stages: [["cat", image], [...DS, "import", out]], mainStage: 1 },
             unavailable: await dsMissing("import"),
+            ...common,
+          },
+          {
+            name: QEMU_WB,
+            pipeline: { stages: [qemuToRaw(image, out)] },
             ...common,
           },
           {
@@ -383,6 +406,60 @@ function allCases(): BenchCase[] {
       },
     },
     {
+      name: "tar-hint",
+      title: "export -f tar (XVA disk members) of the fully allocated disk with a hint " +
+        "listing 5% of its 2 MiB blocks, vs qcow2 with the same hint, vs tar without it → pipe",
+      reference: "qcow2 --allocation",
+      contenders: async () => {
+        const [raw, hint] = [await inputs.fullRaw(), await inputs.hint5()];
+        const missing = await dsMissing("export", "--tar-prefix");
+        return [
+          {
+            name: "tar --allocation",
+            pipeline: toPipe([...DS, "export", "-f", "tar", "--allocation", hint, raw]),
+            unavailable: missing,
+          },
+          {
+            name: "qcow2 --allocation",
+            pipeline: toPipe([...DS, "export", "--allocation", hint, raw]),
+            unavailable: missing,
+          },
+          {
+            name: "tar",
+            pipeline: toPipe([...DS, "export", "-f", "tar", raw]),
+            unavailable: missing,
+          },
+        ];
+      },
+    },
+    {
+      name: "tar-import",
+      title: "import -f tar (XVA disk members) of the fully allocated disk through a pipe → " +
+        "new raw file, vs import of its qcow2",
+      reference: "import qcow2",
+      contenders: async () => {
+        const [raw, image] = [await inputs.fullRaw(), await inputs.fullQcow2()];
+        const missing = await dsMissing("import", "--ignore-checksums");
+        const tar = missing ? "" : await inputs.fullTar(DS);
+        const out = `${work}/out.raw`;
+        const common = { after: remove(out), verify: sameAs(raw, out, "raw") };
+        return [
+          {
+            name: "import -f tar",
+            pipeline: { stages: [["cat", tar], [...DS, "import", "-f", "tar", out]], mainStage: 1 },
+            unavailable: missing,
+            ...common,
+          },
+          {
+            name: "import qcow2",
+            pipeline: { stages: [["cat", image], [...DS, "import", out]], mainStage: 1 },
+            unavailable: missing,
+            ...common,
+          },
+        ];
+      },
+    },
+    {
       name: "headers",
       title: `headers of a ${gib(sizes.hugeVirtual)} qcow2 with ${sizes.hugeWrites} ` +
         `scattered 64 KiB clusters`,
@@ -403,8 +480,212 @@ function allCases(): BenchCase[] {
         ];
       },
     },
+    {
+      name: "compressed",
+      title: `import of a ${mib(sizes.compressible)} disk compressed by \`qemu-img convert -c\` ` +
+        "(deflate, zstd) through a pipe → new raw file",
+      reference: `${QEMU_WB} deflate`,
+      runs: 3,
+      notes: [
+        "qemu-img reads the image from the file (random access, a thread pool decompressing); " +
+        "diskstream reads it from a pipe, decompressing on worker threads.",
+      ],
+      contenders: async () => {
+        const raw = await inputs.compressibleRaw();
+        const out = `${work}/out.raw`;
+        const common = { after: remove(out), verify: sameAs(raw, out, "raw") };
+        const missing = await dsMissing("import");
+        const list: Contender[] = [];
+        for (const type of ["deflate", "zstd"] as const) {
+          const image = await inputs.compressedQcow2(type);
+          list.push(
+            {
+              name: `${DISKSTREAM} ${type}`,
+              pipeline: { stages: [["cat", image], [...DS, "import", out]], mainStage: 1 },
+              unavailable: missing,
+              ...common,
+            },
+            {
+              name: `${QEMU_WB} ${type}`,
+              pipeline: { stages: [qemuToRaw(image, out)] },
+              ...common,
+            },
+          );
+        }
+        return list;
+      },
+    },
+    directCase(),
+    {
+      name: "streams",
+      title: `${STREAMS} concurrent exports of a ${mib(sizes.small)} disk → ${STREAMS} pipes`,
+      reference: STREAMS_PV,
+      contenders: async () => {
+        const raw = await inputs.smallRaw();
+        const each = (cmd: string[], rss?: boolean) => {
+          const one = cmd.map(shellQuote).join(" ");
+          const lines = Array.from({ length: STREAMS }, (_, i) => {
+            const timed = rss ? `/usr/bin/time -f %M -o ${scratch}/streams-rss.${i} ${one}` : one;
+            return `${timed} | cat > /dev/null &`;
+          });
+          return { stages: [["bash", "-c", `${lines.join("\n")}\nwait`]] };
+        };
+        return [
+          {
+            name: STREAMS_DS,
+            pipeline: each([...DS, "export", raw], HAVE_GNU_TIME),
+            unavailable: await dsMissing("export"),
+            after: async () => {
+              for (let i = 0; i < STREAMS && HAVE_GNU_TIME; i++) {
+                const kib = Number(
+                  await Deno.readTextFile(`${scratch}/streams-rss.${i}`)
+                    .then((t) => t.trim().split("\n").at(-1)).catch(() => NaN),
+                );
+                streamsRssMiB = Number.isNaN(streamsRssMiB)
+                  ? kib / 1024
+                  : Math.max(streamsRssMiB, kib / 1024);
+              }
+            },
+          },
+          {
+            name: STREAMS_PV,
+            pipeline: each(["pv", "-q", raw]),
+            unavailable: await missingTool("pv"),
+          },
+          { name: STREAMS_VERSION, pipeline: each([...DS, "--version"]) },
+        ];
+      },
+    },
+    {
+      name: "startup",
+      title: "start-up: the source entry (`deno run cli.ts`) and the bundled file " +
+        "(`deno task bundle`), `--version` and the export of a 1 MiB disk",
+      reference: "--version (cli.ts)",
+      contenders: async () => {
+        const bundle = `${work}/diskstream.js`;
+        const built = await new Deno.Command(DENO, {
+          args: [
+            "bundle",
+            "--quiet",
+            "--platform",
+            "deno",
+            `--config=${CLI_DIR}/deno.json`,
+            "--output",
+            bundle,
+            CLI,
+          ],
+          stdout: "null",
+          stderr: "piped",
+        }).output();
+        const noBundle = built.success
+          ? undefined
+          : `deno bundle failed: ${new TextDecoder().decode(built.stderr).trim().split("\n")[0]}`;
+        const disk = `${work}/one-mib.raw`;
+        await Deno.writeFile(disk, new Uint8Array(1024 * 1024).fill(0x5a));
+        const BUNDLED = [DENO, "run", "-A", bundle];
+        return [
+          { name: "--version (cli.ts)", pipeline: { stages: [[...DS, "--version"]] } },
+          {
+            name: "--version (bundle)",
+            pipeline: { stages: [[...BUNDLED, "--version"]] },
+            unavailable: noBundle,
+          },
+          { name: "export 1 MiB (cli.ts)", pipeline: toPipe([...DS, "export", disk]) },
+          {
+            name: "export 1 MiB (bundle)",
+            pipeline: toPipe([...BUNDLED, "export", disk]),
+            unavailable: noBundle,
+          },
+        ];
+      },
+    },
     ...httpCases({ work, ds: DS, fullRaw: () => inputs.fullRaw(), sizes, log }),
   ];
+}
+
+/** `qemu-img convert -t writeback` of a qcow2 into a raw file (qemu-img's import). */
+function qemuToRaw(image: string, out: string): string[] {
+  return ["qemu-img", "convert", "-t", "writeback", "-f", "qcow2", "-O", "raw", image, out];
+}
+
+/** Why `tool` cannot run here (not installed), or undefined. */
+async function missingTool(tool: string): Promise<string | undefined> {
+  return await commandOutput("sh", ["-c", `command -v ${tool}`]) === null
+    ? `not available: ${tool} is not installed (Debian package ${tool})`
+    : undefined;
+}
+
+/** Runs a command; returns its stdout, throwing with its stderr on failure. */
+async function must(cmd: string, args: string[]): Promise<string> {
+  const r = await new Deno.Command(cmd, { args, stdout: "piped", stderr: "piped" }).output();
+  if (!r.success) {
+    throw new Error(`${cmd} ${args.join(" ")}: ${new TextDecoder().decode(r.stderr).trim()}`);
+  }
+  return new TextDecoder().decode(r.stdout).trim();
+}
+
+/**
+ * `--direct` on loop devices with the page cache dropped before every run (root):
+ * export of a device over the full disk, import into a device over a scratch file.
+ * The loop devices do direct I/O on their files, so only the device's own cache counts.
+ */
+/** Loop devices set up by the bench (detached after their case, or on Ctrl-C). */
+const loops: string[] = [];
+
+function directCase(): BenchCase {
+  return {
+    name: "direct",
+    title: `cold ${gib(sizes.full)} transfers on loop devices, buffered and with --direct ` +
+      "(page cache dropped before every run)",
+    reference: "export",
+    runs: 3,
+    cold: true,
+    watchCache: () => loops,
+    notes: [
+      "Page cache use is the peak, sampled every 50 ms with mincore(2), of the two loop " +
+      "devices' pages in the cache (the devices do direct I/O on their files, and the " +
+      "import's input is read with `dd iflag=direct`, so nothing else caches the data).",
+    ],
+    contenders: async () => {
+      const [raw, image] = [await inputs.fullRaw(), await inputs.fullQcow2()];
+      const dest = `${work}/direct-dest.raw`;
+      let unavailable: string | undefined;
+      try {
+        await Deno.writeFile(dest, new Uint8Array(0));
+        await Deno.truncate(dest, sizes.full);
+        for (const file of [raw, dest]) {
+          loops.push(await must("losetup", ["-f", "--show", "--direct-io=on", file]));
+        }
+      } catch (err) {
+        unavailable = `not available: loop devices need root and losetup (${
+          (err as Error).message
+        })`;
+      }
+      const [src, dst] = loops;
+      const dsExport = (flags: string[]) => ({
+        stages: [[...DS, "export", ...flags, src ?? raw], ["cat"]],
+      });
+      const dsImport = (flags: string[]) => ({
+        stages: [
+          ["dd", `if=${image}`, "iflag=direct", "bs=4M", "status=none"],
+          [...DS, "import", ...flags, "--prezeroed", dst ?? dest],
+        ],
+        mainStage: 1,
+      });
+      const missing = unavailable ?? await dsMissing("export", "--direct");
+      const verify = async () =>
+        await imagesEqual(raw, dst, "raw", "raw") ? null : `${dst} differs`;
+      return [
+        { name: "export", pipeline: dsExport([]), unavailable: missing },
+        { name: "export --direct", pipeline: dsExport(["--direct"]), unavailable: missing },
+        { name: "import", pipeline: dsImport([]), unavailable: missing, verify },
+        { name: "import --direct", pipeline: dsImport(["--direct"]), unavailable: missing, verify },
+      ];
+    },
+    cleanup: async () => {
+      for (const dev of loops.splice(0)) await must("losetup", ["-d", dev]).catch(() => "");
+    },
+  };
 }
 
 function caseNames(): string[] {
@@ -431,9 +712,81 @@ async function dropCaches(): Promise<boolean> {
   }
 }
 
+const libc = (() => {
+  try {
+    return Deno.dlopen("libc.so.6", {
+      open: { parameters: ["buffer", "i32", "i32"], result: "i32" },
+      close: { parameters: ["i32"], result: "i32" },
+      lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
+      mmap: { parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"], result: "pointer" },
+      munmap: { parameters: ["pointer", "usize"], result: "i32" },
+      mincore: { parameters: ["pointer", "usize", "buffer"], result: "i32" },
+    }).symbols;
+  } catch {
+    return null;
+  }
+})();
+
+/**
+ * MiB of `paths` (files or block devices) in the page cache, by mincore(2) over a
+ * mapping of each (util-linux's fincore sees no block device: their size is 0 to
+ * stat). The machine-wide `Cached:` is useless here: after the page cache is dropped,
+ * every process on the machine refills it.
+ */
+function cachedMiB(paths: string[]): number {
+  if (libc === null) return NaN;
+  let pages = 0;
+  for (const path of paths) {
+    const fd = libc.open(new TextEncoder().encode(path + "\0"), 0, 0);
+    if (fd < 0) return NaN;
+    try {
+      const size = Number(libc.lseek(fd, 0n, 2));
+      if (size <= 0) continue;
+      const map = libc.mmap(null, BigInt(size), 1, 1, fd, 0n);
+      if (map === null || Deno.UnsafePointer.value(map) === 0xffffffffffffffffn) return NaN;
+      const vec = new Uint8Array(Math.ceil(size / 4096));
+      const ok = libc.mincore(map, BigInt(size), vec) === 0;
+      libc.munmap(map, BigInt(size));
+      if (!ok) return NaN;
+      for (const v of vec) pages += v & 1;
+    } finally {
+      libc.close(fd);
+    }
+  }
+  return pages * 4096 / MiB;
+}
+
+/**
+ * Runs `f`, sampling how much of `paths` is in the page cache every 50 ms; returns
+ * its result and the peak (MiB).
+ */
+async function watchingCache<T>(paths: string[], f: () => Promise<T>): Promise<[T, number]> {
+  let peak = cachedMiB(paths);
+  const timer = setInterval(() => peak = Math.max(peak, cachedMiB(paths)), 50);
+  try {
+    const r = await f();
+    return [r, Math.max(peak, cachedMiB(paths))];
+  } finally {
+    clearInterval(timer);
+  }
+}
+
 async function runCase(c: BenchCase): Promise<Outcome[]> {
   log(`case ${c.name}: preparing`);
-  const contenders = await c.contenders();
+  if (c.cold && !opts.cold && !(await dropCaches())) {
+    return [{
+      name: c.reference,
+      display: "",
+      samples: [],
+      mainStage: 0,
+      problem: "not run: dropping the page cache needs root",
+      cacheGrowth: [],
+    }];
+  }
+  return await runContenders(c, await c.contenders());
+}
+
+async function runContenders(c: BenchCase, contenders: Contender[]): Promise<Outcome[]> {
   // Let the writeback of freshly made inputs finish before anything is timed.
   await new Deno.Command("sync").output();
   const outcomes: Outcome[] = contenders.map((k) => ({
@@ -442,18 +795,24 @@ async function runCase(c: BenchCase): Promise<Outcome[]> {
     samples: [],
     mainStage: k.pipeline.mainStage ?? 0,
     problem: k.unavailable,
+    cacheGrowth: [],
   }));
   const once = async (i: number, check: boolean) => {
     const k = contenders[i], o = outcomes[i];
     if (o.problem !== undefined) return;
-    if (opts.cold) await dropCaches();
+    if (opts.cold || c.cold) await dropCaches();
     try {
-      const s = await measure(k.pipeline, scratch);
+      const [s, growth] = c.watchCache
+        ? await watchingCache(c.watchCache(), () => measure(k.pipeline, scratch))
+        : [await measure(k.pipeline, scratch), NaN];
       if (check && k.verify) {
         const wrong = await k.verify();
         if (wrong !== null) o.problem = `WRONG OUTPUT: ${wrong}`;
       }
-      if (!check) o.samples.push(s);
+      if (!check) {
+        o.samples.push(s);
+        o.cacheGrowth.push(growth);
+      }
     } catch (err) {
       if (!(err instanceof CommandFailed)) throw err;
       o.problem = `failed: ${err.message}`;
@@ -465,8 +824,9 @@ async function runCase(c: BenchCase): Promise<Outcome[]> {
   };
   log(`case ${c.name}: warm-up and output check`);
   for (let i = 0; i < contenders.length; i++) await once(i, true);
-  for (let r = 0; r < runs; r++) {
-    log(`case ${c.name}: round ${r + 1}/${runs}`);
+  const rounds = Math.min(runs, c.runs ?? runs);
+  for (let r = 0; r < rounds; r++) {
+    log(`case ${c.name}: round ${r + 1}/${rounds}`);
     // Alternate, and rotate who goes first so that no one always follows the same peer.
     for (let j = 0; j < contenders.length; j++) await once((r + j) % contenders.length, false);
   }
@@ -479,35 +839,45 @@ const seconds = (o: Outcome | undefined) => median(o?.samples.map((s) => s.secon
 const rssMiB = (o: Outcome) => median(o.samples.map((s) => s.rssKiB[o.mainStage])) / 1024;
 /** CPU seconds of the whole pipeline (every stage), median of the runs. */
 const cpu = (o: Outcome) => median(o.samples.map((s) => s.cpuSeconds.reduce((a, b) => a + b, 0)));
+/** CPU seconds of the contender's own process (its main stage), median of the runs. */
+const cpuMain = (o: Outcome) => median(o.samples.map((s) => s.cpuSeconds[o.mainStage]));
 const fmt = (x: number, digits = 2) => Number.isNaN(x) ? "—" : x.toFixed(digits);
 /** Text for a Markdown table cell: `|` must be escaped, even in code spans. */
 const cell = (s: string) => s.replaceAll("|", "\\|");
 
 function caseTable(c: BenchCase, outcomes: Outcome[]): string {
   const ref = seconds(outcomes.find((o) => o.name === c.reference));
+  const cache = c.watchCache !== undefined;
   const rows = outcomes.map((o) => {
     if (o.problem !== undefined && o.samples.length === 0) {
-      return `| ${cell(o.name)} | \`${cell(o.display)}\` | ${cell(o.problem)} | | | | |`;
+      return `| ${cell(o.name)} | \`${cell(o.display)}\` | ${cell(o.problem)} | | | | |` +
+        (cache ? " |" : "");
     }
     const t = o.samples.map((s) => s.seconds);
     const range = `${fmt(Math.min(...t))}–${fmt(Math.max(...t))}`;
     const ratio = fmt(seconds(o) / ref);
     return `| ${cell(o.name)} | \`${cell(o.display)}\` | ${
       fmt(seconds(o))
-    } | ${range} | ${ratio} | ${fmt(cpu(o))} | ${fmt(rssMiB(o), 0)} |`;
+    } | ${range} | ${ratio} | ${fmt(cpu(o))} | ${fmt(rssMiB(o), 0)} |` +
+      (cache ? ` ${fmt(cacheGrowthMiB(o), 0)} |` : "");
   });
   return [
     `### ${c.name}: ${c.title}`,
     "",
-    `| command | pipeline | median s | min–max s | × ${c.reference} | CPU s | peak RSS MiB |`,
-    "|---|---|--:|--:|--:|--:|--:|",
+    `| command | pipeline | median s | min–max s | × ${c.reference} | CPU s | peak RSS MiB |` +
+    (cache ? " peak page cache MiB |" : ""),
+    "|---|---|--:|--:|--:|--:|--:|" + (cache ? "--:|" : ""),
     ...rows,
     ...(c.notes ?? []).map((n) => `\n${n}`),
     "",
   ].join("\n");
 }
 
-/** A goal: `time(a) / time(b)` in case `case` must satisfy `ok`. */
+/**
+ * A goal: `m(a) / m(b)` in case `case` must satisfy `ok`, where m is the median wall
+ * time (`metric` "cpu": the CPU seconds of the contender's own process), less the
+ * median time of the `startup` contenders when given (start-up not counted).
+ */
 interface Goal {
   text: string;
   case: string;
@@ -515,19 +885,32 @@ interface Goal {
   b: string;
   target: string;
   ok: (ratio: number) => boolean;
+  metric?: "seconds" | "cpu";
+  startup?: { a?: string; b?: string };
+}
+
+/** A limit: a value measured for contender `a` of case `case` (peak cache growth, RSS). */
+interface Limit {
+  text: string;
+  case: string;
+  a: string;
+  unit: string;
+  max: number;
+  value: (o: Outcome) => number;
 }
 
 const atMost = (x: number) => ({ target: `≤ ${x}`, ok: (r: number) => r <= x });
 const below = (x: number) => ({ target: `< ${x}`, ok: (r: number) => r < x });
 const atLeast = (x: number) => ({ target: `≥ ${x}`, ok: (r: number) => r >= x });
 const above = (x: number) => ({ target: `> ${x}`, ok: (r: number) => r > x });
-const goal = (text: string, c: string, a: string, b: string, t: Pick<Goal, "target" | "ok">) => ({
-  text,
-  case: c,
-  a,
-  b,
-  ...t,
-});
+const goal = (
+  text: string,
+  c: string,
+  a: string,
+  b: string,
+  t: Pick<Goal, "target" | "ok">,
+  extra: Pick<Goal, "metric" | "startup"> = {},
+): Goal => ({ text, case: c, a, b, ...t, ...extra });
 
 const GOALS: Goal[] = [
   goal(
@@ -598,6 +981,101 @@ const GOALS: Goal[] = [
     atLeast(5),
   ),
   goal(`headers faster than ${XO} (ratio = xo / headers)`, "headers", XO, DISKSTREAM, above(1)),
+  // Issue 13: the floors.
+  goal(
+    "export → pipe ≤ 1.1 × `pv -q`, start-up not counted (diskstream − `--version`)",
+    "export-pipe",
+    DISKSTREAM,
+    PV,
+    atMost(1.1),
+    { startup: { a: VERSION } },
+  ),
+  goal(
+    "`export --diff` ≤ 1.5 × reading both disks (`cat base new`)",
+    "hint-diff",
+    "--diff",
+    CAT_BOTH,
+    atMost(1.5),
+  ),
+  goal(
+    "import CPU ≤ 1.5 × `qemu-img convert -t writeback` CPU (diskstream's own process)",
+    "import",
+    DISKSTREAM,
+    QEMU_WB,
+    atMost(1.5),
+    { metric: "cpu" },
+  ),
+  goal(
+    "compressed import (deflate) through a pipe ≤ 1.0 × `qemu-img convert -t writeback`",
+    "compressed",
+    `${DISKSTREAM} deflate`,
+    `${QEMU_WB} deflate`,
+    atMost(1),
+  ),
+  goal(
+    "compressed import (zstd) through a pipe ≤ 1.0 × `qemu-img convert -t writeback`",
+    "compressed",
+    `${DISKSTREAM} zstd`,
+    `${QEMU_WB} zstd`,
+    atMost(1),
+  ),
+  goal(
+    "cold export --direct ≤ 1.1 × buffered (loop device)",
+    "direct",
+    "export --direct",
+    "export",
+    atMost(1.1),
+  ),
+  goal(
+    "cold import --direct ≤ 1.1 × buffered (loop device)",
+    "direct",
+    "import --direct",
+    "import",
+    atMost(1.1),
+  ),
+  goal(
+    "8 concurrent exports → pipes ≤ 1.2 × 8 concurrent `pv -q`, start-up not counted",
+    "streams",
+    STREAMS_DS,
+    STREAMS_PV,
+    atMost(1.2),
+    { startup: { a: STREAMS_VERSION } },
+  ),
+  goal(
+    "(info) start-up: the bundled file's `--version` / the source entry's",
+    "startup",
+    "--version (bundle)",
+    "--version (cli.ts)",
+    { target: "—", ok: () => true },
+  ),
+  goal(
+    "(info) 1 MiB export: the bundled file / the source entry",
+    "startup",
+    "export 1 MiB (bundle)",
+    "export 1 MiB (cli.ts)",
+    { target: "—", ok: () => true },
+  ),
+  goal(
+    "export -f tar with a 5% hint within 1.2 × export -f qcow2 with the same hint",
+    "tar-hint",
+    "tar --allocation",
+    "qcow2 --allocation",
+    atMost(1.2),
+  ),
+  goal(
+    "export -f tar with a 5% hint ≥ 10 × faster than without it (ratio = plain / hinted)",
+    "tar-hint",
+    "tar",
+    "tar --allocation",
+    atLeast(10),
+  ),
+  goal(
+    "import -f tar within 1.3 × import of the qcow2",
+    "tar-import",
+    "import -f tar",
+    "import qcow2",
+    atMost(1.3),
+  ),
   goal(
     "server export (curl) within 1.3 × curl of the same bytes as a static file from nginx",
     "http-get",
@@ -614,16 +1092,60 @@ const GOALS: Goal[] = [
   ),
 ];
 
+const cacheGrowthMiB = (o: Outcome) => Math.max(...o.cacheGrowth);
+const LIMITS: Limit[] = [
+  {
+    text: `page cache use while a cold ${gib(sizes.full)} disk is exported with --direct ` +
+      "(worst run)",
+    case: "direct",
+    a: "export --direct",
+    unit: "MiB",
+    max: 64,
+    value: cacheGrowthMiB,
+  },
+  {
+    text: `page cache use while ${gib(sizes.full)} are imported with --direct (worst run)`,
+    case: "direct",
+    a: "import --direct",
+    unit: "MiB",
+    max: 64,
+    value: cacheGrowthMiB,
+  },
+  {
+    text: "peak RSS of each of 8 concurrent exports (worst process)",
+    case: "streams",
+    a: STREAMS_DS,
+    unit: "MiB",
+    max: 100,
+    value: () => streamsRssMiB,
+  },
+];
+
+function limitRow(l: Limit, results: Map<string, Outcome[]>): string {
+  const o = results.get(l.case)?.find((x) => x.name === l.a);
+  const text = cell(l.text);
+  const why = o === undefined ? "not run" : o.problem ?? (o.samples.length ? null : "no runs");
+  if (why !== null) return `| ${text} | < ${l.max} ${l.unit} | — | n/a (${cell(why)}) |`;
+  const v = l.value(o!);
+  if (Number.isNaN(v)) return `| ${text} | < ${l.max} ${l.unit} | — | n/a |`;
+  return `| ${text} | < ${l.max} ${l.unit} | ${fmt(v, 0)} ${l.unit} | ${
+    v < l.max ? "PASS" : "FAIL"
+  } |`;
+}
+
 function goalRow(g: Goal, results: Map<string, Outcome[]>): string {
   const outcomes = results.get(g.case);
   const text = cell(g.text);
   if (outcomes === undefined) return `| ${text} | ${g.target} | not run | — |`;
-  const [a, b] = [g.a, g.b].map((n) => outcomes.find((o) => o.name === n));
-  for (const [name, o] of [[g.a, a], [g.b, b]] as const) {
+  const names = [g.a, g.b, g.startup?.a, g.startup?.b].filter((n) => n !== undefined);
+  const found = new Map(names.map((n) => [n, outcomes.find((o) => o.name === n)]));
+  for (const [name, o] of found) {
     const why = o === undefined ? "not run" : o.problem ?? (o.samples.length ? null : "no runs");
     if (why !== null) return `| ${text} | ${g.target} | — | n/a (${cell(`${name}: ${why}`)}) |`;
   }
-  const ratio = seconds(a) / seconds(b);
+  const m = (n: string | undefined) =>
+    n === undefined ? 0 : g.metric === "cpu" ? cpuMain(found.get(n)!) : seconds(found.get(n));
+  const ratio = (m(g.a) - m(g.startup?.a)) / (m(g.b) - m(g.startup?.b));
   return `| ${text} | ${g.target} | ${fmt(ratio)} | ${g.ok(ratio) ? "PASS" : "FAIL"} |`;
 }
 
@@ -714,6 +1236,7 @@ try {
     "| goal | target | measured ratio | result |",
     "|---|--:|--:|---|",
     ...GOALS.filter((g) => results.has(g.case)).map((g) => goalRow(g, results)),
+    ...LIMITS.filter((l) => results.has(l.case)).map((l) => limitRow(l, results)),
     rssRow(results),
     ...httpGoalRows(results),
     "",

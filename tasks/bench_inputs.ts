@@ -25,6 +25,10 @@ export interface InputSizes {
   hugeVirtual: number;
   /** Number of 64 KiB writes scattered over the huge qcow2. */
   hugeWrites: number;
+  /** The compressible disk behind the compressed qcow2 images. */
+  compressible: number;
+  /** Each of the disks exported concurrently by the many-streams case. */
+  small: number;
 }
 
 /** The sizes the issue asks for. */
@@ -34,6 +38,8 @@ export const FULL_SIZES: InputSizes = {
   sparsePieces: 1280, // 80 MiB
   hugeVirtual: 1024 * GiB,
   hugeWrites: 4000,
+  compressible: 512 * MiB,
+  small: 256 * MiB,
 };
 
 /** Small sizes for `--quick`. */
@@ -43,6 +49,8 @@ export const QUICK_SIZES: InputSizes = {
   sparsePieces: 160, // 10 MiB
   hugeVirtual: 64 * GiB,
   hugeWrites: 500,
+  compressible: 32 * MiB,
+  small: 16 * MiB,
 };
 
 /** A deterministic sequence of distinct integers in `[0, n)`. */
@@ -128,6 +136,40 @@ export class Inputs {
     });
   }
 
+  /**
+   * An allocation hint listing 5% of the full disk's 2 MiB blocks (as `vhd-tool
+   * read_headers_interval` prints a VHD's), for the tar export goals.
+   */
+  hint5(): Promise<string> {
+    return this.#once("hint5.json", async (path) => {
+      const blocks = Math.ceil(this.sizes.full / (2 * MiB));
+      const chosen = distinctIndexes(Math.max(1, Math.round(blocks * 0.05)), blocks, 55);
+      const runs: [number, number][] = [];
+      for (const b of chosen) {
+        const last = runs.at(-1);
+        if (last && last[1] + 1 === b) last[1] = b;
+        else runs.push([b, b]);
+      }
+      await Deno.writeTextFile(
+        path,
+        JSON.stringify({ virtual_size: this.sizes.full, cluster_bits: 21, data_clusters: runs }),
+      );
+    });
+  }
+
+  /** The full disk as XVA disk members (`export -f tar` by the diskstream in `cli`). */
+  fullTar(cli: string[]): Promise<string> {
+    return this.#once("full.tar", async (path) => {
+      const out = await Deno.open(path, { write: true, create: true, truncate: true });
+      const child = new Deno.Command(cli[0], {
+        args: [...cli.slice(1), "export", "-f", "tar", await this.fullRaw()],
+        stdout: "piped",
+      }).spawn();
+      await child.stdout.pipeTo(out.writable);
+      if (!(await child.status).success) throw new Error("export -f tar failed");
+    });
+  }
+
   /** A sparse disk with 64 KiB pieces of data spread evenly over its virtual size. */
   sparse(): Promise<string> {
     return this.#once("sparse.raw", async (path) => {
@@ -174,6 +216,68 @@ export class Inputs {
   snapshotFlat(): Promise<string> {
     return this.#once("snapshot-flat.qcow2", async (path) => {
       await qemu(["convert", "-O", "qcow2", await this.snapshotQcow2(), path]);
+    });
+  }
+
+  /**
+   * A disk that compresses about 2:1 with deflate (words of hex text drawn from a
+   * pseudo-random dictionary), like a disk of logs and binaries.
+   */
+  compressibleRaw(): Promise<string> {
+    return this.#once("compressible.raw", async (path) => {
+      const noise = pseudoRandom(64 * KiB, 77);
+      const dict = Array.from(
+        { length: 2048 },
+        (_, i) =>
+          new TextEncoder().encode(noise.subarray(i * 16, i * 16 + 2 + (i % 7)).join("") + " "),
+      );
+      const block = new Uint8Array(16 * MiB);
+      let x = 12345;
+      await using f = await Deno.open(path, { write: true, create: true, truncate: true });
+      for (let done = 0; done < this.sizes.compressible; done += block.length) {
+        for (let at = 0; at < block.length;) {
+          x = (x * 1103515245 + 12345) >>> 0;
+          const w = dict[x >>> 21];
+          const n = Math.min(w.length, block.length - at);
+          block.set(w.subarray(0, n), at);
+          at += n;
+        }
+        await writeAll(
+          f,
+          block.subarray(0, Math.min(block.length, this.sizes.compressible - done)),
+        );
+      }
+    });
+  }
+
+  /** The compressible disk as a compressed qcow2 (`qemu-img convert -c`), deflate or zstd. */
+  compressedQcow2(type: "deflate" | "zstd"): Promise<string> {
+    return this.#once(`compressed-${type}.qcow2`, async (path) => {
+      await qemu([
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        `compression_type=${type === "deflate" ? "zlib" : "zstd"}`,
+        await this.compressibleRaw(),
+        path,
+      ]);
+    });
+  }
+
+  /** A smaller fully allocated disk (the many-streams case). */
+  smallRaw(): Promise<string> {
+    return this.#once("small.raw", async (path) => {
+      await using f = await Deno.open(path, { write: true, create: true, truncate: true });
+      for (let done = 0; done < this.sizes.small; done += 16 * MiB) {
+        await writeAll(
+          f,
+          pseudoRandom(Math.min(16 * MiB, this.sizes.small - done), 500 + done / MiB),
+        );
+      }
     });
   }
 

@@ -37,8 +37,14 @@ export interface BenchCase {
   contenders: () => Promise<Contender[]>;
   /** Peers that do not take part, and why (and facts a case adds after its runs). */
   notes?: string[];
-  /** Stops what `contenders` started (servers), after the case. */
+  /** Stops what `contenders` started (servers, loop devices), after the case. */
   cleanup?: () => Promise<void>;
+  /** Timed runs (default: --runs), for the long cases. */
+  runs?: number;
+  /** Drop the page cache before every run of this case (needs root; else not run). */
+  cold?: boolean;
+  /** Record the peak page cache use of these files or devices during each run. */
+  watchCache?: () => string[];
 }
 
 /**

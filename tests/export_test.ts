@@ -334,7 +334,11 @@ Deno.test("export CLI: bad input gives one line and the right status", async () 
       [["export", src, "-o", out, "-r", "3"], 2, /-r\/--refcount-bits/],
       [["export", src, "-o", out, "-r", "128"], 2, /-r\/--refcount-bits/],
       [["export", src, "--machine"], 2, /--machine prints progress on stdout/],
-      [["export", src, "-o", out, "-f", "vmdk"], 2, /-f\/--format must be qcow2 or vhd/],
+      [
+        ["export", src, "-o", out, "-f", "vmdk"],
+        2,
+        /-f\/--format must be one of qcow2, vhd, raw, chunked, tar/,
+      ],
       [["export", src, "-o", out, "-f", "vhd", "-c", "2M"], 2, /-c applies to qcow2 only/],
       [["export", src, "-o", out, "--base-allocation", src], 2, /needs --diff/],
       [["export", src, "-o", out, "--output-fd", "x"], 2, /--output-fd needs a file descriptor/],

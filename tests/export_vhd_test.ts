@@ -433,7 +433,7 @@ Deno.test("export -f vhd refuses -c, -r and unknown formats (exit 2)", async () 
     }
     const bad = await runCli(["export", "-f", "vmdk", src, "-o", `${dir}/x`]);
     assert.equal(bad.code, 2);
-    assert.match(bad.stderr, /must be qcow2 or vhd/);
+    assert.match(bad.stderr, /must be one of qcow2, vhd, raw, chunked, tar/);
     await assert.rejects(
       () =>
         exportVhd(src, {

@@ -27,6 +27,7 @@ import {
 } from "../lib/headers/image_allocation.ts";
 import { dataExtents } from "../lib/io/seek_data.ts";
 import { pseudoRandom, qemu, qemuTest, runCli, withTempDir, writeSparse } from "./helpers.ts";
+import { writeVhd } from "./vhd_fixtures.ts";
 
 const MiB = 1024 * 1024;
 
@@ -195,60 +196,6 @@ async function rawFile(
     }
   }
   await writeSparse(path, blocks * unit, writes);
-}
-
-interface HandVhd {
-  diskType: number;
-  size: number;
-  /** Allocated blocks (their data is a pattern). */
-  blocks: number[];
-  locators?: [code: string, path: string][];
-  parentName?: string;
-}
-
-/**
- * Writes a dynamic or differencing VHD the way vhd-tool lays it out (footer copy,
- * header, BAT, locator data, blocks with all-ones bitmaps, footer): qemu-img cannot
- * create differencing VHDs ("Backing file not supported for file format 'vpc'").
- */
-async function writeVhd(path: string, v: HandVhd): Promise<void> {
-  const entries = Math.ceil(v.size / BLOCK);
-  const batBytes = Math.ceil((entries * 4) / 512) * 512;
-  const locData = (v.locators ?? []).map(([code, p]) => encodeParentLocator(code, p));
-  let offset = 1536 + batBytes;
-  const locators = locData.map((d, i) => {
-    const loc = {
-      platformCode: v.locators![i][0],
-      dataSpace: 1,
-      dataLength: d.length,
-      dataOffset: offset,
-    };
-    offset += 512;
-    return loc;
-  });
-  const footer = buildVhdFooter({ diskType: v.diskType, currentSize: v.size });
-  const header = buildVhdDynamicHeader({
-    tableOffset: 1536,
-    maxTableEntries: entries,
-    parentUnicodeName: v.parentName,
-    parentLocators: locators,
-    parentUuid: v.diskType === DISK_TYPE_DIFFERENCING ? new Uint8Array(16).fill(1) : undefined,
-  });
-  const bat = new Uint8Array(batBytes).fill(0xff);
-  const parts: Uint8Array[] = [footer, header, bat];
-  for (const d of locData) {
-    const sector = new Uint8Array(512);
-    sector.set(d);
-    parts.push(sector);
-  }
-  for (const b of v.blocks) {
-    new DataView(bat.buffer).setUint32(b * 4, offset / 512);
-    parts.push(new Uint8Array(512).fill(0xff), pseudoRandom(BLOCK, b + 100));
-    offset += 512 + BLOCK;
-  }
-  parts.push(footer);
-  await Deno.writeFile(path, new Uint8Array());
-  for (const part of parts) await Deno.writeFile(path, part, { append: true });
 }
 
 /** Runs a headers command and expects a clean failure: exit 1, one stderr line. */

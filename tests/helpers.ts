@@ -165,3 +165,51 @@ export async function sha256File(path: string): Promise<string> {
 export function sha256(bytes: Uint8Array): string {
   return createHash("sha256").update(bytes).digest("hex");
 }
+
+/** True when every command in `tools` runs (`cmd args…` exits 0). */
+async function toolsWork(tools: string[][]): Promise<boolean> {
+  for (const [cmd, ...args] of tools) {
+    try {
+      const out = await new Deno.Command(cmd, { args, stdout: "null", stderr: "null" }).output();
+      if (!out.success) return false;
+    } catch {
+      return false;
+    }
+  }
+  return true;
+}
+
+/**
+ * A test that needs external tools, each given as a command that must succeed
+ * (`["xxhsum", "--version"]`): skipped on a developer machine without them, failing in
+ * CI (CI=true) with what to install.
+ */
+export function toolTest(
+  name: string,
+  tools: string[][],
+  install: string,
+  fn: (t: Deno.TestContext) => Promise<void>,
+): void {
+  const have = toolsWork(tools);
+  Deno.test({
+    name,
+    fn: async (t) => {
+      if (!(await have)) {
+        if (IN_CI) throw new Error(`${tools.map((c) => c[0]).join(", ")} missing: ${install}`);
+        console.warn(`skipped (${install})`);
+        return;
+      }
+      await fn(t);
+    },
+  });
+}
+
+/** The CLI as a shell command, for pipelines run with {@link sh}. */
+export const CLI_SH = `${Deno.execPath()} run -A ${CLI}`;
+
+/** Runs a bash pipeline (with pipefail), failing with its stderr; returns its stdout. */
+export async function sh(script: string): Promise<string> {
+  const r = await run("bash", ["-o", "pipefail", "-c", script]);
+  if (r.code !== 0) throw new Error(`${script}\n→ ${r.code}: ${r.stderr}`);
+  return new TextDecoder().decode(r.stdout);
+}

@@ -192,7 +192,7 @@ qemuTest("import refuses a destination smaller than the image before writing", a
     );
     await assert.rejects(Deno.stat(`${dir}/new.raw`), Deno.errors.NotFound);
     // Bad usage is status 2.
-    const r = await runCli(["import", dest, "-f", "raw"], { stdinFile: img });
+    const r = await runCli(["import", dest, "-f", "vmdk"], { stdinFile: img });
     assert.equal(r.code, 2, r.stderr);
   });
 });

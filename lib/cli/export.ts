@@ -7,11 +7,12 @@
 import type { Command } from "commander";
 import type { Allocation, ImageInfoJson } from "../alloc/allocation.ts";
 import { UnsupportedError, UsageError } from "../errors.ts";
+import type { DiskSource } from "../io/endpoint.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import { DEFAULT_CLUSTER_SIZE, DEFAULT_REFCOUNT_BITS } from "../qcow2/layout.ts";
 import { DEFAULT_BLOCK_SIZE } from "../vhd/constants.ts";
-import { endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
+import { DIRECT_HELP, endpointFrom, fdOption, powerOfTwoOption, progressMode } from "./options.ts";
 import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
 import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
@@ -29,15 +30,23 @@ interface ExportFlags extends HttpFlags {
   diff?: string;
   baseAllocation?: string;
   progress?: boolean;
+  direct?: boolean;
   machine?: boolean;
+  tarPrefix: string;
+  checksum: string;
   sync: boolean;
 }
 
+/** The output formats of `export`. */
+export type ExportFormat = "qcow2" | "vhd" | "raw" | "chunked" | "tar";
+const FORMATS: readonly ExportFormat[] = ["qcow2", "vhd", "raw", "chunked", "tar"];
+
 /** What one export run needs, however the flags were spelled. */
-interface ExportRun {
-  source: string;
+export interface ExportRun {
+  /** A path, or an opened source (vhd-tool's VHD chains). */
+  source: string | DiskSource;
   target: Endpoint;
-  format: "qcow2" | "vhd";
+  format: ExportFormat;
   /** Cluster size of the plan (for VHD its 2 MiB blocks); hints are read at this size. */
   clusterSize: number;
   refcountBits: number;
@@ -47,6 +56,13 @@ interface ExportRun {
   base?: string;
   baseAllocation?: (diskSize: number) => Promise<Allocation>;
   progress: ProgressMode;
+  /** tar: the members' prefix (default Ref:0). */
+  tarPrefix?: string;
+  /** tar: the checksum members' kind (default xxhash). */
+  checksum?: "xxhash" | "sha1";
+  /** chunked: also send the left-out clusters as zeros (vhd-tool without --prezeroed). */
+  fillGaps?: boolean;
+  direct?: boolean;
   /** `-o http(s)://…`: upload with PUT, and the client's flags. */
   url?: { url: string; flags: HttpFlags };
   /** Sync a file or device output before success (default true). */
@@ -80,7 +96,12 @@ export function registerExport(program: Command): void {
       "write the image to inherited file descriptor N",
       fdOption("--output-fd"),
     )
-    .option("-f, --format <FORMAT>", "output format: qcow2 or vhd", "qcow2")
+    .option(
+      "-f, --format <FORMAT>",
+      "output format: qcow2, vhd, raw (the whole disk), chunked (vhd-tool's protocol) or\n" +
+        "tar (XVA disk members)",
+      "qcow2",
+    )
     .option(
       "-c, --cluster-size <SIZE>",
       "qcow2 cluster size, a power of two from 512 to 2M (refused with -f vhd)",
@@ -101,6 +122,17 @@ export function registerExport(program: Command): void {
     .option("--zero-check", "with --allocation: also leave out hinted clusters that are all zeros")
     .option("--diff <BASE>", "export only the clusters that differ from BASE (raw file or device)")
     .option("--base-allocation <SPEC>", "clusters of BASE that may hold data (like --allocation)")
+    .option(
+      "--tar-prefix <PREFIX>",
+      "-f tar: members are named PREFIX/%08d (an XVA names them after the VDI's object id)",
+      "Ref:0",
+    )
+    .option(
+      "--checksum <KIND>",
+      "-f tar: checksum members, xxhash (.xxhash, XXH64, XAPI's default) or sha1 (.checksum)",
+      "xxhash",
+    )
+    .option("--direct", DIRECT_HELP)
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .option(
@@ -115,6 +147,8 @@ export function registerExport(program: Command): void {
         "the signal's number.\n" +
         "\nExamples:\n" +
         "  diskstream export disk.raw > disk.qcow2\n" +
+        "  diskstream export /dev/vg/lv -f tar --allocation lv.vhd --tar-prefix Ref:3 > disk.tar\n" +
+        "  diskstream export new.raw --diff old.raw -f chunked | diskstream import copy-of-old.raw -f chunked\n" +
         "  diskstream export /dev/vg/lv -c 2M --allocation lv.json -o out.qcow2\n" +
         "  diskstream export new.raw --diff old.raw -o delta.qcow2\n" +
         "    (rebuild: qemu-img rebase -u -b old.raw -F raw delta.qcow2)\n" +
@@ -125,20 +159,38 @@ export function registerExport(program: Command): void {
     );
   addHttpOptions(exportCommand)
     .action(async (source: string, flags: ExportFlags, command: Command) => {
-      const format = flags.format;
-      if (format !== "qcow2" && format !== "vhd") {
-        throw new UsageError(`-f/--format must be qcow2 or vhd, got '${format}'`);
+      const format = flags.format as ExportFormat;
+      if (!FORMATS.includes(format)) {
+        throw new UsageError(
+          `-f/--format must be one of ${FORMATS.join(", ")}, got '${flags.format}'`,
+        );
       }
-      if (format === "vhd") {
+      if (format !== "qcow2") {
         for (const [key, flag] of [["clusterSize", "-c"], ["refcountBits", "-r"]]) {
           if (command.getOptionValueSource(key) === "cli") {
             throw new UsageError(
-              `${flag} applies to qcow2 only: a VHD has 2 MiB blocks and no refcounts (drop ${flag}, or use -f qcow2)`,
+              `${flag} applies to qcow2 only, not to -f ${format} (drop ${flag}, or use -f qcow2)`,
             );
           }
         }
       }
-      const cs = format === "vhd" ? DEFAULT_BLOCK_SIZE : flags.clusterSize;
+      if (format !== "tar") {
+        for (const [key, flag] of [["tarPrefix", "--tar-prefix"], ["checksum", "--checksum"]]) {
+          if (command.getOptionValueSource(key) === "cli") {
+            throw new UsageError(`${flag} applies to -f tar only`);
+          }
+        }
+      }
+      if (flags.checksum !== "xxhash" && flags.checksum !== "sha1") {
+        throw new UsageError(`--checksum must be xxhash or sha1, got '${flags.checksum}'`);
+      }
+      const cs = format === "vhd"
+        ? DEFAULT_BLOCK_SIZE
+        : format === "tar"
+        ? 1 << 20
+        : format === "qcow2"
+        ? flags.clusterSize
+        : DEFAULT_CLUSTER_SIZE;
       const url = flags.output !== undefined && isHttpUrl(flags.output) ? flags.output : undefined;
       checkHttpFlags(flags, url !== undefined, "-o/--output");
       await runExport({
@@ -161,6 +213,9 @@ export function registerExport(program: Command): void {
           ? undefined
           : (size) => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, size),
         progress: progressMode(flags),
+        tarPrefix: flags.tarPrefix,
+        checksum: flags.checksum,
+        direct: flags.direct,
         sync: flags.sync,
       });
     });
@@ -269,9 +324,10 @@ async function readInfo(spec: string): Promise<ImageInfoJson> {
 }
 
 /** The size of a raw disk, learned before a hint for it is read (hints are checked against it). */
-async function diskSize(path: string): Promise<number> {
+async function diskSize(source: string | DiskSource): Promise<number> {
+  if (typeof source !== "string") return source.size;
   const { openDiskSource } = await import("../io/disk_source.ts");
-  const src = await openDiskSource(path);
+  const src = await openDiskSource(source);
   try {
     return src.size;
   } finally {
@@ -279,7 +335,8 @@ async function diskSize(path: string): Promise<number> {
   }
 }
 
-async function runExport(run: ExportRun): Promise<void> {
+/** Runs one export (also used by `vhd-tool stream`). */
+export async function runExport(run: ExportRun): Promise<void> {
   if (run.progress === "machine" && run.target.kind === "std" && !run.url) {
     throw new UsageError(
       "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",
@@ -320,17 +377,12 @@ async function exportTo(
     zeroCheck: run.zeroCheck,
     base: run.base,
     baseAllocation: run.baseAllocation && await run.baseAllocation(await diskSize(run.base!)),
+    direct: run.direct,
     progress: createProgress(run.progress, "export"),
     // writeTo without FFI and an upload write each chunk before reading the next.
     reuseBuffers: true,
   };
-  const planned = run.format === "vhd"
-    ? await (await import("../export/vhd.ts")).exportVhd(run.source, options)
-    : await (await import("../export/export.ts")).exportQcow2(run.source, {
-      ...options,
-      clusterSize: run.clusterSize,
-      refcountBits: run.refcountBits,
-    });
+  const planned = await plannedExportOf(run, options);
   if (run.url && http) {
     const [{ httpPut }, { contentTypeOf }] = await Promise.all([
       import("../http/client.ts"),
@@ -342,4 +394,42 @@ async function exportTo(
     });
   }
   await planned.writeTo(run.target);
+}
+
+/** The planned export of `run`'s format. */
+async function plannedExportOf(
+  run: ExportRun,
+  options: import("../export/options.ts").StreamExportOptions,
+): Promise<
+  {
+    stream: ReadableStream<Uint8Array>;
+    layout: { fileSize: number };
+    writeTo(target: Endpoint): Promise<void>;
+  }
+> {
+  switch (run.format) {
+    case "vhd":
+      return (await import("../export/vhd.ts")).exportVhd(run.source, options);
+    case "raw":
+      return (await import("../export/wire.ts")).exportRaw(run.source, options);
+    case "chunked":
+      return (await import("../export/wire.ts")).exportChunked(run.source, {
+        ...options,
+        fillGaps: run.fillGaps,
+      });
+    case "tar": {
+      const { checkTarPrefix } = await import("../xva/disk.ts");
+      return (await import("../export/wire.ts")).exportTar(run.source, {
+        ...options,
+        prefix: checkTarPrefix(run.tarPrefix ?? "Ref:0"),
+        checksum: run.checksum,
+      });
+    }
+    default:
+      return (await import("../export/export.ts")).exportQcow2(run.source, {
+        ...options,
+        clusterSize: run.clusterSize,
+        refcountBits: run.refcountBits,
+      });
+  }
 }

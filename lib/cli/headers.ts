@@ -51,7 +51,8 @@ export function registerHeaders(program: Command): void {
     });
 }
 
-async function printHeaders(path: string, legacy: boolean): Promise<void> {
+/** Prints the allocation JSON of the image at `path` (vhd-tool's read_headers family). */
+export async function printHeaders(path: string, legacy: boolean): Promise<void> {
   const [{ formatAllocation }, { readImageAllocation }] = await Promise.all([
     import("../alloc/allocation.ts"),
     import("../headers/image_allocation.ts"),

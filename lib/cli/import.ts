@@ -9,7 +9,7 @@ import { UsageError } from "../errors.ts";
 import type { ImportFormat } from "../import/import.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
-import { endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
+import { DIRECT_HELP, endpointFrom, fdOption, progressMode, sizeOption } from "./options.ts";
 import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
 import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
@@ -24,14 +24,22 @@ interface ImportFlags extends HttpFlags {
   spool: boolean;
   spoolDir?: string;
   progress?: boolean;
+  direct?: boolean;
   machine?: boolean;
+  tarPrefix?: string;
+  ignoreChecksums?: boolean;
   sync: boolean;
 }
 
-interface ImportRun {
+/** The input formats of `import`. */
+export type ImportRunFormat = ImportFormat | "raw" | "chunked" | "tar";
+const FORMATS: readonly ImportRunFormat[] = ["auto", "qcow2", "vhd", "raw", "chunked", "tar"];
+
+/** What one import run needs (also built by `vhd-tool serve`). */
+export interface ImportRun {
   dest: string;
   source: Endpoint;
-  format: ImportFormat;
+  format: ImportRunFormat;
   size?: number;
   prezeroed?: boolean;
   delta?: boolean;
@@ -39,6 +47,11 @@ interface ImportRun {
   spool?: boolean;
   spoolDir?: string;
   progress: ProgressMode;
+  /** tar: the members' prefix (default: the first member's). */
+  tarPrefix?: string;
+  /** tar: do not verify the checksums. */
+  ignoreChecksums?: boolean;
+  direct?: boolean;
   /** `-i http(s)://…`: download with GET, and the client's flags. */
   url?: { url: string; flags: HttpFlags };
   /** Sync DEST before success (default true). */
@@ -71,7 +84,8 @@ export function registerImport(program: Command): void {
     )
     .option(
       "-f, --format <FORMAT>",
-      "auto, qcow2 or vhd (a fixed VHD from a pipe needs vhd; from a file it is recognised)",
+      "auto, qcow2 or vhd (a fixed VHD from a pipe needs vhd; from a file it is recognised);\n" +
+        "raw, chunked (vhd-tool's protocol) or tar (XVA disk members) must be given",
       "auto",
     )
     .option(
@@ -102,6 +116,12 @@ export function registerImport(program: Command): void {
       "refuse an image whose data before its tables exceeds --max-buffer (the message says " +
         "how much is needed) instead of spooling it",
     )
+    .option(
+      "--tar-prefix <PREFIX>",
+      "-f tar: the members' prefix (PREFIX/%08d); default: the first member's",
+    )
+    .option("--ignore-checksums", "-f tar: do not verify the .xxhash/.checksum members")
+    .option("--direct", DIRECT_HELP)
     .option("--progress", "show a progress bar on stderr")
     .option("--machine", "vhd-tool's 3-digit percentages (000…100) on stdout instead of the bar")
     .option(
@@ -115,14 +135,29 @@ export function registerImport(program: Command): void {
         "on it is partly written. The exit status is then 128 + the signal's number.\n" +
         "\nExamples:\n" +
         "  diskstream import disk.raw < disk.qcow2\n" +
+        "  diskstream import disk.raw -f tar --size 10G < disk.tar\n" +
+        "  diskstream import copy-of-old.raw -f chunked < diff.chunked\n" +
         "  curl -s http://host/disk.qcow2 | diskstream import /dev/vg/lv --progress\n" +
         "  diskstream import base-copy.raw --delta -i diff.qcow2\n" +
         "  diskstream import /dev/vg/lv -i 'https://user:TOKEN@host/export_raw_vdi?vdi=a&format=qcow2'",
     );
   addHttpOptions(importCommand)
     .action(async (dest: string, flags: ImportFlags) => {
-      if (!["auto", "qcow2", "vhd"].includes(flags.format)) {
-        throw new UsageError(`-f/--format must be auto, qcow2 or vhd, got '${flags.format}'`);
+      const format = flags.format as ImportRunFormat;
+      if (!FORMATS.includes(format)) {
+        throw new UsageError(
+          `-f/--format must be one of ${FORMATS.join(", ")}, got '${flags.format}'`,
+        );
+      }
+      if (format !== "tar" && (flags.tarPrefix !== undefined || flags.ignoreChecksums)) {
+        throw new UsageError("--tar-prefix and --ignore-checksums apply to -f tar only");
+      }
+      const wire = format === "raw" || format === "chunked" || format === "tar";
+      if (wire && (flags.delta || flags.maxBuffer !== undefined)) {
+        throw new UsageError(
+          `--delta and --max-buffer apply to qcow2 and VHD only (a chunked stream always ` +
+            `leaves what it does not carry untouched)`,
+        );
       }
       if (flags.delta && flags.prezeroed) {
         throw new UsageError("--delta and --prezeroed do not go together");
@@ -137,7 +172,7 @@ export function registerImport(program: Command): void {
           "-i/--input and --input-fd",
         ),
         url: url === undefined ? undefined : { url, flags },
-        format: flags.format as ImportFormat,
+        format,
         size: flags.size,
         prezeroed: flags.prezeroed,
         delta: flags.delta,
@@ -145,6 +180,9 @@ export function registerImport(program: Command): void {
         spool: flags.spool,
         spoolDir: flags.spoolDir,
         progress: progressMode(flags),
+        tarPrefix: flags.tarPrefix,
+        ignoreChecksums: flags.ignoreChecksums,
+        direct: flags.direct,
         sync: flags.sync,
       });
     });
@@ -166,7 +204,8 @@ export function registerImport(program: Command): void {
     });
 }
 
-async function runImport(run: ImportRun): Promise<void> {
+/** Runs one import (also used by `vhd-tool serve`). */
+export async function runImport(run: ImportRun): Promise<void> {
   if (run.url) return await importFromUrl(run, run.url);
   if (run.source.kind === "std" && Deno.stdin.isTerminal()) {
     throw new UsageError(
@@ -200,23 +239,35 @@ async function runImport(run: ImportRun): Promise<void> {
   const { stoppableBySignals } = await import("./signals.ts");
   const result = await stoppableBySignals(async (signal) => {
     const progress = createProgress(run.progress, "import");
+    const src = run.source;
+    const where = src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : {
+      path: src.path,
+    };
+    const name = endpointName(src, "stdin");
+    const format = run.format;
+    if (isWire(format)) {
+      const wirePipe = openPipeInput(where, name);
+      try {
+        const input = wirePipe ?? (await openInput(run.source, { blocking: true })).stream;
+        await importWire(run, format, input, progress, signal);
+        return null;
+      } finally {
+        wirePipe?.close();
+      }
+    }
     const options = {
-      format: run.format,
+      format,
       size: run.size,
       prezeroed: run.prezeroed,
       delta: run.delta,
       maxBuffer: run.maxBuffer,
       spool: run.spool,
       spoolDir: run.spoolDir,
+      direct: run.direct,
       progress,
       sync: run.sync,
       signal,
     };
-    const src = run.source;
-    const where = src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : {
-      path: src.path,
-    };
-    const name = endpointName(src, "stdin");
     // A file or device is read by random access (tables first); a pipe through its
     // descriptor, so that the data can be spliced into DEST; anything else as a stream.
     const file = await openFileInput(where, name);
@@ -238,7 +289,7 @@ async function runImport(run: ImportRun): Promise<void> {
     const input = await openInput(run.source, { blocking: true });
     return await importImage(input.stream, run.dest, options);
   });
-  if (result.spooledBytes > 0) {
+  if (result !== null && result.spooledBytes > 0) {
     console.error(
       `import: ${formatBytes(result.spooledBytes)} (${result.spooledBytes} bytes) of the stream ` +
         `came before its tables and waited in a spool file in ${
@@ -261,6 +312,24 @@ async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlag
     import("./signals.ts"),
   ]);
   const download = await httpGet(url.url, opts);
+  if (isWire(run.format)) {
+    const wireFormat = run.format;
+    try {
+      await stoppableBySignals((signal) =>
+        importWire(
+          run,
+          wireFormat,
+          download.stream,
+          createProgress(run.progress, "import"),
+          signal,
+        )
+      );
+    } catch (err) {
+      await download.stream.cancel().catch(() => {});
+      throw err;
+    }
+    return;
+  }
   const named = formatOfContentType(download.contentType);
   const format = run.format !== "auto"
     ? run.format
@@ -287,4 +356,33 @@ async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlag
     await download.stream.cancel().catch(() => {});
     throw err;
   }
+}
+
+type WireFormat = "raw" | "chunked" | "tar";
+
+function isWire(format: ImportRunFormat): format is WireFormat {
+  return format === "raw" || format === "chunked" || format === "tar";
+}
+
+/** Imports a raw, chunked or tar stream (XAPI's wire formats) into `run.dest`. */
+async function importWire(
+  run: ImportRun,
+  format: WireFormat,
+  input: ReadableStream<Uint8Array> | import("../io/pipe_input.ts").PipeInput,
+  progress: import("../progress.ts").ProgressSink,
+  signal: AbortSignal,
+): Promise<unknown> {
+  const [wire, { ChunkStream }] = await Promise.all([
+    import("../import/wire.ts"),
+    import("../io/chunk_stream.ts"),
+  ]);
+  const stream = new ChunkStream(input, signal);
+  const opts = { size: run.size, prezeroed: run.prezeroed, progress, sync: run.sync, signal };
+  if (format === "raw") return await wire.importRaw(stream, run.dest, opts);
+  if (format === "chunked") return await wire.importChunked(stream, run.dest, opts);
+  return await wire.importTar(stream, run.dest, {
+    ...opts,
+    prefix: run.tarPrefix,
+    ignoreChecksums: run.ignoreChecksums,
+  });
 }

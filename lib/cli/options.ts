@@ -59,3 +59,8 @@ export function progressMode(opts: { progress?: boolean; machine?: boolean }): P
   if (opts.machine) return "machine";
   return opts.progress ? "bar" : "none";
 }
+
+/** Help of `--direct` (export and import). */
+export const DIRECT_HELP =
+  "keep the disk's data out of the host's page cache (vhd-tool's --direct): it is\n" +
+  "dropped from the cache a few MiB behind the transfer (needs --allow-ffi)";

@@ -9,6 +9,8 @@ import { UsageError } from "../errors.ts";
 import { registerExport } from "./export.ts";
 import { registerHeaders } from "./headers.ts";
 import { registerImport } from "./import.ts";
+import { registerVhdTool } from "./vhd_tool.ts";
+import { registerXva } from "./xva.ts";
 import { registerServer } from "./server.ts";
 
 /** Builds the program with every command registered. */
@@ -32,6 +34,8 @@ export function buildProgram(): Command {
   registerExport(program);
   registerImport(program);
   registerHeaders(program);
+  registerVhdTool(program);
+  registerXva(program);
   registerServer(program);
   for (const command of program.commands) {
     command.exitOverride();
@@ -51,14 +55,16 @@ export function buildProgram(): Command {
 
 /** One line per command in `diskstream --help`. */
 const SUMMARIES: Record<string, string> = {
-  export: "raw disk or block device → qcow2 (or VHD) stream, optionally a diff",
+  export: "raw disk or block device → qcow2, VHD, raw, chunked or tar stream, optionally a diff",
   "qcow2-to-stdout": "drop-in for XAPI's qcow2-to-stdout.py (same flags)",
-  import: "qcow2/VHD stream → raw file or block device, one pass, no seeking",
+  import: "qcow2/VHD/raw/chunked/tar stream → raw file or block device, one pass, no seeking",
   stream_decode: "drop-in for qcow-stream-tool stream_decode (stdin → OUTPUT)",
   headers: "allocation JSON of a qcow2/VHD image, as vhd-tool prints it",
   read_headers: "drop-in for vhd-tool read_headers (flat list)",
   read_headers_interval: "drop-in for vhd-tool read_headers_interval (intervals)",
   info: "a human summary of a qcow2/VHD image (--json for scripts)",
+  xva: "list or extract the disks of an XVA (XenServer/XCP-ng VM export)",
+  "vhd-tool": "vhd-tool's stream/serve/read_headers command line, for XAPI's calls",
   server: "serve disks on XAPI's export_raw_vdi/import_raw_vdi HTTP(S) endpoints",
 };
 

@@ -20,6 +20,7 @@ import {
 } from "../qcow2/layout.ts";
 import { countL2Tables, qcow2Chunks, qcow2MetadataChunks } from "../qcow2/writer.ts";
 import type { ExportOptions, Qcow2Export } from "./options.ts";
+import type { DiskSource } from "../io/endpoint.ts";
 import { planExport } from "./plan.ts";
 import { plannedExport } from "./pass2.ts";
 
@@ -97,7 +98,7 @@ export { type ImageWriter, plannedExport, type SourceRange } from "./pass2.ts";
  * ```
  */
 export async function exportQcow2(
-  source: string,
+  source: string | DiskSource,
   options: ExportOptions = {},
 ): Promise<Qcow2Export> {
   const cs = options.clusterSize ?? DEFAULT_CLUSTER_SIZE;

@@ -36,6 +36,12 @@ export interface StreamExportOptions {
    */
   reuseBuffers?: boolean;
   /**
+   * Keep the disks' data out of the page cache (vhd-tool's `--direct`): what is read
+   * from the source and the base, and what is written to an output file, is dropped
+   * from the cache a few megabytes behind the transfer. Needs FFI (else ignored).
+   */
+  direct?: boolean;
+  /**
    * {@link PlannedExport.writeTo}: make the output durable (`fdatasync`) before
    * returning, when it is a file or a device (default true).
    */

@@ -15,6 +15,7 @@ import type { WriterOptions } from "../qcow2/writer.ts";
 import type { ProgressSink } from "../progress.ts";
 import { blockDeviceSize, endpointPath, pathExists, sameFile } from "../io/same_file.ts";
 import { formatBytes } from "../size.ts";
+import { openPageCache, type PageCache } from "../io/page_cache.ts";
 import type { PlannedExport, StreamExportOptions } from "./options.ts";
 import type { ExportPlan } from "./plan.ts";
 
@@ -31,8 +32,12 @@ export interface ImageWriter<Layout> {
   fileSize: number;
   /** The image as chunks of megabytes, data read from the source into them. */
   chunks(options: WriterOptions): AsyncGenerator<Uint8Array>;
-  /** The image as bytes to write and source ranges to copy (for kernel copies). */
-  pieces(): Iterable<Uint8Array | SourceRange>;
+  /**
+   * The image as bytes to write and source ranges to copy (for kernel copies); absent
+   * when the data must pass through JavaScript (checksums): then writeTo writes
+   * {@link ImageWriter.chunks}.
+   */
+  pieces?(): Iterable<Uint8Array | SourceRange>;
 }
 
 /**
@@ -81,6 +86,8 @@ class Pass2<Layout> {
   readonly progress: ProgressSink | undefined;
   readonly signal: AbortSignal | undefined;
   readonly sync: boolean;
+  /** Keep the copied data out of the page cache (see page_cache.ts). */
+  readonly direct: boolean;
 
   constructor(
     readonly src: DiskSource,
@@ -94,6 +101,7 @@ class Pass2<Layout> {
     this.progress = options.progress;
     this.signal = options.signal;
     this.sync = options.sync ?? true;
+    this.direct = !!options.direct;
   }
 
   /** Refuses a second start and a source whose size changed since pass 1. */
@@ -197,31 +205,50 @@ class Pass2<Layout> {
   }
 
   async #write(target: Endpoint, name: string): Promise<void> {
-    const copier = openKernelCopy(
-      this.src.path,
-      target.kind === "path" ? { path: target.path } : { fd: target.kind === "fd" ? target.fd : 1 },
-      name,
-      this.sync,
-    );
+    // Kernel copies only when the format gives pieces (no checksums to compute) and the
+    // source's path holds its bytes (not a disk inside an XVA, not a VHD chain).
+    const copier = this.image.pieces && this.src.kernelCopy !== false
+      ? openKernelCopy(
+        this.src.path,
+        target.kind === "path"
+          ? { path: target.path }
+          : { fd: target.kind === "fd" ? target.fd : 1 },
+        name,
+        this.sync,
+      )
+      : null;
     if (copier === null) {
       return await pipeToOutput(this.stream(), await openOutput(target), this.sync);
     }
+    const drop = this.direct
+      ? {
+        src: openPageCache(this.src.path, true),
+        out: target.kind === "path" ? openPageCache(target.path, true) : null,
+      }
+      : null;
     try {
       await this.#start();
-      await this.#copyWith(copier);
+      await this.#copyWith(copier, drop?.src ?? null, drop?.out ?? null);
       if (this.sync) copier.sync();
     } finally {
       copier.close();
+      drop?.src?.close();
+      drop?.out?.close();
       this.src.close();
     }
     this.progress?.finish();
   }
 
-  async #copyWith(copier: KernelCopy): Promise<void> {
+  async #copyWith(
+    copier: KernelCopy,
+    srcCache: PageCache | null,
+    outCache: PageCache | null,
+  ): Promise<void> {
     const src = this.src;
-    for (const piece of this.image.pieces()) {
+    for (const piece of this.image.pieces!()) {
       if (piece instanceof Uint8Array) {
         copier.write(piece);
+        outCache?.wrote(this.#sent, piece.length);
         this.#sentBytes(piece.length);
         continue;
       }
@@ -231,6 +258,8 @@ class Pass2<Layout> {
         const real = Math.max(0, Math.min(step, src.size - at));
         if (real > 0) copier.copy(at, real);
         if (real < step) copier.write(new Uint8Array(step - real)); // the last cluster's padding
+        srcCache?.read(at, real);
+        outCache?.wrote(this.#sent, step);
         this.#sentBytes(step);
         at += step;
         await new Promise((resolve) => setImmediate(resolve)); // let timers and signals run

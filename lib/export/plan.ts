@@ -5,7 +5,6 @@
  *
  * @module
  */
-import { setImmediate } from "node:timers";
 import type { Allocation } from "../alloc/allocation.ts";
 import { alignUp } from "../bytes.ts";
 import {
@@ -14,6 +13,8 @@ import {
   type Candidates,
   candidatesOf,
   scanWindows,
+  YIELD_BYTES,
+  yieldToEventLoop,
 } from "./scan.ts";
 import { ClusterSet } from "../alloc/cluster_set.ts";
 import { diffScanBytes, planDiff } from "./diff.ts";
@@ -50,10 +51,10 @@ function hintClusters(
 
 /** Bytes read first from each cluster by the probing pass 1. */
 const PROBE_BYTES = 4096;
+/** Bytes read ahead at a time for the probes. */
+const PREFETCH_BYTES = 8 * 1024 * 1024;
 /** Clusters of this size and more are probed first (smaller ones are read whole). */
 const PROBE_MIN_CLUSTER = 4 * PROBE_BYTES;
-/** Bytes examined between two yields to the event loop in the synchronous probing. */
-const YIELD_BYTES = 64 * 1024 * 1024;
 
 /** Pass 1 without a base: the candidate clusters that hold a non-zero byte. */
 async function planNonZero(
@@ -106,8 +107,17 @@ async function probeNonZero(
   const windowZero = zeroTest(window);
   const span = window.length / cs;
   let sinceYield = 0;
+  let ahead = 0; // read ahead up to here
   for (const [a, b] of candidateRuns(candidates)) {
     for (let c = a; c <= b;) {
+      // Probes are small reads 64 KiB apart, which the kernel does not read ahead by
+      // itself: on a cold disk each would be one request (measured 52 s for 1 GiB on a
+      // loop device, against 7.5 s for one sequential read).
+      if (c * cs + PREFETCH_BYTES / 2 > ahead) {
+        const from = Math.max(ahead, c * cs);
+        ahead = Math.min((b + 1) * cs, from + PREFETCH_BYTES);
+        source.prefetch?.(from, ahead - from);
+      }
       if (source.readAtSync) source.readAtSync(probe, c * cs);
       else await source.readAt(probe, c * cs);
       if (!probeIsZero(0, PROBE_BYTES)) {
@@ -115,7 +125,7 @@ async function probeNonZero(
         onRead(cs);
         if ((sinceYield += cs) >= YIELD_BYTES) {
           sinceYield = 0;
-          await new Promise((resolve) => setImmediate(resolve));
+          await yieldToEventLoop();
         }
         continue;
       }
@@ -149,7 +159,7 @@ export interface ExportPlan {
  * size before anything is read (to refuse a disk the format cannot hold).
  */
 export async function planExport(
-  source: string,
+  source: string | DiskSource,
   options: StreamExportOptions,
   cs: number,
   check: (virtualSize: number) => void,
@@ -158,7 +168,9 @@ export async function planExport(
     throw new UsageError("a base allocation needs a base disk (--base-allocation needs --diff)");
   }
   const progress = options.progress;
-  const src = await openDiskSource(source);
+  const src = typeof source === "string"
+    ? await openDiskSource(source, { direct: options.direct })
+    : source;
   try {
     const virtualSize = alignUp(src.size, 512);
     check(virtualSize);
@@ -181,6 +193,7 @@ export async function planExport(
         cs,
         progress,
         onRead,
+        options.direct,
       );
     } else {
       const estimate = sourceCandidates.trusted ? 0 : candidateCount(sourceCandidates) * cs;
@@ -210,8 +223,9 @@ async function planAgainstBase(
   cs: number,
   progress: ProgressSink | undefined,
   onRead: (bytes: number) => void,
+  direct?: boolean,
 ): Promise<ClusterSet> {
-  const base = await openDiskSource(basePath);
+  const base = await openDiskSource(basePath, { direct });
   try {
     const virtualSize = alignUp(src.size, 512);
     const baseLimit = Math.min(base.size, virtualSize);

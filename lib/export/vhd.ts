@@ -7,6 +7,7 @@
  * @module
  */
 import { setRuns } from "../alloc/runs.ts";
+import type { DiskSource } from "../io/endpoint.ts";
 import {
   planExport,
   type PlannedExport,
@@ -97,7 +98,7 @@ export type VhdExport = PlannedExport<VhdLayout>;
  * ```
  */
 export async function exportVhd(
-  source: string,
+  source: string | DiskSource,
   options: VhdExportOptions = {},
 ): Promise<VhdExport> {
   const bs = DEFAULT_BLOCK_SIZE;

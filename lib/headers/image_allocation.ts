@@ -56,13 +56,15 @@ export const MAX_CHAIN_DEPTH = 256;
  * Reads one layer. `format` is what the layer above says it is (qcow2 backing format);
  * without it the file is probed, and a file that is neither qcow2 nor VHD is refused
  * (`allowRaw` false, the top of a chain) or taken as raw (a backing file). Raw layers
- * use `rawClusterSize` as their granularity.
+ * use `rawClusterSize` as their granularity. A VHD's parent is looked up in
+ * `searchDirs` first (vhd-tool's `--path`), then next to the file.
  */
 export async function readImageLayer(
   path: string,
   format?: string,
   allowRaw = false,
   rawClusterSize = 65536,
+  searchDirs: string[] = [],
 ): Promise<ImageLayer> {
   const file = await ImageFile.open(path);
   try {
@@ -89,7 +91,7 @@ export async function readImageLayer(
       };
     }
     if (kind === "vhd") {
-      const map = await readVhdMap(file);
+      const map = await readVhdMap(file, searchDirs);
       return {
         path,
         format: "vhd",
@@ -183,9 +185,14 @@ async function identity(path: string): Promise<string> {
  * Reads the image at `path` and every file below it, top first. Throws a
  * {@link DiskstreamError} for a missing backing file or parent (unless `allowMissing`:
  * the chain then ends with the layer whose `backing.path` is undefined) and a
- * {@link CorruptImageError} for a loop in the chain.
+ * {@link CorruptImageError} for a loop in the chain. VHD parents are looked up in
+ * `searchDirs` first, then next to each child.
  */
-export async function readImageChain(path: string, allowMissing = false): Promise<ImageLayer[]> {
+export async function readImageChain(
+  path: string,
+  allowMissing = false,
+  searchDirs: string[] = [],
+): Promise<ImageLayer[]> {
   const layers: ImageLayer[] = [];
   const seen = new Map<string, string>();
   let current = path;
@@ -207,6 +214,7 @@ export async function readImageChain(path: string, allowMissing = false): Promis
       format,
       layers.length > 0,
       layers[0]?.clusterSize,
+      searchDirs,
     );
     layers.push(layer);
     const b = layer.backing;
@@ -280,6 +288,38 @@ export function combineChain(layers: ImageLayer[]): Allocation {
  * await Deno.remove(dir, { recursive: true });
  * ```
  */
-export async function readImageAllocation(path: string): Promise<Allocation> {
-  return combineChain(await readImageChain(path));
+export async function readImageAllocation(
+  path: string,
+  searchDirs: string[] = [],
+): Promise<Allocation> {
+  return combineChain(await readImageChain(path, false, searchDirs));
+}
+
+/**
+ * What changed in the image at `path` since its ancestor `base` (vhd-tool's
+ * `--relative-to`): the clusters that read data from a layer above `base` in the chain
+ * of `path`, at the image's own cluster or block size. Refuses a `base` that is not in
+ * the chain. VHD parents are looked up in `searchDirs` first, then next to each child.
+ */
+export async function readAllocationAbove(
+  path: string,
+  base: string,
+  searchDirs: string[] = [],
+): Promise<Allocation> {
+  const layers = await readImageChain(path, false, searchDirs);
+  const baseId = await identity(base);
+  const at = (await Promise.all(layers.map((l) => identity(l.path)))).indexOf(baseId);
+  if (at < 0) {
+    throw new DiskstreamError(
+      `${base} is not in the parent chain of ${path} (${
+        layers.map((l) => l.path).join(" → ")
+      }): cannot tell what changed since it`,
+    );
+  }
+  if (at === 0) {
+    const top = layers[0];
+    const none = new ClusterSet(Math.ceil(top.virtualSize / top.clusterSize), top.clusterSize);
+    return { virtualSize: top.virtualSize, clusters: none };
+  }
+  return combineChain(layers.slice(0, at));
 }

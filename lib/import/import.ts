@@ -64,6 +64,11 @@ export interface ImportOptions extends DestinationOptions {
   progress?: ProgressSink;
   /** The stream's length when known (a regular file), for progress. */
   streamLength?: number;
+  /**
+   * Worker threads that decompress compressed qcow2 clusters (default: one per
+   * processor but one, at least 1, at most 4; 0: all on the main thread).
+   */
+  workers?: number;
 }
 
 /** What an import did. */
@@ -186,6 +191,7 @@ async function importChunks(
     spool,
     delta: options.delta,
     streamLength: options.streamLength,
+    workers: options.workers,
     onProgress: progress
       ? (done: number, total: number) => {
         const t = options.streamLength ?? total;

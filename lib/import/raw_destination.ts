@@ -18,6 +18,7 @@ import { ClusterSet } from "../alloc/cluster_set.ts";
 import { describeIoError, DiskstreamError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
 import { zeroTest } from "../zero.ts";
+import { openPageCache, type PageCache } from "../io/page_cache.ts";
 import type { DiskTarget } from "../io/endpoint.ts";
 
 export type { ImageTarget } from "../io/endpoint.ts";
@@ -33,6 +34,11 @@ export interface DestinationOptions {
   prezeroed?: boolean;
   /** Apply a diff: leave unallocated ranges untouched, write zeros for ZERO ranges. */
   delta?: boolean;
+  /**
+   * Keep the written data out of the page cache (vhd-tool's `--direct`): it is
+   * written back in strides and dropped from the cache. Needs FFI (else ignored).
+   */
+  direct?: boolean;
   /** Sync the data to the device (fdatasync) before finishing (default true). */
   sync?: boolean;
   /** Stops the writes when aborted: the next flush throws the reason. */
@@ -61,6 +67,7 @@ export class RawDestination implements DiskTarget {
   /** The image's virtual size, the end of what is written; null until known (fixed VHD). */
   readonly virtualSize: number | null;
   readonly #file: Deno.FsFile;
+  readonly #cache: PageCache | null;
   readonly #capacity: number;
   readonly #initialSize: number;
   readonly #writeZeros: boolean;
@@ -95,6 +102,7 @@ export class RawDestination implements DiskTarget {
     this.path = path;
     this.kind = kind;
     this.#file = file;
+    this.#cache = opts.direct ? openPageCache(path, true) : null;
     this.virtualSize = virtualSize;
     this.#capacity = sizes.capacity;
     this.#initialSize = sizes.initial;
@@ -230,6 +238,7 @@ export class RawDestination implements DiskTarget {
     this.#check(offset, length);
     this.#lowest = Math.min(this.#lowest, offset);
     this.#directBytes += length;
+    this.#cache?.wrote(offset, length);
     this.#dataBytes += length;
     this.#written?.addBytes(offset, length);
   }
@@ -309,6 +318,7 @@ export class RawDestination implements DiskTarget {
         let done = 0;
         while (done < view.length) done += await f.write(view.subarray(done));
         this.#filePos = offs[i] + lens[i];
+        this.#cache?.wrote(offs[i], lens[i]);
       }
     } catch (err) {
       this.#filePos = -1;
@@ -372,6 +382,7 @@ export class RawDestination implements DiskTarget {
   }
 
   #close() {
+    this.#cache?.close();
     try {
       this.#file.close();
     } catch {

@@ -14,6 +14,12 @@ const PIPE_WAIT_MS = 200;
 const BRIEF_WAIT_MS = 20;
 
 /**
+ * Bytes of queued writes after which a decoder that writes views of the input's
+ * chunks flushes its target and releases those chunks (bounds its memory).
+ */
+export const DECODE_FLUSH_BYTES = 16 * 1024 * 1024;
+
+/**
  * The input of a decoder: chunks with a push-back. A byte stream is read with a BYOB
  * reader into a few recycled buffers ({@link ChunkStream.release} hands one back once
  * nothing refers to it), so memory stays at a few chunks however long the stream.
@@ -188,14 +194,28 @@ export class ChunkStream {
     }
     const out = new Uint8Array(n);
     out.set(first);
-    let have = first.length;
-    while (have < n) {
+    return await this.#gather(out, first.length, false);
+  }
+
+  /**
+   * The next `n` bytes copied into a buffer of their own (fewer only at the end of the
+   * stream), every input buffer they came from released: for headers read between
+   * large pieces of data, so that reading them never pins the input's buffers.
+   */
+  async readCopy(n: number): Promise<Uint8Array> {
+    return await this.#gather(new Uint8Array(n), 0, true);
+  }
+
+  /** Fills `out` from `have` on (fewer at the end); `release`s the chunks it used up. */
+  async #gather(out: Uint8Array, have: number, release: boolean): Promise<Uint8Array> {
+    while (have < out.length) {
       const c = await this.next();
       if (!c) return out.subarray(0, have);
-      const take = Math.min(c.length, n - have);
+      const take = Math.min(c.length, out.length - have);
       out.set(c.subarray(0, take), have);
       have += take;
       this.unshift(c.subarray(take));
+      if (release) this.release(c);
     }
     return out;
   }

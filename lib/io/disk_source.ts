@@ -9,14 +9,19 @@
 import { describeIoError, DiskstreamError, SourceChangedError } from "../errors.ts";
 import type { DiskSource } from "./endpoint.ts";
 import { dataExtents } from "./seek_data.ts";
+import { openPageCache, type PageCache } from "./page_cache.ts";
 
 export type { DiskSource } from "./endpoint.ts";
 
 /**
  * Opens `path` for reading and learns its size. Errors name the path and what to do
  * (a device under `/dev` needs Deno's `--allow-all`, e.g. `deno task diskstream`).
+ * `direct`: what is read leaves the page cache again (see page_cache.ts).
  */
-export async function openDiskSource(path: string): Promise<DiskSource> {
+export async function openDiskSource(
+  path: string,
+  options: { direct?: boolean } = {},
+): Promise<DiskSource> {
   let file: Deno.FsFile;
   let info: Deno.FileInfo;
   try {
@@ -33,7 +38,8 @@ export async function openDiskSource(path: string): Promise<DiskSource> {
     file.close();
     throw describeIoError(err, path, "find the size of");
   }
-  return new FileSource(path, file, size, info.isFile);
+  const cache = openPageCache(path, !!options.direct);
+  return new FileSource(path, file, size, info.isFile, cache);
 }
 
 class FileSource implements DiskSource {
@@ -49,6 +55,7 @@ class FileSource implements DiskSource {
     file: Deno.FsFile,
     readonly size: number,
     readonly isFile: boolean,
+    readonly cache: PageCache | null = null,
   ) {
     this.#file = file;
   }
@@ -79,6 +86,7 @@ class FileSource implements DiskSource {
         throw describeIoError(err, this.path, "read");
       }
       this.#position = position + got;
+      this.cache?.read(position, got);
       this.#check(got, want, position, limit);
     });
   }
@@ -101,6 +109,7 @@ class FileSource implements DiskSource {
       throw describeIoError(err, this.path, "read");
     }
     if (want > 0) this.#position = position + got;
+    this.cache?.read(position, got);
     this.#check(got, want, position, limit);
   }
 
@@ -119,6 +128,10 @@ class FileSource implements DiskSource {
         } while ${limit} bytes were expected: the source shrank during the export`,
       );
     }
+  }
+
+  prefetch(offset: number, length: number): void {
+    this.cache?.willNeed(offset, Math.max(0, Math.min(length, this.size - offset)));
   }
 
   extents(limit: number): Promise<Iterable<readonly [number, number]> | null> {
@@ -140,6 +153,7 @@ class FileSource implements DiskSource {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.cache?.close();
     try {
       this.#file.close();
     } catch {

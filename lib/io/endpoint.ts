@@ -24,6 +24,12 @@ export interface DiskSource {
   /** True for a regular file (hole detection may apply), false for a device. */
   readonly isFile: boolean;
   /**
+   * False when `path` does not hold these bytes at these offsets (the source is a view
+   * of another file, such as a disk inside an XVA): then kernel copies from `path` must
+   * not be used. Absent means true.
+   */
+  readonly kernelCopy?: boolean;
+  /**
    * Fills all of `buf` with the bytes at `position`. Bytes at or past `limit`
    * (default: the size) read as zeros. Throws a `SourceChangedError` when the
    * source ends before `limit`.
@@ -34,6 +40,12 @@ export interface DiskSource {
    * operation would cost more than the read. Not while an asynchronous read runs.
    */
   readAtSync?(buf: Uint8Array, position: number, limit?: number): void;
+  /**
+   * Asks for `[offset, offset + length)` to be read ahead (the kernel's readahead for
+   * a file or device), not waiting: small scattered reads that follow are then served
+   * from memory instead of one disk request each.
+   */
+  prefetch?(offset: number, length: number): void;
   /**
    * The byte ranges `[start, end)` of the first `limit` bytes that may hold data,
    * ascending (a file's `SEEK_DATA` extents, a remote export's block status); null

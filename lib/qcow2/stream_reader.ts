@@ -41,6 +41,7 @@ import {
   QCOW2_MAGIC,
 } from "./constants.ts";
 import { decompressCluster } from "./decompress.ts";
+import { DecompressPool, DeferredWrites } from "./decompress_pool.ts";
 import { HEADER_PROBE_BYTES, parseQcow2Header, type Qcow2Header } from "./header.ts";
 
 /** What a decoder learned from the image's header, before any data is written. */
@@ -67,6 +68,11 @@ export interface StreamDecodeOptions {
   streamLength?: number;
   /** Where bytes go that do not fit in `maxBuffer`; none: they are refused. */
   spool?: Spool | null;
+  /**
+   * Worker threads that decompress compressed clusters (default: one per processor
+   * but one, at least 1, at most 4; 0: all on the main thread).
+   */
+  workers?: number;
 }
 
 const DATA = 0;
@@ -100,11 +106,19 @@ export async function decodeQcow2Stream(
     virtualSize: header.size,
     unit: header.clusterSize,
   };
-  const target = await open(info);
-  const reader = new Qcow2StreamReader(header, target, opts, input.seekable);
-  await walkChunks(input, reader.walker, target, () => {
-    opts.onProgress?.(reader.walker.pos, reader.expectedEnd());
+  const pool = new DecompressPool(header.clusterSize, header.compressionType, opts.workers);
+  const target = new DeferredWrites(await open(info), header.clusterSize, {
+    beforeWait: () => pool.send(),
+    written: (bytes) => pool.release(bytes),
   });
+  try {
+    const reader = new Qcow2StreamReader(header, target, opts, input.seekable, pool);
+    await walkChunks(input, reader.walker, target, () => {
+      opts.onProgress?.(reader.walker.pos, reader.expectedEnd());
+    });
+  } finally {
+    pool.close();
+  }
   return info;
 }
 
@@ -182,7 +196,8 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly partialOk = [false, true, false, false, false, false, false, false];
   readonly walker: StreamWalker;
   readonly #h: Qcow2Header;
-  readonly #target: ImageTarget;
+  readonly #target: DeferredWrites;
+  readonly #pool: DecompressPool;
   readonly #cs: number;
   readonly #size: number;
   readonly #l2Entries: number;
@@ -201,12 +216,14 @@ class Qcow2StreamReader implements WalkerFormat {
    */
   constructor(
     h: Qcow2Header,
-    target: ImageTarget,
+    target: DeferredWrites,
     opts: StreamDecodeOptions,
     tables: SeekableInput | null,
+    pool: DecompressPool,
   ) {
     this.#h = h;
     this.#target = target;
+    this.#pool = pool;
     this.#cs = h.clusterSize;
     this.#size = h.size;
     this.#l2Entries = h.clusterSize / 8;
@@ -392,6 +409,16 @@ class Qcow2StreamReader implements WalkerFormat {
       case L1:
         return this.#readL1(bytes);
       case COMPRESSED: {
+        if (this.walker.buffer === null) {
+          // Every table is known, so no byte after the compressed data can belong to a
+          // range still unknown: the length it used does not matter, and a worker may
+          // decompress it (a copy: `bytes` may be a view of an input chunk reused later).
+          this.#target.defer(
+            this.#pool.decompress(bytes.slice(), start),
+            (data) => this.onBytes(DATA, aux, 0, data, 0, data.length),
+          );
+          return;
+        }
         const { data, used } = decompressCluster(bytes, this.#cs, this.#h.compressionType, start);
         this.onBytes(DATA, aux, 0, data, 0, data.length);
         return used;

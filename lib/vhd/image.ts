@@ -55,6 +55,8 @@ export interface VhdMap {
   blockSize: number;
   /** Blocks that hold data in this file (fixed disks: every block with data extents). */
   data: ClusterSet;
+  /** A dynamic disk's BAT: each block's first sector (its bitmap), or BAT_UNUSED. */
+  bat?: Uint32Array;
   /** The parent of a differencing disk. */
   parent?: VhdParentRef;
 }
@@ -66,7 +68,7 @@ export interface VhdMap {
  * missing or disagreeing end footer (a truncated file), tables past the end of the
  * file, or a BAT entry pointing past it.
  */
-export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
+export async function readVhdMap(file: ImageFile, searchDirs: string[] = []): Promise<VhdMap> {
   if (file.size < FOOTER_SIZE) {
     throw new CorruptImageError(
       `VHD truncated: the file has ${file.size} bytes, less than one footer`,
@@ -114,9 +116,11 @@ export async function readVhdMap(file: ImageFile): Promise<VhdMap> {
     at,
   );
   checkVhdTables(header, footer.currentSize, at, file.size);
-  const data = readBat(file, header, footer.currentSize, at);
-  const map: VhdMap = { footer, header, blockSize: header.blockSize, data };
-  if (footer.diskType === DISK_TYPE_DIFFERENCING) map.parent = await findParent(file, header);
+  const { data, bat } = readBat(file, header, footer.currentSize, at);
+  const map: VhdMap = { footer, header, blockSize: header.blockSize, data, bat };
+  if (footer.diskType === DISK_TYPE_DIFFERENCING) {
+    map.parent = await findParent(file, header, searchDirs);
+  }
   return map;
 }
 
@@ -133,9 +137,10 @@ function readBat(
   header: VhdDynamicHeader,
   currentSize: number,
   headerAt: number,
-): ClusterSet {
+): { data: ClusterSet; bat: Uint32Array } {
   const used = usedBatEntries(currentSize, header.blockSize);
   const data = new ClusterSet(used, header.blockSize);
+  const entries = new Uint32Array(used).fill(BAT_UNUSED);
   const bitmap = blockBitmapSize(header.blockSize);
   const metadata: [number, number, string][] = [
     [0, FOOTER_SIZE, "the footer copy"],
@@ -168,9 +173,10 @@ function readBat(
         );
       }
       data.add(i);
+      entries[i] = sector;
     }
   }
-  return data;
+  return { data, bat: entries };
 }
 
 /**
@@ -200,7 +206,11 @@ const PATH_PLATFORMS = [PLATFORM_MACX, PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_WI
  * resolved against the child's folder. A Windows absolute path (`C:\…`) is tried by
  * its last component in the child's folder.
  */
-export async function parentCandidates(file: ImageFile, header: VhdDynamicHeader) {
+export async function parentCandidates(
+  file: ImageFile,
+  header: VhdDynamicHeader,
+  searchDirs: string[] = [],
+) {
   const names: string[] = [];
   const locators = [...header.parentLocators].sort((a, b) =>
     PATH_PLATFORMS.indexOf(a.platformCode) - PATH_PLATFORMS.indexOf(b.platformCode)
@@ -216,19 +226,24 @@ export async function parentCandidates(file: ImageFile, header: VhdDynamicHeader
     if (name) names.push(name);
   }
   if (header.parentUnicodeName) names.push(header.parentUnicodeName);
-  const dir = dirname(file.path);
+  const dirs = [...searchDirs, dirname(file.path)];
   const paths: string[] = [];
   for (const name of names) {
     let p = name.startsWith("/") ? name : name.replaceAll("\\", "/");
     if (/^[A-Za-z]:\//.test(p) || p.startsWith("//")) p = basename(p);
-    const full = isAbsolute(p) ? p : join(dir, p);
-    if (!paths.includes(full)) paths.push(full);
+    for (const full of isAbsolute(p) ? [p] : dirs.map((d) => join(d, p))) {
+      if (!paths.includes(full)) paths.push(full);
+    }
   }
   return { names, paths };
 }
 
-async function findParent(file: ImageFile, header: VhdDynamicHeader): Promise<VhdParentRef> {
-  const { names, paths } = await parentCandidates(file, header);
+async function findParent(
+  file: ImageFile,
+  header: VhdDynamicHeader,
+  searchDirs: string[],
+): Promise<VhdParentRef> {
+  const { names, paths } = await parentCandidates(file, header, searchDirs);
   const ref: VhdParentRef = { name: names[0] ?? "", tried: paths };
   for (const p of paths) {
     if (await isImagePath(p)) {

@@ -1,0 +1,109 @@
+/**
+ * `xva extract -f qcow2|vhd` from an XVA file: one pass over the file verifies every
+ * checksum and indexes the disks' members (the plan comes from the tar headers), then
+ * each disk is exported straight from the members in place — no temporary raw file.
+ *
+ * @module
+ */
+import { join } from "node:path";
+import { DiskstreamError } from "../errors.ts";
+import type { ProgressSink } from "../progress.ts";
+import { XvaDiskSource } from "../xva/disk_source.ts";
+import { diskFileName, indexXvaFile } from "../xva/xva.ts";
+import { refuseExisting, type XvaExtracted, type XvaExtractResult } from "../import/xva.ts";
+import { exportQcow2 } from "./export.ts";
+import { exportVhd } from "./vhd.ts";
+
+/** Options of {@link extractXvaFileAs}. */
+export interface XvaConvertOptions {
+  /** The refs of the disks to extract (default: every disk in the file). */
+  disks?: string[];
+  /** Do not verify the checksums. */
+  ignoreChecksums?: boolean;
+  /** Receives progress: the verifying pass, then each export. */
+  progress?: ProgressSink;
+}
+
+/**
+ * Writes the disks of the XVA file at `path` into `dir` as `format` images
+ * (`Ref:3` → `Ref_3.qcow2`), each a valid qcow2 v3 or dynamic VHD holding the non-zero
+ * clusters of its members. Refuses what `extractXva` refuses.
+ *
+ * @example
+ * ```ts
+ * import { exportTar } from "@diskstream/diskstream";
+ * import { extractXvaFileAs } from "./xva.ts";
+ * import { tarHeader } from "../xva/tar.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const disk = new Uint8Array(3 << 20);
+ * disk.fill(3, 2 << 20, (2 << 20) + 10);
+ * await Deno.writeFile(`${dir}/disk.raw`, disk);
+ * const m = (n: string, v: string) => `<member><name>${n}</name><value>${v}</value></member>`;
+ * const xml = new TextEncoder().encode(`<value><struct>${m("objects", "<array><data>" +
+ *   `<value><struct>${m("class", "VDI")}${m("id", "Ref:5")}` +
+ *   `${m("snapshot", `<struct>${m("virtual_size", String(3 << 20))}</struct>`)}</struct></value>` +
+ *   "</data></array>")}</struct></value>`);
+ * const ova = [tarHeader("ova.xml", xml.length), xml, new Uint8Array(512 - (xml.length % 512))];
+ * const members = (await exportTar(`${dir}/disk.raw`, { prefix: "Ref:5" })).stream;
+ * await Deno.writeFile(`${dir}/vm.xva`, ReadableStream.from((async function* () {
+ *   yield* ova;
+ *   yield* members;
+ * })()));
+ * const r = await extractXvaFileAs(`${dir}/vm.xva`, `${dir}/out`, "qcow2");
+ * assert.equal(r.extracted[0].path, `${dir}/out/Ref_5.qcow2`);
+ * assert.equal(r.extracted[0].dataBytes, 65536); // one 64 KiB cluster holds data
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export async function extractXvaFileAs(
+  path: string,
+  dir: string,
+  format: "qcow2" | "vhd",
+  options: XvaConvertOptions = {},
+): Promise<XvaExtractResult> {
+  const wanted = options.disks && new Set(options.disks);
+  const progress = options.progress;
+  progress?.setTotal((await Deno.stat(path)).size);
+  const index = await indexXvaFile(path, wanted, {
+    ignoreChecksums: options.ignoreChecksums,
+    onProgress: (b) => progress?.update(b), // disk bytes: about the file's
+  });
+  for (const ref of options.disks ?? []) {
+    if (!index.manifest.disks.some((d) => d.ref === ref)) {
+      throw new DiskstreamError(`--disk ${ref}: ova.xml names no such disk`);
+    }
+    if (!index.disks.some((d) => d.disk.ref === ref)) {
+      throw new DiskstreamError(`the XVA holds no member of ${ref}`);
+    }
+  }
+  await Deno.mkdir(dir, { recursive: true });
+  const extracted: XvaExtracted[] = [];
+  for (const { disk, members, verified } of index.disks) {
+    const out = join(dir, diskFileName(disk.ref, format));
+    await refuseExisting(out);
+    const src = await XvaDiskSource.open(path, disk.virtualSize, members);
+    const planned = format === "qcow2" ? await exportQcow2(src) : await exportVhd(src);
+    try {
+      await planned.writeTo({ kind: "path", path: out });
+    } catch (err) {
+      await Deno.remove(out).catch(() => {});
+      throw err;
+    }
+    extracted.push({
+      ref: disk.ref,
+      name: disk.name,
+      path: out,
+      virtualSize: disk.virtualSize,
+      dataBytes: planned.clusters.count * planned.clusters.clusterSize,
+      verified,
+    });
+  }
+  progress?.finish();
+  const seen = new Set(index.disks.map((d) => d.disk.ref));
+  const absent = index.manifest.disks.map((d) => d.ref).filter((r) =>
+    !seen.has(r) && (!wanted || wanted.has(r))
+  );
+  return { manifest: index.manifest, extracted, absent };
+}

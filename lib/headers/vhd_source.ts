@@ -1,0 +1,165 @@
+/**
+ * A VHD file and its parent chain read as a disk (vhd-tool's `--source-format vhd`):
+ * a {@link DiskSource} whose bytes are what a reader of the top VHD sees — for each
+ * sector, the first layer from the top whose block is allocated with the sector's
+ * bitmap bit set; zeros when none (or a dynamic layer ends the chain). Its extents
+ * are the blocks the chain allocates, so the rest is never read.
+ *
+ * @module
+ */
+import { setRuns } from "../alloc/runs.ts";
+import { UnsupportedError } from "../errors.ts";
+import type { DiskSource } from "../io/endpoint.ts";
+import { ImageFile } from "../io/image_file.ts";
+import { BAT_UNUSED, DISK_TYPE_DYNAMIC, DISK_TYPE_FIXED, SECTOR_SIZE } from "../vhd/constants.ts";
+import { blockBitmapSize } from "../vhd/dynamic_header.ts";
+import type { VhdMap } from "../vhd/image.ts";
+import { combineChain, readImageChain } from "./image_allocation.ts";
+
+interface Layer {
+  file: ImageFile;
+  vhd: VhdMap;
+  bitmapBytes: number;
+}
+
+/** A VHD chain as a disk; see the module comment. */
+export class VhdChainSource implements DiskSource {
+  readonly isFile = false;
+  readonly kernelCopy = false;
+  readonly #layers: Layer[];
+  readonly #extents: [number, number][];
+
+  private constructor(
+    readonly path: string,
+    readonly size: number,
+    layers: Layer[],
+    extents: [number, number][],
+  ) {
+    this.#layers = layers;
+    this.#extents = extents;
+  }
+
+  /**
+   * Opens the VHD at `path` and its parents (looked up in `searchDirs` first, then
+   * next to each child). Refuses a chain with a layer that is not a VHD.
+   */
+  static async open(path: string, searchDirs: string[] = []): Promise<VhdChainSource> {
+    const chain = await readImageChain(path, false, searchDirs);
+    const bad = chain.find((l) => l.vhd === undefined);
+    if (bad) {
+      throw new UnsupportedError(
+        `${bad.path} is ${bad.format}, not a VHD: --source-format vhd reads VHD chains only`,
+      );
+    }
+    const layers: Layer[] = [];
+    try {
+      for (const l of chain) {
+        layers.push({
+          file: await ImageFile.open(l.path),
+          vhd: l.vhd!,
+          bitmapBytes: blockBitmapSize(l.vhd!.blockSize),
+        });
+      }
+    } catch (err) {
+      for (const l of layers) l.file.close();
+      throw err;
+    }
+    const all = combineChain(chain).clusters;
+    const size = chain[0].virtualSize;
+    const bs = all.clusterSize;
+    const extents: [number, number][] = [];
+    for (const [first, last] of setRuns(all)) {
+      extents.push([first * bs, Math.min(size, (last + 1) * bs)]);
+    }
+    return new VhdChainSource(path, size, layers, extents);
+  }
+
+  readAt(buf: Uint8Array, position: number, limit = this.size): Promise<void> {
+    return Promise.resolve().then(() => this.readAtSync(buf, position, limit));
+  }
+
+  readAtSync(buf: Uint8Array, position: number, limit = this.size): void {
+    buf.fill(0);
+    const end = Math.min(position + buf.length, limit, this.size);
+    for (let at = position; at < end;) {
+      const bs = this.#layers[0].vhd.blockSize;
+      const blockEnd = Math.min(end, (Math.floor(at / bs) + 1) * bs);
+      this.#readBlockPart(buf, position, at, blockEnd);
+      at = blockEnd;
+    }
+  }
+
+  /** Fills `buf` for disk bytes `[from, to)` of one block, layer by layer. */
+  #readBlockPart(buf: Uint8Array, position: number, from: number, to: number): void {
+    const firstSector = Math.floor(from / SECTOR_SIZE);
+    const lastSector = Math.ceil(to / SECTOR_SIZE); // exclusive
+    const need = new Uint8Array(lastSector - firstSector).fill(1);
+    let left = need.length;
+    for (const layer of this.#layers) {
+      if (left === 0) return;
+      const { vhd, file } = layer;
+      const copy = (fileOffset: number, s0: number, s1: number) => {
+        // Disk sectors [s0, s1) of this layer, at `fileOffset` for sector s0.
+        const a = Math.max(from, s0 * SECTOR_SIZE);
+        const b = Math.min(to, s1 * SECTOR_SIZE);
+        file.readInto(
+          fileOffset + (a - s0 * SECTOR_SIZE),
+          buf.subarray(a - position, b - position),
+          `VHD data of ${file.path}`,
+        );
+        for (let s = s0; s < s1; s++) need[s - firstSector] = 0;
+        left -= s1 - s0;
+      };
+      if (vhd.footer.diskType === DISK_TYPE_FIXED) {
+        for (const [s0, s1] of runsOf(need, firstSector)) copy(s0 * SECTOR_SIZE, s0, s1);
+        return;
+      }
+      const block = Math.floor(from / vhd.blockSize);
+      const entry = vhd.bat![block] ?? BAT_UNUSED;
+      if (entry !== BAT_UNUSED) {
+        const bitmap = file.readAtSync(entry * SECTOR_SIZE, layer.bitmapBytes, "VHD bitmap");
+        const dataAt = entry * SECTOR_SIZE + layer.bitmapBytes;
+        const blockSector = block * (vhd.blockSize / SECTOR_SIZE);
+        const set = (s: number) => {
+          const i = s - blockSector;
+          return (bitmap[i >> 3] & (0x80 >> (i & 7))) !== 0;
+        };
+        for (const [s0, s1] of runsOf(need, firstSector, set)) {
+          copy(dataAt + (s0 - blockSector) * SECTOR_SIZE, s0, s1);
+        }
+      }
+      if (vhd.footer.diskType === DISK_TYPE_DYNAMIC) return; // no parent: the rest is zeros
+    }
+  }
+
+  extents(limit: number): Promise<Iterable<readonly [number, number]>> {
+    return Promise.resolve(
+      this.#extents.filter(([a]) => a < limit).map(([a, b]) => [a, Math.min(b, limit)] as const),
+    );
+  }
+
+  currentSize(): Promise<number> {
+    return Promise.resolve(this.size);
+  }
+
+  close(): void {
+    for (const l of this.#layers) l.file.close();
+  }
+}
+
+/** Runs `[s0, s1)` of needed sectors (numbered from `first`) for which `ok` holds. */
+function* runsOf(
+  need: Uint8Array,
+  first: number,
+  ok: (sector: number) => boolean = () => true,
+): Generator<[number, number]> {
+  let start = -1;
+  for (let i = 0; i <= need.length; i++) {
+    const take = i < need.length && need[i] === 1 && ok(first + i);
+    if (take && start < 0) start = i;
+    if (!take && start >= 0) {
+      yield [first + start, first + i];
+      start = -1;
+    }
+  }
+}

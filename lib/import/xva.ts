@@ -1,0 +1,153 @@
+/**
+ * `xva extract`: the disks of an XVA written as raw files, in one pass over the
+ * stream (a pipe or a file), every checksum verified.
+ *
+ * @module
+ */
+import { join } from "node:path";
+import { DiskstreamError, UsageError } from "../errors.ts";
+import { ChunkStream } from "../io/chunk_stream.ts";
+import type { ProgressSink } from "../progress.ts";
+import type { ChecksumKind } from "../xva/checksum.ts";
+import { decodeXvaDisk } from "../xva/disk.ts";
+import type { OvaManifest } from "../xva/ova.ts";
+import { TarReader } from "../xva/tar.ts";
+import { diskFileName, readOvaMember, walkXvaDisks } from "../xva/xva.ts";
+import { RawDestination } from "./raw_destination.ts";
+
+/** Options of {@link extractXva}. */
+export interface XvaExtractOptions {
+  /** The refs of the disks to extract (default: every disk in the stream). */
+  disks?: string[];
+  /** Do not verify the checksums. */
+  ignoreChecksums?: boolean;
+  /** Receives progress in bytes of the disks. */
+  progress?: ProgressSink;
+  /** Names the input in messages. */
+  label?: string;
+}
+
+/** A disk written by {@link extractXva}. */
+export interface XvaExtracted {
+  ref: string;
+  name: string | null;
+  path: string;
+  virtualSize: number;
+  dataBytes: number;
+  verified: Record<ChecksumKind, number>;
+}
+
+/** What {@link extractXva} did. */
+export interface XvaExtractResult {
+  manifest: OvaManifest;
+  extracted: XvaExtracted[];
+  /** Disks of ova.xml that had no member in the stream. */
+  absent: string[];
+}
+
+/**
+ * Writes the disks of the XVA arriving on `stream` into `dir` as raw files named
+ * after their refs (`Ref:3` → `Ref_3.raw`; see `diskFileName`), sparse, in one pass.
+ * Refuses an existing output file, a `--disk` that ova.xml does not name or that has
+ * no member, and everything {@link decodeXvaDisk} refuses (checksums, order, sizes).
+ *
+ * @example
+ * ```ts
+ * import { exportTar, parseOvaXml } from "@diskstream/diskstream";
+ * import { extractXva } from "./xva.ts";
+ * import { tarHeader } from "../xva/tar.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const dir = await Deno.makeTempDir();
+ * const disk = new Uint8Array(2 << 20).fill(3);
+ * await Deno.writeFile(`${dir}/disk.raw`, disk);
+ * const m = (n: string, v: string) => `<member><name>${n}</name><value>${v}</value></member>`;
+ * const xml = new TextEncoder().encode(`<value><struct>${m("objects", "<array><data>" +
+ *   `<value><struct>${m("class", "VDI")}${m("id", "Ref:5")}` +
+ *   `${m("snapshot", `<struct>${m("virtual_size", String(2 << 20))}</struct>`)}</struct></value>` +
+ *   "</data></array>")}</struct></value>`);
+ * const ova = [tarHeader("ova.xml", xml.length), xml, new Uint8Array(512 - (xml.length % 512))];
+ * const members = (await exportTar(`${dir}/disk.raw`, { prefix: "Ref:5" })).stream;
+ * const xva = ReadableStream.from((async function* () {
+ *   yield* ova;
+ *   yield* members;
+ * })());
+ * const r = await extractXva(xva, `${dir}/out`);
+ * assert.equal(r.extracted[0].path, `${dir}/out/Ref_5.raw`);
+ * assert.deepEqual(await Deno.readFile(`${dir}/out/Ref_5.raw`), disk);
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export async function extractXva(
+  stream: ReadableStream<Uint8Array> | ChunkStream,
+  dir: string,
+  options: XvaExtractOptions = {},
+): Promise<XvaExtractResult> {
+  const input = stream instanceof ChunkStream ? stream : new ChunkStream(stream);
+  const reader = new TarReader(input, options.label ?? "the XVA");
+  try {
+    const manifest = await readOvaMember(reader);
+    const byRef = new Map(manifest.disks.map((d) => [d.ref, d]));
+    for (const ref of options.disks ?? []) {
+      if (!byRef.has(ref)) {
+        throw new UsageError(
+          `--disk ${ref}: ova.xml names no such disk (its disks: ${
+            manifest.disks.map((d) => d.ref).join(", ") || "none"
+          })`,
+        );
+      }
+    }
+    const wanted = new Set(options.disks ?? manifest.disks.map((d) => d.ref));
+    const total = [...wanted].reduce((n, r) => n + byRef.get(r)!.virtualSize, 0);
+    options.progress?.setTotal(total);
+    await Deno.mkdir(dir, { recursive: true });
+    const extracted: XvaExtracted[] = [];
+    let before = 0;
+    const seen = await walkXvaDisks(reader, manifest, wanted, async (disk, first) => {
+      const path = join(dir, diskFileName(disk.ref, "raw"));
+      await refuseExisting(path);
+      const target = await RawDestination.open(path, disk.virtualSize, 1 << 20);
+      try {
+        const r = await decodeXvaDisk(reader, first, target, {
+          prefix: disk.ref,
+          size: disk.virtualSize,
+          ignoreChecksums: options.ignoreChecksums,
+          onProgress: (done) => options.progress?.update(before + done),
+        });
+        await target.finish();
+        extracted.push({
+          ref: disk.ref,
+          name: disk.name,
+          path,
+          virtualSize: disk.virtualSize,
+          dataBytes: r.dataBytes,
+          verified: r.verified,
+        });
+      } catch (err) {
+        await target.abort();
+        throw err;
+      }
+      before += disk.virtualSize;
+    });
+    const absent = [...wanted].filter((r) => !seen.has(r));
+    const missing = (options.disks ?? []).filter((r) => absent.includes(r));
+    if (missing.length > 0) {
+      throw new DiskstreamError(`the XVA holds no member of ${missing.join(", ")}`);
+    }
+    options.progress?.finish();
+    return { manifest, extracted, absent };
+  } catch (err) {
+    await input.cancel().catch(() => {});
+    throw err;
+  }
+}
+
+/** Refuses to write over an existing file (extraction never overwrites). */
+export async function refuseExisting(path: string): Promise<void> {
+  try {
+    await Deno.lstat(path);
+  } catch {
+    return;
+  }
+  throw new UsageError(`${path} exists already: remove it or extract into another directory`);
+}

@@ -1,0 +1,373 @@
+/**
+ * A disk inside a tar stream, the way XAPI encodes it (`stream_vdi.ml`, vhd-tool's
+ * `tar.md`): members of 1 MiB named `PREFIX/%08d` (the last one may be shorter), each
+ * followed by its checksum member (`.xxhash` or `.checksum`, see checksum.ts). The
+ * number is a counter, not an offset: members that hold no data are left out except
+ * the first and the last (a gap of N numbers is N × the first member's length of
+ * zeros), and a zero-length member (a keep-alive, sent when nothing was written for a
+ * while) takes a number without moving the offset.
+ *
+ * @module
+ */
+import { CorruptImageError, UsageError } from "../errors.ts";
+import { type ChunkStream, DECODE_FLUSH_BYTES } from "../io/chunk_stream.ts";
+import type { ImageTarget } from "../io/endpoint.ts";
+import {
+  type Checksum,
+  CHECKSUM_EXTENSIONS,
+  type ChecksumKind,
+  checksumKindOf,
+} from "./checksum.ts";
+import { loadChecksum } from "./checksum.ts";
+import { TAR_BLOCK, tarHeader, type TarMember, tarPadding, TarReader } from "./tar.ts";
+
+/** The size of XAPI's disk members: 1 MiB. */
+export const XVA_CHUNK = 1024 * 1024;
+
+/** The prefix XAPI gives the first disk of an XVA, and our default. */
+export const DEFAULT_TAR_PREFIX = "Ref:0";
+
+/**
+ * The name of member `n` of the disk with `prefix`: `PREFIX/%08d`, or the number
+ * right after the prefix when it is empty or ends with `/` (vhd-tool's
+ * `--tar-filename-prefix` is glued on as it is).
+ *
+ * @example
+ * ```ts
+ * import { diskMemberName } from "./disk.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(diskMemberName("Ref:175", 3), "Ref:175/00000003");
+ * assert.equal(diskMemberName("", 12), "00000012");
+ * ```
+ */
+export function diskMemberName(prefix: string, n: number): string {
+  const num = String(n).padStart(8, "0");
+  return prefix === "" || prefix.endsWith("/") ? prefix + num : `${prefix}/${num}`;
+}
+
+/** Splits a disk member's name into its prefix, number and checksum kind; null if not one. */
+export function parseMemberName(
+  name: string,
+): { prefix: string; number: number; checksum: ChecksumKind | null } | null {
+  const checksum = checksumKindOf(name);
+  const stem = checksum ? name.slice(0, -CHECKSUM_EXTENSIONS[checksum].length) : name;
+  const m = /^(.*?)\/?(\d{1,15})$/.exec(stem);
+  if (!m) return null;
+  return { prefix: m[1], number: Number(m[2]), checksum };
+}
+
+/** Bytes a member of `size` bytes occupies in the stream with its checksum member. */
+export function memberStreamBytes(size: number, kind: ChecksumKind): number {
+  const sum = kind === "xxhash" ? 16 : 40;
+  return TAR_BLOCK + size + tarPadding(size) + TAR_BLOCK + sum + tarPadding(sum);
+}
+
+/** Frames disk members for a tar stream (the writing side). */
+export class DiskMemberWriter {
+  readonly #encoder = new TextEncoder();
+
+  private constructor(
+    readonly prefix: string,
+    readonly kind: ChecksumKind,
+    readonly checksum: Checksum,
+  ) {}
+
+  /** A writer for the disk with `prefix` and checksums of `kind`. */
+  static async create(prefix: string, kind: ChecksumKind): Promise<DiskMemberWriter> {
+    return new DiskMemberWriter(prefix, kind, await loadChecksum(kind));
+  }
+
+  /**
+   * Frames member `n` in `out` at `at`: its data of `size` bytes must already be at
+   * `at + 512`; writes the header in front, the padding and the checksum member after.
+   * Returns the end (`at + memberStreamBytes(size)`).
+   */
+  frame(out: Uint8Array, at: number, n: number, size: number): number {
+    const name = diskMemberName(this.prefix, n);
+    out.set(tarHeader(name, size), at);
+    let end = at + TAR_BLOCK + size;
+    const data = out.subarray(at + TAR_BLOCK, end);
+    const pad = tarPadding(size);
+    out.fill(0, end, end + pad);
+    end += pad;
+    const sum = this.#encoder.encode(this.checksum(data));
+    out.set(tarHeader(name + CHECKSUM_EXTENSIONS[this.kind], sum.length), end);
+    end += TAR_BLOCK;
+    out.set(sum, end);
+    out.fill(0, end + sum.length, end + sum.length + tarPadding(sum.length));
+    return end + sum.length + tarPadding(sum.length);
+  }
+}
+
+/** Options of {@link decodeXvaDisk}. */
+export interface XvaDiskOptions {
+  /**
+   * The members' prefix; undefined: the prefix of the first member (then a member
+   * with another prefix ends the disk instead of being refused, when `size` is not
+   * known).
+   */
+  prefix?: string;
+  /** The disk's size: decoding stops when it is reached. Null: at the archive's end. */
+  size: number | null;
+  /** Do not verify checksums (their members may then be missing). */
+  ignoreChecksums?: boolean;
+  /** Called with the disk bytes done so far. */
+  onProgress?: (done: number) => void;
+  /**
+   * Called for each data member (keep-alives too) once its checksum is verified, with
+   * the disk offset its bytes belong at (to index an XVA file: `member.dataOffset` is
+   * then the file offset of those bytes).
+   */
+  onMember?: (member: TarMember, diskOffset: number) => void;
+}
+
+/** What {@link decodeXvaDisk} found. */
+export interface XvaDiskResult {
+  /** The members' prefix. */
+  prefix: string;
+  /** The disk's size: where its last member ended, or the size given. */
+  size: number;
+  /** Bytes of data members written. */
+  dataBytes: number;
+  /** Data members read (keep-alives included). */
+  members: number;
+  /** Checksums verified, by kind. */
+  verified: Record<ChecksumKind, number>;
+  /** The member after the disk's last, already read (a next disk's), or null. */
+  next: TarMember | null;
+}
+
+/** The longest checksum member accepted. */
+const MAX_CHECKSUM_BYTES = 128;
+
+/**
+ * Reads one disk's members from `reader` (starting with `first` when its header was
+ * already read) into `target`: data at the offsets the member numbers give, zeros for
+ * the gaps ({@link ImageTarget.zero}), every checksum verified before the data is
+ * flushed. Refuses, naming the member: a checksum that does not match, a checksum
+ * member missing or of an unknown kind, numbers that do not increase, a gap when the
+ * first member is empty, a member longer than the first (gaps could not be sized), a
+ * data member after a short one, data past `size`, and a stream that ends before
+ * `size`.
+ *
+ * @example
+ * ```ts
+ * import { decodeXvaDisk, DiskMemberWriter, memberStreamBytes } from "./disk.ts";
+ * import { TarReader } from "./tar.ts";
+ * import { ChunkStream } from "../io/chunk_stream.ts";
+ * import assert from "node:assert/strict";
+ *
+ * // Members 0 and 2 of 4 bytes each: member 1 (bytes 4-7) is a gap of zeros.
+ * const w = await DiskMemberWriter.create("Ref:0", "xxhash");
+ * const out = new Uint8Array(2 * memberStreamBytes(4, "xxhash"));
+ * out.set([1, 2, 3, 4], 512);
+ * const mid = w.frame(out, 0, 0, 4);
+ * out.set([5, 6, 7, 8], mid + 512);
+ * w.frame(out, mid, 2, 4);
+ *
+ * const disk = new Uint8Array(12).fill(9);
+ * const target = {
+ *   queued: 0,
+ *   write: (at: number, b: Uint8Array, from: number, to: number) =>
+ *     disk.set(b.subarray(from, to), at),
+ *   zero: (at: number, n: number) => disk.fill(0, at, at + n),
+ *   flush: () => Promise.resolve(),
+ * };
+ * const reader = new TarReader(new ChunkStream(ReadableStream.from([out])));
+ * const r = await decodeXvaDisk(reader, null, target, { size: null });
+ * assert.equal(r.size, 12);
+ * assert.deepEqual([...disk], [1, 2, 3, 4, 0, 0, 0, 0, 5, 6, 7, 8]);
+ * ```
+ */
+export async function decodeXvaDisk(
+  reader: TarReader,
+  first: TarMember | null,
+  target: ImageTarget,
+  options: XvaDiskOptions,
+): Promise<XvaDiskResult> {
+  const size = options.size;
+  let prefix = options.prefix?.replace(/\/+$/, "");
+  let pending = first;
+  let offset = 0;
+  let last = -1;
+  let chunk = -1; // the first member's length
+  let short: string | null = null; // a member shorter than the first was read
+  let dataBytes = 0;
+  let members = 0;
+  const verified = { xxhash: 0, sha1: 0 };
+  const checksums: Partial<Record<ChecksumKind, Checksum>> = {};
+  const nextMember = async () => {
+    const m = pending ?? await reader.next();
+    pending = null;
+    return m;
+  };
+  const flush = async () => {
+    await target.flush();
+    reader.releaseHeld();
+  };
+  const result = (next: TarMember | null): XvaDiskResult => ({
+    prefix: prefix ?? "",
+    size: size ?? offset,
+    dataBytes,
+    members,
+    verified,
+    next,
+  });
+  for (;;) {
+    if (size !== null && offset >= size && (members > 0 || size === 0)) break;
+    const m = await nextMember();
+    if (m === null) {
+      if (size !== null && offset < size) {
+        throw new CorruptImageError(
+          `${reader.label} ended after ${offset} of the disk's ${size} bytes` +
+            (last >= 0 ? ` (last member ${diskMemberName(prefix ?? "", last)})` : "") +
+            `: it was cut short, or --size is wrong`,
+          reader.position,
+        );
+      }
+      if (members === 0) {
+        throw new CorruptImageError(`${reader.label} holds no disk member`, reader.position);
+      }
+      await flush();
+      return result(null);
+    }
+    if (m.type === "5") continue; // a directory entry some tar writers add
+    const parsed = parseMemberName(m.name);
+    if (parsed && prefix === undefined) prefix = parsed.prefix;
+    if (!parsed || parsed.prefix !== prefix) {
+      if (options.prefix === undefined && size === null && members > 0) {
+        await flush();
+        return result(m);
+      }
+      throw new CorruptImageError(
+        `expected a disk member named ${diskMemberName(prefix ?? "PREFIX", last + 1)}` +
+          ` or later, found ${JSON.stringify(m.name)}` +
+          (m.name === "ova.xml"
+            ? ": this is a whole XVA (use 'diskstream xva extract')"
+            : options.prefix === undefined
+            ? ""
+            : " (is --tar-prefix right?)"),
+        m.headerOffset,
+      );
+    }
+    if (parsed.checksum) {
+      throw new CorruptImageError(
+        `checksum member ${m.name} comes without the data member before it`,
+        m.headerOffset,
+      );
+    }
+    if (parsed.number <= last) {
+      throw new CorruptImageError(
+        `member ${m.name} comes after ${diskMemberName(prefix!, last)}: member numbers must ` +
+          `increase`,
+        m.headerOffset,
+      );
+    }
+    if (chunk < 0) chunk = m.size;
+    const gap = parsed.number - last - 1;
+    if (gap > 0 && m.size > 0 && short !== null) {
+      throw afterShort(m, short);
+    }
+    if (gap > 0) {
+      if (chunk === 0) {
+        throw new CorruptImageError(
+          `member ${m.name} follows a gap, but the disk's first member is empty: the gap ` +
+            `cannot be sized`,
+          m.headerOffset,
+        );
+      }
+      const gapBytes = gap * chunk;
+      checkFits(m, offset, gapBytes, size, "the gap before");
+      target.zero(offset, gapBytes);
+      offset += gapBytes;
+    }
+    if (m.size > chunk) {
+      throw new CorruptImageError(
+        `member ${m.name} holds ${m.size} bytes, more than the disk's first member (${chunk}): ` +
+          `the gaps could not be sized`,
+        m.headerOffset,
+      );
+    }
+    if (m.size > 0 && short !== null) throw afterShort(m, short);
+    checkFits(m, offset, m.size, size, "");
+    const pieces: [Uint8Array, number, number][] = [];
+    const at0 = offset;
+    await reader.streamBody((c, from, to, at) => {
+      target.write(at0 + at, c, from, to);
+      pieces.push([c, from, to]);
+    });
+    offset += m.size;
+    dataBytes += m.size;
+    members++;
+    last = parsed.number;
+    if (m.size > 0 && m.size < chunk) short = m.name;
+    // Its checksum member.
+    const c = await nextMember();
+    const ck = c && parseMemberName(c.name);
+    const isItsSum = c !== null && ck !== null && ck.checksum !== null &&
+      ck.prefix === prefix && ck.number === parsed.number &&
+      c.name === m.name + CHECKSUM_EXTENSIONS[ck.checksum];
+    if (!isItsSum) {
+      if (!options.ignoreChecksums) {
+        throw new CorruptImageError(
+          `member ${m.name} is not followed by its checksum member (${m.name}.xxhash or ` +
+            `${m.name}.checksum)` + (c ? `, but by ${JSON.stringify(c.name)}` : "") +
+            ` (--ignore-checksums imports without them)`,
+          c?.headerOffset ?? reader.position,
+        );
+      }
+      pending = c;
+    } else if (!options.ignoreChecksums) {
+      const kind = ck!.checksum!;
+      const body = await reader.readBody(MAX_CHECKSUM_BYTES);
+      const said = new TextDecoder().decode(body).trim().split(/\s/)[0].toLowerCase();
+      const fn = checksums[kind] ??= await loadChecksum(kind);
+      const got = fn(...pieces.map(([c, from, to]) => c.subarray(from, to))).toLowerCase();
+      if (said !== got) {
+        throw new CorruptImageError(
+          `checksum mismatch in member ${m.name}: its ${CHECKSUM_EXTENSIONS[kind]} member says ` +
+            `${said || "(nothing)"}, the data hashes to ${got}; the stream is corrupt ` +
+            `(--ignore-checksums imports it anyway)`,
+          m.headerOffset,
+        );
+      }
+      verified[kind]++;
+    }
+    options.onMember?.(m, at0);
+    options.onProgress?.(offset);
+    if (target.queued >= DECODE_FLUSH_BYTES) await flush();
+  }
+  await flush();
+  return result(null);
+}
+
+function afterShort(m: TarMember, short: string): CorruptImageError {
+  return new CorruptImageError(
+    `member ${m.name} comes after ${short}, which is shorter than the first member: only ` +
+      `the last member of a disk may be short`,
+    m.headerOffset,
+  );
+}
+
+function checkFits(m: TarMember, offset: number, n: number, size: number | null, what: string) {
+  if (!Number.isSafeInteger(offset + n) || (size !== null && offset + n > size)) {
+    throw new CorruptImageError(
+      `${what ? what + " member" : "member"} ${m.name} reaches byte ${offset + n}, past the ` +
+        `disk's size of ${size} bytes (is --size right?)`,
+      m.headerOffset,
+    );
+  }
+}
+
+/** Refuses a prefix that cannot name members (used by the command line). */
+export function checkTarPrefix(prefix: string): string {
+  if (prefix.includes("\0") || prefix.length > 90) {
+    throw new UsageError(`bad tar prefix ${JSON.stringify(prefix)}: at most 90 characters, no NUL`);
+  }
+  return prefix;
+}
+
+/** Re-exported so callers need one import for a disk's stream. */
+export { TarReader };
+export type { ChunkStream };
