@@ -199,6 +199,27 @@ export class Inputs {
   }
 
   /**
+   * The full disk as qcow2, snapshotted (`qemu-img snapshot -c`) and then fully
+   * rewritten with the diff base's bytes: the active L2 tables are copied after all the
+   * snapshot's data, so a stream reader meets the whole old disk before any table of
+   * the new one.
+   */
+  snapshotQcow2(): Promise<string> {
+    return this.#once("snapshot.qcow2", async (path) => {
+      await qemu(["convert", "-f", "raw", "-O", "qcow2", await this.fullRaw(), path]);
+      await qemu(["snapshot", "-c", "before", path]);
+      await qemu(["convert", "-n", "-f", "raw", "-O", "qcow2", await this.diffBase(), path]);
+    });
+  }
+
+  /** {@link snapshotQcow2} after `qemu-img convert`: tables first, no snapshot. */
+  snapshotFlat(): Promise<string> {
+    return this.#once("snapshot-flat.qcow2", async (path) => {
+      await qemu(["convert", "-O", "qcow2", await this.snapshotQcow2(), path]);
+    });
+  }
+
+  /**
    * A disk that compresses about 2:1 with deflate (words of hex text drawn from a
    * pseudo-random dictionary), like a disk of logs and binaries.
    */

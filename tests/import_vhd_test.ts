@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { buildVhdDynamicHeader } from "../lib/vhd/dynamic_header.ts";
 import { buildVhdFooter } from "../lib/vhd/footer.ts";
-import { pseudoRandom, qemu, qemuTest, withTempDir } from "./helpers.ts";
+import { pseudoRandom, qemu, qemuTest, runCli, withTempDir } from "./helpers.ts";
 import {
   assertOk,
   assertOneLineError,
@@ -147,12 +147,21 @@ qemuTest(
         await Deno.writeFile(existing, new Uint8Array(SIZE).fill(0x33));
         assertOk(await importPiped(img, existing));
         assertBytes(await Deno.readFile(existing), want);
+        // From a file: header and BAT read first, nothing held, whatever the layout.
+        const file = `${dir}/f${batLast}.raw`;
+        const r = await runCli(["import", file, "-i", img, "--max-buffer", "4K", "--no-spool"]);
+        assertOk(r);
+        assertBytes(await Deno.readFile(file), want);
       }
-      // The BAT after the blocks with too little buffer.
+      // The BAT after the blocks with too little buffer: spooled, or refused without a spool.
       const img = `${dir}/htrue.vhd`;
+      const small = await importPiped(img, `${dir}/small.raw`, ["--max-buffer", "64K"]);
+      assertOk(small);
+      assert.match(small.stderr, /waited in a spool file/);
+      assertBytes(await Deno.readFile(`${dir}/small.raw`), want);
       assertOneLineError(
-        await importPiped(img, `${dir}/small.raw`, ["--max-buffer", "64K"]),
-        /larger --max-buffer/,
+        await importPiped(img, `${dir}/nospool.raw`, ["--max-buffer", "64K", "--no-spool"]),
+        /needs --max-buffer \d+M/,
       );
     });
   },

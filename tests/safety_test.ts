@@ -141,10 +141,17 @@ qemuTest(
         v.setUint32(64, ~sum >>> 0);
         const bad = `${dir}/bad.vhd`;
         await Deno.writeFile(bad, bytes);
+        // Through a pipe: refused before reading that far ahead.
+        assertRefused(
+          await runCli(["import", `${dir}/out.raw`, "--max-buffer", "1M"], { stdinFile: bad }),
+          1,
+          /dynamic header is at byte \d+.*--max-buffer/,
+        );
+        // From a file it is read in place: past the end of the file.
         assertRefused(
           await runCli(["import", `${dir}/out.raw`, "-i", bad, "--max-buffer", "1M"]),
           1,
-          /dynamic header is at byte \d+.*--max-buffer/,
+          /VHD dynamic header \(1024 bytes at \d+\) lies past the end of the \d+-byte file/,
         );
       }
     });

@@ -32,6 +32,8 @@ interface ImportFlags extends HttpFlags, NbdFlags {
   prezeroed?: boolean;
   delta?: boolean;
   maxBuffer?: number;
+  spool: boolean;
+  spoolDir?: string;
   progress?: boolean;
   direct?: boolean;
   machine?: boolean;
@@ -53,6 +55,8 @@ export interface ImportRun {
   prezeroed?: boolean;
   delta?: boolean;
   maxBuffer?: number;
+  spool?: boolean;
+  spoolDir?: string;
   progress: ProgressMode;
   nbd?: NbdOptions;
   /** tar: the members' prefix (default: the first member's). */
@@ -74,7 +78,10 @@ export function registerImport(program: Command): void {
       "Import a qcow2 or VHD image arriving as a stream (stdin, a pipe, a socket) into a raw " +
         "file or block device, in one pass without seeking. A new file is created at the " +
         "virtual size and stays sparse; an existing file or device gets zeros where the image " +
-        "has none (unless --prezeroed); --delta applies a diff onto DEST.",
+        "has none (unless --prezeroed); --delta applies a diff onto DEST. From a file (-i FILE, " +
+        "stdin redirected from a file, --input-fd of a file) the tables are read first and the " +
+        "data in file order, so nothing is buffered; from a pipe, data that comes before its " +
+        "tables is held in memory (--max-buffer), then in a spool file (--spool-dir).",
     )
     .argument(
       "<DEST>",
@@ -93,8 +100,8 @@ export function registerImport(program: Command): void {
     )
     .option(
       "-f, --format <FORMAT>",
-      "auto, qcow2 or vhd (a fixed VHD needs vhd); raw, chunked (vhd-tool's protocol) or\n" +
-        "tar (XVA disk members) must be given",
+      "auto, qcow2 or vhd (a fixed VHD from a pipe needs vhd; from a file it is recognised);\n" +
+        "raw, chunked (vhd-tool's protocol) or tar (XVA disk members) must be given",
       "auto",
     )
     .option(
@@ -111,8 +118,19 @@ export function registerImport(program: Command): void {
     .addOption(
       new Option(
         "--max-buffer <SIZE>",
-        "memory for data that arrives before the metadata mapping it (default: 256M)",
+        "memory for data that arrives before the metadata mapping it; more goes to the " +
+          "spool file (default: 16M)",
       ).argParser(sizeOption("--max-buffer")),
+    )
+    .option(
+      "--spool-dir <DIR>",
+      "folder of the spool file for what does not fit in --max-buffer (default: the system " +
+        "temporary folder; the file is deleted at once and its space freed at the end)",
+    )
+    .option(
+      "--no-spool",
+      "refuse an image whose data before its tables exceeds --max-buffer (the message says " +
+        "how much is needed) instead of spooling it",
     )
     .option(
       "--tar-prefix <PREFIX>",
@@ -181,6 +199,8 @@ export function registerImport(program: Command): void {
         prezeroed: flags.prezeroed,
         delta: flags.delta,
         maxBuffer: flags.maxBuffer,
+        spool: flags.spool,
+        spoolDir: flags.spoolDir,
         progress: progressMode(flags),
         nbd: nbdOptionsFrom(flags),
         tarPrefix: flags.tarPrefix,
@@ -222,33 +242,40 @@ export async function runImport(run: ImportRun): Promise<void> {
     );
   }
   // The import machinery is loaded only when the command runs (faster start-up).
-  const [{ importFromPipe, importImage }, { endpointName, openInput }, { openPipeInput }, {
-    createProgress,
-  }] = await Promise.all([
+  const [
+    { importFromFile, importFromPipe, importImage },
+    { endpointName, openInput },
+    { openPipeInput },
+    { openFileInput },
+    { createProgress },
+    { formatBytes },
+  ] = await Promise.all([
     import("../import/import.ts"),
     import("../io/stream.ts"),
     import("../io/pipe_input.ts"),
+    import("../io/file_input.ts"),
     import("../progress.ts"),
+    import("../size.ts"),
   ]);
   // A signal stops the import: DEST is removed if it was created, else the message
   // says from which byte on it is partly written.
   const { stoppableBySignals } = await import("./signals.ts");
-  await stoppableBySignals(async (signal) => {
+  const result = await stoppableBySignals(async (signal) => {
     const progress = createProgress(run.progress, "import");
-    // A pipe (stdin or an inherited descriptor) is read through its descriptor, so that
-    // the data can be spliced into DEST; anything else is read as a stream.
     const src = run.source;
-    const pipe = openPipeInput(
-      src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : { path: src.path },
-      endpointName(src, "stdin"),
-    );
+    const where = src.kind === "std" ? { fd: 0 } : src.kind === "fd" ? { fd: src.fd } : {
+      path: src.path,
+    };
+    const name = endpointName(src, "stdin");
     const format = run.format;
     if (isWire(format)) {
+      const wirePipe = openPipeInput(where, name);
       try {
-        const input = pipe ?? (await openInput(run.source, { blocking: true })).stream;
-        return await importWire(run, format, input, progress, signal);
+        const input = wirePipe ?? (await openInput(run.source, { blocking: true })).stream;
+        await importWire(run, format, input, progress, signal);
+        return null;
       } finally {
-        pipe?.close();
+        wirePipe?.close();
       }
     }
     const options = {
@@ -257,13 +284,25 @@ export async function runImport(run: ImportRun): Promise<void> {
       prezeroed: run.prezeroed,
       delta: run.delta,
       maxBuffer: run.maxBuffer,
+      spool: run.spool,
+      spoolDir: run.spoolDir,
       direct: run.direct,
       progress,
-      streamLength: await streamLength(run.source),
       sync: run.sync,
       signal,
       nbd: run.nbd,
     };
+    // A file or device is read by random access (tables first); a pipe through its
+    // descriptor, so that the data can be spliced into DEST; anything else as a stream.
+    const file = await openFileInput(where, name);
+    if (file) {
+      try {
+        return await importFromFile(file, run.dest, options);
+      } finally {
+        file.close();
+      }
+    }
+    const pipe = openPipeInput(where, name);
     if (pipe) {
       try {
         return await importFromPipe(pipe, run.dest, options);
@@ -272,8 +311,16 @@ export async function runImport(run: ImportRun): Promise<void> {
       }
     }
     const input = await openInput(run.source, { blocking: true });
-    await importImage(input.stream, run.dest, options);
+    return await importImage(input.stream, run.dest, options);
   });
+  if (result !== null && result.spooledBytes > 0) {
+    console.error(
+      `import: ${formatBytes(result.spooledBytes)} (${result.spooledBytes} bytes) of the stream ` +
+        `came before its tables and waited in a spool file in ${
+          run.spoolDir ?? "the system temporary folder"
+        }`,
+    );
+  }
 }
 
 /** `import -i URL`: the body of a GET, its format from its Content-Type unless given. */
@@ -321,6 +368,8 @@ async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlag
         prezeroed: run.prezeroed,
         delta: run.delta,
         maxBuffer: run.maxBuffer,
+        spool: run.spool,
+        spoolDir: run.spoolDir,
         progress: createProgress(run.progress, "import"),
         streamLength: download.length,
         sync: run.sync,
@@ -331,24 +380,6 @@ async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlag
   } catch (err) {
     await download.stream.cancel().catch(() => {});
     throw err;
-  }
-}
-
-/**
- * The bytes left to read when the input is a regular file (for progress and fixed VHD
- * sizes): its size less the position an inherited descriptor is already at.
- */
-async function streamLength(source: Endpoint): Promise<number | undefined> {
-  try {
-    const { descriptorPosition } = await import("../io/stream.ts");
-    const fd = source.kind === "std" ? 0 : source.kind === "fd" ? source.fd : undefined;
-    const info = await Deno.stat(
-      fd === undefined ? (source as { path: string }).path : `/dev/fd/${fd}`,
-    );
-    if (!info.isFile) return undefined;
-    return info.size - (fd === undefined ? 0 : descriptorPosition(fd));
-  } catch {
-    return undefined;
   }
 }
 

@@ -19,7 +19,9 @@ import {
   RawDestination,
 } from "./raw_destination.ts";
 import { ChunkStream } from "../io/stream_walker.ts";
-import { decodeVhdStream } from "../vhd/stream_reader.ts";
+import { decodeVhdStream, fixedFooterAtEnd } from "../vhd/stream_reader.ts";
+import type { SeekableInput } from "../io/file_input.ts";
+import { Spool } from "../io/spool.ts";
 import { isNbdUri } from "../nbd/uri.ts";
 import type { NbdOptions } from "../nbd/client.ts";
 import type { NbdTarget } from "../nbd/target.ts";
@@ -28,31 +30,39 @@ import type { NbdTarget } from "../nbd/target.ts";
 export type ImportFormat = "auto" | "qcow2" | "vhd";
 
 /**
- * Default of {@link ImportOptions.maxBuffer}: 256 MiB.
+ * Default of {@link ImportOptions.maxBuffer}: 16 MiB (beyond it, a spool file).
  *
  * @example
  * ```ts
  * import { DEFAULT_MAX_BUFFER, parseSize } from "@diskstream/diskstream";
  * import assert from "node:assert/strict";
  *
- * assert.equal(DEFAULT_MAX_BUFFER, parseSize("256M"));
+ * assert.equal(DEFAULT_MAX_BUFFER, parseSize("16M"));
  * ```
  */
-export const DEFAULT_MAX_BUFFER = 256 * 1024 * 1024;
+export const DEFAULT_MAX_BUFFER = 16 * 1024 * 1024;
 
 /** Options of {@link importImage}. */
 export interface ImportOptions extends DestinationOptions {
   /**
    * `auto` (default) recognises qcow2 (`QFI\xfb`) and dynamic VHD (`conectix`) from
-   * the first bytes; a fixed VHD (raw data, footer at the end) needs `vhd`.
+   * the first bytes, and a fixed VHD read from a file by the footer at its end; a
+   * fixed VHD from a stream needs `vhd`.
    */
   format?: ImportFormat;
   /**
    * Most memory (bytes) for data that arrives before the metadata that maps it
-   * (default {@link DEFAULT_MAX_BUFFER}); beyond it the import fails with a
-   * `LimitError`.
+   * (default {@link DEFAULT_MAX_BUFFER}); beyond it the data goes to a spool file, or
+   * without one the import fails with a `LimitError` naming the size that is enough.
    */
   maxBuffer?: number;
+  /**
+   * Spill what does not fit in `maxBuffer` to a temporary file (default true); false
+   * refuses such images instead.
+   */
+  spool?: boolean;
+  /** Folder of the spool file (default: the system temporary folder). */
+  spoolDir?: string;
   /** Receives progress in stream bytes. */
   progress?: ProgressSink;
   /** The stream's length when known (a regular file), for progress. */
@@ -75,8 +85,10 @@ export interface ImportResult {
   dataBytes: number;
   /** What the destination was: a new file (left sparse), an existing file, a device, an NBD export. */
   destination: DestinationKind;
-  /** Bytes of guest data moved from a pipe into `dest` by the kernel (splice). */
+  /** Bytes of guest data moved from the input into `dest` by the kernel (splice, copy_file_range). */
   splicedBytes: number;
+  /** Stream bytes written to the spool file while they waited for their tables. */
+  spooledBytes: number;
 }
 
 const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
@@ -153,6 +165,23 @@ export function importFromPipe(
   return importChunks(new ChunkStream(pipe, options.signal), dest, options);
 }
 
+/**
+ * {@link importImage} from a regular file or block device (see `openFileInput`): the
+ * image's tables are read by random access first, then its data in file order,
+ * seeking over everything else, so nothing is buffered whatever the layout. Data is
+ * copied by the kernel (`copy_file_range`) when FFI is allowed. The input is left open.
+ */
+export function importFromFile(
+  file: SeekableInput,
+  dest: string,
+  options: ImportOptions = {},
+): Promise<ImportResult> {
+  return importChunks(new ChunkStream(file, options.signal), dest, {
+    ...options,
+    streamLength: options.streamLength ?? file.size,
+  });
+}
+
 async function importChunks(
   input: ChunkStream,
   dest: string,
@@ -161,8 +190,10 @@ async function importChunks(
   let target: RawDestination | NbdTarget | null = null;
   const progress = options.progress;
   let lastTotal = -1;
+  const spool = options.spool === false || input.seekable ? null : new Spool(options.spoolDir);
   const decodeOpts = {
     maxBuffer: options.maxBuffer ?? DEFAULT_MAX_BUFFER,
+    spool,
     delta: options.delta,
     streamLength: options.streamLength,
     workers: options.workers,
@@ -200,6 +231,7 @@ async function importChunks(
       dataBytes: t.dataBytes,
       destination: t.kind,
       splicedBytes: t.directBytes,
+      spooledBytes: spool?.bytes ?? 0,
     };
   } catch (err) {
     const t = target as RawDestination | NbdTarget | null;
@@ -216,11 +248,14 @@ async function importChunks(
       err.message = `${err.message}; ${t.damage}`;
     }
     throw err;
+  } finally {
+    spool?.close();
   }
 }
 
 async function detectFormat(input: ChunkStream, format: ImportFormat): Promise<"qcow2" | "vhd"> {
   if (format !== "auto") return format;
+  if (input.seekable && fixedFooterAtEnd(input.seekable)) return "vhd";
   const head = await input.read(8);
   input.unshift(head);
   if (head.length === 0) throw new CorruptImageError("the input stream is empty", 0);
@@ -229,6 +264,6 @@ async function detectFormat(input: ChunkStream, format: ImportFormat): Promise<"
   const hex = Array.from(head, (b) => b.toString(16).padStart(2, "0")).join(" ");
   throw new UnsupportedError(
     `the stream is neither qcow2 (magic QFI\\xfb) nor a dynamic VHD (cookie "conectix"): ` +
-      `it starts with ${hex}; for a fixed VHD give the format (-f vhd)`,
+      `it starts with ${hex}; for a fixed VHD from a pipe give the format (-f vhd)`,
   );
 }

@@ -14,6 +14,12 @@ export interface ChunkConsumer {
   moveDirect?(move: (guest: number, length: number) => number): number;
   /** See {@link StreamWalker.nextAssembled}. */
   nextAssembled?(): number;
+  /** See {@link StreamWalker.advance}. */
+  advance?(limit: number): number;
+  /** See {@link StreamWalker.spoolAhead}. */
+  spoolAhead?(move: (fd: number, offset: number, length: number) => number): number;
+  /** Stream offset of the next byte to come. */
+  readonly pos?: number;
   /** The stream ended; throws if it ended too early. */
   end(): void;
 }
@@ -51,8 +57,21 @@ export async function walkChunks(
   // After data went by spliced, read only the table that comes next (when one does),
   // so that the data after it is spliced too.
   let limit = 0;
+  const seekable = input.seekable;
+  const pipe = seekable ? null : input.pipe;
+  const spoolMove = pipe && walker.spoolAhead
+    ? () =>
+      input.drained && pipe.ready() && // an empty pipe would block out of reach of signals
+      walker.spoolAhead!((fd, at, length) => pipe.splice(fd, at, length, "the spool file")) > 0
+    : null;
   try {
     for (;;) {
+      if (seekable && walker.advance && walker.pos !== undefined) {
+        // Nothing is kept and no range needs the bytes up to the next range: seek.
+        const from = walker.pos;
+        const to = walker.advance(seekable.size);
+        if (to > from) input.skip(to - from);
+      }
       const chunk = await input.next(limit);
       limit = 0;
       if (!chunk) break;
@@ -64,9 +83,15 @@ export async function walkChunks(
       }
       onChunk(chunk);
       await write(chunk);
-      if (await direct?.move()) {
+      // Data spliced into the destination, bytes waiting for their tables into the spool.
+      for (;;) {
+        let moved = (await direct?.move()) === true;
+        if (spoolMove?.()) moved = true;
+        if (!moved) break;
         onChunk(EMPTY);
         limit = walker.nextAssembled?.() ?? 0;
+        // Kernel moves are synchronous: let signals and timers run between slices.
+        await new Promise((resolve) => setTimeout(resolve, 0));
       }
     }
   } finally {

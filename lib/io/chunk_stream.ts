@@ -6,6 +6,7 @@
  */
 import { CHUNK_SIZE } from "./stream.ts";
 import type { PipeInput } from "./pipe_input.ts";
+import type { SeekableInput } from "./file_input.ts";
 
 /** Longest wait for a pipe's next bytes between two looks at the abort signal. */
 const PIPE_WAIT_MS = 200;
@@ -28,6 +29,8 @@ export class ChunkStream {
   readonly #byob: ReadableStreamBYOBReader | null = null;
   /** The input read through its descriptor, whose data may be spliced (see walkChunks). */
   readonly pipe: PipeInput | null = null;
+  /** The input when it is a file or device: metadata by random access, gaps skipped. */
+  readonly seekable: SeekableInput | null = null;
   readonly #back: Uint8Array[] = [];
   readonly #pool: ArrayBuffer[] = [];
   /** Buffers handed out, with the number of their pieces not released yet. */
@@ -46,6 +49,7 @@ export class ChunkStream {
     this.#signal = signal;
     if ("splice" in source) {
       this.pipe = source;
+      if ("skip" in source) this.seekable = source as SeekableInput;
       return;
     }
     if (!(source instanceof ReadableStream)) {
@@ -113,6 +117,21 @@ export class ChunkStream {
     }
     this.#lent.set(buf.buffer, 1);
     return buf.subarray(0, filled);
+  }
+
+  /** Passes over the next `n` bytes of a seekable input without reading them. */
+  skip(n: number): void {
+    while (n > 0) {
+      const back = this.#back.pop();
+      if (!back) break;
+      if (back.length > n) {
+        this.#back.push(back.subarray(n));
+        return;
+      }
+      n -= back.length;
+      this.release(back);
+    }
+    if (n > 0) this.seekable!.skip(n);
   }
 
   /**

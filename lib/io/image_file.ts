@@ -21,15 +21,20 @@ export class ImageFile {
   /** Size in bytes (for a block device, its length). */
   readonly size: number;
   readonly #file: Deno.FsFile;
+  readonly #base: number;
 
-  private constructor(path: string, file: Deno.FsFile, size: number) {
+  private constructor(path: string, file: Deno.FsFile, size: number, base: number) {
     this.path = path;
     this.#file = file;
     this.size = size;
+    this.#base = base;
   }
 
-  /** Opens `path` read-only; errors name the path. */
-  static async open(path: string): Promise<ImageFile> {
+  /**
+   * Opens `path` read-only; errors name the path. The image starts `base` bytes into
+   * the file (an inherited descriptor that was partly read): offsets count from there.
+   */
+  static async open(path: string, base = 0): Promise<ImageFile> {
     let file: Deno.FsFile;
     try {
       file = await Deno.open(path, { read: true });
@@ -38,7 +43,7 @@ export class ImageFile {
     }
     try {
       const size = await file.seek(0, Deno.SeekMode.End);
-      return new ImageFile(path, file, size);
+      return new ImageFile(path, file, Math.max(0, size - base), base);
     } catch (err) {
       file.close();
       throw describeIoError(err, path, "read");
@@ -72,19 +77,29 @@ export class ImageFile {
         offset,
       );
     }
+    const done = this.readSome(offset, target);
+    if (done < length) {
+      throw new CorruptImageError(
+        `${what} ends early: the file shrank while being read`,
+        offset + done,
+      );
+    }
+  }
+
+  /**
+   * Reads up to `target.length` bytes at `offset` (fewer only at the end of the file),
+   * synchronously; returns how many.
+   */
+  readSome(offset: number, target: Uint8Array): number {
     try {
-      this.#file.seekSync(offset, Deno.SeekMode.Start);
+      this.#file.seekSync(this.#base + offset, Deno.SeekMode.Start);
       let done = 0;
-      while (done < length) {
+      while (done < target.length) {
         const n = this.#file.readSync(target.subarray(done));
-        if (n === null) {
-          throw new CorruptImageError(
-            `${what} ends early: the file shrank while being read`,
-            offset + done,
-          );
-        }
+        if (n === null) break;
         done += n;
       }
+      return done;
     } catch (err) {
       throw describeIoError(err, this.path, "read");
     }

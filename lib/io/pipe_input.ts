@@ -81,6 +81,45 @@ export interface PipeInput {
   close(): void;
 }
 
+/** The destination side of {@link PipeInput.splice}, shared by every input that moves data in the kernel. */
+export type DestinationOps = Pick<
+  PipeInput,
+  "openDestination" | "startWriteback" | "closeDestination"
+>;
+
+/** {@link DestinationOps} through libc, or null without FFI. */
+export function destinationOps(): DestinationOps | null {
+  const c = libc.loadLibc(SYMBOLS);
+  if (c === null) return null;
+  return {
+    openDestination(path) {
+      const out = c.open(encoder.encode(path + "\0"), libc.O_WRONLY | libc.O_CLOEXEC, 0);
+      return out < 0 ? null : out;
+    },
+    startWriteback(out, at, length) {
+      c.sync_file_range(out, BigInt(at), BigInt(length), SYNC_FILE_RANGE_WRITE);
+    },
+    closeDestination(out) {
+      c.close(out);
+    },
+  };
+}
+
+/**
+ * The result of a failed kernel move of data (`splice`, `copy_file_range`) with errno
+ * `e`: -1 when the kernel refuses it for these descriptors (read the bytes instead),
+ * else the error naming `input`, `dest` and the guest offset `at`.
+ */
+export function moveFailure(e: number, input: string, dest: string, at: number): -1 {
+  if (libc.REFUSED_ERRNOS.has(e)) return -1;
+  throw new DiskstreamError(
+    (libc.WRITE_SIDE_ERRNOS.has(e)
+      ? `cannot write to ${dest} at byte ${at} (moving data from ${input})`
+      : `cannot move data from ${input} to ${dest} at byte ${at}`) +
+      `: ${errnoMessage(e)}`,
+  );
+}
+
 /**
  * The pipe or socket at descriptor `fd` (0 = stdin; left open) or at `path` (a named
  * pipe, opened here), or null when FFI is unavailable or it is not a blocking pipe or
@@ -122,6 +161,7 @@ export function openPipeInput(
     throw new DiskstreamError(`cannot ${what} ${name}: ${errnoMessage(errno())}`);
   };
   return {
+    ...destinationOps()!,
     name,
     read(buf) {
       for (;;) {
@@ -139,10 +179,6 @@ export function openPipeInput(
     async wait(ms) {
       await c.poll_waiting(waitFd, 1n, ms);
     },
-    openDestination(path) {
-      const out = c.open(encoder.encode(path + "\0"), libc.O_WRONLY | libc.O_CLOEXEC, 0);
-      return out < 0 ? null : out;
-    },
     splice(destFd, at, length, dest) {
       for (;;) {
         offset[0] = BigInt(at);
@@ -158,21 +194,8 @@ export function openPipeInput(
         );
         if (n >= 0) return n;
         const e = errno();
-        if (e === libc.EINTR) continue;
-        if (libc.REFUSED_ERRNOS.has(e)) return -1;
-        throw new DiskstreamError(
-          (libc.WRITE_SIDE_ERRNOS.has(e)
-            ? `cannot write to ${dest} at byte ${at} (moving data from ${name})`
-            : `cannot move data from ${name} to ${dest} at byte ${at}`) +
-            `: ${errnoMessage(e)}`,
-        );
+        if (e !== libc.EINTR) return moveFailure(e, name, dest, at);
       }
-    },
-    startWriteback(out, at, length) {
-      c.sync_file_range(out, BigInt(at), BigInt(length), SYNC_FILE_RANGE_WRITE);
-    },
-    closeDestination(out) {
-      c.close(out);
     },
     close() {
       if (own) c.close(fd);

@@ -1,43 +1,81 @@
 /**
  * The bounded memory of an import: bytes of the stream that went by before the
  * metadata saying what they are (data that precedes its L2 table or BAT, tables that
- * precede the table pointing at them). They are kept, up to a limit, until they are
- * claimed or until every table is known and the rest can be forgotten. An all-zero
- * piece is remembered without its bytes.
+ * precede the table pointing at them). They are kept until they are claimed, or until
+ * every table is known and the rest can be forgotten. An all-zero piece is remembered
+ * without its bytes; ranges recognised as metadata the import never needs are dropped
+ * ({@link StreamBuffer.drop}).
+ *
+ * Memory holds up to a limit; beyond it bytes go to a {@link Spool} file when there is
+ * one. Without one the buffer goes on counting what it would have had to hold, so that
+ * the error raised once every table is known ({@link StreamBuffer.overflowError}) names
+ * the `--max-buffer` that is enough.
  *
  * @module
  */
 import { LimitError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
 import { isAllZero } from "../zero.ts";
+import type { Spool } from "./spool.ts";
 
 /** What {@link StreamBuffer.take} returns for a range that was all zeros. */
 export const ZERO_RANGE: unique symbol = Symbol("zero range");
+/**
+ * What {@link StreamBuffer.take} and {@link StreamBuffer.read} return for a range whose
+ * bytes were not kept because the limit was reached without a spool: the import fails
+ * with {@link StreamBuffer.overflowError} once every table is known.
+ */
+export const LOST_RANGE: unique symbol = Symbol("lost range");
 
 /** Bookkeeping cost counted for every kept piece, so tiny pieces cannot run away. */
 const PIECE_OVERHEAD = 64;
+/**
+ * With a spool, the index of pieces that hold no bytes in memory (spooled, all-zero)
+ * is bounded on its own: 2 Mi pieces, for example the refcount blocks of a 64 GiB image
+ * with 512-byte clusters, which go by before the refcount table that names them.
+ */
+const INDEX_LIMIT = 2 * 1024 * 1024 * PIECE_OVERHEAD;
+
+/**
+ * A piece's bytes: in memory, `null` all zeros, a number: the offset in the spool,
+ * `false`: not kept (over the limit without a spool), `undefined`: claimed.
+ */
+type Piece = Uint8Array | null | number | false | undefined;
 
 /** Bytes of the stream held back, by stream offset, within a memory limit. */
 export class StreamBuffer {
   readonly #limit: number;
   readonly #unit: number;
-  // Pieces in stream order, never crossing a multiple of `unit`; data null = zeros,
-  // data undefined = claimed and released.
+  readonly #spool: Spool | null;
+  // Pieces in stream order. Pieces in memory never cross a multiple of `unit`, so that
+  // each claimed cluster frees its memory; the others may be longer.
   readonly #starts: number[] = [];
   readonly #ends: number[] = [];
-  readonly #data: (Uint8Array | null | undefined)[] = [];
+  readonly #data: Piece[] = [];
   #used = 0;
+  /** Index cost of the pieces counted apart from memory (see {@link INDEX_LIMIT}). */
+  #index = 0;
   #released = 0;
+  /** Memory the pieces would use without a limit, and its peak. */
+  #wouldUse = 0;
+  #peak = 0;
+  #lostAt = -1;
+  /** The last bytes kept went to the spool: memory is full. */
+  #spilling = false;
+  /** Stream ranges dropped as unneeded metadata: `[start, end)` pairs, merged. */
+  readonly #dropped: number[] = [];
   /** Memory counted against the same limit elsewhere (the agenda's metadata). */
   #others: () => number = () => 0;
 
   /**
    * `limit` is the most memory (bytes) the kept pieces may use; `unit` the grain at
-   * which all-zero pieces are recognised (the image's cluster size).
+   * which all-zero pieces are recognised (the image's cluster size); `spool` takes
+   * what does not fit.
    */
-  constructor(limit: number, unit: number) {
+  constructor(limit: number, unit: number, spool: Spool | null = null) {
     this.#limit = limit;
     this.#unit = unit;
+    this.#spool = spool;
   }
 
   /** The most memory (bytes) the kept pieces, and whatever shares the limit, may use. */
@@ -55,9 +93,32 @@ export class StreamBuffer {
     return this.#used;
   }
 
+  /** True when bytes were not kept for want of memory (see {@link overflowError}). */
+  get overflowed(): boolean {
+    return this.#lostAt >= 0;
+  }
+
   /**
-   * Keeps `chunk[from, to)`, the stream bytes at `start…`. Throws {@link LimitError}
-   * when the limit would be passed.
+   * The error of an import that ran out of buffer without a spool: it names the
+   * `--max-buffer` that would have held everything at once (valid once every table is
+   * known or the stream ended).
+   */
+  overflowError(atLeast = false): LimitError {
+    return new LimitError(
+      `more than ${
+        formatBytes(this.#limit)
+      } of the stream arrived before the metadata that maps it ` +
+        `(from byte offset ${this.#lostAt} on); this image needs --max-buffer ` +
+        `${atLeast ? "above " : ""}${
+          sizeText(this.#peak)
+        } to be imported from a pipe without a spool file ` +
+        "(or allow spooling, or give the image as a file: -i FILE)",
+    );
+  }
+
+  /**
+   * Keeps `chunk[from, to)`, the stream bytes at `start…`: in memory within the
+   * limit, else in the spool, else only counted.
    */
   add(start: number, chunk: Uint8Array, from: number, to: number): void {
     let at = from;
@@ -65,39 +126,128 @@ export class StreamBuffer {
       const pos = start + (at - from);
       const stop = Math.min(to, at + (this.#unit - (pos % this.#unit)));
       if (isAllZero(chunk, at, stop)) {
-        this.#push(pos, pos + (stop - at), null, PIECE_OVERHEAD);
+        this.#push(pos, pos + (stop - at), null);
         at = stop;
         continue;
       }
-      // Copy the run of non-zero units in one piece of memory, then split it.
+      // The run of non-zero units, kept as one copy (split per unit) or spooled whole.
       let end = stop;
       while (end < to) {
         const next = Math.min(to, end + this.#unit);
         if (isAllZero(chunk, end, next)) break;
         end = next;
       }
-      const copy = chunk.slice(at, end);
-      for (let a = at; a < end;) {
-        const p = start + (a - from);
-        const b = Math.min(end, a + (this.#unit - (p % this.#unit)));
-        this.#push(p, p + (b - a), copy.subarray(a - at, b - at), b - a + PIECE_OVERHEAD);
-        a = b;
+      const cost = this.#cost(pos, end - at);
+      this.#count(cost);
+      this.#spilling = this.#used + cost + this.#others() > this.#limit;
+      if (!this.#spilling) {
+        const copy = chunk.slice(at, end);
+        for (let a = at; a < end;) {
+          const p = start + (a - from);
+          const b = Math.min(end, a + (this.#unit - (p % this.#unit)));
+          this.#used += b - a + PIECE_OVERHEAD;
+          this.#append(p, p + (b - a), copy.subarray(a - at, b - at));
+          a = b;
+        }
+      } else if (this.#spool) {
+        this.#push(pos, pos + (end - at), this.#spool.write(chunk.subarray(at, end)));
+      } else {
+        if (this.#lostAt < 0) this.#lostAt = pos;
+        this.#push(pos, pos + (end - at), false);
       }
       at = end;
     }
   }
 
-  #push(start: number, end: number, data: Uint8Array | null, cost: number) {
-    if (this.#used + cost + this.#others() > this.#limit) {
-      throw new LimitError(
-        `more than ${
-          formatBytes(this.#limit)
-        } of the stream arrived before the metadata that maps it ` +
-          `(at byte offset ${start}); import again with a larger --max-buffer (for example ` +
-          `--max-buffer ${nextLimit(this.#limit)})`,
-      );
+  /**
+   * Once memory is full, keeps up to `length` stream bytes at `start` in the spool
+   * without reading them: `move(fd, offset, length)` has the kernel write them into the
+   * spool file (a splice from the input pipe) and says how many it moved. Returns that
+   * count, 0 when the bytes must be read and {@link add}ed instead.
+   */
+  spoolDirect(
+    start: number,
+    length: number,
+    move: (fd: number, offset: number, length: number) => number,
+  ): number {
+    if (!this.#spilling || this.#spool === null) return 0;
+    const r = this.#spool.writeDirect(length, move);
+    if (r === null || r.n <= 0) return 0;
+    this.#count(this.#cost(start, r.n));
+    this.#push(start, start + r.n, r.at);
+    return r.n;
+  }
+
+  /**
+   * Moves every piece kept in memory to the spool (the memory is wanted for metadata);
+   * returns the bytes of memory freed, 0 without a spool.
+   */
+  spill(): number {
+    if (this.#spool === null) return 0;
+    let freed = 0;
+    for (let i = 0; i < this.#data.length; i++) {
+      const d = this.#data[i];
+      if (!(d instanceof Uint8Array)) continue;
+      this.#data[i] = this.#spool.write(d);
+      this.#used -= d.length + PIECE_OVERHEAD;
+      this.#index += PIECE_OVERHEAD;
+      freed += d.length + PIECE_OVERHEAD;
     }
-    this.#used += cost;
+    this.#spilling = true;
+    return freed;
+  }
+
+  /** Memory `length` non-zero bytes at `pos` take in memory pieces. */
+  #cost(pos: number, length: number): number {
+    const units = Math.ceil((pos % this.#unit + length) / this.#unit);
+    return length + units * PIECE_OVERHEAD;
+  }
+
+  #count(delta: number) {
+    this.#wouldUse += delta;
+    // The metadata shares the limit: what is needed is both at once.
+    const need = this.#wouldUse + this.#others();
+    if (need > this.#peak) this.#peak = need;
+  }
+
+  /** A piece outside memory (zeros, spooled, lost): merged with the last when it continues it. */
+  #push(start: number, end: number, data: null | number | false) {
+    const last = this.#starts.length - 1;
+    if (last >= 0 && this.#ends[last] === start) {
+      const d = this.#data[last];
+      const merge = data === null
+        ? d === null
+        : data === false
+        ? d === false
+        : typeof d === "number" && d + (start - this.#starts[last]) === data;
+      if (merge) {
+        this.#ends[last] = end;
+        return;
+      }
+    }
+    if (data === null) this.#count(PIECE_OVERHEAD);
+    if (this.#spool !== null) {
+      this.#index += PIECE_OVERHEAD;
+      if (this.#index > Math.max(this.#limit, INDEX_LIMIT)) {
+        throw new LimitError(
+          `the stream's bytes waiting for their tables lie in more than ` +
+            `${this.#index / PIECE_OVERHEAD} separate pieces (at byte offset ${start}); give ` +
+            `the image as a file (-i FILE), or import with --max-buffer ` +
+            `${sizeText(2 * this.#index)}`,
+        );
+      }
+    } else {
+      this.#used += PIECE_OVERHEAD;
+      if (this.#used + this.#others() > this.#limit) {
+        if (this.#lostAt < 0) this.#lostAt = start;
+        // Counting only: the index itself must stay bounded.
+        if (this.#used + this.#others() > 2 * this.#limit) throw this.overflowError(true);
+      }
+    }
+    this.#append(start, end, data);
+  }
+
+  #append(start: number, end: number, data: Piece) {
     this.#starts.push(start);
     this.#ends.push(end);
     this.#data.push(data);
@@ -116,84 +266,156 @@ export class StreamBuffer {
     return hi >= 0 && pos < this.#ends[hi] && this.#data[hi] !== undefined ? hi : -1;
   }
 
-  /**
-   * Takes the whole range `[start, start + length)` out of the buffer: its bytes,
-   * {@link ZERO_RANGE} when they were all zero, or undefined when any byte of it is
-   * not held (never kept, or already taken).
-   */
-  take(start: number, length: number): Uint8Array | typeof ZERO_RANGE | undefined {
-    const first = this.#find(start);
-    if (first < 0) return undefined;
+  /** The last piece of the contiguous pieces from `first` that reach `end`, or -1. */
+  #reach(first: number, end: number): number {
     let last = first;
-    while (this.#ends[last] < start + length) {
+    while (this.#ends[last] < end) {
       const n = last + 1;
-      if (n >= this.#starts.length || this.#starts[n] !== this.#ends[last]) return undefined;
-      if (this.#data[n] === undefined) return undefined;
+      if (n >= this.#starts.length || this.#starts[n] !== this.#ends[last]) return -1;
+      if (this.#data[n] === undefined) return -1;
       last = n;
     }
-    let out: Uint8Array | typeof ZERO_RANGE;
-    const skip = start - this.#starts[first];
-    if (first === last) {
-      const d = this.#data[first];
-      out = d ? d.subarray(skip, skip + length) : ZERO_RANGE;
-    } else if (this.#allZero(first, last)) {
-      out = ZERO_RANGE;
-    } else {
-      out = this.#gather(first, start, length);
-    }
-    for (let i = first; i <= last; i++) {
-      if (this.#starts[i] >= start && this.#ends[i] <= start + length) this.#release(i);
-    }
-    if (this.#released > 1024 && this.#released * 2 > this.#starts.length) this.#compact();
+    return last;
+  }
+
+  /**
+   * Takes the whole range `[start, start + length)` out of the buffer: its bytes,
+   * {@link ZERO_RANGE} when they were all zero, {@link LOST_RANGE} when not all were
+   * kept, or undefined when any byte of it is not held (never kept, dropped, or
+   * already taken).
+   */
+  take(
+    start: number,
+    length: number,
+  ): Uint8Array | typeof ZERO_RANGE | typeof LOST_RANGE | undefined {
+    const first = this.#find(start);
+    if (first < 0) return undefined;
+    const last = this.#reach(first, start + length);
+    if (last < 0) return undefined;
+    const out = this.#bytes(first, last, start, length);
+    this.#forget(first, last, start, start + length);
     return out;
   }
 
   /**
    * The held bytes from `start` on, as many as are contiguous up to `length` (a copy
-   * or a view), or undefined when `start` itself is not held. Nothing is released:
-   * compressed data may share its first and last sectors with other clusters.
+   * or a view), {@link LOST_RANGE}, or undefined when `start` itself is not held.
+   * Nothing is released: compressed data may share its first and last sectors with
+   * other clusters.
    */
-  read(start: number, length: number): Uint8Array | undefined {
+  read(start: number, length: number): Uint8Array | typeof LOST_RANGE | undefined {
     const first = this.#find(start);
     if (first < 0) return undefined;
     let last = first;
-    let have = this.#ends[first] - start;
-    while (have < length) {
+    while (this.#ends[last] < start + length) {
       const n = last + 1;
       if (n >= this.#starts.length || this.#starts[n] !== this.#ends[last]) break;
       if (this.#data[n] === undefined) break;
       last = n;
-      have = this.#ends[n] - start;
     }
+    const have = Math.min(this.#ends[last] - start, length);
+    const out = this.#bytes(first, last, start, have);
+    return out === ZERO_RANGE ? new Uint8Array(have) : out;
+  }
+
+  #bytes(
+    first: number,
+    last: number,
+    start: number,
+    length: number,
+  ): Uint8Array | typeof ZERO_RANGE | typeof LOST_RANGE {
+    let zero = true;
+    for (let i = first; i <= last; i++) {
+      const d = this.#data[i];
+      if (d === false) return LOST_RANGE;
+      if (d !== null) zero = false;
+    }
+    if (zero) return ZERO_RANGE;
     const d = this.#data[first];
     const skip = start - this.#starts[first];
-    if (first === last && d) return d.subarray(skip, skip + Math.min(have, length));
-    return this.#gather(first, start, Math.min(have, length));
-  }
-
-  #allZero(first: number, last: number): boolean {
-    for (let i = first; i <= last; i++) if (this.#data[i] !== null) return false;
-    return true;
-  }
-
-  #gather(first: number, start: number, length: number): Uint8Array {
+    if (first === last && d instanceof Uint8Array) return d.subarray(skip, skip + length);
     const out = new Uint8Array(length);
-    for (let i = first; i < this.#starts.length; i++) {
+    for (let i = first; i <= last; i++) {
       const s = Math.max(this.#starts[i], start);
       const e = Math.min(this.#ends[i], start + length);
-      if (s >= e) break;
-      const d = this.#data[i];
-      if (d) out.set(d.subarray(s - this.#starts[i], e - this.#starts[i]), s - start);
+      const p = this.#data[i];
+      const into = out.subarray(s - start, e - start);
+      if (p instanceof Uint8Array) into.set(p.subarray(s - this.#starts[i], e - this.#starts[i]));
+      else if (typeof p === "number") this.#spool!.read(p + (s - this.#starts[i]), into);
     }
     return out;
+  }
+
+  /**
+   * Bytes `[start, end)` of pieces `first…last` are no longer wanted: pieces wholly
+   * inside are released, and what they would cost is no longer counted.
+   */
+  #forget(first: number, last: number, start: number, end: number) {
+    for (let i = first; i <= last; i++) {
+      const s = Math.max(this.#starts[i], start);
+      const e = Math.min(this.#ends[i], end);
+      const d = this.#data[i];
+      if (e > s && d !== null && d !== undefined) this.#count(-this.#cost(s, e - s));
+      if (this.#starts[i] >= start && this.#ends[i] <= end) this.#release(i);
+    }
+    if (this.#released > 1024 && this.#released * 2 > this.#starts.length) this.#compact();
   }
 
   #release(i: number) {
     const d = this.#data[i];
     if (d === undefined) return;
-    this.#used -= (d ? d.length : 0) + PIECE_OVERHEAD;
+    if (d === null) this.#count(-PIECE_OVERHEAD);
+    if (this.#spool !== null && !(d instanceof Uint8Array)) this.#index -= PIECE_OVERHEAD;
+    else this.#used -= (d instanceof Uint8Array ? d.length : 0) + PIECE_OVERHEAD;
     this.#data[i] = undefined;
     this.#released++;
+  }
+
+  /**
+   * Stream range `[start, start + length)` is metadata the import never needs
+   * (refcount blocks, snapshot tables, bitmaps): what is held of it is let go, and
+   * {@link StreamBuffer.dropped} remembers it for messages.
+   */
+  drop(start: number, length: number): void {
+    const end = start + length;
+    const d = this.#dropped;
+    if (d.length > 0 && d[d.length - 1] === start) d[d.length - 1] = end;
+    else if (d.length < 2 * 4096) d.push(start, end); // enough for messages
+    let i = this.#find(start);
+    if (i < 0) {
+      // The first piece starting inside the range, if any.
+      const s = this.#starts;
+      let lo = 0;
+      let hi = s.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >>> 1;
+        if (s[mid] < start) lo = mid + 1;
+        else hi = mid;
+      }
+      i = lo;
+    }
+    let last = i - 1;
+    while (last + 1 < this.#starts.length && this.#starts[last + 1] < end) last++;
+    if (last >= i) this.#forget(i, last, start, end);
+  }
+
+  /** True when stream offset `pos` was dropped as unneeded metadata. */
+  dropped(pos: number): boolean {
+    const d = this.#dropped;
+    for (let i = 0; i < d.length; i += 2) if (pos >= d[i] && pos < d[i + 1]) return true;
+    return false;
+  }
+
+  /** Forgets everything (every table is known: what is left is unreferenced). */
+  clear(): void {
+    this.#starts.length = 0;
+    this.#ends.length = 0;
+    this.#data.length = 0;
+    this.#used = 0;
+    this.#index = 0;
+    this.#released = 0;
+    this.#wouldUse = 0;
+    this.#spool?.close();
   }
 
   /** Drops released pieces from the index so that it stays as small as what it holds. */
@@ -209,19 +431,15 @@ export class StreamBuffer {
     this.#starts.length = this.#ends.length = this.#data.length = w;
     this.#released = 0;
   }
+}
 
-  /** Forgets everything (every table is known: what is left is unreferenced). */
-  clear(): void {
-    this.#starts.length = 0;
-    this.#ends.length = 0;
-    this.#data.length = 0;
-    this.#used = 0;
-    this.#released = 0;
-  }
+/** A `--max-buffer` value of at least `bytes`, rounded up to a whole MiB. */
+function sizeText(bytes: number): string {
+  const mib = Math.max(1, Math.ceil(bytes / 2 ** 20));
+  return mib >= 1024 && mib % 1024 === 0 ? `${mib / 1024}G` : `${mib}M`;
 }
 
 /** A larger `--max-buffer` to suggest after `limit` was not enough. */
 export function nextLimit(limit: number): string {
-  const mib = Math.max(1, Math.ceil((limit * 4) / 2 ** 20));
-  return mib >= 1024 && mib % 1024 === 0 ? `${mib / 1024}G` : `${mib}M`;
+  return sizeText(limit * 4);
 }

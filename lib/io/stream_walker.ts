@@ -18,6 +18,8 @@ export { type Expected, Mode, RecordRun } from "./agenda.ts";
 export { ChunkStream } from "./chunk_stream.ts";
 export { type ChunkConsumer, walkChunks } from "./chunk_loop.ts";
 
+/** Most bytes moved into the spool at once. */
+const MAX_SPOOL_MOVE = 64 * 1024 * 1024;
 /** Most bytes asked of one move (contiguous ranges are moved together). */
 const MAX_DIRECT = 64 * 1024 * 1024;
 
@@ -81,7 +83,7 @@ export class StreamWalker implements ChunkConsumer {
   };
 
   /** The memory limit shared by the kept bytes and the metadata (the agenda, a table). */
-  readonly #limit: number;
+  #limit: number;
 
   constructor(format: WalkerFormat, pos: number, buffer: StreamBuffer) {
     this.#fmt = format;
@@ -114,6 +116,14 @@ export class StreamWalker implements ChunkConsumer {
    * A run to fill and {@link add}: its growth is checked against the memory limit as
    * it fills, so that a table naming many ranges is refused before it takes the memory.
    */
+  /**
+   * Lets the metadata use up to `bytes` (when more than the limit): for tables read
+   * whole from a file, whose memory follows the tables the file really holds.
+   */
+  allowMetadata(bytes: number): void {
+    this.#limit = Math.max(this.#limit, bytes);
+  }
+
   newRun(capacity = 64): RecordRun {
     this.#checkMemory(capacity * RecordRun.SLOT_BYTES);
     const run = new RecordRun(capacity);
@@ -127,7 +137,10 @@ export class StreamWalker implements ChunkConsumer {
    */
   #checkMemory(extra = 0): void {
     const meta = this.metadataBytes + extra;
-    const held = this.buffer?.used ?? 0;
+    let held = this.buffer?.used ?? 0;
+    if (meta + held <= this.#limit) return;
+    // Data held in memory can wait in the spool instead: the metadata needs the room.
+    if (held > 0 && this.buffer!.spill() > 0) held = this.buffer!.used;
     if (meta + held <= this.#limit) return;
     throw new LimitError(
       `the image's tables name ${this.#queue.size} ranges still to come in the stream ` +
@@ -163,8 +176,58 @@ export class StreamWalker implements ChunkConsumer {
 
   /** Every table is known: forget the kept bytes and keep no more. */
   stopBuffering(): void {
-    this.buffer?.clear();
+    const buffer = this.buffer;
+    buffer?.clear();
     this.buffer = null;
+    if (buffer?.overflowed) throw buffer.overflowError();
+  }
+
+  /**
+   * Passes over the stream up to `limit` (never beyond) without its bytes, for as
+   * long as no range needs them: only once nothing is kept (every table known), over
+   * gaps and {@link Mode.Skip} ranges. Returns the offset reached: a seekable input
+   * skips there instead of reading.
+   */
+  advance(limit: number): number {
+    if (this.buffer !== null) return this.pos;
+    const rec = this.#rec;
+    while (this.pos < limit) {
+      const cur = this.#cur;
+      if (cur) {
+        if (this.#fmt.modes[cur.kind] !== Mode.Skip) break;
+        this.pos = Math.min(cur.end, limit);
+        if (this.pos === cur.end) {
+          this.#cur = null;
+          this.#finish(cur, null);
+        }
+        continue;
+      }
+      const next = this.#queue.peekStart();
+      if (next > this.pos) {
+        this.pos = Math.min(next, limit);
+        continue;
+      }
+      this.#queue.peek(rec);
+      // A range starting inside the previous one: push() says what it means.
+      if (rec.start < this.pos || this.#fmt.modes[rec.kind] !== Mode.Skip) break;
+      this.#queue.pop(rec);
+      this.#cur = { ...rec, end: rec.start + rec.length, bytes: null, filled: 0 };
+    }
+    return this.pos;
+  }
+
+  /**
+   * When no range is under way and the bytes up to the next range are to be kept in
+   * the spool (memory is full), has `move` put them there without reading them (see
+   * {@link StreamBuffer.spoolDirect}). Returns how many bytes went by.
+   */
+  spoolAhead(move: (fd: number, offset: number, length: number) => number): number {
+    if (this.#cur !== null || this.buffer === null) return 0;
+    const gap = Math.min(this.#queue.peekStart() - this.pos, MAX_SPOOL_MOVE);
+    if (gap <= 0) return 0;
+    const n = this.buffer.spoolDirect(this.pos, gap, move);
+    this.pos += n;
+    return n;
   }
 
   /** Feeds the next chunk of the stream. */
@@ -217,7 +280,10 @@ export class StreamWalker implements ChunkConsumer {
         this.#finish(rec, mode === Mode.Assemble ? chunk.subarray(i - rec.length, i) : null);
       } else {
         // Check before allocating: a table's length comes from the image.
-        const held = this.metadataBytes + (this.buffer?.used ?? 0);
+        let held = this.metadataBytes + (this.buffer?.used ?? 0);
+        if (mode === Mode.Assemble && held + rec.length > this.#limit && this.buffer?.spill()) {
+          held = this.metadataBytes + this.buffer.used; // the data waits in the spool
+        }
         if (mode === Mode.Assemble && held + rec.length > this.#limit) this.#tooLarge(rec, held);
         this.#cur = {
           ...rec,
@@ -318,13 +384,18 @@ export class StreamWalker implements ChunkConsumer {
   #startInsidePrevious(r: Expected) {
     const p = this.#prev;
     const fmt = this.#fmt;
+    const end = r.start + r.length;
+    if (fmt.modes[r.kind] === Mode.Skip && fmt.modes[p.kind] === Mode.Skip && r.start >= p.start) {
+      // Two pieces of unneeded metadata that overlap (a table shared by snapshots).
+      if (end > this.pos) this.#cur = { ...r, end, bytes: null, filled: 0 };
+      return;
+    }
     if (
       !(fmt.sharesTail[r.kind] && fmt.sharesTail[p.kind] && p.tail &&
         r.start > p.start && r.start >= p.end - 512 && r.start < p.end)
     ) {
       throw fmt.overlap(p, r);
     }
-    const end = r.start + r.length;
     const bytes = new Uint8Array(r.length);
     const have = Math.min(p.end, end) - r.start;
     bytes.set(p.tail.subarray(r.start - p.tailStart, r.start - p.tailStart + have));
@@ -341,6 +412,7 @@ export class StreamWalker implements ChunkConsumer {
    */
   end(): void {
     const fmt = this.#fmt;
+    if (this.buffer?.overflowed) throw this.buffer.overflowError();
     for (;;) {
       const cur = this.#cur;
       if (cur) {

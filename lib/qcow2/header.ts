@@ -11,6 +11,7 @@ import {
   COMPRESSION_DEFLATE,
   COMPRESSION_ZSTD,
   EXT_BACKING_FORMAT,
+  EXT_BITMAPS,
   EXT_DATA_FILE,
   EXT_END,
   INCOMPAT_COMPRESSION,
@@ -62,6 +63,8 @@ export interface Qcow2Header {
   backingFormat?: string;
   /** External data file name (extension 0x44415441), when present. */
   dataFile?: string;
+  /** Where the bitmap directory is (extension 0x23852875), when present. */
+  bitmapDirectory?: { offset: number; size: number };
 }
 
 /** Bytes needed to parse the fixed part of any header (v3 with compression type). */
@@ -230,17 +233,22 @@ function validateLayout(h: Qcow2Header, fileSize?: number): void {
 function parseExtensions(cluster0: Uint8Array, h: Qcow2Header): void {
   const v = viewOf(cluster0);
   let off = h.headerLength;
-  // v2 images may carry extensions too (after the 72-byte header); both end at
-  // an end marker or at the end of the cluster.
-  const limit = Math.min(cluster0.length, h.clusterSize);
+  // v2 images may carry extensions too (after the 72-byte header). As in QEMU, they
+  // end at an end marker, at the backing file name (QEMU 0.10 and older wrote the name
+  // right after the 72-byte header, with no extensions), or at the end of the cluster.
+  const end = h.backingFileOffset > 0
+    ? Math.min(h.backingFileOffset, h.clusterSize)
+    : h.clusterSize;
+  const limit = Math.min(cluster0.length, end);
   while (off + 8 <= limit) {
     const type = v.getUint32(off);
     const length = v.getUint32(off + 4);
     if (type === EXT_END) return;
     const data = off + 8;
-    if (data + length > h.clusterSize) {
+    if (data + length > end) {
       throw new CorruptImageError(
-        `qcow2 header extension 0x${hex(type)} (${length} bytes) runs past the first cluster`,
+        `qcow2 header extension 0x${hex(type)} (${length} bytes) runs past the end of the ` +
+          (end < h.clusterSize ? `extensions (the backing file name at ${end})` : "first cluster"),
         off,
       );
     }
@@ -249,6 +257,13 @@ function parseExtensions(cluster0: Uint8Array, h: Qcow2Header): void {
     const text = () => decoder.decode(cluster0.subarray(data, data + length));
     if (type === EXT_BACKING_FORMAT) h.backingFormat = text();
     if (type === EXT_DATA_FILE) h.dataFile = text();
+    if (type === EXT_BITMAPS && length >= 24) {
+      const size = v.getBigUint64(data + 8);
+      const offset = v.getBigUint64(data + 16);
+      if (size <= BigInt(Number.MAX_SAFE_INTEGER) && offset <= BigInt(Number.MAX_SAFE_INTEGER)) {
+        h.bitmapDirectory = { offset: Number(offset), size: Number(size) };
+      }
+    }
     off = data + Math.ceil(length / 8) * 8;
   }
 }

@@ -18,7 +18,10 @@ import { lowerBound } from "../alloc/cluster_set.ts";
 import { viewOf } from "../bytes.ts";
 import { CorruptImageError, UnsupportedError } from "../errors.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
-import { StreamBuffer, ZERO_RANGE } from "../io/stream_buffer.ts";
+import { LOST_RANGE, StreamBuffer, ZERO_RANGE } from "../io/stream_buffer.ts";
+import type { SeekableInput } from "../io/file_input.ts";
+import type { Spool } from "../io/spool.ts";
+import { CHUNK_SIZE } from "../io/stream.ts";
 import {
   type ChunkStream,
   type Expected,
@@ -33,6 +36,7 @@ import {
   INCOMPAT_DATA_FILE,
   INCOMPAT_EXTL2,
   MAX_CLUSTER_BITS,
+  MAX_L1_BYTES,
   MIN_CLUSTER_BITS,
   QCOW2_MAGIC,
 } from "./constants.ts";
@@ -62,6 +66,8 @@ export interface StreamDecodeOptions {
   onProgress?: (done: number, total: number) => void;
   /** The stream's length, when known (a regular file). */
   streamLength?: number;
+  /** Where bytes go that do not fit in `maxBuffer`; none: they are refused. */
+  spool?: Spool | null;
   /**
    * Worker threads that decompress compressed clusters (default: one per processor
    * but one, at least 1, at most 4; 0: all on the main thread).
@@ -74,6 +80,19 @@ const COMPRESSED = 1;
 const L2 = 2;
 const L1 = 3;
 const REFCOUNT_TABLE = 4;
+/** A table already read by random access, or metadata the import never needs. */
+const UNNEEDED = 5;
+/** The fixed part (40 bytes) of a snapshot table entry. */
+const SNAPSHOT = 6;
+/** A snapshot's L1 table: its L2 tables that the active L1 does not share are unneeded. */
+const SNAPSHOT_L1 = 7;
+/** The `aux` of {@link UNNEEDED} ranges, for messages. */
+const UNNEEDED_L1 = -1;
+const UNNEEDED_REFCOUNTS = -2;
+const UNNEEDED_SNAPSHOTS = -3;
+const UNNEEDED_BITMAPS = -4;
+/** Bytes of a snapshot table entry before its variable part. */
+const SNAPSHOT_ENTRY = 40;
 
 /** Decodes a qcow2 stream; `open` gets the destination once the header is read. */
 export async function decodeQcow2Stream(
@@ -93,7 +112,7 @@ export async function decodeQcow2Stream(
     written: (bytes) => pool.release(bytes),
   });
   try {
-    const reader = new Qcow2StreamReader(header, target, opts.maxBuffer, pool);
+    const reader = new Qcow2StreamReader(header, target, opts, input.seekable, pool);
     await walkChunks(input, reader.walker, target, () => {
       opts.onProgress?.(reader.walker.pos, reader.expectedEnd());
     });
@@ -163,9 +182,18 @@ async function readHeader(input: ChunkStream, delta: boolean): Promise<Qcow2Head
 
 /** The qcow2 side of the walk: what tables, data and compressed ranges mean. */
 class Qcow2StreamReader implements WalkerFormat {
-  readonly modes = [Mode.Stream, Mode.Assemble, Mode.Assemble, Mode.Assemble, Mode.Skip];
-  readonly sharesTail = [false, true, false, false, false];
-  readonly partialOk = [false, true, false, false, false];
+  readonly modes = [
+    Mode.Stream,
+    Mode.Assemble,
+    Mode.Assemble,
+    Mode.Assemble,
+    Mode.Assemble,
+    Mode.Skip,
+    Mode.Assemble,
+    Mode.Assemble,
+  ];
+  readonly sharesTail = [false, true, false, false, false, false, false, false];
+  readonly partialOk = [false, true, false, false, false, false, false, false];
   readonly walker: StreamWalker;
   readonly #h: Qcow2Header;
   readonly #target: DeferredWrites;
@@ -182,7 +210,17 @@ class Qcow2StreamReader implements WalkerFormat {
   #l2Offsets = new Float64Array(0);
   #expectedEnd: number;
 
-  constructor(h: Qcow2Header, target: DeferredWrites, maxBuffer: number, pool: DecompressPool) {
+  /**
+   * With `tables` (a file or device), the L1 and L2 tables are read from it by random
+   * access first: the walk then only meets data, in file order, and holds nothing.
+   */
+  constructor(
+    h: Qcow2Header,
+    target: DeferredWrites,
+    opts: StreamDecodeOptions,
+    tables: SeekableInput | null,
+    pool: DecompressPool,
+  ) {
     this.#h = h;
     this.#target = target;
     this.#pool = pool;
@@ -192,23 +230,23 @@ class Qcow2StreamReader implements WalkerFormat {
     this.#clusters = Math.ceil(h.size / h.clusterSize);
     this.#l1Used = Math.min(h.l1Size, Math.ceil(this.#clusters / this.#l2Entries));
     this.#csizeShift = 62 - (h.clusterBits - 8);
-    this.walker = new StreamWalker(this, h.clusterSize, new StreamBuffer(maxBuffer, h.clusterSize));
+    const buffer = new StreamBuffer(opts.maxBuffer, h.clusterSize, opts.spool ?? null);
+    this.walker = new StreamWalker(this, h.clusterSize, buffer);
     this.#expectedEnd = h.clusterSize;
-    const run = this.walker.newRun(2);
+    const run = this.walker.newRun(4);
     if (h.refcountTableClusters > 0) {
-      this.#expect(
-        run,
-        REFCOUNT_TABLE,
-        h.refcountTableOffset,
-        h.refcountTableClusters * this.#cs,
-        0,
-      );
+      const length = h.refcountTableClusters * this.#cs;
+      if (tables) this.#expect(run, UNNEEDED, h.refcountTableOffset, length, UNNEEDED_REFCOUNTS);
+      else this.#expect(run, REFCOUNT_TABLE, h.refcountTableOffset, length, 0);
     }
-    if (this.#l1Used > 0) {
-      this.#expect(run, L1, h.l1TableOffset, this.#l1Used * 8, 0);
-    } else {
+    if (this.#l1Used === 0) {
       this.#l1Read = true;
       this.walker.stopBuffering();
+    } else if (tables) {
+      this.#readTables(tables, run);
+    } else {
+      this.#expect(run, L1, h.l1TableOffset, this.#l1Used * 8, 0);
+      this.#expectUnneeded(run);
     }
     this.walker.add(run);
   }
@@ -218,10 +256,88 @@ class Qcow2StreamReader implements WalkerFormat {
     return Math.max(this.#expectedEnd, this.walker.pos);
   }
 
+  /** Reads the L1 table and every L2 table from `file`, adjacent tables in one read. */
+  #readTables(file: SeekableInput, meta: RecordRun) {
+    const h = this.#h;
+    const cs = this.#cs;
+    this.#expect(meta, UNNEEDED, h.l1TableOffset, this.#l1Used * 8, UNNEEDED_L1);
+    const l1 = new Uint8Array(this.#l1Used * 8);
+    file.readInto(h.l1TableOffset, l1, "the qcow2 L1 table");
+    // The ranges the tables name take memory that follows the L2 tables the file holds.
+    this.walker.allowMetadata(4 * Math.min(this.#l1Used * cs, file.size));
+    const refs = this.#l2Refs(l1);
+    refs.sort();
+    this.#l2Offsets = refs.start.slice(0, refs.count); // sorted above
+    const data = this.walker.newRun(64);
+    const most = Math.max(1, Math.floor(CHUNK_SIZE / cs));
+    const buf = new Uint8Array(Math.min(refs.count, most) * cs);
+    for (let i = 0; i < refs.count;) {
+      let j = i + 1;
+      while (j < refs.count && j - i < most && refs.start[j] === refs.start[j - 1] + cs) j++;
+      if (j < refs.count && refs.start[j] === refs.start[j - 1]) {
+        throw new CorruptImageError(
+          `L1 entries ${refs.aux[j - 1]} and ${refs.aux[j]} point to the same L2 table at ` +
+            `${refs.start[j]}`,
+          h.l1TableOffset + refs.aux[j] * 8,
+        );
+      }
+      const bytes = buf.subarray(0, (j - i) * cs);
+      file.readInto(refs.start[i], bytes, `the qcow2 L2 tables at ${refs.start[i]}`);
+      for (let k = i; k < j; k++) {
+        this.#expect(meta, UNNEEDED, refs.start[k], cs, refs.aux[k]);
+        this.#readL2(
+          bytes.subarray((k - i) * cs, (k - i + 1) * cs),
+          refs.aux[k],
+          refs.start[k],
+          data,
+        );
+      }
+      i = j;
+    }
+    // A truncated file is refused before anything is written.
+    for (let i = 0; i < data.count; i++) {
+      const end = data.start[i] + data.length[i];
+      if (data.kind[i] === DATA && end > file.size) {
+        // The first cluster of the (merged) range that the file does not hold whole.
+        const k = Math.floor(Math.max(0, file.size - data.start[i]) / cs);
+        const at = data.start[i] + k * cs;
+        throw new CorruptImageError(
+          `${this.describe(DATA, data.aux[i] + k)} lies at bytes ${at}–${at + cs - 1}, past ` +
+            `the end of the ${file.size}-byte file: the image is truncated`,
+          file.size,
+        );
+      }
+    }
+    this.walker.add(data);
+    this.#l1Read = true;
+    this.walker.stopBuffering();
+  }
+
+  /** Snapshot table and bitmap directory: found later, dropped from the buffer. */
+  #expectUnneeded(run: RecordRun) {
+    const h = this.#h;
+    if (h.nbSnapshots > 0) this.#expect(run, SNAPSHOT, h.snapshotsOffset, SNAPSHOT_ENTRY, 0);
+    const dir = h.bitmapDirectory;
+    if (dir && dir.size > 0 && dir.size <= MAX_L1_BYTES && dir.offset % this.#cs === 0) {
+      this.#unneeded(run, dir.offset, dir.size, UNNEEDED_BITMAPS);
+    }
+  }
+
+  /**
+   * Stream range `[start, start + length)` holds metadata the import never needs: it is
+   * passed over when it comes, or let go if it is held already.
+   */
+  #unneeded(run: RecordRun, start: number, length: number, aux: number) {
+    const pos = this.walker.pos;
+    const end = start + length;
+    if (start < pos) this.walker.buffer?.drop(start, Math.min(end, pos) - start);
+    if (end > pos) run.add(UNNEEDED, Math.max(start, pos), end - Math.max(start, pos), aux);
+  }
+
   /** Queues a future range, or claims a past one from the buffer right away. */
   #expect(run: RecordRun, kind: number, start: number, length: number, aux: number) {
     const end = start + length;
-    if (end > this.#expectedEnd) this.#expectedEnd = end;
+    if (end > this.#expectedEnd && kind !== UNNEEDED) this.#expectedEnd = end;
     if (start >= this.walker.pos) {
       const last = run.count - 1;
       if (
@@ -242,6 +358,7 @@ class Qcow2StreamReader implements WalkerFormat {
     const buffer = this.walker.buffer;
     if (kind === COMPRESSED) {
       const bytes = buffer?.read(start, length);
+      if (bytes === LOST_RANGE) return; // the import fails once every table is known
       if (!bytes) throw this.#missing(kind, aux, start);
       try {
         this.onRange(kind, start, aux, bytes);
@@ -252,12 +369,22 @@ class Qcow2StreamReader implements WalkerFormat {
       return;
     }
     const got = buffer?.take(start, length);
+    if (got === LOST_RANGE) return;
+    if (kind === SNAPSHOT || kind === SNAPSHOT_L1) {
+      // Optional knowledge: read it when held, else never mind.
+      if (got !== undefined) {
+        this.onRange(kind, start, aux, got === ZERO_RANGE ? new Uint8Array(length) : got);
+      }
+      return;
+    }
     if (got === undefined) throw this.#missing(kind, aux, start);
     if (kind === DATA) {
-      if (got === ZERO_RANGE) this.#zero(aux);
+      if (got === ZERO_RANGE) this.#zero(aux, length);
       else this.onBytes(DATA, aux, 0, got, 0, got.length);
     } else if (kind === L2 && got !== ZERO_RANGE) {
       this.#readL2(got, aux, start);
+    } else if (kind === REFCOUNT_TABLE && got !== ZERO_RANGE) {
+      this.#readRefcountTable(got);
     }
   }
 
@@ -275,34 +402,43 @@ class Qcow2StreamReader implements WalkerFormat {
   }
 
   onRange(kind: number, start: number, aux: number, bytes: Uint8Array): number | void {
-    if (kind === L2) {
-      this.#pendingL2--;
-      return this.#readL2(bytes, aux, start);
-    }
-    if (kind === L1) return this.#readL1(bytes);
-    if (kind === COMPRESSED) {
-      if (this.walker.buffer === null) {
-        // Every table is known, so no byte after the compressed data can belong to a
-        // range still unknown: the length it used does not matter, and a worker may
-        // decompress it (a copy: `bytes` may be a view of an input chunk reused later).
-        this.#target.defer(
-          this.#pool.decompress(bytes.slice(), start),
-          (data) => this.onBytes(DATA, aux, 0, data, 0, data.length),
-        );
-        return;
+    switch (kind) {
+      case L2:
+        this.#pendingL2--;
+        return this.#readL2(bytes, aux, start);
+      case L1:
+        return this.#readL1(bytes);
+      case COMPRESSED: {
+        if (this.walker.buffer === null) {
+          // Every table is known, so no byte after the compressed data can belong to a
+          // range still unknown: the length it used does not matter, and a worker may
+          // decompress it (a copy: `bytes` may be a view of an input chunk reused later).
+          this.#target.defer(
+            this.#pool.decompress(bytes.slice(), start),
+            (data) => this.onBytes(DATA, aux, 0, data, 0, data.length),
+          );
+          return;
+        }
+        const { data, used } = decompressCluster(bytes, this.#cs, this.#h.compressionType, start);
+        this.onBytes(DATA, aux, 0, data, 0, data.length);
+        return used;
       }
-      const { data, used } = decompressCluster(bytes, this.#cs, this.#h.compressionType, start);
-      this.onBytes(DATA, aux, 0, data, 0, data.length);
-      return used;
+      case REFCOUNT_TABLE:
+        return this.#readRefcountTable(bytes);
+      case SNAPSHOT:
+        return this.#readSnapshot(bytes, start, aux);
+      case SNAPSHOT_L1:
+        return this.#readSnapshotL1(bytes);
     }
   }
 
-  #zero(cluster: number) {
+  #zero(cluster: number, length = this.#cs) {
     const guest = cluster * this.#cs;
-    this.#target.zero(guest, Math.min(this.#cs, this.#size - guest));
+    this.#target.zero(guest, Math.min(length, this.#size - guest));
   }
 
-  #readL1(bytes: Uint8Array) {
+  /** The L2 tables the L1 table in `bytes` points to (aux: the L1 index), checked. */
+  #l2Refs(bytes: Uint8Array): RecordRun {
     const v = viewOf(bytes);
     const run = this.walker.newRun(64);
     const base = this.#h.l1TableOffset;
@@ -325,6 +461,11 @@ class Qcow2StreamReader implements WalkerFormat {
       }
       run.add(L2, off, this.#cs, i);
     }
+    return run;
+  }
+
+  #readL1(bytes: Uint8Array) {
+    const run = this.#l2Refs(bytes);
     this.#l2Offsets = run.start.slice(0, run.count).sort();
     const future = this.walker.newRun(run.count);
     for (let i = 0; i < run.count; i++) {
@@ -335,12 +476,16 @@ class Qcow2StreamReader implements WalkerFormat {
     this.#checkAllKnown();
   }
 
-  #readL2(bytes: Uint8Array, l1Index: number, start: number) {
+  /**
+   * Reads one L2 table: its data and compressed clusters join the agenda (`into`, or a
+   * run of their own added at once), its ZERO clusters are zeroed.
+   */
+  #readL2(bytes: Uint8Array, l1Index: number, start: number, into?: RecordRun) {
     const v = viewOf(bytes);
     const cs = this.#cs;
     const first = l1Index * this.#l2Entries;
     const n = Math.min(this.#l2Entries, this.#clusters - first);
-    const run = this.walker.newRun(64);
+    const run = into ?? this.walker.newRun(64);
     const shift = this.#csizeShift - 32;
     const offMask = 2 ** shift - 1;
     for (let j = 0; j < n; j++) {
@@ -381,8 +526,71 @@ class Qcow2StreamReader implements WalkerFormat {
       }
       this.#expect(run, DATA, host, cs, cluster);
     }
+    if (into) return;
     this.walker.add(run);
     this.#checkAllKnown();
+  }
+
+  /** The refcount blocks the refcount table points to are never needed: drop them. */
+  #readRefcountTable(bytes: Uint8Array) {
+    const v = viewOf(bytes);
+    const cs = this.#cs;
+    const run = this.walker.newRun(16);
+    let from = -1;
+    let to = -1;
+    for (let i = 0; i + 8 <= bytes.length; i += 8) {
+      const hi = v.getUint32(i);
+      const off = hi * 2 ** 32 + ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
+      // Refcounts are not read: an odd entry is left to qemu-img check.
+      if (off === 0 || hi >= 2 ** 21 || off % cs !== 0) continue;
+      if (off !== to) {
+        if (from >= 0) this.#unneeded(run, from, to - from, UNNEEDED_REFCOUNTS);
+        from = off;
+      }
+      to = off + cs;
+    }
+    if (from >= 0) this.#unneeded(run, from, to - from, UNNEEDED_REFCOUNTS);
+    this.walker.add(run);
+  }
+
+  /**
+   * The fixed part of snapshot entry `index`: the rest of the entry and the snapshot's
+   * L1 table are unneeded, and the next entry follows.
+   */
+  #readSnapshot(bytes: Uint8Array, start: number, index: number) {
+    const v = viewOf(bytes);
+    const run = this.walker.newRun(4);
+    const l1Offset = v.getUint32(0) * 2 ** 32 + v.getUint32(4);
+    const l1Bytes = v.getUint32(8) * 8;
+    const variable = v.getUint16(12) + v.getUint16(14) + v.getUint32(36);
+    const end = start + Math.ceil((SNAPSHOT_ENTRY + variable) / 8) * 8;
+    this.#unneeded(run, start + SNAPSHOT_ENTRY, end - start - SNAPSHOT_ENTRY, UNNEEDED_SNAPSHOTS);
+    if (index + 1 < this.#h.nbSnapshots) {
+      this.#expect(run, SNAPSHOT, end, SNAPSHOT_ENTRY, index + 1);
+    }
+    if (l1Bytes > 0 && l1Bytes <= MAX_L1_BYTES && l1Offset % this.#cs === 0 && l1Offset > 0) {
+      this.#expect(run, SNAPSHOT_L1, l1Offset, l1Bytes, index);
+    }
+    this.walker.add(run);
+  }
+
+  /** A snapshot's L1 table: its L2 tables that the active L1 table does not use are unneeded. */
+  #readSnapshotL1(bytes: Uint8Array) {
+    if (!this.#l1Read) return; // which tables are shared is not known yet
+    const v = viewOf(bytes);
+    const cs = this.#cs;
+    const offsets: number[] = [];
+    for (let i = 0; i + 8 <= bytes.length; i += 8) {
+      const off = (v.getUint32(i) & 0x00ffffff) * 2 ** 32 +
+        ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
+      if (off !== 0 && off % cs === 0 && !this.#isL2Table(off)) offsets.push(off);
+    }
+    offsets.sort((a, b) => a - b);
+    const run = this.walker.newRun(offsets.length);
+    for (let i = 0; i < offsets.length; i++) {
+      if (offsets[i] !== offsets[i - 1]) this.#unneeded(run, offsets[i], cs, UNNEEDED_SNAPSHOTS);
+    }
+    this.walker.add(run);
   }
 
   /** Called when an L2 table (or the L1 table) has been read. */
@@ -405,13 +613,27 @@ class Qcow2StreamReader implements WalkerFormat {
       }
       case L1:
         return `the L1 table (${this.#h.l1Size} entries)`;
-      default:
+      case REFCOUNT_TABLE:
         return "the refcount table";
+      case SNAPSHOT:
+        return `the snapshot table entry ${aux}`;
+      case SNAPSHOT_L1:
+        return `the L1 table of snapshot ${aux}`;
+      default:
+        return aux === UNNEEDED_L1
+          ? "the L1 table"
+          : aux === UNNEEDED_REFCOUNTS
+          ? "the refcount table or a refcount block"
+          : aux === UNNEEDED_SNAPSHOTS
+          ? "a snapshot's tables"
+          : aux === UNNEEDED_BITMAPS
+          ? "the bitmap directory"
+          : `the L2 table of L1 entry ${aux}`;
     }
   }
 
   overlap(a: Expected, b: Expected): Error {
-    const meta = (k: number) => k === L1 || k === L2 || k === REFCOUNT_TABLE;
+    const meta = (k: number) => k !== DATA && k !== COMPRESSED;
     const da = this.describe(a.kind, a.aux);
     const db = this.describe(b.kind, b.aux);
     let what: string;
@@ -440,8 +662,9 @@ class Qcow2StreamReader implements WalkerFormat {
     else if (
       at >= h.refcountTableOffset && at < h.refcountTableOffset + h.refcountTableClusters * cs
     ) where = "the refcount table";
-    else if (this.#isL2Table(at - (at % cs))) {
-      where = "an L2 table";
+    else if (this.#isL2Table(at - (at % cs))) where = "an L2 table";
+    else if (this.walker.buffer?.dropped(at)) {
+      where = "a refcount block, a snapshot's table or the bitmap directory";
     } else {
       return new CorruptImageError(
         `${what} is placed at byte ${at}, which another L2 entry already claims`,

@@ -15,7 +15,8 @@ import { viewOf } from "../bytes.ts";
 import { CorruptImageError, LimitError, UnsupportedError } from "../errors.ts";
 import type { StreamDecodeOptions, StreamImageInfo } from "../qcow2/stream_reader.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
-import { StreamBuffer, ZERO_RANGE } from "../io/stream_buffer.ts";
+import type { SeekableInput } from "../io/file_input.ts";
+import { LOST_RANGE, StreamBuffer, ZERO_RANGE } from "../io/stream_buffer.ts";
 import {
   type ChunkStream,
   type Expected,
@@ -47,6 +48,11 @@ const HEADER = 0;
 const BAT = 1;
 const BITMAP = 2;
 const BLOCK = 3;
+/** The dynamic header or the BAT, read already by random access (aux: which). */
+const TABLE = 4;
+
+/** The bitmap of a block whose bitmap was not kept (see `LOST_RANGE`). */
+const LOST_BITMAP = new Uint8Array(0);
 
 /** Grain at which buffered bytes are kept. */
 const GRAIN = 64 * 1024;
@@ -62,7 +68,10 @@ export async function decodeVhdStream(
 ): Promise<StreamImageInfo> {
   const head = await input.read(FOOTER_SIZE);
   input.unshift(head);
-  if (!isVhdFooter(head)) return await decodeFixed(input, opts, open);
+  // A file whose last sector is a fixed disk's footer is that fixed disk, whatever its
+  // first sector looks like (it may hold another VHD).
+  const fixed = input.seekable !== null && fixedFooterAtEnd(input.seekable);
+  if (fixed || !isVhdFooter(head)) return await decodeFixed(input, opts, open);
   const footer = parseVhdFooter(head, 0);
   if (footer.diskType === DISK_TYPE_FIXED) {
     throw new CorruptImageError(
@@ -88,6 +97,20 @@ export async function decodeVhdStream(
     virtualSize: footer.currentSize,
     unit: DEFAULT_BLOCK_SIZE,
   };
+  if (input.seekable) {
+    // A file: header and BAT by random access, then the blocks in file order.
+    const reader = new VhdStreamReader(footer, opts, input.seekable);
+    info.unit = reader.blockSize;
+    await input.read(FOOTER_SIZE); // the footer copy, read already
+    reader.target = await open(info, true);
+    await walkChunks(input, reader.walker, reader.target, () => {
+      opts.onProgress?.(reader.walker.pos, reader.expectedEnd());
+    });
+    const tail = new Uint8Array(Math.min(FOOTER_SIZE, input.seekable.size));
+    input.seekable.readInto(input.seekable.size - tail.length, tail, "the VHD footer");
+    reader.checkEnd(tail);
+    return info;
+  }
   const headerEnd = footer.dataOffset + DYNAMIC_HEADER_SIZE;
   if (headerEnd > Math.max(opts.maxBuffer, 1024 * 1024)) {
     // Everything up to the header is held in memory: bound it like any read-ahead.
@@ -97,7 +120,7 @@ export async function decodeVhdStream(
         `raise --max-buffer if the image is genuine`,
     );
   }
-  const reader = new VhdStreamReader(footer, opts.maxBuffer);
+  const reader = new VhdStreamReader(footer, opts, null);
   // The block size (the destination's grain) is in the header.
   const headerBytes = await input.read(footer.dataOffset + DYNAMIC_HEADER_SIZE);
   input.unshift(headerBytes.subarray(FOOTER_SIZE)); // the walk starts after the footer copy
@@ -118,6 +141,24 @@ export async function decodeVhdStream(
   return info;
 }
 
+/**
+ * True when the last 512 bytes of `file` are a valid footer of a fixed VHD whose size
+ * is everything before it.
+ */
+export function fixedFooterAtEnd(file: SeekableInput): boolean {
+  const at = file.size - FOOTER_SIZE;
+  if (at < 0) return false;
+  const tail = new Uint8Array(FOOTER_SIZE);
+  file.readInto(at, tail, "the VHD footer");
+  if (!isVhdFooter(tail)) return false;
+  try {
+    const f = parseVhdFooter(tail, at);
+    return f.diskType === DISK_TYPE_FIXED && f.currentSize === at;
+  } catch {
+    return false; // not a footer after all: read as the start says
+  }
+}
+
 /** The last `n` bytes of `tail` followed by `chunk`. */
 function lastBytes(tail: Uint8Array, chunk: Uint8Array, n: number): Uint8Array {
   if (chunk.length >= n) return chunk.slice(chunk.length - n); // chunks get reused
@@ -130,9 +171,9 @@ function lastBytes(tail: Uint8Array, chunk: Uint8Array, n: number): Uint8Array {
 
 /** The VHD side of the walk: header, BAT, bitmaps and blocks. */
 class VhdStreamReader implements WalkerFormat {
-  readonly modes = [Mode.Assemble, Mode.Assemble, Mode.Assemble, Mode.Stream];
-  readonly sharesTail = [false, false, false, false];
-  readonly partialOk = [false, false, false, false];
+  readonly modes = [Mode.Assemble, Mode.Assemble, Mode.Assemble, Mode.Stream, Mode.Skip];
+  readonly sharesTail = [false, false, false, false, false];
+  readonly partialOk = [false, false, false, false, false];
   readonly walker: StreamWalker;
   target!: ImageTarget;
   readonly #footer: VhdFooter;
@@ -145,15 +186,43 @@ class VhdStreamReader implements WalkerFormat {
   #expectedEnd: number;
   #batEnd = 0;
 
-  constructor(footer: VhdFooter, maxBuffer: number) {
+  /**
+   * With `tables` (a file or device), the dynamic header and the BAT are read from it
+   * by random access: the walk then only meets blocks, in file order, and holds nothing.
+   */
+  constructor(footer: VhdFooter, opts: StreamDecodeOptions, tables: SeekableInput | null) {
     this.#footer = footer;
     this.#size = footer.currentSize;
     this.#differencing = footer.diskType === DISK_TYPE_DIFFERENCING;
-    this.walker = new StreamWalker(this, FOOTER_SIZE, new StreamBuffer(maxBuffer, GRAIN));
-    const run = this.walker.newRun(1);
-    run.add(HEADER, footer.dataOffset!, DYNAMIC_HEADER_SIZE, 0);
+    this.walker = new StreamWalker(
+      this,
+      FOOTER_SIZE,
+      new StreamBuffer(opts.maxBuffer, GRAIN, opts.spool ?? null),
+    );
+    const at = footer.dataOffset!;
+    this.#expectedEnd = at + DYNAMIC_HEADER_SIZE;
+    const run = this.walker.newRun(2);
+    if (!tables) {
+      run.add(HEADER, at, DYNAMIC_HEADER_SIZE, 0);
+      this.walker.add(run);
+      return;
+    }
+    const header = new Uint8Array(DYNAMIC_HEADER_SIZE);
+    tables.readInto(at, header, "the VHD dynamic header");
+    this.#expect(run, TABLE, at, DYNAMIC_HEADER_SIZE, HEADER);
+    const h = this.#useHeader(header, at);
+    const bat = new Uint8Array(usedBatEntries(this.#size, h.blockSize) * 4);
+    // Two ranges per allocated block at most: memory follows the BAT in the file.
+    this.walker.allowMetadata(16 * bat.length);
+    tables.readInto(h.tableOffset, bat, "the VHD block allocation table (BAT)");
+    if (bat.length > 0) this.#expect(run, TABLE, h.tableOffset, bat.length, BAT);
     this.walker.add(run);
-    this.#expectedEnd = footer.dataOffset! + DYNAMIC_HEADER_SIZE;
+    this.#readBat(bat, h.tableOffset);
+  }
+
+  /** The block size (known once the dynamic header is read). */
+  get blockSize(): number {
+    return this.#blockSize;
   }
 
   expectedEnd(): number {
@@ -167,16 +236,22 @@ class VhdStreamReader implements WalkerFormat {
   }
 
   #readHeader(bytes: Uint8Array, start: number) {
-    const h = parseVhdDynamicHeader(bytes, start);
-    checkVhdTables(h, this.#size, start);
-    this.#header = h;
-    this.#blockSize = h.blockSize;
-    this.#bitmapSize = blockBitmapSize(h.blockSize);
+    const h = this.#useHeader(bytes, start);
     const length = usedBatEntries(this.#size, h.blockSize) * 4;
     const run = this.walker.newRun(1);
     this.#expect(run, BAT, h.tableOffset, length, 0);
     this.walker.add(run);
     if (length === 0) this.walker.stopBuffering();
+  }
+
+  /** Parses and checks the dynamic header at `start`. */
+  #useHeader(bytes: Uint8Array, start: number): VhdDynamicHeader {
+    const h = parseVhdDynamicHeader(bytes, start);
+    checkVhdTables(h, this.#size, start);
+    this.#header = h;
+    this.#blockSize = h.blockSize;
+    this.#bitmapSize = blockBitmapSize(h.blockSize);
+    return h;
   }
 
   #readBat(bytes: Uint8Array, start: number) {
@@ -204,6 +279,11 @@ class VhdStreamReader implements WalkerFormat {
       return;
     }
     const got = this.walker.buffer?.take(start, length);
+    if (got === LOST_RANGE) {
+      // Not kept: the import fails once every table is known; write nothing of it.
+      if (kind === BITMAP) this.#bitmaps.set(aux, LOST_BITMAP);
+      return;
+    }
     if (got === undefined) throw this.#missing(kind, aux, start);
     const bytes = got === ZERO_RANGE ? new Uint8Array(length) : got;
     if (kind === BLOCK) {
@@ -217,6 +297,7 @@ class VhdStreamReader implements WalkerFormat {
   /** Block data as it streams by: set bitmap bits are data, clear bits zeros or parent. */
   onBytes(_kind: number, block: number, at: number, chunk: Uint8Array, from: number, to: number) {
     const bitmap = this.#bitmaps.get(block)!;
+    if (bitmap === LOST_BITMAP) return;
     const base = block * this.#blockSize;
     const end = at + (to - from);
     let p = at;
@@ -296,13 +377,15 @@ class VhdStreamReader implements WalkerFormat {
         return "the VHD block allocation table (BAT)";
       case BITMAP:
         return `the sector bitmap of block ${aux}`;
+      case TABLE:
+        return this.describe(aux, 0);
       default:
         return `the data of block ${aux} (guest offset ${aux * this.#blockSize})`;
     }
   }
 
   overlap(a: Expected, b: Expected): Error {
-    const meta = (k: number) => k === HEADER || k === BAT;
+    const meta = (k: number) => k === HEADER || k === BAT || k === TABLE;
     const da = this.describe(a.kind, a.aux);
     const db = this.describe(b.kind, b.aux);
     const what = meta(a.kind) || meta(b.kind)
