@@ -402,7 +402,14 @@ async function importWire(
     import("../io/chunk_stream.ts"),
   ]);
   const stream = new ChunkStream(input, signal);
-  const opts = { size: run.size, prezeroed: run.prezeroed, progress, sync: run.sync, signal };
+  const opts = {
+    size: run.size,
+    prezeroed: run.prezeroed,
+    progress,
+    sync: run.sync,
+    direct: run.direct,
+    signal,
+  };
   if (format === "raw") return await wire.importRaw(stream, run.dest, opts);
   if (format === "chunked") return await wire.importChunked(stream, run.dest, opts);
   return await wire.importTar(stream, run.dest, {

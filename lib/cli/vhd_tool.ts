@@ -65,11 +65,7 @@ const REFUSED: [flag: string, takesValue: boolean, why: string][] = [
 function commonOptions(c: Command): Command {
   return c
     .option("-v, --verbose", "accepted (vhd-tool's verbose output)")
-    .option(
-      "--direct",
-      "accepted: vhd-tool's O_DIRECT; diskstream reads through the page cache and syncs " +
-        "what it writes before it exits",
-    )
+    .option("--direct", "keep the disk's data out of the page cache (as export/import --direct)")
     .option("--unbuffered", "the same as --direct")
     .option(
       "--path <DIRS>",
@@ -319,6 +315,7 @@ async function stream(f: StreamFlags): Promise<void> {
     checksum: "sha1", // vhd-tool's tar protocol writes SHA-1 .checksum members
     // vhd-tool's chunked stream sets every byte unless --prezeroed; a diff keeps its gaps.
     fillGaps: format === "chunked" && !f.prezeroed && f.relativeTo === undefined,
+    direct: f.direct || f.unbuffered,
   });
 }
 
@@ -376,5 +373,6 @@ async function serve(f: ServeFlags): Promise<void> {
     // vhd-tool strips the prefix and takes the basename: an empty one accepts any.
     tarPrefix: f.tarFilenamePrefix === "" ? undefined : f.tarFilenamePrefix,
     ignoreChecksums: f.ignoreChecksums,
+    direct: f.direct || f.unbuffered,
   });
 }
