@@ -500,3 +500,75 @@ toolTest("export with base=NAME is a diff that rebuilds the disk on a copy of th
     }
   });
 });
+
+toolTest("raw, chunked (XAPI's chunked=true) and tar through the server; a raw body too big: 413", [
+  "curl",
+], async () => {
+  await withTempDir(async (dir) => {
+    await makeDisk(`${dir}/a.raw`, 8 * MiB, 31);
+    await writeSparse(`${dir}/b.raw`, 8 * MiB);
+    const server = await startServer(["--disk", `a=${dir}/a.raw`, "--disk", `b=${dir}/b.raw`]);
+    try {
+      const base = `${server.url}/export_raw_vdi?vdi=a`;
+      for (
+        const [format, type, query] of [
+          ["raw", "application/octet-stream", "format=raw"],
+          ["chunked", "application/octet-stream", "format=raw&chunked=true"],
+          ["tar", "application/x-tar", "format=tar"],
+        ]
+      ) {
+        await writeSparse(`${dir}/b.raw`, 8 * MiB); // start from zeros
+        const get = await curl([
+          "-f",
+          "-o",
+          `${dir}/out.${format}`,
+          "-w",
+          "%{content_type}",
+          `${base}&format=${format}`,
+        ]);
+        assert.equal(get.code, 0, get.stderr);
+        assert.equal(get.body, type);
+        if (format === "raw") {
+          assert.equal(await sha256File(`${dir}/out.raw`), await sha256File(`${dir}/a.raw`));
+        }
+        const put = await curl([
+          "-f",
+          "-T",
+          `${dir}/out.${format}`,
+          `${server.url}/import_raw_vdi?vdi=b&${query}`,
+        ]);
+        assert.equal(put.code, 0, `${format}: ${put.stderr}`);
+        assert.equal(JSON.parse(put.body).format, format);
+        assert.equal(await sha256File(`${dir}/b.raw`), await sha256File(`${dir}/a.raw`), format);
+      }
+      // diskstream's client picks tar from the Content-Type.
+      const r = await runCli([
+        "import",
+        `${dir}/c.raw`,
+        "--size",
+        "8M",
+        "-i",
+        `${base}&format=tar`,
+      ]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(await sha256File(`${dir}/c.raw`), await sha256File(`${dir}/a.raw`));
+      // A raw body longer than the disk is refused before anything is written.
+      await writeSparse(`${dir}/big.raw`, 9 * MiB, [[0, pseudoRandom(MiB, 5)]]);
+      const before = await sha256File(`${dir}/b.raw`);
+      const big = await curl([
+        "-w",
+        "\n%{http_code}",
+        "-T",
+        `${dir}/big.raw`,
+        `${server.url}/import_raw_vdi?vdi=b&format=raw`,
+      ]);
+      assert.match(
+        big.body,
+        /the body holds 9437184 bytes but disk 'b' has 8388608: nothing was written\n\n413$/,
+      );
+      assert.equal(await sha256File(`${dir}/b.raw`), before);
+    } finally {
+      await server.stop();
+    }
+  });
+});

@@ -336,8 +336,13 @@ async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlag
     import("./signals.ts"),
   ]);
   const download = await httpGet(url.url, opts);
-  if (isWire(run.format)) {
-    const wireFormat = run.format;
+  // Without -f, a Content-Type of ours names the format (an XVA disk's tar included).
+  const named = formatOfContentType(download.contentType);
+  const chosen = run.format === "auto" && (named === "tar" || named === "qcow2" || named === "vhd")
+    ? named
+    : run.format;
+  if (isWire(chosen)) {
+    const wireFormat = chosen;
     try {
       await stoppableBySignals((signal) =>
         importWire(
@@ -354,12 +359,7 @@ async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlag
     }
     return;
   }
-  const named = formatOfContentType(download.contentType);
-  const format = run.format !== "auto"
-    ? run.format
-    : named === "qcow2" || named === "vhd"
-    ? named
-    : "auto";
+  const format = chosen;
   try {
     await stoppableBySignals((signal) =>
       importImage(download.stream, run.dest, {

@@ -45,7 +45,8 @@ export function registerServer(program: Command): void {
     .command("server")
     .description(
       "Serve disks over HTTP(S) on XAPI's endpoints: GET /export_raw_vdi?vdi=NAME&format=F\n" +
-        "[&base=NAME] streams a disk as qcow2 or VHD (HEAD gives its length), PUT\n" +
+        "[&base=NAME] streams a disk as F = qcow2, vhd, raw, chunked or tar (HEAD gives its\n" +
+        "length), PUT\n" +
         "/import_raw_vdi?vdi=NAME&format=F writes an image into a disk, GET /disks lists\n" +
         "them. Only the disks named with --disk are reachable. A token is required unless\n" +
         "the server listens on a loopback address. SIGTERM or SIGINT stop it gracefully.",

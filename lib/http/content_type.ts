@@ -21,6 +21,7 @@ export const FORMAT_CONTENT_TYPES: Readonly<Record<string, string>> = {
   qcow2: "application/x-qemu-disk",
   vhd: "application/vhd",
   raw: "application/octet-stream",
+  tar: "application/x-tar",
 };
 
 /** Types that say "some bytes", not which format: the stream's first bytes decide. */

@@ -72,24 +72,45 @@ const SERVER_CHUNK = 1024 * 1024;
  */
 export const SERVER_FORMATS: Record<string, ServerFormat> = {
   qcow2: {
-    async export(path, base) {
-      const { exportQcow2 } = await import("../export/export.ts");
-      const e = await exportQcow2(path, { base, reuseBuffers: true, chunkSize: SERVER_CHUNK });
-      return { stream: e.stream, length: e.layout.fileSize };
-    },
-    import: (body, path, size) => importWith("qcow2", body, path, size),
+    export: async (path, base) =>
+      served(await (await import("../export/export.ts")).exportQcow2(path, exportOptions(base))),
+    import: (body, path, size) => importImageAs("qcow2", body, path, size),
   },
   vhd: {
-    async export(path, base) {
-      const { exportVhd } = await import("../export/vhd.ts");
-      const e = await exportVhd(path, { base, reuseBuffers: true, chunkSize: SERVER_CHUNK });
-      return { stream: e.stream, length: e.layout.fileSize };
-    },
-    import: (body, path, size) => importWith("vhd", body, path, size),
+    export: async (path, base) =>
+      served(await (await import("../export/vhd.ts")).exportVhd(path, exportOptions(base))),
+    import: (body, path, size) => importImageAs("vhd", body, path, size),
+  },
+  raw: {
+    export: async (path, base) =>
+      served(await (await import("../export/wire.ts")).exportRaw(path, exportOptions(base))),
+    import: async (body, path, size) =>
+      await (await import("../import/wire.ts")).importRaw(body, path, { size }),
+  },
+  chunked: {
+    export: async (path, base) =>
+      served(await (await import("../export/wire.ts")).exportChunked(path, exportOptions(base))),
+    import: async (body, path, size) =>
+      await (await import("../import/wire.ts")).importChunked(body, path, { size }),
+  },
+  tar: {
+    export: async (path, base) =>
+      served(await (await import("../export/wire.ts")).exportTar(path, exportOptions(base))),
+    import: async (body, path, size) =>
+      await (await import("../import/wire.ts")).importTar(body, path, { size }),
   },
 };
 
-async function importWith(
+/** The options of the server's exports: recycled chunks of {@link SERVER_CHUNK}. */
+function exportOptions(base: string | undefined) {
+  return { base, reuseBuffers: true, chunkSize: SERVER_CHUNK };
+}
+
+function served(e: { stream: ReadableStream<Uint8Array>; layout: { fileSize: number } }) {
+  return { stream: e.stream, length: e.layout.fileSize };
+}
+
+async function importImageAs(
   format: "qcow2" | "vhd",
   body: ReadableStream<Uint8Array>,
   path: string,
@@ -485,7 +506,9 @@ function diskOf(ctx: Context, url: URL, key = "vdi"): [string, DiskState] {
 }
 
 function formatOf(url: URL): [string, ServerFormat] {
-  const name = url.searchParams.get("format") ?? "raw";
+  let name = url.searchParams.get("format") ?? "raw";
+  // XAPI's import_raw_vdi: format=raw&chunked=true is vhd-tool's chunked protocol.
+  if (name === "raw" && url.searchParams.get("chunked") === "true") name = "chunked";
   const format = Object.hasOwn(SERVER_FORMATS, name) ? SERVER_FORMATS[name] : undefined;
   if (!format) {
     throw new Reply(
