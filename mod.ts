@@ -150,4 +150,4 @@ export {
   SERVER_FORMATS,
   type ServerFormat,
   startDiskServer,
-} from "./lib/http/server.ts";
+} from "./lib/server/server.ts";

@@ -1,6 +1,6 @@
 /**
  * `diskstream server`: serve named disks on XAPI's `export_raw_vdi` /
- * `import_raw_vdi` endpoints (see `lib/http/server.ts`).
+ * `import_raw_vdi` endpoints (see `lib/server/server.ts`).
  *
  * @module
  */
@@ -121,7 +121,7 @@ export function registerServer(program: Command): void {
         }
         : undefined;
       const token = flags.tokenFile === undefined ? undefined : await readToken(flags.tokenFile);
-      const { startDiskServer } = await import("../http/server.ts");
+      const { startDiskServer } = await import("../server/server.ts");
       const server = await startDiskServer({
         hostname,
         port,

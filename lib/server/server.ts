@@ -30,8 +30,8 @@ import {
   UsageError,
 } from "../errors.ts";
 import { openDiskSource } from "../io/disk_source.ts";
-import { contentTypeOf } from "./content_type.ts";
-import { incomingBody, progressOf, writeChunk } from "./body.ts";
+import { contentTypeOf } from "../http/content_type.ts";
+import { incomingBody, progressOf, writeChunk } from "../http/body.ts";
 
 /** An export the server can stream: its bytes and their exact number. */
 export interface ServedExport {
