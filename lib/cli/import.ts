@@ -278,20 +278,7 @@ export async function runImport(run: ImportRun): Promise<void> {
         wirePipe?.close();
       }
     }
-    const options = {
-      format,
-      size: run.size,
-      prezeroed: run.prezeroed,
-      delta: run.delta,
-      maxBuffer: run.maxBuffer,
-      spool: run.spool,
-      spoolDir: run.spoolDir,
-      direct: run.direct,
-      progress,
-      sync: run.sync,
-      signal,
-      nbd: run.nbd,
-    };
+    const options = { ...imageOptions(run, format, signal), direct: run.direct, progress };
     // A file or device is read by random access (tables first); a pipe through its
     // descriptor, so that the data can be spliced into DEST; anything else as a stream.
     const file = await openFileInput(where, name);
@@ -363,18 +350,9 @@ async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlag
   try {
     await stoppableBySignals((signal) =>
       importImage(download.stream, run.dest, {
-        format,
-        size: run.size,
-        prezeroed: run.prezeroed,
-        delta: run.delta,
-        maxBuffer: run.maxBuffer,
-        spool: run.spool,
-        spoolDir: run.spoolDir,
+        ...imageOptions(run, format, signal),
         progress: createProgress(run.progress, "import"),
         streamLength: download.length,
-        sync: run.sync,
-        signal,
-        nbd: run.nbd,
       })
     );
   } catch (err) {
@@ -417,4 +395,24 @@ async function importWire(
     prefix: run.tarPrefix,
     ignoreChecksums: run.ignoreChecksums,
   });
+}
+
+/** The options of an image import that come from the command line as they are. */
+function imageOptions(
+  run: ImportRun,
+  format: import("../import/import.ts").ImportFormat,
+  signal: AbortSignal,
+) {
+  return {
+    format,
+    size: run.size,
+    prezeroed: run.prezeroed,
+    delta: run.delta,
+    maxBuffer: run.maxBuffer,
+    spool: run.spool,
+    spoolDir: run.spoolDir,
+    sync: run.sync,
+    signal,
+    nbd: run.nbd,
+  };
 }
