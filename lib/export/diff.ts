@@ -132,13 +132,13 @@ export async function planDiff(input: DiffPlanInput): Promise<ClusterSet> {
       )
       : null;
     if (planned !== null) {
-      const changed = await runDiffJob(
+      const { clusters } = await runDiffJob(
         planned.job,
         [input.source, input.base],
         planned.bytes >= (input.helperMinBytes ?? HELPER_MIN_BYTES) ? files as SharedFile[] : null,
         input.onRead ?? (() => {}),
       );
-      for (const c of changed) out.add(c);
+      for (const c of clusters) out.add(c);
       return out;
     }
   }

@@ -43,12 +43,16 @@ const NEXT = 0; // the next chunk to take
 const STATE = 1; // the worker's state
 const STOP = 2; // 1: the worker stops taking chunks
 const IDLE = 0;
-const RUNNING = 1;
+// RUNNING = 1: the worker took its first chunk or is about to
 const CANCELLED = 2;
 
 /** The work of a scan, all in shared memory (posted to the worker as it is). */
 export interface DiffJob {
   clusterSize: number;
+  /** Bytes of each disk read at a time (whole clusters). */
+  windowBytes: number;
+  /** Bytes compared in one call before the clusters inside are compared one by one. */
+  groupBytes: number;
   /** Bytes at or past these offsets of SOURCE and BASE read as zeros. */
   limits: [number, number];
   /** Segments `[first, last, mode, bit]`: clusters first…last, their bits from `bit` on. */
@@ -82,15 +86,16 @@ export function planDiffJob(
   runs: Iterable<readonly [number, number, number]>,
   clusterSize: number,
   limits: [number, number],
+  chunkBytes = CHUNK_BYTES,
 ): { job: DiffJob; bytes: number } | null {
-  const chunkClusters = Math.max(1, Math.floor(CHUNK_BYTES / clusterSize));
+  const chunkClusters = Math.max(1, Math.floor(chunkBytes / clusterSize));
   let segs = new Float64Array(4 * 256);
   let count = 0;
   const chunkStarts: number[] = [0];
-  const chunkBytes: number[] = [];
+  const chunkRead: number[] = [];
   let inChunk = 0;
   let bytes = 0;
-  let chunkRead = 0;
+  let reading = 0;
   let bit = 0;
   for (const [first, last, mode] of runs) {
     for (let a = first; a <= last;) {
@@ -104,33 +109,35 @@ export function planDiffJob(
       segs.set([a, a + n - 1, mode, bit], 4 * count++);
       bit += n;
       const read = n * clusterSize * (mode === COMPARE ? 2 : 1);
-      chunkRead += read;
+      reading += read;
       bytes += read;
       a += n;
       if ((inChunk += n) === chunkClusters) {
         chunkStarts.push(count);
-        chunkBytes.push(chunkRead);
+        chunkRead.push(reading);
         inChunk = 0;
-        chunkRead = 0;
+        reading = 0;
       }
     }
   }
   if (inChunk > 0) {
     chunkStarts.push(count);
-    chunkBytes.push(chunkRead);
+    chunkRead.push(reading);
   }
-  const chunkCount = chunkBytes.length;
+  const chunkCount = chunkRead.length;
   const segments = new Float64Array(shared(32 * count));
   segments.set(segs.subarray(0, 4 * count));
   const chunks = new Float64Array(shared(8 * chunkStarts.length));
   chunks.set(chunkStarts);
   const job: DiffJob = {
     clusterSize,
+    windowBytes: WINDOW_BYTES,
+    groupBytes: GROUP_BYTES,
     limits,
     segments,
     segmentCount: count,
     chunks,
-    chunkBytes: Float64Array.from(chunkBytes),
+    chunkBytes: Float64Array.from(chunkRead),
     chunkCount,
     bits: new Int32Array(shared(4 * Math.ceil(bit / 32))),
     done: new Uint8Array(shared(chunkCount)),
@@ -152,8 +159,8 @@ export function makeChunkScanner(
   job: DiffJob,
 ): (k: number, read: ReadInput) => number {
   const cs = job.clusterSize;
-  const span = Math.max(1, Math.floor((1024 * 1024) / cs)); // WINDOW_BYTES
-  const group = Math.max(1, Math.floor((64 * 1024) / cs)); // GROUP_BYTES
+  const span = Math.max(1, Math.floor(job.windowBytes / cs));
+  const group = Math.max(1, Math.floor(job.groupBytes / cs));
   const size = span * cs;
   const bufs = [new Uint8Array(size), new Uint8Array(size)];
   const views = bufs.map((b) => Buf.from(b.buffer, 0, size));
@@ -267,7 +274,7 @@ let workerUrl: string | null = null;
 function startHelper(
   job: DiffJob,
   files: SharedFile[],
-): { finished(): Promise<void>; terminate(): void } | null {
+): { finished(): Promise<void>; terminate(): void; readonly failed: boolean } | null {
   let worker: Worker;
   try {
     workerUrl ??= URL.createObjectURL(new Blob([WORKER_SOURCE], { type: "text/javascript" }));
@@ -275,15 +282,23 @@ function startHelper(
   } catch {
     return null;
   }
+  let failed = false;
   const ended = new Promise<void>((resolve) => {
-    worker.onmessage = () => resolve();
+    worker.onmessage = ({ data }) => {
+      failed = !data.ok;
+      resolve();
+    };
     worker.onerror = (e) => {
       e.preventDefault();
+      failed = true;
       resolve();
     };
   });
   worker.postMessage({ ...job, files });
   return {
+    get failed() {
+      return failed;
+    },
     async finished() {
       // A worker that has not started yet never will.
       if (Atomics.compareExchange(job.control, STATE, IDLE, CANCELLED) === IDLE) return;
@@ -293,30 +308,44 @@ function startHelper(
   };
 }
 
+/** What {@link runDiffJob} did. */
+export interface DiffJobResult {
+  /** The clusters to export, ascending. */
+  clusters: Iterable<number>;
+  /** Chunks the worker decided. */
+  helperChunks: number;
+}
+
 /**
  * Runs `job`: on this thread, reading `sources` (SOURCE, BASE) with their blocking
  * reads, and, with `files` (the same disks by path), on a worker as well. `onRead`
- * gets the bytes read, chunk by chunk. Returns the clusters to export.
+ * gets the bytes read, chunk by chunk. `waitForHelper` (for tests): the main thread
+ * starts once the worker has.
  */
 export async function runDiffJob(
   job: DiffJob,
   sources: [DiskSource, DiskSource],
   files: SharedFile[] | null,
   onRead: (bytes: number) => void,
-): Promise<Generator<number>> {
+  waitForHelper = false,
+): Promise<DiffJobResult> {
   const { control, done, chunkCount, chunkBytes } = job;
   const scan = makeChunkScanner(Buffer, job);
   const read: ReadInput = (which, buf, at) =>
     sources[which].readAtSync!(buf, at, job.limits[which]);
   let reported = 0;
   let sinceYield = 0;
-  /** Reports the chunks done (in order) and lets the event loop run now and then. */
-  const progress = async (k: number) => {
+  /** Reports the chunks done (in order). */
+  const report = () => {
     let bytes = 0;
     while (reported < chunkCount && Atomics.load(done, reported) === 1) {
       bytes += chunkBytes[reported++];
     }
     if (bytes > 0) onRead(bytes);
+  };
+  /** {@link report}, and lets the event loop run now and then. */
+  const progress = async (k: number) => {
+    report();
     if ((sinceYield += chunkBytes[k]) >= YIELD_BYTES) {
       sinceYield = 0;
       await yieldToEventLoop();
@@ -325,6 +354,10 @@ export async function runDiffJob(
   let mine = 0;
   const helper = files && chunkCount > 1 ? startHelper(job, files) : null;
   try {
+    for (let waited = 0; helper && waitForHelper && waited < 10_000; waited += 5) {
+      if (Atomics.load(control, STATE) !== IDLE || helper.failed) break;
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
     while (true) {
       const k = Atomics.add(control, NEXT, 1);
       if (k >= chunkCount) break;
@@ -341,12 +374,12 @@ export async function runDiffJob(
       Atomics.store(done, k, 1);
       await progress(k);
     }
+    report();
   } finally {
     Atomics.store(control, STOP, 1);
     helper?.terminate();
   }
-  if (Deno.env.get("DIFF_DEBUG")) console.error("main chunks", mine, "of", chunkCount);
-  return changedClusters(job);
+  return { clusters: changedClusters(job), helperChunks: chunkCount - mine };
 }
 
 /** The clusters whose bits are set, ascending. */
