@@ -3,22 +3,23 @@
  * read are cut into chunks of 16 MiB, and the main thread and one worker take chunk
  * after chunk from a shared counter, each reading both disks' bytes of its chunk with
  * blocking reads (1 MiB windows that stay in the processor's cache) and comparing
- * them natively (`Buffer.compare`, a memcmp). Each thread thus does half of the
- * reading and half of the comparing, whichever starts first or runs faster; the
- * worker opens the two files by their paths and checks that they are the files the
- * main thread has open. The main thread never waits for the worker to start: when it
- * has taken the last chunk before the worker took any, the worker is told to stop. A
- * chunk the worker could not finish (any failure) is read again on the main thread,
- * whose reads report errors as every other read does.
+ * them natively (a memcmp: `Buffer.compare` on the main thread, libc's `memcmp`
+ * through FFI in the worker, which thus needs `--allow-ffi` and no Node
+ * compatibility layer). Each thread does about half of the reading and comparing,
+ * whichever starts first or runs faster. The worker opens the two disks by their
+ * paths and checks that they are the files the main thread has open.
  *
- * The chunks' decisions are one bit per read cluster in shared memory. The scanning
- * code ({@link makeChunkScanner}) runs on both threads; the worker runs its source
- * text (from a `blob:` URL), so this works the same from a checkout, the bundled
- * file and a compiled binary.
+ * The main thread never waits for the worker to start: when it has taken the last
+ * chunk before the worker was ready, the worker is told to stop. A chunk the worker
+ * could not finish (any failure) is read again on the main thread, whose reads
+ * report errors as every other read does. The decisions are one bit per read
+ * cluster in shared memory. The scanning code ({@link makeChunkScanner}) runs on
+ * both threads; the worker runs its source text (from a `blob:` URL), so this works
+ * the same from a checkout, the bundled file and a compiled binary.
  *
  * @module
  */
-import { Buffer } from "node:buffer";
+import { sameTest } from "../zero.ts";
 import type { DiskSource, SharedFile } from "../io/disk_source.ts";
 import { YIELD_BYTES, yieldToEventLoop } from "./scan.ts";
 
@@ -149,13 +150,17 @@ export function planDiffJob(
 /** Reads `buf.length` bytes of input `which` (0 SOURCE, 1 BASE) at `at`. */
 type ReadInput = (which: number, buf: Uint8Array, at: number) => void;
 
+/** `same(start, end)`: true when two buffers hold the same bytes in `[start, end)`. */
+type SameTest = (a: Uint8Array, b: Uint8Array) => (start: number, end: number) => boolean;
+
 /**
- * Returns `scan(k, read)`: decides chunk k of `job`, reading with `read`, and returns
- * the bytes read. Self-contained (no outside names: the worker runs its source text);
- * the mode numbers are {@link COMPARE}, {@link SOURCE_DATA}, {@link BASE_DATA}.
+ * Returns `scan(k, read)`: decides chunk k of `job`, reading with `read`, comparing
+ * with `same`, and returns the bytes read. Self-contained (no outside names: the
+ * worker runs its source text); the mode numbers are {@link COMPARE},
+ * {@link SOURCE_DATA}, {@link BASE_DATA}.
  */
 export function makeChunkScanner(
-  Buf: typeof Buffer,
+  same: SameTest,
   job: DiffJob,
 ): (k: number, read: ReadInput) => number {
   const cs = job.clusterSize;
@@ -163,8 +168,9 @@ export function makeChunkScanner(
   const group = Math.max(1, Math.floor(job.groupBytes / cs));
   const size = span * cs;
   const bufs = [new Uint8Array(size), new Uint8Array(size)];
-  const views = bufs.map((b) => Buf.from(b.buffer, 0, size));
-  const zeros = Buf.alloc(size);
+  const zeros = new Uint8Array(size);
+  // By mode: 1 the two disks, 2 SOURCE and zeros, 3 BASE and zeros.
+  const tests = [same(bufs[0], bufs[1]), same(bufs[0], zeros), same(bufs[1], zeros)];
   const { segments: segs, chunks, bits } = job;
   return (k, read) => {
     let bytes = 0;
@@ -173,21 +179,18 @@ export function makeChunkScanner(
       const last = segs[4 * i + 1];
       const mode = segs[4 * i + 2];
       const bit = segs[4 * i + 3] - first;
+      const test = tests[mode - 1];
       for (let c = first; c <= last; c += span) {
         const n = Math.min(span, last - c + 1);
         const len = n * cs;
         if (mode !== 3) read(0, bufs[0].subarray(0, len), c * cs);
         if (mode !== 2) read(1, bufs[1].subarray(0, len), c * cs);
         bytes += mode === 1 ? 2 * len : len;
-        const x = views[mode === 3 ? 1 : 0];
-        const y = mode === 1 ? views[1] : zeros;
         for (let g = 0; g < n; g += group) {
           const end = Math.min(n, g + group);
-          if (x.compare(y, g * cs, end * cs, g * cs, end * cs) === 0) continue;
+          if (test(g * cs, end * cs)) continue;
           for (let j = g; j < end; j++) {
-            if (end - g > 1 && x.compare(y, j * cs, (j + 1) * cs, j * cs, (j + 1) * cs) === 0) {
-              continue;
-            }
+            if (end - g > 1 && test(j * cs, (j + 1) * cs)) continue;
             const b = bit + c + j;
             Atomics.or(bits, b >>> 5, 1 << (b & 31));
           }
@@ -196,6 +199,21 @@ export function makeChunkScanner(
     }
     return bytes;
   };
+}
+
+/**
+ * {@link SameTest} through libc's `memcmp` (the worker has no `node:buffer`: loading
+ * Node's compatibility layer would double its start-up). Self-contained.
+ */
+function ffiSameTest(): SameTest {
+  const libc = Deno.dlopen(
+    "libc.so.6",
+    {
+      memcmp: { parameters: ["buffer", "buffer", "usize"], result: "i32" },
+    } as const,
+  ).symbols;
+  return (a, b) => (start, end) =>
+    libc.memcmp(a.subarray(start, end), b.subarray(start, end), BigInt(end - start)) === 0;
 }
 
 /**
@@ -229,12 +247,10 @@ function workerMain(
   job: DiffJob & { files: SharedFile[] },
   makeScanner: typeof makeChunkScanner,
   makeReader: typeof makeFileReader,
-  Buf: typeof Buffer,
+  same: () => SameTest,
 ): void {
   const scope = self as unknown as { postMessage(message: unknown): void; close(): void };
   const control = job.control;
-  // 1 = STATE, 0 = IDLE, 1 = RUNNING: the main thread may have finished already.
-  if (Atomics.compareExchange(control, 1, 0, 1) !== 0) return scope.close();
   const files: Deno.FsFile[] = [];
   try {
     const readers = job.files.map((f, i) => {
@@ -244,8 +260,10 @@ function workerMain(
       if (info.dev !== f.dev || info.ino !== f.ino) throw new Error(`${f.path} was replaced`);
       return makeReader(file, job.limits[i]);
     });
-    const scan = makeScanner(Buf, job);
+    const scan = makeScanner(same(), job);
     const read = (which: number, buf: Uint8Array, at: number) => readers[which](buf, at);
+    // 1 = STATE, 0 = IDLE, 1 = RUNNING: the main thread may have finished already.
+    if (Atomics.compareExchange(control, 1, 0, 1) !== 0) return scope.close();
     // 2 = STOP, 0 = NEXT
     while (Atomics.load(control, 2) === 0) {
       const k = Atomics.add(control, 0, 1);
@@ -261,11 +279,11 @@ function workerMain(
   }
 }
 
-const WORKER_SOURCE = `import { Buffer } from "node:buffer";
-const makeScanner = ${makeChunkScanner.toString()};
+const WORKER_SOURCE = `const makeScanner = ${makeChunkScanner.toString()};
 const makeReader = ${makeFileReader.toString()};
 const main = ${workerMain.toString()};
-self.onmessage = ({ data }) => main(data, makeScanner, makeReader, Buffer);
+const same = ${ffiSameTest.toString()};
+self.onmessage = ({ data }) => main(data, makeScanner, makeReader, same);
 `;
 
 let workerUrl: string | null = null;
@@ -277,6 +295,7 @@ function startHelper(
 ): { finished(): Promise<void>; terminate(): void; readonly failed: boolean } | null {
   let worker: Worker;
   try {
+    if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return null;
     workerUrl ??= URL.createObjectURL(new Blob([WORKER_SOURCE], { type: "text/javascript" }));
     worker = new Worker(workerUrl, { type: "module" });
   } catch {
@@ -330,7 +349,7 @@ export async function runDiffJob(
   waitForHelper = false,
 ): Promise<DiffJobResult> {
   const { control, done, chunkCount, chunkBytes } = job;
-  const scan = makeChunkScanner(Buffer, job);
+  const scan = makeChunkScanner(sameTest, job);
   const read: ReadInput = (which, buf, at) =>
     sources[which].readAtSync!(buf, at, job.limits[which]);
   let reported = 0;
