@@ -18,7 +18,10 @@ import {
   runDiffJob,
   SOURCE_DATA,
 } from "../lib/export/diff_scan.ts";
-import { pseudoRandom, withTempDir } from "./helpers.ts";
+import { exportQcow2 } from "../lib/export/export.ts";
+import { checkClean, imagesEqual, pseudoRandom, qemu, qemuTest, withTempDir } from "./helpers.ts";
+
+const MiB = 1 << 20;
 
 type Runs = [number, number, number][];
 
@@ -140,5 +143,22 @@ Deno.test("diff scan: a source that shrank fails on the main thread, named", asy
       scan(dir, cs, [80 * cs, 64 * cs], runs, { chunkBytes: 8 * cs }),
       /s\.raw ended at byte (262144|294912) .* the source shrank/,
     );
+  });
+});
+
+qemuTest("export --diff of two 72 MiB disks (two threads) rebuilds SOURCE over BASE", async () => {
+  await withTempDir(async (dir) => {
+    const cs = 65536;
+    const size = 72 * MiB + 4096; // enough to read for the worker; a partial last cluster
+    const { src } = await disks(dir, cs, size, size - 3 * cs, 11);
+    const out = `${dir}/d.qcow2`;
+    const e = await exportQcow2(`${dir}/s.raw`, { base: `${dir}/b.raw` });
+    await Deno.writeFile(out, e.stream);
+    const base = await Deno.readFile(`${dir}/b.raw`);
+    const clusters = Math.ceil(size / cs);
+    assert.deepEqual([...e.clusters], expected(src, base, cs, [[0, clusters - 1, COMPARE]]));
+    await checkClean(out);
+    await qemu(["rebase", "-u", "-b", `${dir}/b.raw`, "-F", "raw", out]);
+    assert.ok(await imagesEqual(out, `${dir}/s.raw`, "qcow2", "raw"));
   });
 });

@@ -14,8 +14,9 @@
  * cluster compares equal when SOURCE holds the same bytes and zeros after them, and
  * clusters beyond BASE's size are exported when non-zero.
  *
- * Two plain files or devices are scanned on two threads (diff_scan.ts); other disks
- * (network exports, `--direct`, views of other files) window by window (scan.ts).
+ * Two plain files or devices are scanned by diff_scan.ts (on two threads when there
+ * are 128 MiB or more to read); other disks (network exports, `--direct`, views of
+ * other files) window by window by scan.ts.
  *
  * @module
  */
@@ -48,8 +49,6 @@ export interface DiffPlanInput {
   baseCandidates: Candidates;
   /** Called with the bytes read as the scan advances. */
   onRead?: (bytes: number) => void;
-  /** Two plain files are scanned on two threads from this many bytes to read on (tests: 0). */
-  helperMinBytes?: number;
 }
 
 /** Where a cluster is: in SOURCE's candidates, in BASE's, or both. */
@@ -122,25 +121,24 @@ export async function planDiff(input: DiffPlanInput): Promise<ClusterSet> {
   const inS = (c: number) => isCandidate(S, c);
   const inB = (c: number) => c < B.clusters && isCandidate(B, c);
   const baseLimit = Math.min(input.base.size, input.virtualSize);
-  if (input.source.readAtSync && input.base.readAtSync) {
-    const files = [sharedFileOf(input.source), sharedFileOf(input.base)];
-    const planned = files[0] && files[1]
-      ? planDiffJob(
-        diffRuns(S, B, (first, last) => out.addRange(first, last)),
-        cs,
-        [input.source.size, baseLimit],
-      )
-      : null;
-    if (planned !== null) {
-      const { clusters } = await runDiffJob(
-        planned.job,
-        [input.source, input.base],
-        planned.bytes >= (input.helperMinBytes ?? HELPER_MIN_BYTES) ? files as SharedFile[] : null,
-        input.onRead ?? (() => {}),
-      );
-      for (const c of clusters) out.add(c);
-      return out;
-    }
+  // Two plain files or devices: on two threads (diff_scan.ts).
+  const files = [sharedFileOf(input.source), sharedFileOf(input.base)];
+  const planned = files[0] && files[1]
+    ? planDiffJob(
+      diffRuns(S, B, (first, last) => out.addRange(first, last)),
+      cs,
+      [input.source.size, baseLimit],
+    )
+    : null;
+  if (planned !== null) {
+    const { clusters } = await runDiffJob(
+      planned.job,
+      [input.source, input.base],
+      planned.bytes >= HELPER_MIN_BYTES ? files as SharedFile[] : null,
+      input.onRead ?? (() => {}),
+    );
+    for (const c of clusters) out.add(c);
+    return out;
   }
   await scanWindows(
     unionRuns(candidateRuns(S), candidateRuns(B)),
