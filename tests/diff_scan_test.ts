@@ -162,3 +162,19 @@ qemuTest("export --diff of two 72 MiB disks (two threads) rebuilds SOURCE over B
     assert.ok(await imagesEqual(out, `${dir}/s.raw`, "qcow2", "raw"));
   });
 });
+
+Deno.test("diff scan: runs too fragmented to plan are left to the window scan", () => {
+  function* scattered(n: number): Generator<[number, number, number]> {
+    for (let i = 0; i < n; i++) yield [2 * i, 2 * i, COMPARE];
+  }
+  assert.ok(planDiffJob(scattered(1000), 65536, [1 << 30, 1 << 30]) !== null);
+  assert.equal(planDiffJob(scattered((1 << 18) + 1), 65536, [1 << 40, 1 << 40]), null);
+  // Chunks of 4 clusters across 3 runs of 5 (COMPARE reads twice the bytes).
+  const job = planDiffJob([[0, 4, COMPARE], [10, 14, SOURCE_DATA], [20, 24, BASE_DATA]], 512, [
+    1 << 20,
+    1 << 20,
+  ], 2048)!;
+  assert.equal(job.job.chunkCount, 4);
+  assert.deepEqual([...job.job.chunkBytes], [4096, 2560, 2048, 1536]);
+  assert.equal(job.bytes, 5 * 512 * 2 + 5 * 512 + 5 * 512);
+});

@@ -36,6 +36,8 @@ const WINDOW_BYTES = 1024 * 1024;
 const CHUNK_BYTES = 16 * 1024 * 1024;
 /** At most this many segments are planned (32 bytes each), else the plain scan runs. */
 const MAX_SEGMENTS = 1 << 18;
+/** At most this many clusters are read (their bits are indexed by 32-bit integers). */
+const MAX_BITS = 2 ** 31;
 /** Bytes compared in one call before the clusters inside are compared one by one. */
 const GROUP_BYTES = 64 * 1024;
 
@@ -80,8 +82,8 @@ function shared(bytes: number): SharedArrayBuffer {
 /**
  * The job for runs `[first, last, mode]` (ascending, mode {@link COMPARE},
  * {@link SOURCE_DATA} or {@link BASE_DATA}), cut into chunks; null when the runs are
- * so fragmented that the segments would take more than a few MiB. Also returns the
- * bytes to read.
+ * so fragmented that the segments would take more than a few MiB, or hold more than
+ * 2^31 clusters. Also returns the bytes to read.
  */
 export function planDiffJob(
   runs: Iterable<readonly [number, number, number]>,
@@ -101,7 +103,7 @@ export function planDiffJob(
   for (const [first, last, mode] of runs) {
     for (let a = first; a <= last;) {
       const n = Math.min(last - a + 1, chunkClusters - inChunk);
-      if (count === MAX_SEGMENTS) return null;
+      if (count === MAX_SEGMENTS || bit + n > MAX_BITS) return null;
       if (4 * count === segs.length) {
         const grown = new Float64Array(segs.length * 2);
         grown.set(segs);
@@ -295,6 +297,7 @@ function startHelper(
 ): { finished(): Promise<void>; terminate(): void; readonly failed: boolean } | null {
   let worker: Worker;
   try {
+    if (Deno.build.os !== "linux") return null; // the worker's memcmp is in libc.so.6
     if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return null;
     workerUrl ??= URL.createObjectURL(new Blob([WORKER_SOURCE], { type: "text/javascript" }));
     worker = new Worker(workerUrl, { type: "module" });
