@@ -314,6 +314,16 @@ nbdTest("nbd import: writes, zeroes what the image lacks, --prezeroed, flush", a
   });
 });
 
+/** Imports `image` through a pipe into the export at `uri` and checks it holds `raw`'s bytes. */
+async function importFromPipe(uri: string, image: string, raw: string, args: string[] = []) {
+  const r = await runCli(["import", uri, ...args], { stdinFile: image });
+  assert.equal(r.code, 0, r.stderr);
+  const back = `${image}.back.raw`;
+  await nbdcopyTo(uri, back);
+  assert.deepEqual(await Deno.readFile(back), await Deno.readFile(raw));
+  await Deno.remove(back);
+}
+
 nbdTest("nbd import: several connections with multi-conn; VHD stream from a pipe", async () => {
   await withTempDir(async (dir) => {
     const raw = `${dir}/src.raw`;
@@ -323,12 +333,7 @@ nbdTest("nbd import: several connections with multi-conn; VHD stream from a pipe
     const log = `${dir}/nbdkit.log`;
     const server = await startNbdkit(dir, ["--filter=log", "memory", "24M", `logfile=${log}`]);
     try {
-      const r = await runCli(["import", server.uri, "--connections", "3"], {
-        stdinFile: `${dir}/src.vhd`,
-      });
-      assert.equal(r.code, 0, r.stderr);
-      await nbdcopyTo(server.uri, `${dir}/back.raw`);
-      assert.deepEqual(await Deno.readFile(`${dir}/back.raw`), await Deno.readFile(raw));
+      await importFromPipe(server.uri, `${dir}/src.vhd`, raw, ["--connections", "3"]);
       const conns = new Set(
         [...(await Deno.readTextFile(log)).matchAll(/connection=(\d+) Write/g)].map((m) => m[1]),
       );
@@ -369,12 +374,7 @@ nbdTest(
         "wdelay=300ms",
       ]);
       try {
-        const r = await runCli(["import", slow.uri, "--connections", "1"], {
-          stdinFile: `${dir}/src.qcow2`,
-        });
-        assert.equal(r.code, 0, r.stderr);
-        await nbdcopyTo(slow.uri, `${dir}/back.raw`);
-        assert.deepEqual(await Deno.readFile(`${dir}/back.raw`), await Deno.readFile(raw));
+        await importFromPipe(slow.uri, `${dir}/src.qcow2`, raw, ["--connections", "1"]);
         const text = await Deno.readTextFile(log);
         assert.ok(
           mostInFlight(text, "Write") >= 4,
