@@ -77,19 +77,6 @@ const { values: opts } = parseArgs({
   },
 });
 
-if (opts.help) {
-  console.log(
-    `usage: deno task bench [--runs N] [--quick] [--case NAME]... [--dir DIR] [--cold] [--cli PATH]
-  --runs N     timed runs per command (default 5; --quick: 3)
-  --quick      small inputs, for a smoke run
-  --case NAME  run only this case (repeatable): ${caseNames().join(", ")}
-  --dir DIR    build the inputs under DIR (default: the system temp dir)
-  --cold       drop the page cache before every run (needs root)
-  --cli PATH   the diskstream to measure: cli.ts of another checkout (default: this one)`,
-  );
-  Deno.exit(0);
-}
-
 const CLI = opts.cli ?? `${ROOT}/cli.ts`;
 const CLI_DIR = CLI.replace(/\/[^/]*$/, "") || ".";
 const DS = [DENO, "run", "-A", `--config=${CLI_DIR}/deno.json`, CLI];
@@ -99,10 +86,20 @@ if (!Number.isInteger(runs) || runs < 1) {
   console.error(`bench: --runs needs a positive integer, got '${opts.runs}'`);
   Deno.exit(2);
 }
-const log = (s: string) => console.error(s);
-const work = await Deno.makeTempDir({ prefix: "diskstream-bench-", dir: opts.dir });
+const started = performance.now();
+/** Minutes and seconds since the bench started, for the progress lines. */
+const elapsed = () => {
+  const s = Math.round((performance.now() - started) / 1000);
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+};
+const log = (s: string) => console.error(`[${elapsed()}] ${s}`);
+// --help needs the case names only: nothing is made on disk for it (the cases read `work`
+// and `inputs` only when they run).
+const work = opts.help
+  ? "(the work dir)"
+  : await Deno.makeTempDir({ prefix: "diskstream-bench-", dir: opts.dir });
 const scratch = `${work}/scratch`;
-await Deno.mkdir(scratch);
+if (!opts.help) await Deno.mkdir(scratch);
 const inputs = new Inputs(work, sizes, log);
 
 function cleanupAndExit(code: number): never {
@@ -785,7 +782,36 @@ async function runCase(c: BenchCase): Promise<Outcome[]> {
       cacheGrowth: [],
     }];
   }
-  return await runContenders(c, await c.contenders());
+  const t = performance.now();
+  const contenders = await c.contenders();
+  caseTime(c.name).prepare += (performance.now() - t) / 1000;
+  return await runContenders(c, contenders);
+}
+
+/** Where a case's time went (seconds): making its inputs, warm-up runs, timed runs, checks. */
+interface CaseTime {
+  prepare: number;
+  warmUp: number;
+  timed: number;
+  /** Output checks, clean-up and the `sync` after every run. */
+  between: number;
+  /** The whole case, as seen from the main loop. */
+  total: number;
+}
+const caseTimes = new Map<string, CaseTime>();
+function caseTime(name: string): CaseTime {
+  let t = caseTimes.get(name);
+  if (t === undefined) {
+    t = { prepare: 0, warmUp: 0, timed: 0, between: 0, total: 0 };
+    caseTimes.set(name, t);
+  }
+  return t;
+}
+const secs = (x: number) => `${x.toFixed(0)} s`;
+function caseTimeText(name: string): string {
+  const t = caseTime(name);
+  return `${secs(t.total)} (inputs ${secs(t.prepare)}, warm-up ${secs(t.warmUp)}, ` +
+    `timed ${secs(t.timed)}, checks and syncs ${secs(t.between)})`;
 }
 
 async function runContenders(c: BenchCase, contenders: Contender[]): Promise<Outcome[]> {
@@ -803,10 +829,19 @@ async function runContenders(c: BenchCase, contenders: Contender[]): Promise<Out
     const k = contenders[i], o = outcomes[i];
     if (o.problem !== undefined) return;
     if (opts.cold || c.cold) await dropCaches();
+    const time = caseTime(c.name);
+    let t = performance.now();
+    const lap = () => {
+      const now = performance.now(), dt = (now - t) / 1000;
+      t = now;
+      return dt;
+    };
     try {
       const [s, growth] = c.watchCache
         ? await watchingCache(c.watchCache(), () => measure(k.pipeline, scratch))
         : [await measure(k.pipeline, scratch), NaN];
+      if (check) time.warmUp += lap();
+      else time.timed += lap();
       if (check && k.verify) {
         const wrong = await k.verify();
         if (wrong !== null) o.problem = `WRONG OUTPUT: ${wrong}`;
@@ -822,6 +857,7 @@ async function runContenders(c: BenchCase, contenders: Contender[]): Promise<Out
       await k.after?.();
       // Start every run with nothing dirty: no writeback of one run slows the next.
       await new Deno.Command("sync").output();
+      time.between += lap();
     }
   };
   log(`case ${c.name}: warm-up and output check`);
@@ -1198,6 +1234,20 @@ async function machine(): Promise<string[]> {
 
 // ---- main ----
 
+if (opts.help) {
+  console.log(
+    `usage: deno task bench [--runs N] [--quick] [--case NAME]... [--dir DIR] [--cold] [--cli PATH]
+  --runs N     timed runs per command (default 5; --quick: 3)
+  --quick      small inputs, for a smoke run
+  --case NAME  run only this case (repeatable): ${caseNames().join(", ")}
+  --dir DIR    build the inputs under DIR (default: the system temp dir)
+  --cold       drop the page cache before every run (needs root)
+  --cli PATH   the diskstream to measure: cli.ts of another checkout (default: this one)`,
+  );
+  Deno.exit(0);
+}
+
+
 const selected = allCases().filter((c) => !opts.case || opts.case.includes(c.name));
 const unknown = (opts.case ?? []).filter((n) => !caseNames().includes(n));
 if (unknown.length) {
@@ -1205,7 +1255,6 @@ if (unknown.length) {
   cleanupAndExit(2);
 }
 
-const started = performance.now();
 const results = new Map<string, Outcome[]>();
 let exitCode = 0;
 try {
@@ -1220,10 +1269,13 @@ try {
         : "dropping the cache is not permitted here");
   }
   for (const c of selected) {
+    const t = performance.now();
     try {
       results.set(c.name, await runCase(c));
     } finally {
       await c.cleanup?.();
+      caseTime(c.name).total = (performance.now() - t) / 1000;
+      log(`case ${c.name}: done in ${caseTimeText(c.name)}`);
     }
   }
   const minutes = (performance.now() - started) / 60000;
@@ -1231,7 +1283,8 @@ try {
     `## Benchmark`,
     "",
     ...(await machine()),
-    `- total bench time: ${fmt(minutes, 1)} min`,
+    `- total bench time: ${fmt(minutes, 1)} min; per case: ` +
+    selected.map((c) => `${c.name} ${caseTimeText(c.name)}`).join("; "),
     "",
     ...selected.map((c) => caseTable(c, results.get(c.name)!)),
     `### Goals`,
