@@ -85,6 +85,11 @@ export interface ImageTarget {
    * by the kernel): accounts for it. Throws when the range is out of bounds.
    */
   wroteDirect?(offset: number, length: number): void;
+  /**
+   * True when the target writes with O_DIRECT (`--direct`): data must reach it through
+   * {@link ImageTarget.write}, never be spliced into `path` through the page cache.
+   */
+  readonly direct?: boolean;
 }
 
 /** What an import writes into: the write operations plus its end. */
