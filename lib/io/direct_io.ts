@@ -39,6 +39,12 @@ const SYMBOLS = {
   close: { parameters: ["i32"], result: "i32" },
   pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
   pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  pread_async: {
+    name: "pread",
+    parameters: ["i32", "buffer", "usize", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
   pwrite_async: {
     name: "pwrite",
     parameters: ["i32", "buffer", "usize", "i64"],
@@ -72,6 +78,9 @@ export function alignedBuffer(size: number): Uint8Array {
   return raw.subarray(pad, pad + size);
 }
 
+/** The most {@link DirectFile.readView} returns at once. */
+export const DIRECT_VIEW = DIRECT_CHUNK - DIRECT_ALIGN;
+
 const down = (x: number) => x - (x % DIRECT_ALIGN);
 const up = (x: number) => down(x + DIRECT_ALIGN - 1);
 
@@ -85,6 +94,14 @@ export interface DirectFile {
    * many were read (fewer at the end of the file). Throws on a read error.
    */
   readSync(buf: Uint8Array, position: number): number;
+  /** {@link DirectFile.readSync} on another thread (one at a time per file). */
+  read(buf: Uint8Array, position: number): Promise<number>;
+  /**
+   * Reads up to `length` bytes at `position` (at most {@link DIRECT_VIEW} bytes) and
+   * returns them as a view of a staging buffer, valid until the next read (no copy);
+   * shorter at the end of the file.
+   */
+  readView(position: number, length: number): Uint8Array;
   /**
    * Writes `bytes` at `position` (any alignment). The bytes are copied before this
    * returns; the direct write of the copy may still be running: {@link DirectFile.drain}
@@ -146,7 +163,7 @@ class Direct implements DirectFile {
   /** The O_DIRECT descriptor, and an ordinary one for unaligned pieces. */
   #fd: number;
   #plain: number;
-  /** Staging buffers, made when first needed: reads use slot 0, writes alternate. */
+  /** Staging buffers, made when first needed: writes alternate between 0 and 1, reads use 2 and 3. */
   #slots: Uint8Array[] = [];
   #running: (Promise<void> | null)[] = [null, null];
   #next = 0;
@@ -173,20 +190,66 @@ class Direct implements DirectFile {
   }
 
   readSync(buf: Uint8Array, position: number): number {
-    const slot = this.#slot(0);
+    const slot = this.#slot(2);
     let got = 0;
-    while (got < buf.length) {
-      const at = position + got;
-      const lo = down(at);
-      const hi = Math.min(lo + slot.length, up(position + buf.length));
+    for (;;) {
+      const [lo, hi] = this.#window(slot, buf, position, got);
       const n = this.#pread(slot, hi - lo, lo);
-      const useful = Math.min(n - (at - lo), buf.length - got);
-      if (useful <= 0) break; // the end of the file
-      buf.set(slot.subarray(at - lo, at - lo + useful), got);
-      got += useful;
-      if (n < hi - lo) break;
+      const [more, done] = this.#copyOut(slot, n, lo, hi, buf, position, got);
+      if (done) return more;
+      got = more;
     }
-    return got;
+  }
+
+  readView(position: number, length: number): Uint8Array {
+    const slot = this.#slot(2);
+    const lo = down(position);
+    const hi = up(position + Math.min(length, DIRECT_VIEW));
+    const n = this.#pread(slot, hi - lo, lo);
+    const skip = position - lo;
+    return slot.subarray(skip, Math.max(skip, Math.min(n, skip + length)));
+  }
+
+  async read(buf: Uint8Array, position: number): Promise<number> {
+    const slot = this.#slot(3);
+    let got = 0;
+    for (;;) {
+      const [lo, hi] = this.#window(slot, buf, position, got);
+      let n = this.direct
+        ? Number(await this.#c.pread_async(this.#fd, slot, BigInt(hi - lo), BigInt(lo)))
+        : -1;
+      if (n < 0) n = this.#pread(slot, hi - lo, lo); // errno is readable only on this thread
+      const [more, done] = this.#copyOut(slot, n, lo, hi, buf, position, got);
+      if (done) return more;
+      got = more;
+    }
+  }
+
+  /** The aligned range `[lo, hi)` to read next into `slot`, `got` bytes of `buf` read. */
+  #window(slot: Uint8Array, buf: Uint8Array, position: number, got: number): [number, number] {
+    const lo = down(position + got);
+    return [lo, Math.min(lo + slot.length, up(position + buf.length))];
+  }
+
+  /**
+   * Copies what `n` bytes read at `lo` hold of `buf`'s range; returns the bytes of
+   * `buf` read so far, and true when the read is complete (all of it, or the file ended).
+   */
+  #copyOut(
+    slot: Uint8Array,
+    n: number,
+    lo: number,
+    hi: number,
+    buf: Uint8Array,
+    position: number,
+    got: number,
+  ): [number, boolean] {
+    const at = position + got;
+    const useful = Math.min(n - (at - lo), buf.length - got);
+    if (useful <= 0) return [got, true]; // the end of the file (or nothing asked)
+    buf.set(slot.subarray(at - lo, at - lo + useful), got);
+    got += useful;
+    return [got, got === buf.length || n < hi - lo];
   }
 
   #pread(into: Uint8Array, length: number, at: number): number {

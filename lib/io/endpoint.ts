@@ -37,6 +37,11 @@ export interface DiskSource {
    */
   readonly kernelCopy?: boolean;
   /**
+   * True when reads bypass the page cache (O_DIRECT): there is no readahead, so each
+   * read is one request to the device — read in large pieces, not small probes.
+   */
+  readonly direct?: boolean;
+  /**
    * Fills all of `buf` with the bytes at `position`. Bytes at or past `limit`
    * (default: the size) read as zeros. Throws a `SourceChangedError` when the
    * source ends before `limit`.
