@@ -1,9 +1,9 @@
 /**
  * `deno task bench`: diskstream against its peers, in one run, alternating.
  *
- * Builds its inputs in a temp dir (sparse where possible; removed afterwards, also on
- * Ctrl-C or failure), runs every case for diskstream and the peers in rotating order
- * after one untimed warm-up (which also checks the outputs), and prints a Markdown
+ * Builds its inputs in a temp dir once (sparse where possible; removed afterwards, also
+ * on Ctrl-C or failure), runs every case for diskstream and the peers in rotating order
+ * after an untimed run of each command whose output is checked, and prints a Markdown
  * report: medians, ratios, peak RSS, and the goals of issues 5 and 13 with PASS/FAIL.
  *
  *   deno task bench [--runs N] [--quick] [--case NAME]... [--dir DIR] [--cold] [--cli PATH]
@@ -67,7 +67,7 @@ interface Outcome {
 const { values: opts } = parseArgs({
   args: Deno.args,
   options: {
-    runs: { type: "string", default: "5" },
+    runs: { type: "string", default: "3" },
     quick: { type: "boolean", default: false },
     case: { type: "string", multiple: true },
     dir: { type: "string" },
@@ -81,7 +81,7 @@ const CLI = opts.cli ?? `${ROOT}/cli.ts`;
 const CLI_DIR = CLI.replace(/\/[^/]*$/, "") || ".";
 const DS = [DENO, "run", "-A", `--config=${CLI_DIR}/deno.json`, CLI];
 const sizes: InputSizes = opts.quick ? QUICK_SIZES : FULL_SIZES;
-const runs = Number(opts.quick && opts.runs === "5" ? "3" : opts.runs);
+const runs = Number(opts.runs);
 if (!Number.isInteger(runs) || runs < 1) {
   console.error(`bench: --runs needs a positive integer, got '${opts.runs}'`);
   Deno.exit(2);
@@ -597,7 +597,14 @@ function allCases(): BenchCase[] {
         ];
       },
     },
-    ...httpCases({ work, ds: DS, fullRaw: () => inputs.fullRaw(), sizes, log }),
+    ...httpCases({
+      work,
+      ds: DS,
+      fullRaw: () => inputs.fullRaw(),
+      fullExport: () => inputs.fullExport(DS),
+      sizes,
+      log,
+    }),
     ...nbdCases({ ds: DS, inputs, work, missing: dsMissing, sameAs }),
   ];
 }
@@ -788,7 +795,7 @@ async function runCase(c: BenchCase): Promise<Outcome[]> {
   return await runContenders(c, contenders);
 }
 
-/** Where a case's time went (seconds): making its inputs, warm-up runs, timed runs, checks. */
+/** Where a case's time went (seconds): making its inputs, checked runs, timed runs, the rest. */
 interface CaseTime {
   prepare: number;
   warmUp: number;
@@ -810,7 +817,7 @@ function caseTime(name: string): CaseTime {
 const secs = (x: number) => `${x.toFixed(0)} s`;
 function caseTimeText(name: string): string {
   const t = caseTime(name);
-  return `${secs(t.total)} (inputs ${secs(t.prepare)}, warm-up ${secs(t.warmUp)}, ` +
+  return `${secs(t.total)} (inputs ${secs(t.prepare)}, checked runs ${secs(t.warmUp)}, ` +
     `timed ${secs(t.timed)}, checks and syncs ${secs(t.between)})`;
 }
 
@@ -860,8 +867,10 @@ async function runContenders(c: BenchCase, contenders: Contender[]): Promise<Out
       time.between += lap();
     }
   };
-  log(`case ${c.name}: warm-up and output check`);
-  for (let i = 0; i < contenders.length; i++) await once(i, true);
+  // An untimed run for the commands whose output is checked (the others' first timed run
+  // finds the inputs in the page cache already: they were just made, or read by a case).
+  log(`case ${c.name}: output checks`);
+  for (let i = 0; i < contenders.length; i++) if (contenders[i].verify) await once(i, true);
   const rounds = Math.min(runs, c.runs ?? runs);
   for (let r = 0; r < rounds; r++) {
     log(`case ${c.name}: round ${r + 1}/${rounds}`);
@@ -1226,8 +1235,10 @@ async function machine(): Promise<string[]> {
     }, ` +
     `node ${nodeVersion ?? "missing"}, ${XO}@${XO_VERSION}`,
     `- command: \`deno task bench${Deno.args.length ? " " + Deno.args.join(" ") : ""}\``,
-    `- ${runs} timed runs per command after one untimed warm-up (which also checks the ` +
-    `output with \`qemu-img compare\`), commands alternating in rotating order; times are ` +
+    `- ${runs} timed runs per command (medians), commands alternating in rotating order; ` +
+    `a command whose output is checked (\`qemu-img compare\`, checksums) runs once more ` +
+    `first, untimed, for the check; the inputs are in the page cache (just made or read) ` +
+    `unless the case drops it; times are ` +
     `wall-clock medians including process start-up; CPU s is user + system time of all ` +
     `the pipeline's processes; peak RSS is GNU time's %M of the process that matters ` +
     `(diskstream's own process in a pipeline), median of the runs.`,
@@ -1240,7 +1251,7 @@ async function machine(): Promise<string[]> {
 if (opts.help) {
   console.log(
     `usage: deno task bench [--runs N] [--quick] [--case NAME]... [--dir DIR] [--cold] [--cli PATH]
-  --runs N     timed runs per command (default 5; --quick: 3)
+  --runs N     timed runs per command (default 3)
   --quick      small inputs, for a smoke run
   --case NAME  run only this case (repeatable): ${caseNames().join(", ")}
   --dir DIR    build the inputs under DIR (default: the system temp dir)
@@ -1250,8 +1261,9 @@ if (opts.help) {
   Deno.exit(0);
 }
 
-
-const selected = allCases().filter((c) => !opts.case || opts.case.includes(c.name));
+// The cases that drop the page cache run last: the others find their inputs cached.
+const selected = allCases().filter((c) => !opts.case || opts.case.includes(c.name))
+  .sort((a, b) => Number(a.cold ?? false) - Number(b.cold ?? false));
 const unknown = (opts.case ?? []).filter((n) => !caseNames().includes(n));
 if (unknown.length) {
   console.error(`bench: unknown case ${unknown.join(", ")}; cases: ${caseNames().join(", ")}`);
@@ -1266,7 +1278,7 @@ try {
       ? "cold: dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`) before every run"
       : "warm: --cold was asked for but dropping the page cache is not permitted here";
   } else {
-    coldState = "warm: inputs are in the page cache (the warm-up run reads them); " +
+    coldState = "warm: inputs are in the page cache (just made, or read by an earlier run); " +
       ((await dropCaches())
         ? "run with --cold to drop the cache before every run (works here)"
         : "dropping the cache is not permitted here");

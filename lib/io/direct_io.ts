@@ -32,6 +32,7 @@ export const DIRECT_CHUNK = 8 * 1024 * 1024;
 const O_DIRECT = Deno.build.arch === "aarch64" ? 0o200000 : 0o40000;
 const O_RDONLY = 0;
 const O_RDWR = 2;
+const POSIX_FADV_DONTNEED = 4;
 const EINVAL = 22;
 
 const SYMBOLS = {
@@ -52,6 +53,7 @@ const SYMBOLS = {
     nonblocking: true,
   },
   fdatasync: { parameters: ["i32"], result: "i32" },
+  posix_fadvise: { parameters: ["i32", "i64", "i64", "i32"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
@@ -169,6 +171,14 @@ class Direct implements DirectFile {
   #next = 0;
   /** The first error of a write that ran on another thread. */
   #failed: Error | null = null;
+  /** The range transferred, `[lo, hi)`: dropped from the page cache at the end. */
+  #lo = Infinity;
+  #hi = 0;
+
+  #touch(at: number, length: number): void {
+    this.#lo = Math.min(this.#lo, at);
+    this.#hi = Math.max(this.#hi, at + length);
+  }
 
   constructor(c: Libc, fd: number, plain: number, readonly path: string) {
     this.#c = c;
@@ -219,6 +229,7 @@ class Direct implements DirectFile {
         ? Number(await this.#c.pread_async(this.#fd, slot, BigInt(hi - lo), BigInt(lo)))
         : -1;
       if (n < 0) n = this.#pread(slot, hi - lo, lo); // errno is readable only on this thread
+      else this.#touch(lo, hi - lo);
       const [more, done] = this.#copyOut(slot, n, lo, hi, buf, position, got);
       if (done) return more;
       got = more;
@@ -253,6 +264,7 @@ class Direct implements DirectFile {
   }
 
   #pread(into: Uint8Array, length: number, at: number): number {
+    this.#touch(at, length);
     for (;;) {
       const n = Number(this.#c.pread(this.#for(false), into, BigInt(length), BigInt(at)));
       if (n >= 0) return n;
@@ -292,6 +304,7 @@ class Direct implements DirectFile {
 
   async write(bytes: Uint8Array, position: number): Promise<void> {
     if (this.#failed) throw this.#failed;
+    this.#touch(position, bytes.length);
     const end = position + bytes.length;
     // The unaligned head and tail, through the page cache.
     const a = Math.min(up(position), end);
@@ -348,12 +361,17 @@ class Direct implements DirectFile {
 
   close(): void {
     if (this.#fd < 0) return;
-    const [c, fd, plain] = [this.#c, this.#fd, this.#plain];
+    const [c, fd, plain, lo, hi] = [this.#c, this.#fd, this.#plain, this.#lo, this.#hi];
     this.#fd = this.#plain = -1;
-    // A write still queued for another thread must not meet a closed (or reused) number.
-    Promise.allSettled(this.#running).then(() => {
+    const end = () => {
+      // What was cached before (another reader's) or went through the page cache (the
+      // unaligned pieces) leaves it too, as with the page-cache path.
+      if (hi > lo) c.posix_fadvise(plain, BigInt(lo), BigInt(hi - lo), POSIX_FADV_DONTNEED);
       c.close(fd);
       c.close(plain);
-    });
+    };
+    // A write still queued for another thread must not meet a closed (or reused) number.
+    if (this.#running.every((r) => r === null)) end();
+    else Promise.allSettled(this.#running).then(end);
   }
 }
