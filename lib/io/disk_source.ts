@@ -58,7 +58,7 @@ export interface SharedFile {
  * (its reads need no page-cache bookkeeping, `--direct`), or null for any other source.
  */
 export function sharedFileOf(source: DiskSource): SharedFile | null {
-  if (!(source instanceof FileSource) || source.cache?.drop) return null;
+  if (!(source instanceof FileSource) || source.cache?.drop || source.direct) return null;
   return source.identity();
 }
 
