@@ -215,6 +215,7 @@ class Pass2<Layout> {
           : { fd: target.kind === "fd" ? target.fd : 1 },
         name,
         this.sync,
+        this.direct,
       )
       : null;
     if (copier === null) {
@@ -222,7 +223,7 @@ class Pass2<Layout> {
     }
     const drop = this.direct
       ? {
-        src: openPageCache(this.src.path, true),
+        src: copier.readsDirect ? null : openPageCache(this.src.path, true),
         out: target.kind === "path" ? openPageCache(target.path, true) : null,
       }
       : null;

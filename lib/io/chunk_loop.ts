@@ -121,6 +121,7 @@ const MOVE_BUDGET = 256 * 1024 * 1024;
 function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarget) {
   const pipe = input.pipe;
   if (!pipe || !walker.moveDirect || !target.wroteDirect || target.path === undefined) return null;
+  if (target.direct) return null; // O_DIRECT writes: the data goes through write()
   const path = target.path;
   let fd = pipe.openDestination(path);
   if (fd === null) return null;
