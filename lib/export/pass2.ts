@@ -34,8 +34,9 @@ export interface ImageWriter<Layout> {
   chunks(options: WriterOptions): AsyncGenerator<Uint8Array>;
   /**
    * The image as bytes to write and source ranges to copy (for kernel copies); absent
-   * when the data must pass through JavaScript (checksums): then writeTo writes
-   * {@link ImageWriter.chunks}.
+   * when there is no such way (then writeTo writes {@link ImageWriter.chunks}). Each
+   * piece is written before the next is asked for, so bytes may be a view of a buffer
+   * the generator reuses (a tar member read and hashed in place).
    */
   pieces?(): Iterable<Uint8Array | SourceRange>;
 }
@@ -205,7 +206,7 @@ class Pass2<Layout> {
   }
 
   async #write(target: Endpoint, name: string): Promise<void> {
-    // Kernel copies only when the format gives pieces (no checksums to compute) and the
+    // Kernel copies (and synchronous writes) only when the format gives pieces and the
     // source's path holds its bytes (not a disk inside an XVA, not a VHD chain).
     const copier = this.image.pieces && this.src.kernelCopy !== false && !this.src.remote
       ? openKernelCopy(
@@ -245,11 +246,18 @@ class Pass2<Layout> {
     outCache: PageCache | null,
   ): Promise<void> {
     const src = this.src;
+    const turn = () => new Promise((resolve) => setImmediate(resolve)); // timers, signals
+    let unturned = 0; // bytes written since the event loop last ran
     for (const piece of this.image.pieces!()) {
       if (piece instanceof Uint8Array) {
         copier.write(piece);
         outCache?.wrote(this.#sent, piece.length);
         this.#sentBytes(piece.length);
+        unturned += piece.length;
+        if (unturned >= COPY_STEP) {
+          unturned = 0;
+          await turn();
+        }
         continue;
       }
       const end = piece.offset + piece.length;
@@ -262,7 +270,8 @@ class Pass2<Layout> {
         outCache?.wrote(this.#sent, step);
         this.#sentBytes(step);
         at += step;
-        await new Promise((resolve) => setImmediate(resolve)); // let timers and signals run
+        unturned = 0;
+        await turn();
       }
     }
   }
