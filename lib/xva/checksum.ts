@@ -9,9 +9,7 @@
  *
  * @module
  */
-import { createHash } from "node:crypto";
 import { createRequire } from "node:module";
-import xxhash from "xxhash-wasm";
 
 /** The two checksum kinds: `xxhash` (XXH64) and `sha1`. */
 export type ChecksumKind = "xxhash" | "sha1";
@@ -29,6 +27,7 @@ export const CHECKSUM_EXTENSIONS: Readonly<Record<ChecksumKind, string>> = {
 export type Checksum = (...pieces: Uint8Array[]) => string;
 
 let xxh64: Promise<Checksum> | null = null;
+let sha1: Promise<Checksum> | null = null;
 
 /** What `@node-rs/xxhash`'s Node-API module offers (the part used here). */
 interface NativeXxhash {
@@ -88,6 +87,7 @@ export async function loadXxh64(
     };
   }
   if (only === "native") return null;
+  const { default: xxhash } = await import("xxhash-wasm"); // loaded only when needed
   const { h64Raw, create64 } = await xxhash();
   return {
     implementation: "wasm",
@@ -100,11 +100,14 @@ export async function loadXxh64(
   };
 }
 
-const sha1: Checksum = (...pieces) => {
-  const h = createHash("sha1");
-  for (const p of pieces) h.update(p);
-  return h.digest("hex");
-};
+async function loadSha1(): Promise<Checksum> {
+  const { createHash } = await import("node:crypto"); // loaded only when needed
+  return (...pieces) => {
+    const h = createHash("sha1");
+    for (const p of pieces) h.update(p);
+    return h.digest("hex");
+  };
+}
 
 const hex16 = (h: bigint) => h.toString(16).toUpperCase().padStart(16, "0");
 
@@ -125,7 +128,7 @@ const hex16 = (h: bigint) => h.toString(16).toUpperCase().padStart(16, "0");
  * ```
  */
 export function loadChecksum(kind: ChecksumKind): Promise<Checksum> {
-  if (kind === "sha1") return Promise.resolve(sha1);
+  if (kind === "sha1") return sha1 ??= loadSha1();
   xxh64 ??= loadXxh64().then((x) => x!.checksum);
   return xxh64;
 }
