@@ -246,18 +246,19 @@ class Pass2<Layout> {
     outCache: PageCache | null,
   ): Promise<void> {
     const src = this.src;
-    const turn = () => new Promise((resolve) => setImmediate(resolve)); // timers, signals
-    let unturned = 0; // bytes written since the event loop last ran
+    // Let timers and signals run every few MiB (not after each member or scattered cluster).
+    let sinceYield = 0;
+    const yieldAfter = async (bytes: number) => {
+      if ((sinceYield += bytes) < COPY_STEP) return;
+      sinceYield = 0;
+      await new Promise((resolve) => setImmediate(resolve));
+    };
     for (const piece of this.image.pieces!()) {
       if (piece instanceof Uint8Array) {
         copier.write(piece);
         outCache?.wrote(this.#sent, piece.length);
         this.#sentBytes(piece.length);
-        unturned += piece.length;
-        if (unturned >= COPY_STEP) {
-          unturned = 0;
-          await turn();
-        }
+        await yieldAfter(piece.length);
         continue;
       }
       const end = piece.offset + piece.length;
@@ -270,8 +271,7 @@ class Pass2<Layout> {
         outCache?.wrote(this.#sent, step);
         this.#sentBytes(step);
         at += step;
-        unturned = 0;
-        await turn();
+        await yieldAfter(step);
       }
     }
   }
