@@ -13,6 +13,7 @@
  */
 import * as zlib from "node:zlib";
 import { CorruptImageError } from "../errors.ts";
+import { makeNativeCodecs, type NativeCodecs } from "../io/native_codecs.ts";
 
 /** A decompressed cluster and the number of input bytes its compressed form used. */
 export interface DecompressedCluster {
@@ -31,16 +32,22 @@ export interface DecompressFailure {
 /** What a decompressor returns: the cluster, or why not. */
 export type DecompressResult = DecompressedCluster | DecompressFailure;
 
-/** The decompression function {@link makeDecompressor} returns. */
+/**
+ * The decompression function {@link makeDecompressor} returns. With `out` (one
+ * cluster long), the cluster is made there and the result's `data` is `out`.
+ */
 export type Decompressor = (
   input: Uint8Array,
   clusterSize: number,
   compressionType: number,
+  out?: Uint8Array,
 ) => DecompressResult;
 
 /**
- * Returns the decompression function over `z` (`node:zlib`). It refers to nothing
- * outside its own body, so that its source text can run in a worker.
+ * Returns the decompression function over `native` (the system's libraries, see
+ * io/native_codecs.ts), falling back on `z` (`node:zlib`) wherever a native decoder
+ * is missing or declines the input. It refers to nothing outside its own body, so
+ * that its source text can run in a worker.
  *
  * Deflate: data that fills the cluster without an end-of-stream marker is accepted
  * and bytes after the marker ignored, as QEMU does; data inflating past the cluster
@@ -54,14 +61,17 @@ export type Decompressor = (
  * import assert from "node:assert/strict";
  * import { makeDecompressor } from "./decompress.ts";
  *
- * const decompress = makeDecompressor(zlib);
+ * const decompress = makeDecompressor(zlib, makeNativeCodecs());
  * const cluster = new Uint8Array(512).fill(7);
  * const out = decompress(zlib.deflateRawSync(cluster), 512, 0);
  * assert.ok("data" in out);
  * assert.deepEqual(out.data, cluster);
  * ```
  */
-export function makeDecompressor(z: typeof zlib): Decompressor {
+export function makeDecompressor(
+  z: typeof zlib,
+  native: Pick<NativeCodecs, "inflateRaw" | "zstd"> = { inflateRaw: null, zstd: null },
+): Decompressor {
   const COMPRESSION_ZSTD = 1;
   /** Extra output accepted (and dropped) when compressed data overflows its cluster. */
   const OVERFLOW_ALLOWANCE = 1024 * 1024;
@@ -180,10 +190,16 @@ export function makeDecompressor(z: typeof zlib): Decompressor {
     return { data: (data ?? new Uint8Array(0)).subarray(0, produced), used: at };
   }
 
-  return (input, clusterSize, compressionType) => {
-    const out = compressionType === COMPRESSION_ZSTD
-      ? zstdCluster(input, clusterSize)
-      : deflateCluster(input, clusterSize);
+  return (input, clusterSize, compressionType, into) => {
+    const zstd = compressionType === COMPRESSION_ZSTD;
+    const fast = zstd ? native.zstd : native.inflateRaw;
+    if (fast !== null) {
+      // The plain case natively; the native decoder declines anything else.
+      const out = into ?? new Uint8Array(clusterSize);
+      const used = fast(input, out);
+      if (used >= 0) return { data: out, used };
+    }
+    const out = zstd ? zstdCluster(input, clusterSize) : deflateCluster(input, clusterSize);
     if ("data" in out && out.data.length < clusterSize) {
       return {
         error: `compressed cluster (${input.length} bytes) decompresses to ${out.data.length} ` +
@@ -191,11 +207,15 @@ export function makeDecompressor(z: typeof zlib): Decompressor {
         at: 0,
       };
     }
+    if ("data" in out && into !== undefined) {
+      into.set(out.data);
+      return { data: into, used: out.used };
+    }
     return out;
   };
 }
 
-const decompress = makeDecompressor(zlib);
+const decompress = makeDecompressor(zlib, makeNativeCodecs());
 
 /** The cluster of a {@link DecompressResult}, or its {@link CorruptImageError} thrown. */
 export function clusterOrThrow(result: DecompressResult, offset: number): DecompressedCluster {

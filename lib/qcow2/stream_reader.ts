@@ -40,7 +40,6 @@ import {
   MIN_CLUSTER_BITS,
   QCOW2_MAGIC,
 } from "./constants.ts";
-import { decompressCluster } from "./decompress.ts";
 import { DecompressPool, DeferredWrites } from "./decompress_pool.ts";
 import { HEADER_PROBE_BYTES, parseQcow2Header, type Qcow2Header } from "./header.ts";
 
@@ -409,18 +408,17 @@ class Qcow2StreamReader implements WalkerFormat {
       case L1:
         return this.#readL1(bytes);
       case COMPRESSED: {
+        const write = (data: Uint8Array) => this.onBytes(DATA, aux, 0, data, 0, data.length);
         if (this.walker.buffer === null) {
           // Every table is known, so no byte after the compressed data can belong to a
           // range still unknown: the length it used does not matter, and a worker may
-          // decompress it (a copy: `bytes` may be a view of an input chunk reused later).
-          this.#target.defer(
-            this.#pool.decompress(bytes.slice(), start),
-            (data) => this.onBytes(DATA, aux, 0, data, 0, data.length),
-          );
+          // decompress it (the pool copies `bytes`, which may be a view of an input
+          // chunk reused later).
+          this.#target.defer(this.#pool.decompress(bytes, start), write);
           return;
         }
-        const { data, used } = decompressCluster(bytes, this.#cs, this.#h.compressionType, start);
-        this.onBytes(DATA, aux, 0, data, 0, data.length);
+        const { data, used } = this.#pool.decompressHere(bytes, start);
+        this.#target.defer(Promise.resolve(data), write); // its buffer is recycled once written
         return used;
       }
       case REFCOUNT_TABLE:
