@@ -15,7 +15,7 @@
  * @module
  */
 import { ClusterSet } from "../alloc/cluster_set.ts";
-import { describeIoError, DiskstreamError } from "../errors.ts";
+import { describeIoError, DiskstreamError, LimitError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
 import { zeroTest } from "../zero.ts";
 import { openPageCache, type PageCache } from "../io/page_cache.ts";
@@ -391,8 +391,8 @@ export class RawDestination implements DiskTarget {
   }
 }
 
-function tooSmall(path: string, have: number, need: number): DiskstreamError {
-  return new DiskstreamError(
+function tooSmall(path: string, have: number, need: number): LimitError {
+  return new LimitError(
     `${path} holds ${have} bytes (${formatBytes(have)}), less than the image's virtual size ` +
       `of ${need} bytes (${formatBytes(need)}): refusing to write`,
   );
