@@ -25,6 +25,7 @@ export interface DecompressedCluster {
 
 /** Why compressed data was refused, and where (an offset into the input). */
 export interface DecompressFailure {
+  /** What is wrong, as a predicate: "is not valid deflate data: …". */
   error: string;
   at: number;
 }
@@ -81,7 +82,7 @@ export function makeDecompressor(
 
   const message = (err: unknown) => err instanceof Error ? err.message : String(err);
   const invalid = (kind: string, err: unknown, at: number): DecompressFailure => ({
-    error: `compressed cluster is not valid ${kind} data: ${message(err)}`,
+    error: `is not valid ${kind} data: ${message(err)}`,
     at,
   });
 
@@ -134,7 +135,7 @@ export function makeDecompressor(
       return end <= input.length ? end : null;
     }
     if (magic !== ZSTD_MAGIC) {
-      return { error: `compressed cluster is not zstd data (magic 0x${magic.toString(16)})`, at };
+      return { error: `is not zstd data (magic 0x${magic.toString(16)})`, at };
     }
     if (at + 5 > input.length) return null;
     const fhd = input[at + 4];
@@ -202,8 +203,8 @@ export function makeDecompressor(
     const out = zstd ? zstdCluster(input, clusterSize) : deflateCluster(input, clusterSize);
     if ("data" in out && out.data.length < clusterSize) {
       return {
-        error: `compressed cluster (${input.length} bytes) decompresses to ${out.data.length} ` +
-          `bytes, less than the ${clusterSize}-byte cluster: the data is corrupt or truncated`,
+        error: `decompresses to ${out.data.length} bytes (from ${input.length}), less than ` +
+          `the ${clusterSize}-byte cluster: the data is corrupt or truncated`,
         at: 0,
       };
     }
@@ -217,10 +218,22 @@ export function makeDecompressor(
 
 const decompress = makeDecompressor(zlib, makeNativeCodecs());
 
-/** The cluster of a {@link DecompressResult}, or its {@link CorruptImageError} thrown. */
-export function clusterOrThrow(result: DecompressResult, offset: number): DecompressedCluster {
-  if ("error" in result) throw new CorruptImageError(result.error, offset + result.at);
-  return result;
+/**
+ * The cluster of a {@link DecompressResult}, or its {@link CorruptImageError} thrown:
+ * `offset` is the stream offset of the compressed data, `guest` the guest cluster it
+ * holds (of `clusterSize` bytes), when known.
+ */
+export function clusterOrThrow(
+  result: DecompressResult,
+  offset: number,
+  guest?: { cluster: number; clusterSize: number },
+): DecompressedCluster {
+  if (!("error" in result)) return result;
+  const what = guest === undefined
+    ? "compressed cluster"
+    : `the compressed data of guest cluster ${guest.cluster} (guest offset ` +
+      `${guest.cluster * guest.clusterSize})`;
+  throw new CorruptImageError(`${what} ${result.error}`, offset + result.at);
 }
 
 /**

@@ -33,8 +33,8 @@ const BATCHES_PER_WORKER = 2;
 const BATCH_BYTES = 2 * 1024 * 1024;
 /** At most this many workers (the main thread is busy parsing and writing). */
 const MAX_WORKERS = 4;
-/** Recycled buffers kept, of each kind. */
-const KEEP_FREE = 4;
+/** Recycled buffers kept, of each kind (a batch in flight per worker, the writes awaited). */
+const KEEP_FREE = 8;
 
 // One message per batch: `count` compressed inputs back to back in `input` (cluster i
 // at bounds[i]..bounds[i+1]), each decoded into `out` at i * clusterSize; both
@@ -59,6 +59,7 @@ self.postMessage({ ready: true, native: native.names });
 
 interface Job {
   offset: number;
+  guest: number;
   resolve: (data: Uint8Array) => void;
   reject: (err: unknown) => void;
 }
@@ -85,6 +86,8 @@ export class DecompressPool {
   readonly #compressionType: number;
   readonly #size: number;
   readonly #batchJobs: number;
+  /** Bytes of a batch's input buffer. */
+  readonly #inputSize: number;
   readonly #decompress = makeDecompressor(zlib, makeNativeCodecs());
   #workers: PoolWorker[] | null = null;
   #batch: Batch | null = null;
@@ -113,15 +116,18 @@ export class DecompressPool {
     this.#compressionType = compressionType;
     this.#size = size;
     this.#batchJobs = Math.max(1, Math.floor(BATCH_BYTES / clusterSize));
+    // Room for a batch of well-compressed clusters; a batch is sent early when full.
+    this.#inputSize = Math.max(BATCH_BYTES, 2 * clusterSize);
   }
 
   /**
-   * The cluster compressed in `input` (copied: the caller may reuse it) found at
-   * stream offset `offset`. Rejects with a `CorruptImageError`. Clusters are sent to
-   * the workers in batches: call {@link DecompressPool.send} before waiting for the
-   * promise. Give the cluster back with {@link DecompressPool.release} once written.
+   * Guest cluster `guest` from its compressed data `input` (copied: the caller may
+   * reuse it) found at stream offset `offset`. Rejects with a `CorruptImageError`
+   * naming both. Clusters are sent to the workers in batches: call
+   * {@link DecompressPool.send} before waiting for the promise. Give the cluster back
+   * with {@link DecompressPool.release} once written.
    */
-  decompress(input: Uint8Array, offset: number): Promise<Uint8Array> {
+  decompress(input: Uint8Array, offset: number, guest: number): Promise<Uint8Array> {
     let batch = this.#batch;
     if (batch !== null && batch.bounds[batch.jobs.length] + input.length > batch.input.byteLength) {
       this.send(); // its input buffer is full
@@ -131,7 +137,7 @@ export class DecompressPool {
       const worker = this.#pick();
       if (worker === null) {
         try {
-          return Promise.resolve(this.decompressHere(input, offset).data);
+          return Promise.resolve(this.decompressHere(input, offset, guest).data);
         } catch (err) {
           return Promise.reject(err);
         }
@@ -143,17 +149,18 @@ export class DecompressPool {
     batch.bounds.push(at + input.length);
     this.counts.workers++;
     const done = new Promise<Uint8Array>((resolve, reject) => {
-      batch.jobs.push({ offset, resolve, reject });
+      batch.jobs.push({ offset, guest, resolve, reject });
     });
     if (batch.jobs.length >= this.#batchJobs) this.send();
     return done;
   }
 
   /**
-   * Decompresses `input` on this thread (as {@link decompressCluster} does), into a
-   * recycled buffer: give the cluster back with {@link DecompressPool.release}.
+   * Decompresses `input` on this thread (as {@link DecompressPool.decompress} does),
+   * into a recycled buffer: give the cluster back with {@link DecompressPool.release}.
+   * The result also says how many input bytes the compressed data used.
    */
-  decompressHere(input: Uint8Array, offset: number): DecompressedCluster {
+  decompressHere(input: Uint8Array, offset: number, guest: number): DecompressedCluster {
     const cs = this.#clusterSize;
     if (this.#local === null || this.#localNext === this.#batchJobs) {
       const full = this.#local;
@@ -163,7 +170,11 @@ export class DecompressPool {
     }
     const buffer = this.#local;
     const into = new Uint8Array(buffer, this.#localNext * cs, cs);
-    const out = clusterOrThrow(this.#decompress(input, cs, this.#compressionType, into), offset);
+    const out = clusterOrThrow(
+      this.#decompress(input, cs, this.#compressionType, into),
+      offset,
+      { cluster: guest, clusterSize: cs },
+    );
     this.#localNext++;
     this.#lent.set(buffer, (this.#lent.get(buffer) ?? 0) + 1);
     this.counts.main++;
@@ -216,8 +227,7 @@ export class DecompressPool {
   }
 
   #newBatch(worker: PoolWorker, first: number): Batch {
-    // Room for a batch of well-compressed clusters; a batch is sent early when full.
-    const size = Math.max(BATCH_BYTES, 2 * this.#clusterSize);
+    const size = this.#inputSize;
     let input = this.#freeIn.pop();
     if (first > size) input = new ArrayBuffer(first); // (a range longer than any qemu-img writes)
     input ??= new ArrayBuffer(size);
@@ -293,7 +303,7 @@ export class DecompressPool {
   ): void {
     const cs = this.#clusterSize;
     const out = answer.out;
-    if (this.#freeIn.length < KEEP_FREE && answer.input.byteLength === batch.input.byteLength) {
+    if (this.#freeIn.length < KEEP_FREE && answer.input.byteLength === this.#inputSize) {
       this.#freeIn.push(answer.input);
     }
     const good = batch.jobs.length - answer.errors.length;
@@ -307,7 +317,7 @@ export class DecompressPool {
         return;
       }
       try {
-        clusterOrThrow(e, job.offset);
+        clusterOrThrow(e, job.offset, { cluster: job.guest, clusterSize: cs });
       } catch (err) {
         job.reject(err);
       }
@@ -333,8 +343,8 @@ export class DecompressPool {
         for (const job of batch.jobs) {
           job.reject(
             new DiskstreamError(
-              `a decompression thread failed (${why}) while it held the compressed cluster ` +
-                `at byte ${job.offset}`,
+              `a decompression thread failed (${why}) while it held guest cluster ` +
+                `${job.guest} (compressed at byte ${job.offset}); import again`,
             ),
           );
         }
@@ -345,8 +355,11 @@ export class DecompressPool {
         this.counts.workers--;
         try {
           job.resolve(
-            this.decompressHere(input.subarray(batch.bounds[i], batch.bounds[i + 1]), job.offset)
-              .data,
+            this.decompressHere(
+              input.subarray(batch.bounds[i], batch.bounds[i + 1]),
+              job.offset,
+              job.guest,
+            ).data,
           );
         } catch (err) {
           job.reject(err);

@@ -193,6 +193,8 @@ class Qcow2StreamReader implements WalkerFormat {
   ];
   readonly sharesTail = [false, true, false, false, false, false, false, false];
   readonly partialOk = [false, true, false, false, false, false, false, false];
+  /** Compressed data is copied or decoded before onRange returns. */
+  readonly transient = [false, true, false, false, false, false, false, false];
   readonly walker: StreamWalker;
   readonly #h: Qcow2Header;
   readonly #target: DeferredWrites;
@@ -414,10 +416,10 @@ class Qcow2StreamReader implements WalkerFormat {
           // range still unknown: the length it used does not matter, and a worker may
           // decompress it (the pool copies `bytes`, which may be a view of an input
           // chunk reused later).
-          this.#target.defer(this.#pool.decompress(bytes, start), write);
+          this.#target.defer(this.#pool.decompress(bytes, start, aux), write);
           return;
         }
-        const { data, used } = this.#pool.decompressHere(bytes, start);
+        const { data, used } = this.#pool.decompressHere(bytes, start, aux);
         this.#target.defer(Promise.resolve(data), write); // its buffer is recycled once written
         return used;
       }
