@@ -53,6 +53,9 @@ export async function walkChunks(
     if (held !== null && held !== chunk) input.release(held);
     held = chunk;
     writing = target.flush();
+    // Its failure (a corrupt compressed cluster found by a worker) is thrown where it
+    // is awaited: at the next write or at the end, not as an unhandled rejection.
+    writing.catch(() => {});
   };
   // After data went by spliced, read only the table that comes next (when one does),
   // so that the data after it is spliced too.
