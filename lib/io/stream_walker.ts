@@ -50,6 +50,11 @@ export interface WalkerFormat {
   /** A stream-mode range ended. */
   onEnd?(kind: number, aux: number): void;
   /**
+   * Enough decoded bytes wait to be written (decompressed clusters): the walker stops
+   * taking bytes until they are (see {@link StreamWalker.push}).
+   */
+  full?(): boolean;
+  /**
    * Where the `length` stream-mode bytes at `at` within a range go, when they are
    * plain data for one contiguous guest range (guest offset), else -1: such bytes
    * may be moved to the destination without passing through JavaScript.
@@ -239,14 +244,18 @@ export class StreamWalker implements ChunkConsumer {
     return n;
   }
 
-  /** Feeds the next chunk of the stream. */
-  push(chunk: Uint8Array): void {
+  /**
+   * Feeds the next chunk of the stream. Returns the bytes taken: all of them, unless
+   * the format became {@link WalkerFormat.full} (push the rest once its writes ran).
+   */
+  push(chunk: Uint8Array): number {
     const fmt = this.#fmt;
     const n = chunk.length;
     const base = this.pos;
     const rec = this.#rec;
     let i = 0;
     while (i < n) {
+      if (fmt.full?.()) return i;
       const cur = this.#cur;
       if (cur) {
         const take = Math.min(cur.end - (base + i), n - i);
@@ -302,6 +311,7 @@ export class StreamWalker implements ChunkConsumer {
         };
       }
     }
+    return n;
   }
 
   /**

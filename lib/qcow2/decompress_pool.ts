@@ -433,6 +433,11 @@ export class DeferredWrites implements ImageTarget {
     return this.#target.queued + this.#pendingBytes;
   }
 
+  /** Bytes of the deferred writes not flushed yet. */
+  get pending(): number {
+    return this.#pendingBytes;
+  }
+
   async flush(): Promise<void> {
     const pending = this.#pending;
     this.#pending = [];

@@ -93,6 +93,13 @@ const UNNEEDED_BITMAPS = -4;
 /** Bytes of a snapshot table entry before its variable part. */
 const SNAPSHOT_ENTRY = 40;
 
+/**
+ * Decompressed bytes that may wait to be written (with the compressed bytes on their
+ * way to the workers, a few MiB more): a stream of tiny compressed clusters must not
+ * fill memory.
+ */
+const MAX_PENDING = 16 * 1024 * 1024;
+
 /** Decodes a qcow2 stream; `open` gets the destination once the header is read. */
 export async function decodeQcow2Stream(
   input: ChunkStream,
@@ -195,6 +202,11 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly partialOk = [false, true, false, false, false, false, false, false];
   /** Compressed data is copied or decoded before onRange returns. */
   readonly transient = [false, true, false, false, false, false, false, false];
+
+  /** Decompressed clusters waiting to be written bound the memory: stop reading for them. */
+  full(): boolean {
+    return this.#target.pending >= MAX_PENDING;
+  }
   readonly walker: StreamWalker;
   readonly #h: Qcow2Header;
   readonly #target: DeferredWrites;
