@@ -61,12 +61,15 @@ export type Decompressor = (
  * import * as zlib from "node:zlib";
  * import assert from "node:assert/strict";
  * import { makeDecompressor } from "./decompress.ts";
+ * import { makeNativeCodecs } from "../io/native_codecs.ts";
  *
  * const decompress = makeDecompressor(zlib, makeNativeCodecs());
  * const cluster = new Uint8Array(512).fill(7);
- * const out = decompress(zlib.deflateRawSync(cluster), 512, 0);
+ * const into = new Uint8Array(512);
+ * const out = decompress(zlib.deflateRawSync(cluster), 512, 0, into);
  * assert.ok("data" in out);
- * assert.deepEqual(out.data, cluster);
+ * assert.equal(out.data, into); // made in place
+ * assert.deepEqual(into, cluster);
  * ```
  */
 export function makeDecompressor(
