@@ -245,6 +245,7 @@ class Pass2<Layout> {
     outCache: PageCache | null,
   ): Promise<void> {
     const src = this.src;
+    let sinceYield = 0;
     for (const piece of this.image.pieces!()) {
       if (piece instanceof Uint8Array) {
         copier.write(piece);
@@ -262,7 +263,11 @@ class Pass2<Layout> {
         outCache?.wrote(this.#sent, step);
         this.#sentBytes(step);
         at += step;
-        await new Promise((resolve) => setImmediate(resolve)); // let timers and signals run
+        // Let timers and signals run every few MiB (not after each scattered cluster).
+        if ((sinceYield += step) >= COPY_STEP) {
+          sinceYield = 0;
+          await new Promise((resolve) => setImmediate(resolve));
+        }
       }
     }
   }

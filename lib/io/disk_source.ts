@@ -42,6 +42,23 @@ export async function openDiskSource(
   return new FileSource(path, file, size, info.isFile, cache);
 }
 
+/** What another thread needs to read a disk itself: its path and the file's identity. */
+export interface SharedFile {
+  path: string;
+  /** `stat` device and inode of the file this source has open (the other thread checks them). */
+  dev: number;
+  ino: number;
+}
+
+/**
+ * A file or device source that another thread may open by its path and read as well
+ * (its reads need no page-cache bookkeeping, `--direct`), or null for any other source.
+ */
+export function sharedFileOf(source: DiskSource): SharedFile | null {
+  if (!(source instanceof FileSource) || source.cache?.drop) return null;
+  return source.identity();
+}
+
 class FileSource implements DiskSource {
   #file: Deno.FsFile;
   #closed = false;
@@ -111,6 +128,16 @@ class FileSource implements DiskSource {
     if (want > 0) this.#position = position + got;
     this.cache?.read(position, got);
     this.#check(got, want, position, limit);
+  }
+
+  /** See {@link sharedFileOf}; null when the file cannot be inspected. */
+  identity(): SharedFile | null {
+    try {
+      const info = this.#file.statSync();
+      return info.ino === null ? null : { path: this.path, dev: info.dev, ino: info.ino };
+    } catch {
+      return null;
+    }
   }
 
   /** Zero-fills what lies past `limit` and returns how many bytes to read. */
