@@ -56,8 +56,8 @@ export async function walkChunks(
     if (held !== null && held !== chunk) input.release(held);
     held = chunk;
     writing = target.flush();
-    // Its failure (a corrupt compressed cluster found by a worker) is thrown where it
-    // is awaited: at the next write or at the end, not as an unhandled rejection.
+    // Awaited before the next flush or at the end; meanwhile the next chunk is read,
+    // which may wait for the input (a failure must not count as unhandled then).
     writing.catch(() => {});
   };
   // After data went by spliced, read only the table that comes next (when one does),
