@@ -38,7 +38,7 @@ for (
         const packed = pack(c);
         const input = new Uint8Array(packed.length + 300);
         input.set(packed);
-        return pool.decompress(input, i * 1000);
+        return pool.decompress(input, i * 1000, i);
       });
       pool.send();
       const out = await Promise.all(jobs);
@@ -55,25 +55,32 @@ Deno.test("decompress pool: corrupt data is refused with its stream offset, like
   const pool = new DecompressPool(CS, 0, 1);
   try {
     assert.equal(await pool.whenReady(), 1);
-    const good = pool.decompress(deflateRawSync(cluster(9)), 0);
+    const good = pool.decompress(deflateRawSync(cluster(9)), 0, 0);
     const bad = new Uint8Array(600).fill(0xff);
-    const refused = pool.decompress(bad.slice(), 123456);
-    const short = pool.decompress(deflateRawSync(new Uint8Array(100)), 777);
+    const refused = pool.decompress(bad.slice(), 123456, 7);
+    const short = pool.decompress(deflateRawSync(new Uint8Array(100)), 777, 8);
     pool.send();
     assert.deepEqual(await good, cluster(9));
     let main: unknown;
     try {
-      decompressCluster(bad, CS, 0, 123456);
+      new DecompressPool(CS, 0, 0).decompressHere(bad, 123456, 7);
     } catch (err) {
       main = err;
     }
     await assert.rejects(refused, (err) => {
       assert.ok(err instanceof CorruptImageError);
       assert.equal(err.offset, 123456);
+      assert.match(
+        err.message,
+        /^the compressed data of guest cluster 7 \(guest offset 458752\) is not valid deflate data: .+ \(at byte offset 123456\)$/,
+      );
       assert.equal(err.message, (main as Error).message);
       return true;
     });
-    await assert.rejects(short, /decompresses to 100 bytes, less than the 65536-byte cluster/);
+    await assert.rejects(
+      short,
+      /guest cluster 8 .*decompresses to 100 bytes \(from \d+\), less than the 65536-byte cluster/,
+    );
   } finally {
     pool.close();
   }
@@ -84,7 +91,7 @@ Deno.test("decompress pool: without workers the main thread does the work", asyn
   try {
     assert.equal(await pool.whenReady(), 0);
     const c = cluster(3);
-    assert.deepEqual(await pool.decompress(zstdCompressSync(c), 0), c);
+    assert.deepEqual(await pool.decompress(zstdCompressSync(c), 0, 0), c);
     assert.deepEqual(pool.counts, { workers: 0, main: 1 });
   } finally {
     pool.close();
@@ -135,7 +142,7 @@ Deno.test("decompress pool: released batches are reused, later batches stay righ
     assert.equal(await pool.whenReady(), 1);
     for (let round = 0; round < 4; round++) {
       const clusters = Array.from({ length: 40 }, (_, i) => cluster(round * 100 + i + 1));
-      const jobs = clusters.map((c, i) => pool.decompress(deflateRawSync(c), i));
+      const jobs = clusters.map((c, i) => pool.decompress(deflateRawSync(c), i, i));
       pool.send();
       const out = await Promise.all(jobs);
       out.forEach((data, i) => assert.deepEqual(data, clusters[i], `round ${round}, cluster ${i}`));

@@ -115,7 +115,11 @@ qemuTest("import refuses corrupt compressed data", async () => {
     const x = 62n - (12n - 8n);
     const host = Number(compressed[0] & ((1n << x) - 1n));
     await patchAt(img, host, new Uint8Array(64).fill(0xff));
-    await refused(dir, img, /compressed cluster .*(not valid deflate|decompresses to)/);
+    await refused(
+      dir,
+      img,
+      /the compressed data of guest cluster \d+ \(guest offset \d+\) (is not valid deflate|decompresses to).* \(at byte offset \d+\)$/,
+    );
   });
 });
 

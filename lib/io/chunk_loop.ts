@@ -8,8 +8,11 @@ import type { ImageTarget } from "./endpoint.ts";
 import type { ChunkStream } from "./chunk_stream.ts";
 
 export interface ChunkConsumer {
-  /** Decodes one chunk, queueing writes. */
-  push(chunk: Uint8Array): void;
+  /**
+   * Decodes one chunk, queueing writes; may stop early (returning the bytes it took)
+   * when enough is waiting to be written: the rest is pushed again after a write.
+   */
+  push(chunk: Uint8Array): number | void;
   /** See {@link StreamWalker.moveDirect}. */
   moveDirect?(move: (guest: number, length: number) => number): number;
   /** See {@link StreamWalker.nextAssembled}. */
@@ -80,9 +83,12 @@ export async function walkChunks(
       if (!chunk) break;
       for (let at = 0; at < chunk.length;) {
         const end = Math.min(chunk.length, at + SLICE);
-        walker.push(at === 0 && end === chunk.length ? chunk : chunk.subarray(at, end));
-        at = end;
-        if (at < chunk.length && target.queued >= HIGH_WATER) await write(chunk);
+        const took = walker.push(
+          at === 0 && end === chunk.length ? chunk : chunk.subarray(at, end),
+        );
+        const stopped = typeof took === "number" && at + took < end;
+        at = typeof took === "number" ? at + took : end;
+        if (at < chunk.length && (stopped || target.queued >= HIGH_WATER)) await write(chunk);
       }
       onChunk(chunk);
       await write(chunk);

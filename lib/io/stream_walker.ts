@@ -33,6 +33,12 @@ export interface WalkerFormat {
   readonly sharesTail: readonly boolean[];
   /** Per kind: at the end of the stream a partly received range may still be usable. */
   readonly partialOk: readonly boolean[];
+  /**
+   * Per kind: {@link WalkerFormat.onRange} keeps nothing of its `bytes` once it
+   * returns, so such ranges may be assembled in one reused buffer (compressed data:
+   * no fresh buffer per cluster).
+   */
+  readonly transient?: readonly boolean[];
   /** Stream-mode bytes: `chunk[from, to)` are the bytes at `at` within the range. */
   onBytes(kind: number, aux: number, at: number, chunk: Uint8Array, from: number, to: number): void;
   /**
@@ -43,6 +49,11 @@ export interface WalkerFormat {
   onRange(kind: number, start: number, aux: number, bytes: Uint8Array): number | void;
   /** A stream-mode range ended. */
   onEnd?(kind: number, aux: number): void;
+  /**
+   * Enough decoded bytes wait to be written (decompressed clusters): the walker stops
+   * taking bytes until they are (see {@link StreamWalker.push}).
+   */
+  full?(): boolean;
   /**
    * Where the `length` stream-mode bytes at `at` within a range go, when they are
    * plain data for one contiguous guest range (guest offset), else -1: such bytes
@@ -84,6 +95,9 @@ export class StreamWalker implements ChunkConsumer {
 
   /** The memory limit shared by the kept bytes and the metadata (the agenda, a table). */
   #limit: number;
+  /** Where {@link WalkerFormat.transient} ranges are assembled, and the previous tail kept. */
+  #scratch = new Uint8Array(0);
+  readonly #tailBytes = new Uint8Array(512);
 
   constructor(format: WalkerFormat, pos: number, buffer: StreamBuffer) {
     this.#fmt = format;
@@ -230,14 +244,18 @@ export class StreamWalker implements ChunkConsumer {
     return n;
   }
 
-  /** Feeds the next chunk of the stream. */
-  push(chunk: Uint8Array): void {
+  /**
+   * Feeds the next chunk of the stream. Returns the bytes taken: all of them, unless
+   * the format became {@link WalkerFormat.full} (push the rest once its writes ran).
+   */
+  push(chunk: Uint8Array): number {
     const fmt = this.#fmt;
     const n = chunk.length;
     const base = this.pos;
     const rec = this.#rec;
     let i = 0;
     while (i < n) {
+      if (fmt.full?.()) return i;
       const cur = this.#cur;
       if (cur) {
         const take = Math.min(cur.end - (base + i), n - i);
@@ -288,11 +306,12 @@ export class StreamWalker implements ChunkConsumer {
         this.#cur = {
           ...rec,
           end,
-          bytes: mode === Mode.Assemble ? new Uint8Array(rec.length) : null,
+          bytes: mode === Mode.Assemble ? this.#assembly(rec) : null,
           filled: 0,
         };
       }
     }
+    return n;
   }
 
   /**
@@ -369,7 +388,8 @@ export class StreamWalker implements ChunkConsumer {
     if (fmt.sharesTail[r.kind]) {
       // A copy: `bytes` may be a view of an input chunk that gets reused.
       const keep = Math.max(0, r.length - 512);
-      p.tail = bytes!.slice(keep);
+      p.tail = this.#tailBytes.subarray(0, bytes!.length - keep);
+      p.tail.set(bytes!.subarray(keep));
       p.tailStart = r.start + keep;
       // Bytes between the real end and the next known range may belong to a range
       // not known yet (compressed data of an L2 table still to come): keep them.
@@ -378,6 +398,15 @@ export class StreamWalker implements ChunkConsumer {
         if (gapEnd > used) this.buffer.add(r.start + used, bytes!, used, gapEnd);
       }
     }
+  }
+
+  /** A buffer to assemble `r` in: the reused one for transient kinds, else a new one. */
+  #assembly(r: Expected): Uint8Array {
+    if (!this.#fmt.transient?.[r.kind]) return new Uint8Array(r.length);
+    if (this.#scratch.length < r.length) {
+      this.#scratch = new Uint8Array(Math.max(r.length, 2 * this.#scratch.length));
+    }
+    return this.#scratch.subarray(0, r.length);
   }
 
   /** A range starting before `pos`: only a sector shared with the previous range is allowed. */
@@ -396,7 +425,7 @@ export class StreamWalker implements ChunkConsumer {
     ) {
       throw fmt.overlap(p, r);
     }
-    const bytes = new Uint8Array(r.length);
+    const bytes = this.#assembly(r);
     const have = Math.min(p.end, end) - r.start;
     bytes.set(p.tail.subarray(r.start - p.tailStart, r.start - p.tailStart + have));
     if (end <= this.pos) {

@@ -13,6 +13,7 @@
  */
 import * as zlib from "node:zlib";
 import { CorruptImageError } from "../errors.ts";
+import { makeNativeCodecs, type NativeCodecs } from "../io/native_codecs.ts";
 
 /** A decompressed cluster and the number of input bytes its compressed form used. */
 export interface DecompressedCluster {
@@ -24,6 +25,7 @@ export interface DecompressedCluster {
 
 /** Why compressed data was refused, and where (an offset into the input). */
 export interface DecompressFailure {
+  /** What is wrong, as a predicate: "is not valid deflate data: …". */
   error: string;
   at: number;
 }
@@ -31,16 +33,22 @@ export interface DecompressFailure {
 /** What a decompressor returns: the cluster, or why not. */
 export type DecompressResult = DecompressedCluster | DecompressFailure;
 
-/** The decompression function {@link makeDecompressor} returns. */
+/**
+ * The decompression function {@link makeDecompressor} returns. With `out` (one
+ * cluster long), the cluster is made there and the result's `data` is `out`.
+ */
 export type Decompressor = (
   input: Uint8Array,
   clusterSize: number,
   compressionType: number,
+  out?: Uint8Array,
 ) => DecompressResult;
 
 /**
- * Returns the decompression function over `z` (`node:zlib`). It refers to nothing
- * outside its own body, so that its source text can run in a worker.
+ * Returns the decompression function over `native` (the system's libraries, see
+ * io/native_codecs.ts), falling back on `z` (`node:zlib`) wherever a native decoder
+ * is missing or declines the input. It refers to nothing outside its own body, so
+ * that its source text can run in a worker.
  *
  * Deflate: data that fills the cluster without an end-of-stream marker is accepted
  * and bytes after the marker ignored, as QEMU does; data inflating past the cluster
@@ -53,15 +61,21 @@ export type Decompressor = (
  * import * as zlib from "node:zlib";
  * import assert from "node:assert/strict";
  * import { makeDecompressor } from "./decompress.ts";
+ * import { makeNativeCodecs } from "../io/native_codecs.ts";
  *
- * const decompress = makeDecompressor(zlib);
+ * const decompress = makeDecompressor(zlib, makeNativeCodecs());
  * const cluster = new Uint8Array(512).fill(7);
- * const out = decompress(zlib.deflateRawSync(cluster), 512, 0);
+ * const into = new Uint8Array(512);
+ * const out = decompress(zlib.deflateRawSync(cluster), 512, 0, into);
  * assert.ok("data" in out);
- * assert.deepEqual(out.data, cluster);
+ * assert.equal(out.data, into); // made in place
+ * assert.deepEqual(into, cluster);
  * ```
  */
-export function makeDecompressor(z: typeof zlib): Decompressor {
+export function makeDecompressor(
+  z: typeof zlib,
+  native: Pick<NativeCodecs, "inflateRaw" | "zstd"> = { inflateRaw: null, zstd: null },
+): Decompressor {
   const COMPRESSION_ZSTD = 1;
   /** Extra output accepted (and dropped) when compressed data overflows its cluster. */
   const OVERFLOW_ALLOWANCE = 1024 * 1024;
@@ -71,7 +85,7 @@ export function makeDecompressor(z: typeof zlib): Decompressor {
 
   const message = (err: unknown) => err instanceof Error ? err.message : String(err);
   const invalid = (kind: string, err: unknown, at: number): DecompressFailure => ({
-    error: `compressed cluster is not valid ${kind} data: ${message(err)}`,
+    error: `is not valid ${kind} data: ${message(err)}`,
     at,
   });
 
@@ -124,7 +138,7 @@ export function makeDecompressor(z: typeof zlib): Decompressor {
       return end <= input.length ? end : null;
     }
     if (magic !== ZSTD_MAGIC) {
-      return { error: `compressed cluster is not zstd data (magic 0x${magic.toString(16)})`, at };
+      return { error: `is not zstd data (magic 0x${magic.toString(16)})`, at };
     }
     if (at + 5 > input.length) return null;
     const fhd = input[at + 4];
@@ -180,27 +194,49 @@ export function makeDecompressor(z: typeof zlib): Decompressor {
     return { data: (data ?? new Uint8Array(0)).subarray(0, produced), used: at };
   }
 
-  return (input, clusterSize, compressionType) => {
-    const out = compressionType === COMPRESSION_ZSTD
-      ? zstdCluster(input, clusterSize)
-      : deflateCluster(input, clusterSize);
+  return (input, clusterSize, compressionType, into) => {
+    const zstd = compressionType === COMPRESSION_ZSTD;
+    const fast = zstd ? native.zstd : native.inflateRaw;
+    if (fast !== null) {
+      // The plain case natively; the native decoder declines anything else.
+      const out = into ?? new Uint8Array(clusterSize);
+      const used = fast(input, out);
+      if (used >= 0) return { data: out, used };
+    }
+    const out = zstd ? zstdCluster(input, clusterSize) : deflateCluster(input, clusterSize);
     if ("data" in out && out.data.length < clusterSize) {
       return {
-        error: `compressed cluster (${input.length} bytes) decompresses to ${out.data.length} ` +
-          `bytes, less than the ${clusterSize}-byte cluster: the data is corrupt or truncated`,
+        error: `decompresses to ${out.data.length} bytes (from ${input.length}), less than ` +
+          `the ${clusterSize}-byte cluster: the data is corrupt or truncated`,
         at: 0,
       };
+    }
+    if ("data" in out && into !== undefined) {
+      into.set(out.data);
+      return { data: into, used: out.used };
     }
     return out;
   };
 }
 
-const decompress = makeDecompressor(zlib);
+const decompress = makeDecompressor(zlib, makeNativeCodecs());
 
-/** The cluster of a {@link DecompressResult}, or its {@link CorruptImageError} thrown. */
-export function clusterOrThrow(result: DecompressResult, offset: number): DecompressedCluster {
-  if ("error" in result) throw new CorruptImageError(result.error, offset + result.at);
-  return result;
+/**
+ * The cluster of a {@link DecompressResult}, or its {@link CorruptImageError} thrown:
+ * `offset` is the stream offset of the compressed data, `guest` the guest cluster it
+ * holds (of `clusterSize` bytes), when known.
+ */
+export function clusterOrThrow(
+  result: DecompressResult,
+  offset: number,
+  guest?: { cluster: number; clusterSize: number },
+): DecompressedCluster {
+  if (!("error" in result)) return result;
+  const what = guest === undefined
+    ? "compressed cluster"
+    : `the compressed data of guest cluster ${guest.cluster} (guest offset ` +
+      `${guest.cluster * guest.clusterSize})`;
+  throw new CorruptImageError(`${what} ${result.error}`, offset + result.at);
 }
 
 /**

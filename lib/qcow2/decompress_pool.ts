@@ -7,19 +7,25 @@
  * handed back in submission order ({@link DeferredWrites}), so the destination is
  * written in stream order as before.
  *
- * The workers run the source text of {@link makeDecompressor} (from a `blob:` URL),
- * so this works the same from a checkout, the bundled file and a compiled binary. A
- * worker that cannot start or fails leaves its jobs to the main thread.
+ * Clusters travel in batches (one message each way per batch) in buffers that are
+ * transferred, not copied, and recycled once written: every cluster is decoded
+ * straight into its place in a batch's output buffer, on a worker or here (fresh
+ * buffers cost page faults and garbage: about as much as the decoding, measured).
+ * Memory is bounded by {@link BATCHES_PER_WORKER} batches per worker plus what the
+ * import loop lets wait for writing.
+ *
+ * The workers run the source text of {@link makeDecompressor} and
+ * {@link makeNativeCodecs} (from a `blob:` URL), so this works the same from a
+ * checkout, the bundled file and a compiled binary. A worker that cannot start or
+ * fails leaves its jobs to the main thread.
  *
  * @module
  */
+import * as zlib from "node:zlib";
+import { DiskstreamError } from "../errors.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
-import {
-  clusterOrThrow,
-  decompressCluster,
-  type DecompressResult,
-  makeDecompressor,
-} from "./decompress.ts";
+import { makeNativeCodecs, type NativeCodecs } from "../io/native_codecs.ts";
+import { clusterOrThrow, type DecompressedCluster, makeDecompressor } from "./decompress.ts";
 
 /** Batches in flight per worker before the main thread takes new clusters itself. */
 const BATCHES_PER_WORKER = 2;
@@ -27,32 +33,43 @@ const BATCHES_PER_WORKER = 2;
 const BATCH_BYTES = 2 * 1024 * 1024;
 /** At most this many workers (the main thread is busy parsing and writing). */
 const MAX_WORKERS = 4;
+/** Recycled buffers kept, of each kind (a batch in flight per worker, the writes awaited). */
+const KEEP_FREE = 8;
 
-// One message per batch: the compressed inputs back to back, each cluster's output
-// written at `i * clusterSize` of one buffer, recycled once its clusters are written
-// (fresh buffers cost page faults: about as much as the decompression, measured).
+// One message per batch: `count` compressed inputs back to back in `input` (cluster i
+// at bounds[i]..bounds[i+1]), each decoded into `out` at i * clusterSize; both
+// buffers go back to the main thread to be used again.
 const WORKER_SOURCE = `import * as zlib from "node:zlib";
-const decompress = (${makeDecompressor.toString()})(zlib);
+const native = (${makeNativeCodecs.toString()})();
+const decompress = (${makeDecompressor.toString()})(zlib, native);
 self.onmessage = ({ data: batch }) => {
-  const { input, bounds, clusterSize, compressionType } = batch;
-  const size = clusterSize * (bounds.length - 1);
-  const out = batch.out && batch.out.byteLength >= size ? new Uint8Array(batch.out) : new Uint8Array(size);
-  const results = [];
-  for (let i = 0; i + 1 < bounds.length; i++) {
-    const r = decompress(input.subarray(bounds[i], bounds[i + 1]), clusterSize, compressionType);
-    if ("data" in r) out.set(r.data, i * clusterSize);
-    results.push("data" in r ? { used: r.used } : { error: r.error, at: r.at });
+  const { id, bounds, count, clusterSize, compressionType } = batch;
+  const input = new Uint8Array(batch.input);
+  const out = batch.out ?? new ArrayBuffer(count * clusterSize);
+  const errors = [];
+  for (let i = 0; i < count; i++) {
+    const into = new Uint8Array(out, i * clusterSize, clusterSize);
+    const r = decompress(input.subarray(bounds[i], bounds[i + 1]), clusterSize, compressionType, into);
+    if ("error" in r) errors.push({ i, error: r.error, at: r.at });
   }
-  self.postMessage({ id: batch.id, out, results }, [out.buffer]);
+  self.postMessage({ id, out, input: batch.input, errors }, [out, batch.input]);
 };
-self.postMessage({ ready: true });
+self.postMessage({ ready: true, native: native.names });
 `;
 
 interface Job {
-  input: Uint8Array;
   offset: number;
+  guest: number;
   resolve: (data: Uint8Array) => void;
   reject: (err: unknown) => void;
+}
+
+/** A batch being filled: its jobs and their inputs, copied back to back. */
+interface Batch {
+  worker: PoolWorker;
+  jobs: Job[];
+  input: ArrayBuffer;
+  bounds: number[];
 }
 
 interface PoolWorker {
@@ -60,7 +77,7 @@ interface PoolWorker {
   ready: boolean;
   failed: boolean;
   /** Batches sent and not answered, by id. */
-  inFlight: Map<number, Job[]>;
+  inFlight: Map<number, Batch>;
 }
 
 /** Worker threads for one image's compressed clusters; see the module comment. */
@@ -69,18 +86,25 @@ export class DecompressPool {
   readonly #compressionType: number;
   readonly #size: number;
   readonly #batchJobs: number;
+  /** Bytes of a batch's input buffer. */
+  readonly #inputSize: number;
+  readonly #decompress = makeDecompressor(zlib, makeNativeCodecs());
   #workers: PoolWorker[] | null = null;
-  /** The batch being filled, and the worker it is for. */
-  #batch: Job[] = [];
-  #batchWorker: PoolWorker | null = null;
+  #batch: Batch | null = null;
   #nextId = 0;
   #url: string | null = null;
-  /** Output buffers of answered batches: views not yet released, by buffer. */
+  /** Output buffers with clusters not yet released, and how many. */
   readonly #lent = new Map<ArrayBufferLike, number>();
-  /** Output buffers to send again. */
-  readonly #free: ArrayBuffer[] = [];
+  /** Output and input buffers to use again. */
+  readonly #freeOut: ArrayBuffer[] = [];
+  readonly #freeIn: ArrayBuffer[] = [];
+  /** The output buffer the main thread decodes into, and its next free cluster. */
+  #local: ArrayBuffer | null = null;
+  #localNext = 0;
   /** Clusters decompressed by workers / by the main thread (for tests and tuning). */
   readonly counts = { workers: 0, main: 0 };
+  /** The libraries the workers decode with (once one is ready; null: `node:zlib`). */
+  workerCodecs: NativeCodecs["names"] | null = null;
 
   /**
    * A pool for clusters of `clusterSize` bytes compressed with `compressionType`
@@ -92,53 +116,94 @@ export class DecompressPool {
     this.#compressionType = compressionType;
     this.#size = size;
     this.#batchJobs = Math.max(1, Math.floor(BATCH_BYTES / clusterSize));
+    // Room for a batch of well-compressed clusters; a batch is sent early when full.
+    this.#inputSize = Math.max(BATCH_BYTES, 2 * clusterSize);
   }
 
   /**
-   * The cluster compressed in `input` (the pool may keep it: the caller must not
-   * reuse it) found at stream offset `offset`. Rejects with a `CorruptImageError`.
-   * Clusters are sent to the workers in batches: call {@link DecompressPool.send}
-   * before waiting for the promise.
+   * Guest cluster `guest` from its compressed data `input` (copied: the caller may
+   * reuse it) found at stream offset `offset`. Rejects with a `CorruptImageError`
+   * naming both. Clusters are sent to the workers in batches: call
+   * {@link DecompressPool.send} before waiting for the promise. Give the cluster back
+   * with {@link DecompressPool.release} once written.
    */
-  decompress(input: Uint8Array, offset: number): Promise<Uint8Array> {
-    const w = this.#batchWorker ?? this.#pick();
-    if (w === null) return this.#here(input, offset);
-    this.#batchWorker = w;
+  decompress(input: Uint8Array, offset: number, guest: number): Promise<Uint8Array> {
+    let batch = this.#batch;
+    if (batch !== null && batch.bounds[batch.jobs.length] + input.length > batch.input.byteLength) {
+      this.send(); // its input buffer is full
+      batch = null;
+    }
+    if (batch === null) {
+      const worker = this.#pick();
+      if (worker === null) {
+        try {
+          return Promise.resolve(this.decompressHere(input, offset, guest).data);
+        } catch (err) {
+          return Promise.reject(err);
+        }
+      }
+      batch = this.#batch = this.#newBatch(worker, input.length);
+    }
+    const at = batch.bounds[batch.jobs.length];
+    new Uint8Array(batch.input, at, input.length).set(input);
+    batch.bounds.push(at + input.length);
     this.counts.workers++;
     const done = new Promise<Uint8Array>((resolve, reject) => {
-      this.#batch.push({ input, offset, resolve, reject });
+      batch.jobs.push({ offset, guest, resolve, reject });
     });
-    if (this.#batch.length >= this.#batchJobs) this.send();
+    if (batch.jobs.length >= this.#batchJobs) this.send();
     return done;
+  }
+
+  /**
+   * Decompresses `input` on this thread (as {@link DecompressPool.decompress} does),
+   * into a recycled buffer: give the cluster back with {@link DecompressPool.release}.
+   * The result also says how many input bytes the compressed data used.
+   */
+  decompressHere(input: Uint8Array, offset: number, guest: number): DecompressedCluster {
+    const cs = this.#clusterSize;
+    if (this.#local === null || this.#localNext === this.#batchJobs) {
+      const full = this.#local;
+      this.#local = this.#takeOut();
+      this.#localNext = 0;
+      if (full !== null && !this.#lent.has(full)) this.#recycle(full);
+    }
+    const buffer = this.#local;
+    const into = new Uint8Array(buffer, this.#localNext * cs, cs);
+    const out = clusterOrThrow(
+      this.#decompress(input, cs, this.#compressionType, into),
+      offset,
+      { cluster: guest, clusterSize: cs },
+    );
+    this.#localNext++;
+    this.#lent.set(buffer, (this.#lent.get(buffer) ?? 0) + 1);
+    this.counts.main++;
+    return out;
   }
 
   /** Sends the batch being filled to its worker. */
   send(): void {
-    const w = this.#batchWorker;
-    const jobs = this.#batch;
-    this.#batch = [];
-    this.#batchWorker = null;
-    if (w === null || jobs.length === 0) return;
-    const bounds = [0];
-    for (const job of jobs) bounds.push(bounds[bounds.length - 1] + job.input.length);
-    const input = new Uint8Array(bounds[bounds.length - 1]);
-    jobs.forEach((job, i) => input.set(job.input, bounds[i]));
+    const batch = this.#batch;
+    this.#batch = null;
+    if (batch === null || batch.jobs.length === 0) return;
     const id = this.#nextId++;
-    w.inFlight.set(id, jobs);
-    const out = this.#free.pop();
-    w.worker.postMessage({
+    batch.worker.inFlight.set(id, batch);
+    const out = this.#freeOut.pop();
+    batch.worker.worker.postMessage({
       id,
-      input,
-      bounds,
+      input: batch.input,
+      bounds: batch.bounds,
+      count: batch.jobs.length,
       out,
       clusterSize: this.#clusterSize,
       compressionType: this.#compressionType,
-    }, out ? [input.buffer, out] : [input.buffer]);
+    }, out ? [batch.input, out] : [batch.input]);
   }
 
   /**
-   * A cluster returned by {@link DecompressPool.decompress} is no longer needed (it
-   * was written): its batch's buffer is reused once all of its clusters are.
+   * A cluster returned by {@link DecompressPool.decompress} or
+   * {@link DecompressPool.decompressHere} is no longer needed (it was written): its
+   * buffer is used again once all of its clusters are released.
    */
   release(data: Uint8Array): void {
     const left = this.#lent.get(data.buffer);
@@ -148,17 +213,25 @@ export class DecompressPool {
       return;
     }
     this.#lent.delete(data.buffer);
-    if (this.#free.length < 2 * MAX_WORKERS) this.#free.push(data.buffer as ArrayBuffer);
+    if (data.buffer !== this.#local) this.#recycle(data.buffer as ArrayBuffer);
   }
 
-  #here(input: Uint8Array, offset: number): Promise<Uint8Array> {
-    this.counts.main++;
-    try {
-      const out = decompressCluster(input, this.#clusterSize, this.#compressionType, offset);
-      return Promise.resolve(out.data);
-    } catch (err) {
-      return Promise.reject(err);
+  #recycle(buffer: ArrayBuffer): void {
+    if (buffer.byteLength === this.#batchJobs * this.#clusterSize) {
+      if (this.#freeOut.length < KEEP_FREE) this.#freeOut.push(buffer);
     }
+  }
+
+  #takeOut(): ArrayBuffer {
+    return this.#freeOut.pop() ?? new ArrayBuffer(this.#batchJobs * this.#clusterSize);
+  }
+
+  #newBatch(worker: PoolWorker, first: number): Batch {
+    const size = this.#inputSize;
+    let input = this.#freeIn.pop();
+    if (first > size) input = new ArrayBuffer(first); // (a range longer than any qemu-img writes)
+    input ??= new ArrayBuffer(size);
+    return { worker, jobs: [], input, bounds: [0] };
   }
 
   /**
@@ -204,47 +277,94 @@ export class DecompressPool {
     w.worker.onmessage = ({ data }) => {
       if (data.ready) {
         w.ready = true;
+        this.workerCodecs = data.native;
         return;
       }
-      const jobs = w.inFlight.get(data.id);
-      if (!jobs) return;
+      const batch = w.inFlight.get(data.id);
+      if (!batch) return;
       w.inFlight.delete(data.id);
-      const cs = this.#clusterSize;
-      this.#lent.set(data.out.buffer, jobs.length);
-      jobs.forEach((job, i) => {
-        const r = data.results[i];
-        const result: DecompressResult = r.error === undefined
-          ? { data: data.out.subarray(i * cs, (i + 1) * cs), used: r.used }
-          : { error: r.error, at: r.at };
-        try {
-          job.resolve(clusterOrThrow(result, job.offset).data);
-        } catch (err) {
-          job.reject(err);
-        }
-      });
+      this.#answered(batch, data);
     };
     w.worker.onerror = (e) => {
       e.preventDefault();
-      this.#retire(w);
+      this.#retire(w, e.message);
     };
     return w;
   }
 
-  /** A failed worker: stop it and do its jobs here. */
-  #retire(w: PoolWorker): void {
+  /** A worker's answer: each job resolved with its cluster or rejected. */
+  #answered(
+    batch: Batch,
+    answer: {
+      out: ArrayBuffer;
+      input: ArrayBuffer;
+      errors: { i: number; error: string; at: number }[];
+    },
+  ): void {
+    const cs = this.#clusterSize;
+    const out = answer.out;
+    if (this.#freeIn.length < KEEP_FREE && answer.input.byteLength === this.#inputSize) {
+      this.#freeIn.push(answer.input);
+    }
+    const good = batch.jobs.length - answer.errors.length;
+    if (good > 0) this.#lent.set(out, good);
+    else this.#recycle(out);
+    const errors = new Map(answer.errors.map((e) => [e.i, e]));
+    batch.jobs.forEach((job, i) => {
+      const e = errors.get(i);
+      if (e === undefined) {
+        job.resolve(new Uint8Array(out, i * cs, cs));
+        return;
+      }
+      try {
+        clusterOrThrow(e, job.offset, { cluster: job.guest, clusterSize: cs });
+      } catch (err) {
+        job.reject(err);
+      }
+    });
+  }
+
+  /**
+   * A failed worker: stop it; the batch being filled for it is done here, the jobs it
+   * had (their inputs went with them) fail.
+   */
+  #retire(w: PoolWorker, why: string): void {
     w.ready = false;
     w.failed = true;
     w.worker.terminate();
-    const jobs = [...w.inFlight.values()].flat();
+    const batches = [...w.inFlight.values()];
     w.inFlight.clear();
-    if (this.#batchWorker === w) {
-      jobs.push(...this.#batch);
-      this.#batch = [];
-      this.#batchWorker = null;
+    if (this.#batch?.worker === w) {
+      batches.push(this.#batch);
+      this.#batch = null;
     }
-    for (const job of jobs) {
-      this.counts.workers--;
-      this.#here(job.input, job.offset).then(job.resolve, job.reject);
+    for (const batch of batches) {
+      if (batch.input.byteLength === 0) { // sent: transferred to the worker
+        for (const job of batch.jobs) {
+          job.reject(
+            new DiskstreamError(
+              `a decompression thread failed (${why}) while it held guest cluster ` +
+                `${job.guest} (compressed at byte ${job.offset}); import again`,
+            ),
+          );
+        }
+        continue;
+      }
+      const input = new Uint8Array(batch.input);
+      batch.jobs.forEach((job, i) => {
+        this.counts.workers--;
+        try {
+          job.resolve(
+            this.decompressHere(
+              input.subarray(batch.bounds[i], batch.bounds[i + 1]),
+              job.offset,
+              job.guest,
+            ).data,
+          );
+        } catch (err) {
+          job.reject(err);
+        }
+      });
     }
   }
 
@@ -255,8 +375,7 @@ export class DecompressPool {
       w.inFlight.clear();
     }
     this.#workers = [];
-    this.#batch = [];
-    this.#batchWorker = null;
+    this.#batch = null;
     if (this.#url !== null) URL.revokeObjectURL(this.#url);
     this.#url = null;
   }
@@ -314,6 +433,11 @@ export class DeferredWrites implements ImageTarget {
 
   get queued(): number {
     return this.#target.queued + this.#pendingBytes;
+  }
+
+  /** Bytes of the deferred writes not flushed yet. */
+  get pending(): number {
+    return this.#pendingBytes;
   }
 
   async flush(): Promise<void> {

@@ -40,7 +40,6 @@ import {
   MIN_CLUSTER_BITS,
   QCOW2_MAGIC,
 } from "./constants.ts";
-import { decompressCluster } from "./decompress.ts";
 import { DecompressPool, DeferredWrites } from "./decompress_pool.ts";
 import { HEADER_PROBE_BYTES, parseQcow2Header, type Qcow2Header } from "./header.ts";
 
@@ -93,6 +92,13 @@ const UNNEEDED_SNAPSHOTS = -3;
 const UNNEEDED_BITMAPS = -4;
 /** Bytes of a snapshot table entry before its variable part. */
 const SNAPSHOT_ENTRY = 40;
+
+/**
+ * Decompressed bytes that may wait to be written (with the compressed bytes on their
+ * way to the workers, a few MiB more): a stream of tiny compressed clusters must not
+ * fill memory.
+ */
+const MAX_PENDING = 16 * 1024 * 1024;
 
 /** Decodes a qcow2 stream; `open` gets the destination once the header is read. */
 export async function decodeQcow2Stream(
@@ -194,6 +200,13 @@ class Qcow2StreamReader implements WalkerFormat {
   ];
   readonly sharesTail = [false, true, false, false, false, false, false, false];
   readonly partialOk = [false, true, false, false, false, false, false, false];
+  /** Compressed data is copied or decoded before onRange returns. */
+  readonly transient = [false, true, false, false, false, false, false, false];
+
+  /** Decompressed clusters waiting to be written bound the memory: stop reading for them. */
+  full(): boolean {
+    return this.#target.pending >= MAX_PENDING;
+  }
   readonly walker: StreamWalker;
   readonly #h: Qcow2Header;
   readonly #target: DeferredWrites;
@@ -409,18 +422,17 @@ class Qcow2StreamReader implements WalkerFormat {
       case L1:
         return this.#readL1(bytes);
       case COMPRESSED: {
+        const write = (data: Uint8Array) => this.onBytes(DATA, aux, 0, data, 0, data.length);
         if (this.walker.buffer === null) {
           // Every table is known, so no byte after the compressed data can belong to a
           // range still unknown: the length it used does not matter, and a worker may
-          // decompress it (a copy: `bytes` may be a view of an input chunk reused later).
-          this.#target.defer(
-            this.#pool.decompress(bytes.slice(), start),
-            (data) => this.onBytes(DATA, aux, 0, data, 0, data.length),
-          );
+          // decompress it (the pool copies `bytes`, which may be a view of an input
+          // chunk reused later).
+          this.#target.defer(this.#pool.decompress(bytes, start, aux), write);
           return;
         }
-        const { data, used } = decompressCluster(bytes, this.#cs, this.#h.compressionType, start);
-        this.onBytes(DATA, aux, 0, data, 0, data.length);
+        const { data, used } = this.#pool.decompressHere(bytes, start, aux);
+        this.#target.defer(Promise.resolve(data), write); // its buffer is recycled once written
         return used;
       }
       case REFCOUNT_TABLE:
