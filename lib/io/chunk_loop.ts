@@ -59,10 +59,27 @@ export async function walkChunks(
   let limit = 0;
   const seekable = input.seekable;
   const pipe = seekable ? null : input.pipe;
+  // While the bytes ahead are to wait in the spool, they are spliced there, the pipe
+  // waited for (interruptibly) when empty: reading them through JavaScript instead would
+  // copy them twice more and look at every cluster for zeros.
   const spoolMove = pipe && walker.spoolAhead
-    ? () =>
-      input.drained && pipe.ready() && // an empty pipe would block out of reach of signals
-      walker.spoolAhead!((fd, at, length) => pipe.splice(fd, at, length, "the spool file")) > 0
+    ? async (): Promise<boolean> => {
+      for (;;) {
+        if (!input.drained) return false;
+        let starved = false;
+        const n = walker.spoolAhead!((fd, at, length) => {
+          // An empty pipe would block out of reach of signals.
+          if (!pipe.ready()) {
+            starved = true;
+            return 0;
+          }
+          return pipe.splice(fd, at, length, "the spool file");
+        });
+        if (n > 0) return true;
+        if (!starved) return false;
+        await input.waitForPipe();
+      }
+    }
     : null;
   try {
     for (;;) {
@@ -86,7 +103,7 @@ export async function walkChunks(
       // Data spliced into the destination, bytes waiting for their tables into the spool.
       for (;;) {
         let moved = (await direct?.move()) === true;
-        if (spoolMove?.()) moved = true;
+        if (await spoolMove?.()) moved = true;
         if (!moved) break;
         onChunk(EMPTY);
         limit = walker.nextAssembled?.() ?? 0;

@@ -231,9 +231,9 @@ export class StreamBuffer {
       if (this.#index > Math.max(this.#limit, INDEX_LIMIT)) {
         throw new LimitError(
           `the stream's bytes waiting for their tables lie in more than ` +
-            `${this.#index / PIECE_OVERHEAD} separate pieces (at byte offset ${start}); give ` +
-            `the image as a file (-i FILE), or import with --max-buffer ` +
-            `${sizeText(2 * this.#index)}`,
+            `${this.#index / PIECE_OVERHEAD} separate pieces (at byte offset ${start}), whose ` +
+            `index alone needs --max-buffer above ${sizeText(this.#index)}; give the image as ` +
+            `a file (-i FILE), or import with a --max-buffer above that`,
         );
       }
     } else {
@@ -434,12 +434,7 @@ export class StreamBuffer {
 }
 
 /** A `--max-buffer` value of at least `bytes`, rounded up to a whole MiB. */
-function sizeText(bytes: number): string {
+export function sizeText(bytes: number): string {
   const mib = Math.max(1, Math.ceil(bytes / 2 ** 20));
   return mib >= 1024 && mib % 1024 === 0 ? `${mib / 1024}G` : `${mib}M`;
-}
-
-/** A larger `--max-buffer` to suggest after `limit` was not enough. */
-export function nextLimit(limit: number): string {
-  return sizeText(limit * 4);
 }

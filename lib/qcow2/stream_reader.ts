@@ -26,7 +26,7 @@ import {
   type ChunkStream,
   type Expected,
   Mode,
-  type RecordRun,
+  RecordRun,
   StreamWalker,
   walkChunks,
   type WalkerFormat,
@@ -597,6 +597,15 @@ class Qcow2StreamReader implements WalkerFormat {
   #checkAllKnown() {
     if (!this.#l1Read || this.walker.buffer === null) return;
     if (this.#pendingL2 === 0) this.walker.stopBuffering();
+  }
+
+  /**
+   * Once the L1 table is read: each L2 table still to come (and the one being read)
+   * names at most one range per entry, in runs that grow by doubling.
+   */
+  metadataAhead(): number {
+    if (!this.#l1Read) return Infinity;
+    return (this.#pendingL2 + 1) * this.#l2Entries * RecordRun.SLOT_BYTES * 2;
   }
 
   describe(kind: number, aux: number): string {
