@@ -10,7 +10,16 @@
 import { dirname } from "node:path";
 import { describeIoError, LimitError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
+import { loadLibc } from "./libc.ts";
 import { type DestinationOps, destinationOps } from "./pipe_input.ts";
+
+/** fallocate(2): free the blocks of a range, the file keeping its size. */
+const PUNCH_HOLE = 0x02 | 0x01;
+/** Ranges smaller than this are not worth a system call to free. */
+const MIN_PUNCH = 64 * 1024;
+const PUNCH_SYMBOLS = {
+  fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
+} as const;
 
 /** errno codes of a full filesystem or a file-size limit (ENOSPC, EFBIG, EDQUOT). */
 const FULL = /\(os error (28|27|122)\)|No space left|File too large|quota/i;
@@ -25,6 +34,8 @@ export class Spool {
   #ops: DestinationOps | null = null;
   #where = "";
   #end = 0;
+  #punched = 0;
+  #canPunch = true;
 
   /** `dir`: where to create the file (default: the system temporary folder). */
   constructor(dir?: string) {
@@ -99,6 +110,26 @@ export class Spool {
       );
     }
     return describeIoError(err, `the spool file in ${this.folder}`, "write to");
+  }
+
+  /**
+   * The `length` spooled bytes at `offset` will never be read: their space (their pages
+   * in the page cache, which would otherwise be written to the disk) is given back at
+   * once. Best effort: without FFI it is given back when the spool is closed.
+   */
+  punch(offset: number, length: number): void {
+    if (this.#fd < 0 || length < MIN_PUNCH || !this.#canPunch) return;
+    const c = loadLibc(PUNCH_SYMBOLS);
+    if (c !== null && c.fallocate(this.#fd, PUNCH_HOLE, BigInt(offset), BigInt(length)) === 0) {
+      this.#punched += length;
+    } else {
+      this.#canPunch = false; // no FFI, or a filesystem without holes: freed at the end
+    }
+  }
+
+  /** Bytes given back by {@link punch} so far. */
+  get punched(): number {
+    return this.#punched;
   }
 
   /** Fills `target` with the spooled bytes at `offset`. */

@@ -36,6 +36,9 @@ const PIECE_OVERHEAD = 64;
  */
 const INDEX_LIMIT = 2 * 1024 * 1024 * PIECE_OVERHEAD;
 
+/** Pieces in the index beyond which spooled pieces are no longer cut for drops. */
+const MAX_SPLIT_INDEX = 64 * 1024;
+
 /**
  * A piece's bytes: in memory, `null` all zeros, a number: the offset in the spool,
  * `false`: not kept (over the limit without a spool), `undefined`: claimed.
@@ -365,6 +368,7 @@ export class StreamBuffer {
     const d = this.#data[i];
     if (d === undefined) return;
     if (d === null) this.#count(-PIECE_OVERHEAD);
+    if (typeof d === "number") this.#spool!.punch(d, this.#ends[i] - this.#starts[i]);
     if (this.#spool !== null && !(d instanceof Uint8Array)) this.#index -= PIECE_OVERHEAD;
     else this.#used -= (d instanceof Uint8Array ? d.length : 0) + PIECE_OVERHEAD;
     this.#data[i] = undefined;
@@ -396,7 +400,33 @@ export class StreamBuffer {
     }
     let last = i - 1;
     while (last + 1 < this.#starts.length && this.#starts[last + 1] < end) last++;
+    if (last < i) return;
+    // A spooled piece reaching past the range is cut at its edge, so that the part
+    // inside is released and its spool space given back.
+    this.#split(last, end);
+    if (this.#split(i, start)) {
+      i++;
+      last++;
+    }
     if (last >= i) this.#forget(i, last, start, end);
+  }
+
+  /**
+   * Cuts spooled piece `i` in two at stream offset `pos` when `pos` falls inside it;
+   * true when cut (piece `i + 1` then starts at `pos`). Not done once the index is
+   * large (each cut moves the pieces after it).
+   */
+  #split(i: number, pos: number): boolean {
+    const d = this.#data[i];
+    const s = this.#starts[i];
+    if (typeof d !== "number" || pos <= s || pos >= this.#ends[i]) return false;
+    if (this.#starts.length >= MAX_SPLIT_INDEX) return false;
+    this.#starts.splice(i + 1, 0, pos);
+    this.#ends.splice(i + 1, 0, this.#ends[i]);
+    this.#data.splice(i + 1, 0, d + (pos - s));
+    this.#ends[i] = pos;
+    this.#index += PIECE_OVERHEAD;
+    return true;
   }
 
   /** True when stream offset `pos` was dropped as unneeded metadata. */
