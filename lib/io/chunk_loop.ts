@@ -61,24 +61,27 @@ export async function walkChunks(
   const pipe = seekable ? null : input.pipe;
   // While the bytes ahead are to wait in the spool, they are spliced there, the pipe
   // waited for (interruptibly) when empty: reading them through JavaScript instead would
-  // copy them twice more and look at every cluster for zeros.
+  // copy them twice more and look at every cluster for zeros. A pipe holds 1 MiB: many
+  // splices make one turn of the loop, up to a budget.
   const spoolMove = pipe && walker.spoolAhead
     ? async (): Promise<boolean> => {
-      for (;;) {
-        if (!input.drained) return false;
+      let moved = 0;
+      while (moved < MOVE_BUDGET && input.drained) {
         let starved = false;
         const n = walker.spoolAhead!((fd, at, length) => {
-          // An empty pipe would block out of reach of signals.
-          if (!pipe.ready()) {
+          // An empty pipe would block out of reach of signals: wait briefly in place.
+          if (!pipe.ready(BRIEF_WAIT_MS)) {
             starved = true;
             return 0;
           }
           return pipe.splice(fd, at, length, "the spool file");
         });
-        if (n > 0) return true;
-        if (!starved) return false;
+        moved += n;
+        if (n > 0) continue;
+        if (!starved || moved > 0) break;
         await input.waitForPipe();
       }
+      return moved > 0;
     }
     : null;
   try {

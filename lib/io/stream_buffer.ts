@@ -63,6 +63,7 @@ export class StreamBuffer {
   #wouldUse = 0;
   #peak = 0;
   #lostAt = -1;
+  #lostClaimed = false;
   /** The last bytes kept went to the spool: memory is full. */
   #spilling = false;
   /** Stream ranges dropped as unneeded metadata: `[start, end)` pairs, merged. */
@@ -96,9 +97,12 @@ export class StreamBuffer {
     return this.#used;
   }
 
-  /** True when bytes were not kept for want of memory (see {@link overflowError}). */
+  /**
+   * True when bytes not kept for want of memory were claimed (see {@link overflowError}).
+   * Bytes not kept that nothing claims (stale data, metadata dropped) cost nothing.
+   */
   get overflowed(): boolean {
-    return this.#lostAt >= 0;
+    return this.#lostClaimed;
   }
 
   /**
@@ -290,12 +294,15 @@ export class StreamBuffer {
   take(
     start: number,
     length: number,
+    optional = false,
   ): Uint8Array | typeof ZERO_RANGE | typeof LOST_RANGE | undefined {
     const first = this.#find(start);
     if (first < 0) return undefined;
     const last = this.#reach(first, start + length);
     if (last < 0) return undefined;
     const out = this.#bytes(first, last, start, length);
+    // Bytes the import needs were not kept: it fails once every table is known.
+    if (out === LOST_RANGE && !optional) this.#lostClaimed = true;
     this.#forget(first, last, start, start + length);
     return out;
   }
@@ -318,6 +325,7 @@ export class StreamBuffer {
     }
     const have = Math.min(this.#ends[last] - start, length);
     const out = this.#bytes(first, last, start, have);
+    if (out === LOST_RANGE) this.#lostClaimed = true;
     return out === ZERO_RANGE ? new Uint8Array(have) : out;
   }
 

@@ -433,12 +433,11 @@ class Qcow2StreamReader implements WalkerFormat {
       }
       return;
     }
-    const got = buffer?.take(start, length);
+    const optional = kind === SNAPSHOT || kind === SNAPSHOT_L1 || kind === SNAPSHOT_L2 ||
+      kind === REFCOUNT_BLOCK || kind === BITMAP_DIR || kind === BITMAP_TABLE;
+    const got = buffer?.take(start, length, optional);
     if (got === LOST_RANGE) return;
-    if (
-      kind === SNAPSHOT || kind === SNAPSHOT_L1 || kind === SNAPSHOT_L2 ||
-      kind === REFCOUNT_BLOCK || kind === BITMAP_DIR || kind === BITMAP_TABLE
-    ) {
+    if (optional) {
       // Optional knowledge: read it when held, else never mind.
       if (got !== undefined) {
         this.onRange(kind, start, aux, got === ZERO_RANGE ? new Uint8Array(length) : got);
