@@ -16,7 +16,7 @@ import { type DestinationOps, destinationOps } from "./pipe_input.ts";
 /** fallocate(2): free the blocks of a range, the file keeping its size. */
 const PUNCH_HOLE = 0x02 | 0x01;
 /** Ranges smaller than this are not worth a system call to free. */
-const MIN_PUNCH = 64 * 1024;
+const MIN_PUNCH = 4096;
 const PUNCH_SYMBOLS = {
   fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
 } as const;
