@@ -104,6 +104,9 @@ export async function walkChunks(
       onChunk(chunk);
       await write(chunk);
       // Data spliced into the destination, bytes waiting for their tables into the spool.
+      // Read only the table (or passed-over range) that comes next, so that what
+      // follows it goes the kernel's way too.
+      if (direct || spoolMove) limit = walker.nextAssembled?.() ?? 0;
       for (;;) {
         let moved = (await direct?.move()) === true;
         if (await spoolMove?.()) moved = true;

@@ -13,6 +13,8 @@ import { formatBytes } from "../size.ts";
 import { loadLibc } from "./libc.ts";
 import { type DestinationOps, destinationOps } from "./pipe_input.ts";
 
+/** Bytes read from the spool at once (see {@link Spool.read}). */
+const READ_BLOCK = 1024 * 1024;
 /** fallocate(2): free the blocks of a range, the file keeping its size. */
 const PUNCH_HOLE = 0x02 | 0x01;
 /** Ranges smaller than this are not worth a system call to free. */
@@ -36,6 +38,14 @@ export class Spool {
   #end = 0;
   #punched = 0;
   #canPunch = true;
+  /** The block of the spool read last (see {@link read}): bytes `[#cacheAt, +#cacheLength)`. */
+  #cacheAt = 0;
+  #cacheLength = 0;
+  #cacheBuffer: Uint8Array | null = null;
+
+  get #cache(): Uint8Array {
+    return this.#cacheBuffer ??= new Uint8Array(READ_BLOCK);
+  }
 
   /** `dir`: where to create the file (default: the system temporary folder). */
   constructor(dir?: string) {
@@ -132,8 +142,27 @@ export class Spool {
     return this.#punched;
   }
 
-  /** Fills `target` with the spooled bytes at `offset`. */
+  /**
+   * Fills `target` with the spooled bytes at `offset`. Claims come mostly in spool
+   * order (a table names its clusters in the order they were written), so the spool is
+   * read in large blocks kept for the next claims: one read per block, not per cluster.
+   */
   read(offset: number, target: Uint8Array): void {
+    if (target.length > READ_BLOCK) {
+      this.#readFile(offset, target);
+      return;
+    }
+    const cache = this.#cache;
+    if (offset < this.#cacheAt || offset + target.length > this.#cacheAt + this.#cacheLength) {
+      this.#cacheAt = offset;
+      this.#cacheLength = Math.min(READ_BLOCK, this.#end - offset);
+      this.#readFile(offset, cache.subarray(0, this.#cacheLength));
+    }
+    const from = offset - this.#cacheAt;
+    target.set(cache.subarray(from, from + target.length));
+  }
+
+  #readFile(offset: number, target: Uint8Array): void {
     const f = this.#file!;
     try {
       f.seekSync(offset, Deno.SeekMode.Start);
@@ -151,6 +180,8 @@ export class Spool {
   close(): void {
     const f = this.#file;
     this.#file = null;
+    this.#cacheBuffer = null;
+    this.#cacheLength = 0;
     if (this.#fd >= 0) this.#ops!.closeDestination(this.#fd);
     this.#fd = -1;
     if (!f) return;

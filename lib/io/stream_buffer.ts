@@ -36,6 +36,8 @@ const PIECE_OVERHEAD = 64;
  */
 const INDEX_LIMIT = 2 * 1024 * 1024 * PIECE_OVERHEAD;
 
+/** Size of the blocks bytes read back are cut from. */
+const SLAB_BYTES = 1024 * 1024;
 /** Pieces in the index beyond which spooled pieces are no longer cut for drops. */
 const MAX_SPLIT_INDEX = 64 * 1024;
 
@@ -68,6 +70,9 @@ export class StreamBuffer {
   #spilling = false;
   /** Stream ranges dropped as unneeded metadata: `[start, end)` pairs, merged. */
   readonly #dropped: number[] = [];
+  /** The block {@link #fresh} cuts buffers from, and how much of it is used. */
+  #slab: Uint8Array | null = null;
+  #slabUsed = 0;
   /** Memory counted against the same limit elsewhere (the agenda's metadata). */
   #others: () => number = () => 0;
 
@@ -345,7 +350,7 @@ export class StreamBuffer {
     const d = this.#data[first];
     const skip = start - this.#starts[first];
     if (first === last && d instanceof Uint8Array) return d.subarray(skip, skip + length);
-    const out = new Uint8Array(length);
+    const out = this.#fresh(length);
     for (let i = first; i <= last; i++) {
       const s = Math.max(this.#starts[i], start);
       const e = Math.min(this.#ends[i], start + length);
@@ -354,6 +359,23 @@ export class StreamBuffer {
       if (p instanceof Uint8Array) into.set(p.subarray(s - this.#starts[i], e - this.#starts[i]));
       else if (typeof p === "number") this.#spool!.read(p + (s - this.#starts[i]), into);
     }
+    return out;
+  }
+
+  /**
+   * A new buffer of `length` bytes for bytes read back: small ones are cut one after
+   * the other from a shared block, so that the clusters of a table claimed in a row are
+   * adjacent in memory and reach the destination as one write, not one per cluster.
+   * A block is never reused (queued writes may still refer to it).
+   */
+  #fresh(length: number): Uint8Array {
+    if (length > SLAB_BYTES / 4) return new Uint8Array(length);
+    if (this.#slab === null || this.#slabUsed + length > SLAB_BYTES) {
+      this.#slab = new Uint8Array(SLAB_BYTES);
+      this.#slabUsed = 0;
+    }
+    const out = this.#slab.subarray(this.#slabUsed, this.#slabUsed + length);
+    this.#slabUsed += length;
     return out;
   }
 

@@ -171,12 +171,13 @@ export class StreamWalker implements ChunkConsumer {
 
   /**
    * The length of the next range when it starts at `pos` and is assembled (a table, a
-   * bitmap), else 0: the bytes to read before data may be moved directly again.
+   * bitmap) or passed over (a refcount block), else 0: the bytes to read before data
+   * may be moved by the kernel again (into the destination or the spool).
    */
   nextAssembled(): number {
     if (this.#cur !== null || this.#queue.peekStart() !== this.pos) return 0;
     this.#queue.peek(this.#rec);
-    return this.#fmt.modes[this.#rec.kind] === Mode.Assemble ? this.#rec.length : 0;
+    return this.#fmt.modes[this.#rec.kind] === Mode.Stream ? 0 : this.#rec.length;
   }
 
   /** Number of ranges still expected. */
