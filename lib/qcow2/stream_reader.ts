@@ -100,6 +100,8 @@ const UNNEEDED_L1 = -1;
 const UNNEEDED_REFCOUNTS = -2;
 const UNNEEDED_SNAPSHOTS = -3;
 const UNNEEDED_BITMAPS = -4;
+/** Per kind: true for compressed data only. */
+const ONLY_COMPRESSED: readonly boolean[] = Array.from({ length: 12 }, (_, k) => k === COMPRESSED);
 /** Bytes of a snapshot table entry before its variable part. */
 const SNAPSHOT_ENTRY = 40;
 /** Bytes of a bitmap directory entry before its variable part. */
@@ -213,34 +215,9 @@ class Qcow2StreamReader implements WalkerFormat {
     Mode.Assemble,
     Mode.Assemble,
   ];
-  readonly sharesTail = [
-    false,
-    true,
-    false,
-    false,
-    false,
-    false,
-    false,
-    false,
-    false,
-    false,
-    false,
-    false,
-  ];
-  readonly partialOk = [
-    false,
-    true,
-    false,
-    false,
-    false,
-    false,
-    false,
-    false,
-    false,
-    false,
-    false,
-    false,
-  ];
+  /** Compressed data may share its first and last sectors, and may stop short at the end. */
+  readonly sharesTail = ONLY_COMPRESSED;
+  readonly partialOk = ONLY_COMPRESSED;
   readonly walker: StreamWalker;
   readonly #h: Qcow2Header;
   readonly #target: DeferredWrites;
@@ -624,24 +601,38 @@ class Qcow2StreamReader implements WalkerFormat {
       const perBlock = (cs * 8) / this.#h.refcountBits;
       this.#single = new ClusterSet(bytes.length / 8 * perBlock, cs);
     }
-    let from = -1;
-    let to = -1;
+    const offsets: number[] = [];
     for (let i = 0; i + 8 <= bytes.length; i += 8) {
       const hi = v.getUint32(i);
       const off = hi * 2 ** 32 + ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
       // Refcounts are not checked: an odd entry is left to qemu-img check.
       if (off === 0 || hi >= 2 ** 21 || off % cs !== 0) continue;
-      if (read) {
-        this.#optional(run, REFCOUNT_BLOCK, off, cs, i / 8);
-        continue;
-      }
+      if (read) this.#optional(run, REFCOUNT_BLOCK, off, cs, i / 8);
+      else offsets.push(off);
+    }
+    this.walker.add(run);
+    this.#unneededClusters(offsets, UNNEEDED_REFCOUNTS);
+  }
+
+  /**
+   * The host clusters at `offsets` (any order, repeats allowed) are unneeded: passed
+   * over when they come, let go if held; adjacent ones as one range.
+   */
+  #unneededClusters(offsets: number[], aux: number) {
+    const cs = this.#cs;
+    offsets.sort((a, b) => a - b);
+    const run = this.walker.newRun(16);
+    let from = -1;
+    let to = -1;
+    for (const off of offsets) {
+      if (off < to) continue;
       if (off !== to) {
-        if (from >= 0) this.#unneeded(run, from, to - from, UNNEEDED_REFCOUNTS);
+        if (from >= 0) this.#unneeded(run, from, to - from, aux);
         from = off;
       }
       to = off + cs;
     }
-    if (from >= 0) this.#unneeded(run, from, to - from, UNNEEDED_REFCOUNTS);
+    if (from >= 0) this.#unneeded(run, from, to - from, aux);
     this.walker.add(run);
   }
 
@@ -687,13 +678,13 @@ class Qcow2StreamReader implements WalkerFormat {
   #snapshotTablesKnown() {
     const offsets = this.#snapshotL2s.filter((off) => !this.#isL2Table(off));
     this.#snapshotL2s = [];
+    if (!this.#single) {
+      this.#unneededClusters(offsets, UNNEEDED_SNAPSHOTS);
+      return;
+    }
     offsets.sort((a, b) => a - b);
     const run = this.walker.newRun(offsets.length);
-    for (let i = 0; i < offsets.length; i++) {
-      if (offsets[i] === offsets[i - 1]) continue;
-      if (this.#single) this.#optional(run, SNAPSHOT_L2, offsets[i], this.#cs, 0);
-      else this.#unneeded(run, offsets[i], this.#cs, UNNEEDED_SNAPSHOTS);
-    }
+    for (const off of offsets) this.#optional(run, SNAPSHOT_L2, off, this.#cs, 0);
     this.walker.add(run);
   }
 
@@ -707,23 +698,15 @@ class Qcow2StreamReader implements WalkerFormat {
     const single = this.#single!;
     const v = viewOf(bytes);
     const cs = this.#cs;
-    const run = this.walker.newRun(16);
-    let from = -1;
-    let to = -1;
+    const offsets: number[] = [];
     for (let i = 0; i + 8 <= bytes.length; i += 8) {
       const hi = v.getUint32(i);
       if ((hi & 0x40000000) !== 0) continue; // compressed: host clusters may be shared
       const off = (hi & OFFSET_HI_MASK) * 2 ** 32 + ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
       if (off === 0 || off % cs !== 0 || off / cs >= single.length) continue;
-      if (!single.has(off / cs)) continue;
-      if (off !== to) {
-        if (from >= 0) this.#unneeded(run, from, to - from, UNNEEDED_SNAPSHOTS);
-        from = off;
-      }
-      to = off + cs;
+      if (single.has(off / cs)) offsets.push(off);
     }
-    if (from >= 0) this.#unneeded(run, from, to - from, UNNEEDED_SNAPSHOTS);
-    this.walker.add(run);
+    this.#unneededClusters(offsets, UNNEEDED_SNAPSHOTS);
   }
 
   /** Refcount block `index`: which host clusters it counts once. */
@@ -770,20 +753,7 @@ class Qcow2StreamReader implements WalkerFormat {
         ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
       if (off !== 0 && off % cs === 0) offsets.push(off);
     }
-    offsets.sort((a, b) => a - b);
-    const run = this.walker.newRun(16);
-    let from = -1;
-    let to = -1;
-    for (const off of offsets) {
-      if (off < to) continue;
-      if (off !== to) {
-        if (from >= 0) this.#unneeded(run, from, to - from, UNNEEDED_BITMAPS);
-        from = off;
-      }
-      to = off + cs;
-    }
-    if (from >= 0) this.#unneeded(run, from, to - from, UNNEEDED_BITMAPS);
-    this.walker.add(run);
+    this.#unneededClusters(offsets, UNNEEDED_BITMAPS);
   }
 
   /**
