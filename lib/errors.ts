@@ -43,7 +43,10 @@ export class PermissionError extends DiskstreamError {}
 /** The reader of our output went away (EPIPE); the command line exits 1 quietly. */
 export class BrokenPipeError extends DiskstreamError {}
 
-/** A resource limit (for example import's `--max-buffer`) was reached. */
+/**
+ * A resource limit was reached: import's `--max-buffer`, or a destination smaller than the
+ * image's virtual size.
+ */
 export class LimitError extends DiskstreamError {}
 
 /** The source changed while it was being read (size differs between passes). */

@@ -1,9 +1,9 @@
 /**
  * `deno task bench`: diskstream against its peers, in one run, alternating.
  *
- * Builds its inputs in a temp dir (sparse where possible; removed afterwards, also on
- * Ctrl-C or failure), runs every case for diskstream and the peers in rotating order
- * after one untimed warm-up (which also checks the outputs), and prints a Markdown
+ * Builds its inputs in a temp dir once (sparse where possible; removed afterwards, also
+ * on Ctrl-C or failure), runs every case for diskstream and the peers in rotating order
+ * after an untimed run of each command whose output is checked, and prints a Markdown
  * report: medians, ratios, peak RSS, and the goals of issues 5 and 13 with PASS/FAIL.
  *
  *   deno task bench [--runs N] [--quick] [--case NAME]... [--dir DIR] [--cold] [--cli PATH]
@@ -67,7 +67,7 @@ interface Outcome {
 const { values: opts } = parseArgs({
   args: Deno.args,
   options: {
-    runs: { type: "string", default: "5" },
+    runs: { type: "string", default: "3" },
     quick: { type: "boolean", default: false },
     case: { type: "string", multiple: true },
     dir: { type: "string" },
@@ -77,32 +77,29 @@ const { values: opts } = parseArgs({
   },
 });
 
-if (opts.help) {
-  console.log(
-    `usage: deno task bench [--runs N] [--quick] [--case NAME]... [--dir DIR] [--cold] [--cli PATH]
-  --runs N     timed runs per command (default 5; --quick: 3)
-  --quick      small inputs, for a smoke run
-  --case NAME  run only this case (repeatable): ${caseNames().join(", ")}
-  --dir DIR    build the inputs under DIR (default: the system temp dir)
-  --cold       drop the page cache before every run (needs root)
-  --cli PATH   the diskstream to measure: cli.ts of another checkout (default: this one)`,
-  );
-  Deno.exit(0);
-}
-
 const CLI = opts.cli ?? `${ROOT}/cli.ts`;
 const CLI_DIR = CLI.replace(/\/[^/]*$/, "") || ".";
 const DS = [DENO, "run", "-A", `--config=${CLI_DIR}/deno.json`, CLI];
 const sizes: InputSizes = opts.quick ? QUICK_SIZES : FULL_SIZES;
-const runs = Number(opts.quick && opts.runs === "5" ? "3" : opts.runs);
+const runs = Number(opts.runs);
 if (!Number.isInteger(runs) || runs < 1) {
   console.error(`bench: --runs needs a positive integer, got '${opts.runs}'`);
   Deno.exit(2);
 }
-const log = (s: string) => console.error(s);
-const work = await Deno.makeTempDir({ prefix: "diskstream-bench-", dir: opts.dir });
+const started = performance.now();
+/** Minutes and seconds since the bench started, for the progress lines. */
+const elapsed = () => {
+  const s = Math.round((performance.now() - started) / 1000);
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+};
+const log = (s: string) => console.error(`[${elapsed()}] ${s}`);
+// --help needs the case names only: nothing is made on disk for it (the cases read `work`
+// and `inputs` only when they run).
+const work = opts.help
+  ? "(the work dir)"
+  : await Deno.makeTempDir({ prefix: "diskstream-bench-", dir: opts.dir });
 const scratch = `${work}/scratch`;
-await Deno.mkdir(scratch);
+if (!opts.help) await Deno.mkdir(scratch);
 const inputs = new Inputs(work, sizes, log);
 
 function cleanupAndExit(code: number): never {
@@ -249,6 +246,25 @@ function allCases(): BenchCase[] {
             name: "qemu-img convert",
             pipeline: { stages: [["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, out]] },
             ...common,
+          },
+          {
+            // qemu-img convert writes with cache=unsafe (no final sync); diskstream syncs.
+            name: QEMU_WB,
+            pipeline: {
+              stages: [[
+                "qemu-img",
+                "convert",
+                "-t",
+                "writeback",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                raw,
+                out,
+              ]],
+            },
+            after: remove(out),
           },
           await xo((node) => ({ stages: [[...node, "export", raw, out]] }), common),
         ];
@@ -600,7 +616,14 @@ function allCases(): BenchCase[] {
         ];
       },
     },
-    ...httpCases({ work, ds: DS, fullRaw: () => inputs.fullRaw(), sizes, log }),
+    ...httpCases({
+      work,
+      ds: DS,
+      fullRaw: () => inputs.fullRaw(),
+      fullExport: () => inputs.fullExport(DS),
+      sizes,
+      log,
+    }),
     ...nbdCases({ ds: DS, inputs, work, missing: dsMissing, sameAs }),
   ];
 }
@@ -785,7 +808,36 @@ async function runCase(c: BenchCase): Promise<Outcome[]> {
       cacheGrowth: [],
     }];
   }
-  return await runContenders(c, await c.contenders());
+  const t = performance.now();
+  const contenders = await c.contenders();
+  caseTime(c.name).prepare += (performance.now() - t) / 1000;
+  return await runContenders(c, contenders);
+}
+
+/** Where a case's time went (seconds): making its inputs, checked runs, timed runs, the rest. */
+interface CaseTime {
+  prepare: number;
+  warmUp: number;
+  timed: number;
+  /** Output checks, clean-up and the `sync` after every run. */
+  between: number;
+  /** The whole case, as seen from the main loop. */
+  total: number;
+}
+const caseTimes = new Map<string, CaseTime>();
+function caseTime(name: string): CaseTime {
+  let t = caseTimes.get(name);
+  if (t === undefined) {
+    t = { prepare: 0, warmUp: 0, timed: 0, between: 0, total: 0 };
+    caseTimes.set(name, t);
+  }
+  return t;
+}
+const secs = (x: number) => `${x.toFixed(0)} s`;
+function caseTimeText(name: string): string {
+  const t = caseTime(name);
+  return `${secs(t.total)} (inputs ${secs(t.prepare)}, checked runs ${secs(t.warmUp)}, ` +
+    `timed ${secs(t.timed)}, checks and syncs ${secs(t.between)})`;
 }
 
 async function runContenders(c: BenchCase, contenders: Contender[]): Promise<Outcome[]> {
@@ -803,10 +855,19 @@ async function runContenders(c: BenchCase, contenders: Contender[]): Promise<Out
     const k = contenders[i], o = outcomes[i];
     if (o.problem !== undefined) return;
     if (opts.cold || c.cold) await dropCaches();
+    const time = caseTime(c.name);
+    let t = performance.now();
+    const lap = () => {
+      const now = performance.now(), dt = (now - t) / 1000;
+      t = now;
+      return dt;
+    };
     try {
       const [s, growth] = c.watchCache
         ? await watchingCache(c.watchCache(), () => measure(k.pipeline, scratch))
         : [await measure(k.pipeline, scratch), NaN];
+      if (check) time.warmUp += lap();
+      else time.timed += lap();
       if (check && k.verify) {
         const wrong = await k.verify();
         if (wrong !== null) o.problem = `WRONG OUTPUT: ${wrong}`;
@@ -822,15 +883,21 @@ async function runContenders(c: BenchCase, contenders: Contender[]): Promise<Out
       await k.after?.();
       // Start every run with nothing dirty: no writeback of one run slows the next.
       await new Deno.Command("sync").output();
+      time.between += lap();
     }
   };
-  log(`case ${c.name}: warm-up and output check`);
-  for (let i = 0; i < contenders.length; i++) await once(i, true);
+  // An untimed run for the commands whose output is checked (the others' first timed run
+  // finds the inputs in the page cache already: they were just made, or read by a case).
+  log(`case ${c.name}: output checks`);
+  for (let i = 0; i < contenders.length; i++) if (contenders[i].verify) await once(i, true);
   const rounds = Math.min(runs, c.runs ?? runs);
   for (let r = 0; r < rounds; r++) {
     log(`case ${c.name}: round ${r + 1}/${rounds}`);
     // Alternate, and rotate who goes first so that no one always follows the same peer.
     for (let j = 0; j < contenders.length; j++) await once((r + j) % contenders.length, false);
+    const times = outcomes.filter((o) => o.samples.length > r)
+      .map((o) => `${o.name} ${o.samples[r].seconds.toFixed(2)} s`);
+    if (times.length) log(`  ${times.join(", ")}`);
   }
   return outcomes;
 }
@@ -929,6 +996,14 @@ const GOALS: Goal[] = [
     "export-file",
     DISKSTREAM,
     "qemu-img convert",
+    below(1),
+  ),
+  goal(
+    "(extra) export → file faster than `qemu-img convert -t writeback` (the same durability: " +
+      "plain `convert` does not sync its output)",
+    "export-file",
+    DISKSTREAM,
+    QEMU_WB,
     below(1),
   ),
   goal(`export → file faster than ${XO}`, "export-file", DISKSTREAM, XO, below(1)),
@@ -1187,8 +1262,10 @@ async function machine(): Promise<string[]> {
     }, ` +
     `node ${nodeVersion ?? "missing"}, ${XO}@${XO_VERSION}`,
     `- command: \`deno task bench${Deno.args.length ? " " + Deno.args.join(" ") : ""}\``,
-    `- ${runs} timed runs per command after one untimed warm-up (which also checks the ` +
-    `output with \`qemu-img compare\`), commands alternating in rotating order; times are ` +
+    `- ${runs} timed runs per command (medians), commands alternating in rotating order; ` +
+    `a command whose output is checked (\`qemu-img compare\`, checksums) runs once more ` +
+    `first, untimed, for the check; the inputs are in the page cache (just made or read) ` +
+    `unless the case drops it; times are ` +
     `wall-clock medians including process start-up; CPU s is user + system time of all ` +
     `the pipeline's processes; peak RSS is GNU time's %M of the process that matters ` +
     `(diskstream's own process in a pipeline), median of the runs.`,
@@ -1198,14 +1275,28 @@ async function machine(): Promise<string[]> {
 
 // ---- main ----
 
-const selected = allCases().filter((c) => !opts.case || opts.case.includes(c.name));
+if (opts.help) {
+  console.log(
+    `usage: deno task bench [--runs N] [--quick] [--case NAME]... [--dir DIR] [--cold] [--cli PATH]
+  --runs N     timed runs per command (default 3)
+  --quick      small inputs, for a smoke run
+  --case NAME  run only this case (repeatable): ${caseNames().join(", ")}
+  --dir DIR    build the inputs under DIR (default: the system temp dir)
+  --cold       drop the page cache before every run (needs root)
+  --cli PATH   the diskstream to measure: cli.ts of another checkout (default: this one)`,
+  );
+  Deno.exit(0);
+}
+
+// The cases that drop the page cache run last: the others find their inputs cached.
+const selected = allCases().filter((c) => !opts.case || opts.case.includes(c.name))
+  .sort((a, b) => Number(a.cold ?? false) - Number(b.cold ?? false));
 const unknown = (opts.case ?? []).filter((n) => !caseNames().includes(n));
 if (unknown.length) {
   console.error(`bench: unknown case ${unknown.join(", ")}; cases: ${caseNames().join(", ")}`);
   cleanupAndExit(2);
 }
 
-const started = performance.now();
 const results = new Map<string, Outcome[]>();
 let exitCode = 0;
 try {
@@ -1214,16 +1305,19 @@ try {
       ? "cold: dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`) before every run"
       : "warm: --cold was asked for but dropping the page cache is not permitted here";
   } else {
-    coldState = "warm: inputs are in the page cache (the warm-up run reads them); " +
+    coldState = "warm: inputs are in the page cache (just made, or read by an earlier run); " +
       ((await dropCaches())
         ? "run with --cold to drop the cache before every run (works here)"
         : "dropping the cache is not permitted here");
   }
   for (const c of selected) {
+    const t = performance.now();
     try {
       results.set(c.name, await runCase(c));
     } finally {
       await c.cleanup?.();
+      caseTime(c.name).total = (performance.now() - t) / 1000;
+      log(`case ${c.name}: done in ${caseTimeText(c.name)}`);
     }
   }
   const minutes = (performance.now() - started) / 60000;
@@ -1231,7 +1325,8 @@ try {
     `## Benchmark`,
     "",
     ...(await machine()),
-    `- total bench time: ${fmt(minutes, 1)} min`,
+    `- total bench time: ${fmt(minutes, 1)} min; per case: ` +
+    selected.map((c) => `${c.name} ${caseTimeText(c.name)}`).join("; "),
     "",
     ...selected.map((c) => caseTable(c, results.get(c.name)!)),
     `### Goals`,

@@ -17,6 +17,8 @@ export interface HttpBenchContext {
   /** The diskstream command (argv prefix). */
   ds: string[];
   fullRaw: () => Promise<string>;
+  /** The full disk as `diskstream export -o FILE` writes it (made once). */
+  fullExport: () => Promise<string>;
   sizes: InputSizes;
   log: (line: string) => void;
 }
@@ -90,7 +92,7 @@ export function httpCases(ctx: HttpBenchContext): BenchCase[] {
         const raw = await ctx.fullRaw();
         await get.start(raw);
         const image = `${get.nginx!.root}/dav/disk.qcow2`;
-        await ds(ctx, ["export", raw, "-o", image]);
+        await Deno.link(await ctx.fullExport(), image);
         const url = `${get.server!.url}/export_raw_vdi?vdi=d&format=qcow2`;
         const check = `${get.dir}/check.qcow2`;
         return [
@@ -126,8 +128,7 @@ export function httpCases(ctx: HttpBenchContext): BenchCase[] {
       contenders: async (): Promise<Contender[]> => {
         const raw = await ctx.fullRaw();
         await put.start(raw);
-        const image = `${put.dir}/disk.qcow2`;
-        await ds(ctx, ["export", raw, "-o", image]);
+        const image = await ctx.fullExport();
         const out = `${put.nginx!.root}/dav/up.qcow2`;
         const remove = () => Deno.remove(out).catch(() => {});
         return [

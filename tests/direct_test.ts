@@ -14,6 +14,8 @@ import {
   withTempDir,
 } from "./helpers.ts";
 import { openDiskSource } from "../lib/io/disk_source.ts";
+import { openDirectFile } from "../lib/io/direct_io.ts";
+import { rootTest, withLoopDevice } from "./device_helpers.ts";
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
@@ -124,5 +126,142 @@ Deno.test("a file source reads ahead on request (prefetch), within its size", as
     } finally {
       src.close();
     }
+  });
+});
+
+// ---- O_DIRECT ----
+
+const CLI_PATH = new URL("../cli.ts", import.meta.url).pathname;
+/** A disk whose size is not a multiple of 4 KiB: the last bytes are an unaligned tail. */
+const ODD_SIZE = 16 * MiB + 512;
+
+/** Runs diskstream under strace; returns the result and the openat lines naming `path`. */
+async function straced(args: string[], path: string, stdinFile?: string) {
+  const log = await Deno.makeTempFile();
+  try {
+    const r = await run(
+      "strace",
+      ["-f", "-e", "trace=openat", "-o", log, Deno.execPath(), "run", "-A", CLI_PATH, ...args],
+      { stdinFile },
+    );
+    const opens = (await Deno.readTextFile(log)).split("\n").filter((l) => l.includes(path));
+    return { ...r, opens };
+  } finally {
+    await Deno.remove(log);
+  }
+}
+
+/**
+ * The first offset where `a` and `b` differ (or their common length when one is
+ * shorter), -1 when equal: assert.deepEqual of megabytes can take minutes.
+ */
+function firstDifference(a: Uint8Array, b: Uint8Array): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return a.length === b.length ? -1 : n;
+}
+
+const directOpen = (opens: string[]) => opens.some((l) => /O_DIRECT.*= \d+$/.test(l));
+
+rootTest(
+  "--direct opens a loop device and a file with O_DIRECT (strace); bytes as qemu-img reads them",
+  { losetup: true, strace: true, qemu: true },
+  async () => {
+    await withTempDir(async (dir) => {
+      const disk = `${dir}/disk.raw`;
+      await Deno.writeFile(disk, pseudoRandom(ODD_SIZE, 11));
+      const image = `${dir}/disk.qcow2`;
+      await run("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", disk, image]);
+      await withLoopDevice(disk, async (dev) => {
+        const ex = await straced(["export", "--direct", dev, "-o", `${dir}/out.qcow2`], dev);
+        assert.equal(ex.code, 0, ex.stderr);
+        assert.ok(directOpen(ex.opens), `no O_DIRECT open of ${dev}:\n${ex.opens.join("\n")}`);
+        assert.ok(await imagesEqual(disk, `${dir}/out.qcow2`, "raw", "qcow2"));
+      });
+      const target = `${dir}/target.raw`;
+      await Deno.writeFile(target, new Uint8Array(ODD_SIZE).fill(0xee));
+      await withLoopDevice(target, async (dev) => {
+        const im = await straced(["import", "--direct", dev], dev, image);
+        assert.equal(im.code, 0, im.stderr);
+        assert.ok(directOpen(im.opens), `no O_DIRECT open of ${dev}:\n${im.opens.join("\n")}`);
+      });
+      assert.ok(await imagesEqual(disk, target, "raw", "raw"));
+      // A new file whose size ends in an unaligned tail (written through the page cache).
+      const out = `${dir}/new.raw`;
+      const im = await straced(["import", "--direct", out, "-i", image], out);
+      assert.equal(im.code, 0, im.stderr);
+      assert.ok(directOpen(im.opens), `no O_DIRECT open of ${out}:\n${im.opens.join("\n")}`);
+      assert.ok(await imagesEqual(disk, out, "raw", "raw"));
+    });
+  },
+);
+
+rootTest(
+  "--direct on ramfs (O_DIRECT refused at open): export and import fall back, same bytes",
+  { qemu: true },
+  async () => {
+    await withTempDir(async (top) => {
+      // ramfs has no direct I/O (tmpfs takes O_DIRECT since Linux 6.6).
+      const dir = `${top}/ramfs`;
+      await Deno.mkdir(dir);
+      assert.equal((await run("mount", ["-t", "ramfs", "ramfs", dir])).code, 0);
+      try {
+        const disk = `${dir}/disk.raw`;
+        await Deno.writeFile(disk, pseudoRandom(ODD_SIZE, 12));
+        const refused = openDirectFile(disk, false);
+        refused?.close();
+        assert.equal(refused, null, "ramfs takes O_DIRECT?");
+        const ex = await runCli(["export", "--direct", disk, "-o", `${dir}/out.qcow2`]);
+        assert.equal(ex.code, 0, ex.stderr);
+        assert.ok(await imagesEqual(disk, `${dir}/out.qcow2`, "raw", "qcow2"));
+        const im = await runCli(["import", "--direct", `${dir}/new.raw`], {
+          stdinFile: `${dir}/out.qcow2`,
+        });
+        assert.equal(im.code, 0, im.stderr);
+        assert.ok(await imagesEqual(disk, `${dir}/new.raw`, "raw", "raw"));
+      } finally {
+        await run("umount", [dir]);
+      }
+    });
+  },
+);
+
+Deno.test("O_DIRECT file: unaligned writes and reads of any size match the same done in memory", async () => {
+  await withTempDir(async (dir) => {
+    const path = `${dir}/f.raw`;
+    const size = 20 * MiB + 1234;
+    const model = pseudoRandom(size, 3);
+    await Deno.writeFile(path, model);
+    const file = openDirectFile(path, true);
+    if (file === null) return; // no FFI, or the temp dir refuses O_DIRECT
+    try {
+      // Pieces: aligned, unaligned both ends, inside one block, across the 8 MiB staging size.
+      const pieces: [number, number][] = [
+        [0, 4096],
+        [100, 50],
+        [4000, 200],
+        [8191, 9 * MiB + 3],
+        [12 * MiB, 8 * MiB],
+        [size - 700, 700],
+      ];
+      for (const [at, len] of pieces) {
+        const bytes = pseudoRandom(len, at + 1);
+        model.set(bytes, at);
+        await file.write(bytes, at);
+      }
+      await file.sync();
+      const back = new Uint8Array(size);
+      assert.equal(file.readSync(back, 0), size);
+      assert.equal(firstDifference(back, model), -1);
+      const part = new Uint8Array(3 * MiB + 5);
+      assert.equal(await file.read(part, 5 * MiB + 7), part.length);
+      assert.equal(firstDifference(part, model.subarray(5 * MiB + 7, 8 * MiB + 12)), -1);
+      const view = file.readView(size - 100, 4096); // past the end: short
+      assert.equal(firstDifference(view, model.subarray(size - 100)), -1);
+      assert.equal(file.readSync(new Uint8Array(10), size), 0);
+    } finally {
+      file.close();
+    }
+    assert.equal(firstDifference(await Deno.readFile(path), model), -1);
   });
 });

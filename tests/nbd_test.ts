@@ -314,6 +314,16 @@ nbdTest("nbd import: writes, zeroes what the image lacks, --prezeroed, flush", a
   });
 });
 
+/** Imports `image` through a pipe into the export at `uri` and checks it holds `raw`'s bytes. */
+async function importFromPipe(uri: string, image: string, raw: string, args: string[] = []) {
+  const r = await runCli(["import", uri, ...args], { stdinFile: image });
+  assert.equal(r.code, 0, r.stderr);
+  const back = `${image}.back.raw`;
+  await nbdcopyTo(uri, back);
+  assert.deepEqual(await Deno.readFile(back), await Deno.readFile(raw));
+  await Deno.remove(back);
+}
+
 nbdTest("nbd import: several connections with multi-conn; VHD stream from a pipe", async () => {
   await withTempDir(async (dir) => {
     const raw = `${dir}/src.raw`;
@@ -323,12 +333,7 @@ nbdTest("nbd import: several connections with multi-conn; VHD stream from a pipe
     const log = `${dir}/nbdkit.log`;
     const server = await startNbdkit(dir, ["--filter=log", "memory", "24M", `logfile=${log}`]);
     try {
-      const r = await runCli(["import", server.uri, "--connections", "3"], {
-        stdinFile: `${dir}/src.vhd`,
-      });
-      assert.equal(r.code, 0, r.stderr);
-      await nbdcopyTo(server.uri, `${dir}/back.raw`);
-      assert.deepEqual(await Deno.readFile(`${dir}/back.raw`), await Deno.readFile(raw));
+      await importFromPipe(server.uri, `${dir}/src.vhd`, raw, ["--connections", "3"]);
       const conns = new Set(
         [...(await Deno.readTextFile(log)).matchAll(/connection=(\d+) Write/g)].map((m) => m[1]),
       );
@@ -338,6 +343,76 @@ nbdTest("nbd import: several connections with multi-conn; VHD stream from a pipe
     }
   });
 });
+
+/** The most requests of `command` (nbdkit's log filter names) that were in flight at once. */
+function mostInFlight(log: string, command: string): number {
+  let now = 0;
+  let most = 0;
+  for (const line of log.split("\n")) {
+    if (new RegExp(`connection=\\d+ ${command} id=`).test(line)) most = Math.max(most, ++now);
+    else if (new RegExp(`connection=\\d+ \\.\\.\\.${command} id=`).test(line)) now--;
+  }
+  return most;
+}
+
+nbdTest(
+  "nbd import: writes pipelined from a pipe; an error reply among them fails it",
+  async () => {
+    await withTempDir(async (dir) => {
+      const raw = `${dir}/src.raw`;
+      await Deno.writeFile(raw, pseudoRandom(48 * MiB, 31));
+      await qemu(["convert", "-f", "raw", "-O", "qcow2", raw, `${dir}/src.qcow2`]);
+      // 300 ms per write, one connection: the import goes on sending while replies are
+      // outstanding.
+      const log = `${dir}/nbdkit.log`;
+      const slow = await startNbdkit(dir, [
+        "--filter=log",
+        "--filter=delay",
+        "memory",
+        "48M",
+        `logfile=${log}`,
+        "wdelay=300ms",
+      ]);
+      try {
+        await importFromPipe(slow.uri, `${dir}/src.qcow2`, raw, ["--connections", "1"]);
+        const text = await Deno.readTextFile(log);
+        assert.ok(
+          mostInFlight(text, "Write") >= 4,
+          `writes in flight: ${mostInFlight(text, "Write")}`,
+        );
+        // The flush comes after every write was answered.
+        const lines = text.split("\n");
+        const flush = lines.findIndex((l) => / Flush id=/.test(l));
+        const lastWrite = lines.findLastIndex((l) => /\.\.\.Write id=/.test(l));
+        assert.ok(flush > lastWrite && lastWrite > 0, "NBD_CMD_FLUSH after the last write's reply");
+      } finally {
+        await slow.stop();
+      }
+      // One write in ten fails with EIO, the others are slow: many writes are in flight
+      // when the first error comes back. It must be reported, never a success.
+      const failing = await startNbdkit(dir, [
+        "--filter=delay",
+        "--filter=error",
+        "memory",
+        "48M",
+        "wdelay=2ms",
+        "error=EIO",
+        "error-pwrite-rate=10%",
+      ]);
+      try {
+        const r = await runCli(["import", failing.uri], { stdinFile: `${dir}/src.qcow2` });
+        assert.equal(r.code, 1, r.stderr);
+        assert.equal(r.stderr.trim().split("\n").length, 1, r.stderr);
+        assert.match(
+          r.stderr,
+          /^diskstream: .*EIO \(input\/output error\) to a write of \d+ bytes at byte offset \d+.*partly written from byte \d+/,
+        );
+      } finally {
+        await failing.stop();
+      }
+    });
+  },
+);
 
 nbdTest(
   "nbd errors: refused export, EIO, ENOSPC, read-only, too small: one line, exit 1",

@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import { CLI, pseudoRandom, sha256File, withTempDir, writeSparse } from "./helpers.ts";
 import { pathExists } from "../lib/io/same_file.ts";
 import { CliChild, until } from "./cli_child.ts";
+import { startServer } from "./http_fixtures.ts";
 
 /** An 8 MiB disk whose first MiB is zeros (so its image writes nothing below 1 MiB). */
 async function imageWithDataFrom1M(dir: string): Promise<Uint8Array> {
@@ -129,6 +130,28 @@ Deno.test("signals: SIGINT during export -o onto an existing file says it is par
       /^diskstream: export of .*big\.raw to .*existing\.qcow2 interrupted by SIGINT: .*existing\.qcow2 is partly written from byte 0 on \(up to \d+ of the image's \d+ bytes\)$/,
     );
     assert.ok(await pathExists(out)); // not ours to remove
+  });
+});
+
+Deno.test("signals: SIGTERM during export -o URL says how far the upload got", async () => {
+  await withTempDir(async (dir) => {
+    await writeSparse(`${dir}/b.raw`, 1 << 30);
+    const server = await startServer(["--disk", `b=${dir}/b.raw`]);
+    try {
+      const url = `${server.url}/import_raw_vdi?vdi=b&format=qcow2`;
+      const child = new CliChild(["export", ...(await slowExportSource(dir)), "-o", url]);
+      await child.waitForOutput(/00[1-9]/);
+      const { code, stderr, ms } = await child.stop("SIGTERM");
+      assert.equal(code, 128 + 15, stderr);
+      assertOneLine(
+        stderr,
+        /^diskstream: interrupted by SIGTERM: the upload to http:\/\/127\.0\.0\.1:\d+\/import_raw_vdi\?vdi=b&format=qcow2 stopped after \d+ of \d+ bytes \(.*\); the server holds an incomplete image$/,
+      );
+      assert.ok(ms < 5000, `stopped after ${ms} ms`);
+      await server.waitLog(/import of 'b' failed, the disk is incomplete/);
+    } finally {
+      await server.stop();
+    }
   });
 });
 

@@ -4,11 +4,15 @@
  * (Python's tarfile, xxhsum, sha1sum), chunked diffs, and corrupted streams.
  */
 import assert from "node:assert/strict";
+import { ClusterSet, exportTar } from "../mod.ts";
+import { type DiskSource, openDiskSource } from "../lib/io/disk_source.ts";
+import { loadXxh64 } from "../lib/xva/checksum.ts";
 import {
   CLI_SH,
   pseudoRandom,
   runCli,
   sh,
+  sha256,
   sha256File,
   toolTest,
   withTempDir,
@@ -278,5 +282,113 @@ Deno.test("export refuses what a wire format cannot say", async () => {
     r = await runCli(["export", `${dir}/d.raw`, "-f", "tar", "--checksum", "md5"]);
     assert.equal(r.code, 2);
     assert.match(r.stderr, /--checksum must be xxhash or sha1/);
+  });
+});
+
+Deno.test("export -f tar: writeTo and the stream give the same bytes; a hint keeps unhinted chunks unread", async () => {
+  await withTempDir(async (dir) => {
+    await makeDisk(`${dir}/d.raw`);
+    // Hinted chunks 3 and 4; 0 and 12 are kept anyway. Reads must stay inside these.
+    const clusters = new ClusterSet(13, MiB);
+    clusters.addRange(3, 4);
+    const allocation = { virtualSize: 12 * MiB + MiB / 2, clusters };
+    const allowed = new Set([0, 3, 4, 12]);
+    for (const checksum of ["xxhash", "sha1"] as const) {
+      for (const hinted of [false, true]) {
+        const outputs: string[] = [];
+        for (const way of ["writeTo", "stream"]) {
+          const reads: number[] = [];
+          const src = recording(await openDiskSource(`${dir}/d.raw`), reads);
+          const e = await exportTar(src, {
+            checksum,
+            allocation: hinted ? allocation : undefined,
+            reuseBuffers: way === "writeTo",
+          });
+          const out = `${dir}/${checksum}-${hinted}-${way}.tar`;
+          if (way === "writeTo") await e.writeTo({ kind: "path", path: out });
+          else await Deno.writeFile(out, e.stream);
+          assert.equal((await Deno.stat(out)).size, e.layout.fileSize);
+          outputs.push(await sha256File(out));
+          if (hinted) {
+            const chunks = new Set(reads.map((at) => Math.floor(at / MiB)));
+            assert.deepEqual([...chunks].filter((c) => !allowed.has(c)), [], `${way} read`);
+            assert.deepEqual([...chunks].sort((a, b) => a - b), [0, 3, 4, 12]);
+          }
+        }
+        assert.equal(outputs[0], outputs[1], `${checksum} hinted=${hinted}`);
+      }
+    }
+  });
+});
+
+Deno.test("XXH64: the native and the WebAssembly implementations agree, in one piece and in several", async () => {
+  const wasm = (await loadXxh64("wasm"))!;
+  assert.equal(wasm.implementation, "wasm");
+  const native = await loadXxh64("native");
+  if (native === null) {
+    assert.ok(Deno.build.arch !== "x86_64", "the native XXH64 loads on Linux x86-64 with FFI");
+    return;
+  }
+  const data = pseudoRandom(3 * MiB + 12345, 9);
+  for (const len of [0, 1, 31, 32, 33, 4096, MiB, data.length]) {
+    const d = data.subarray(7, 7 + Math.min(len, data.length - 7));
+    const want = wasm.checksum(d);
+    assert.equal(native.checksum(d), want, `${len} bytes`);
+    const cut = Math.floor(d.length / 3);
+    assert.equal(native.checksum(d.subarray(0, cut), d.subarray(cut)), want);
+    assert.equal(wasm.checksum(d.subarray(0, cut), d.subarray(cut)), want);
+  }
+});
+
+/** `src`, recording the offset of every read of its data. */
+function recording(src: DiskSource, reads: number[]): DiskSource {
+  return {
+    path: src.path,
+    size: src.size,
+    isFile: src.isFile,
+    readAt: (buf, at, limit) => {
+      reads.push(at);
+      return src.readAt(buf, at, limit);
+    },
+    readAtSync: (buf, at, limit) => {
+      reads.push(at);
+      src.readAtSync!(buf, at, limit);
+    },
+    extents: (limit) => src.extents(limit),
+    currentSize: () => src.currentSize(),
+    close: () => src.close(),
+  };
+}
+
+Deno.test("import -f tar: with writes running while members are read, a bad member and those after it are never written", async () => {
+  await withTempDir(async (dir) => {
+    const size = 24 * MiB;
+    await writeSparse(`${dir}/d.raw`, size, [[0, pseudoRandom(size, 11)]]);
+    await sh(`${DS} export ${dir}/d.raw -f tar > ${dir}/d.tar`);
+    const member = 512 + MiB + 1024; // a member and its checksum member in the stream
+    await sh(
+      `printf 'X' | dd of=${dir}/d.tar bs=1 seek=${20 * member + 512 + 7} conv=notrunc status=none`,
+    );
+    const old = new Uint8Array(size).fill(0xee);
+    await Deno.writeFile(`${dir}/dest.raw`, old);
+    const r = await sh(
+      `cat ${dir}/d.tar | ${DS} import ${dir}/dest.raw -f tar; echo "exit $?"`,
+    ).catch((e) => String(e));
+    assert.match(r, /exit 1/);
+    const dest = await Deno.readFile(`${dir}/dest.raw`);
+    const disk = await Deno.readFile(`${dir}/d.raw`);
+    // Members before the bad one may have been written (they were verified) ...
+    for (let n = 0; n < 20; n++) {
+      const got = dest.subarray(n * MiB, (n + 1) * MiB);
+      assert.ok(
+        got.every((b) => b === 0xee) ||
+          sha256(got) === sha256(disk.subarray(n * MiB, (n + 1) * MiB)),
+        `member ${n}`,
+      );
+    }
+    // (the first ones were: their writes ran while later members were read) ...
+    assert.equal(sha256(dest.subarray(0, 8 * MiB)), sha256(disk.subarray(0, 8 * MiB)));
+    // ... the bad one and those after it never were.
+    assert.ok(dest.subarray(20 * MiB).every((b) => b === 0xee));
   });
 });

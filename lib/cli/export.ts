@@ -6,7 +6,7 @@
  */
 import type { Command } from "commander";
 import type { Allocation, ImageInfoJson } from "../alloc/allocation.ts";
-import { UnsupportedError, UsageError } from "../errors.ts";
+import { InterruptedError, UnsupportedError, UsageError } from "../errors.ts";
 import type { DiskSource } from "../io/endpoint.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
@@ -166,9 +166,9 @@ export function registerExport(program: Command): void {
     )
     .addHelpText(
       "after",
-      "\nA file or device output is synced before success. With -o FILE, SIGINT, SIGTERM and\n" +
-        "SIGHUP stop the export: a FILE it created is removed, and the exit status is 128 +\n" +
-        "the signal's number.\n" +
+      "\nA file or device output is synced before success. With -o FILE or URL, SIGINT,\n" +
+        "SIGTERM and SIGHUP stop the export: a FILE it created is removed, an upload says how\n" +
+        "far it got, and the exit status is 128 + the signal's number.\n" +
         "\nExamples:\n" +
         "  diskstream export disk.raw > disk.qcow2\n" +
         "  diskstream export /dev/vg/lv -f tar --allocation lv.vhd --tar-prefix Ref:3 > disk.tar\n" +
@@ -393,8 +393,9 @@ export async function runExport(run: ExportRun): Promise<void> {
   ]);
   // Refuse a terminal before any work.
   if (run.target.kind === "std" && !run.url) await openOutput(run.target);
-  // Writing a file: a signal stops the export cleanly (the file it created is removed).
-  if (run.target.kind === "path") {
+  // Writing a file or uploading: a signal stops the export cleanly (the file it created
+  // is removed; an upload says how far it got).
+  if (run.target.kind === "path" || run.url) {
     const { stoppableBySignals } = await import("./signals.ts");
     return await stoppableBySignals((signal) => exportTo(run, createProgress, signal));
   }
@@ -422,14 +423,27 @@ async function exportTo(
   };
   const planned = await plannedExportOf(run, options);
   if (run.url && http) {
-    const [{ httpPut }, { contentTypeOf }] = await Promise.all([
+    const [{ httpPut, redactUrl }, { contentTypeOf }, { formatBytes }] = await Promise.all([
       import("../http/client.ts"),
       import("../http/content_type.ts"),
+      import("../size.ts"),
     ]);
-    return await httpPut(run.url.url, planned.stream, planned.layout.fileSize, {
-      ...http,
-      contentType: contentTypeOf(run.format),
-    });
+    const total = planned.layout.fileSize;
+    let sent = 0;
+    try {
+      return await httpPut(run.url.url, planned.stream, total, {
+        ...http,
+        contentType: contentTypeOf(run.format),
+        onProgress: (n) => sent = n,
+      });
+    } catch (err) {
+      if (!(err instanceof InterruptedError)) throw err;
+      throw err.retell(
+        `${err.message}: the upload to ${redactUrl(run.url.url)} stopped after ${sent} of ` +
+          `${total} bytes (${formatBytes(sent)} of ${formatBytes(total)}); the server holds an ` +
+          `incomplete image`,
+      );
+    }
   }
   await planned.writeTo(run.target);
 }

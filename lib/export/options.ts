@@ -39,8 +39,9 @@ export interface StreamExportOptions {
    */
   reuseBuffers?: boolean;
   /**
-   * Keep the disks' data out of the page cache (vhd-tool's `--direct`): what is read
-   * from the source and the base, and what is written to an output file, is dropped
+   * Keep the disks' data out of the page cache (vhd-tool's `--direct`): the source and
+   * the base are read with O_DIRECT (where that is refused, what is read is dropped
+   * from the cache behind the transfer), what is written to an output file is dropped
    * from the cache a few megabytes behind the transfer. Needs FFI (else ignored).
    */
   direct?: boolean;

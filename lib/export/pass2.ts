@@ -34,8 +34,9 @@ export interface ImageWriter<Layout> {
   chunks(options: WriterOptions): AsyncGenerator<Uint8Array>;
   /**
    * The image as bytes to write and source ranges to copy (for kernel copies); absent
-   * when the data must pass through JavaScript (checksums): then writeTo writes
-   * {@link ImageWriter.chunks}.
+   * when there is no such way (then writeTo writes {@link ImageWriter.chunks}). Each
+   * piece is written before the next is asked for, so bytes may be a view of a buffer
+   * the generator reuses (a tar member read and hashed in place).
    */
   pieces?(): Iterable<Uint8Array | SourceRange>;
 }
@@ -205,7 +206,7 @@ class Pass2<Layout> {
   }
 
   async #write(target: Endpoint, name: string): Promise<void> {
-    // Kernel copies only when the format gives pieces (no checksums to compute) and the
+    // Kernel copies (and synchronous writes) only when the format gives pieces and the
     // source's path holds its bytes (not a disk inside an XVA, not a VHD chain).
     const copier = this.image.pieces && this.src.kernelCopy !== false && !this.src.remote
       ? openKernelCopy(
@@ -215,6 +216,7 @@ class Pass2<Layout> {
           : { fd: target.kind === "fd" ? target.fd : 1 },
         name,
         this.sync,
+        this.direct,
       )
       : null;
     if (copier === null) {
@@ -222,7 +224,7 @@ class Pass2<Layout> {
     }
     const drop = this.direct
       ? {
-        src: openPageCache(this.src.path, true),
+        src: copier.readsDirect ? null : openPageCache(this.src.path, true),
         out: target.kind === "path" ? openPageCache(target.path, true) : null,
       }
       : null;
@@ -245,11 +247,19 @@ class Pass2<Layout> {
     outCache: PageCache | null,
   ): Promise<void> {
     const src = this.src;
+    // Let timers and signals run every few MiB (not after each member or scattered cluster).
+    let sinceYield = 0;
+    const yieldAfter = async (bytes: number) => {
+      if ((sinceYield += bytes) < COPY_STEP) return;
+      sinceYield = 0;
+      await new Promise((resolve) => setImmediate(resolve));
+    };
     for (const piece of this.image.pieces!()) {
       if (piece instanceof Uint8Array) {
         copier.write(piece);
         outCache?.wrote(this.#sent, piece.length);
         this.#sentBytes(piece.length);
+        await yieldAfter(piece.length);
         continue;
       }
       const end = piece.offset + piece.length;
@@ -262,7 +272,7 @@ class Pass2<Layout> {
         outCache?.wrote(this.#sent, step);
         this.#sentBytes(step);
         at += step;
-        await new Promise((resolve) => setImmediate(resolve)); // let timers and signals run
+        await yieldAfter(step);
       }
     }
   }

@@ -66,8 +66,9 @@ async function planNonZero(
 ): Promise<ClusterSet> {
   if (candidates.trusted && candidates.set !== null) return candidates.set;
   const out = new ClusterSet(candidates.clusters, clusterSize);
-  // A remote source is scanned in large reads: a probe per cluster would be a round trip each.
-  if (clusterSize >= PROBE_MIN_CLUSTER && !source.remote) {
+  // A remote source is scanned in large reads: a probe per cluster would be a round trip
+  // each; so is a source read with O_DIRECT (a probe would be a device request each).
+  if (clusterSize >= PROBE_MIN_CLUSTER && !source.remote && !source.direct) {
     await probeNonZero(source, candidates, clusterSize, out, onRead);
     return out;
   }

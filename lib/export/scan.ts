@@ -22,6 +22,11 @@ import { allRuns, extentRuns, type Run, setRuns } from "../alloc/runs.ts";
 
 /** Window of a synchronous scan: small enough to stay in the processor's cache. */
 const SYNC_WINDOW = 1024 * 1024;
+/**
+ * Window of a scan of a source read with O_DIRECT: without readahead each read is one
+ * request to the device, so the requests are large.
+ */
+const DIRECT_WINDOW = 8 * 1024 * 1024;
 /** Bytes read between two yields to the event loop in a synchronous scan. */
 export const YIELD_BYTES = 64 * 1024 * 1024;
 
@@ -162,7 +167,9 @@ export async function scanWindows(
   windowBytes?: number,
 ): Promise<void> {
   if (inputs.every((input) => input.source.readAtSync !== undefined)) {
-    return scanWindowsSync(runs, clusterSize, inputs, visit, onRead, windowBytes ?? SYNC_WINDOW);
+    const direct = inputs.some((input) => input.source.direct);
+    windowBytes ??= direct ? DIRECT_WINDOW : SYNC_WINDOW;
+    return scanWindowsSync(runs, clusterSize, inputs, visit, onRead, windowBytes);
   }
   windowBytes ??= CHUNK_SIZE;
   const span = Math.max(1, Math.floor(windowBytes / clusterSize));

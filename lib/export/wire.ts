@@ -20,7 +20,7 @@ import { CHUNK_HEADER_BYTES, encodeChunkHeader } from "../chunked/chunked.ts";
 import { UsageError } from "../errors.ts";
 import { type DiskSource, openDiskSource } from "../io/disk_source.ts";
 import { CHUNK_SIZE } from "../io/stream.ts";
-import { ChunkSink, type WriterOptions } from "../qcow2/writer.ts";
+import { ChunkSink, READS_AHEAD, type WriterOptions } from "../qcow2/writer.ts";
 import type { ChecksumKind } from "../xva/checksum.ts";
 import { DEFAULT_TAR_PREFIX, DiskMemberWriter, memberStreamBytes, XVA_CHUNK } from "../xva/disk.ts";
 import { TAR_END } from "../xva/tar.ts";
@@ -283,6 +283,7 @@ export async function exportTar(
     options.checksum ?? "xxhash",
   );
   const plan = await planExport(source, options, XVA_CHUNK, () => {});
+  const readSync = plan.src.readAtSync?.bind(plan.src);
   return plannedExport(plan, options, (virtualSize) => {
     const chunks = plan.clusters;
     const count = Math.ceil(virtualSize / XVA_CHUNK);
@@ -297,34 +298,52 @@ export async function exportTar(
     const n = chunks.count;
     const fileSize = (count > 0 ? (n - 1) * full + memberBytes(count - 1) : 0) + TAR_END.length;
     const dataBytes = count > 0 ? (n - 1) * XVA_CHUNK + lastSize : 0;
+    // The members in order: [number, bytes of data].
+    const members = function* (): Generator<[number, number]> {
+      for (const [first, last] of setRuns(chunks)) {
+        for (let i = first; i <= last; i++) yield [i, i === count - 1 ? lastSize : XVA_CHUNK];
+      }
+    };
     return {
       layout: { fileSize, diskSize: virtualSize, dataBytes },
       fileSize,
+      // Each member's data read into its place in a chunk, hashed once read, then
+      // framed; the reads of the next chunk run while the consumer writes this one.
       chunks: async function* (o: WriterOptions) {
         const chunkSize = Math.max(o.chunkSize ?? CHUNK_SIZE, full);
         const sink = new ChunkSink(fileSize, chunkSize, o.reuseBuffers === true);
         const limit = o.sourceSize ?? plan.src.size;
-        for (const [first, last] of setRuns(chunks)) {
-          for (let i = first; i <= last; i++) {
-            const bytes = memberBytes(i);
-            if (bytes > sink.free) {
-              sink.flush();
-              yield* sink.drain();
-            }
-            const space = sink.take(bytes, false);
-            const size = i === count - 1 ? lastSize : XVA_CHUNK;
-            await plan.src.readAt(space.subarray(512, 512 + size), i * XVA_CHUNK, limit);
-            o.onData?.(size);
-            writer.frame(space, 0, i, size);
+        for (const [i, size] of members()) {
+          const bytes = memberBytes(i);
+          if (bytes > sink.free) {
+            sink.flush();
+            yield* sink.drainRead(READS_AHEAD);
           }
+          const space = sink.take(bytes, false);
+          sink.reading(
+            plan.src.readAt(space.subarray(512, 512 + size), i * XVA_CHUNK, limit).then(() => {
+              o.onData?.(size);
+              writer.frame(space, 0, i, size);
+            }),
+          );
         }
         if (sink.free < TAR_END.length) {
           sink.flush();
-          yield* sink.drain();
+          yield* sink.drainRead(READS_AHEAD);
         }
         sink.take(TAR_END.length).fill(0);
         sink.flush();
-        yield* sink.drain();
+        yield* sink.drainRead();
+      },
+      // For writeTo's synchronous writes: one buffer, each member read into it (one
+      // read), hashed (one call) and written with its checksum member (one write).
+      pieces: readSync && function* () {
+        const buf = new Uint8Array(full);
+        for (const [i, size] of members()) {
+          readSync(buf.subarray(512, 512 + size), i * XVA_CHUNK, plan.src.size);
+          yield buf.subarray(0, writer.frame(buf, 0, i, size));
+        }
+        yield TAR_END;
       },
     };
   });

@@ -212,13 +212,15 @@ async function importChunks(
   };
   const open = async (info: StreamImageInfo, sizeKnown = true) => {
     const size = sizeKnown ? info.virtualSize : null;
-    target = isNbdUri(dest)
-      ? await (await import("../nbd/target.ts")).NbdTarget.open(dest, size, info.unit, {
+    if (isNbdUri(dest)) {
+      target = await (await import("../nbd/target.ts")).NbdTarget.open(dest, size, info.unit, {
         ...options.nbd,
         prezeroed: options.prezeroed,
         delta: options.delta,
-      })
-      : await RawDestination.open(dest, size, info.unit, options);
+      });
+      // Its sockets progress only while the event loop runs: never block it on the input.
+      input.overlapIo = true;
+    } else target = await RawDestination.open(dest, size, info.unit, options);
     return target;
   };
   try {

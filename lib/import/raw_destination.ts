@@ -15,10 +15,11 @@
  * @module
  */
 import { ClusterSet } from "../alloc/cluster_set.ts";
-import { describeIoError, DiskstreamError } from "../errors.ts";
+import { describeIoError, DiskstreamError, LimitError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
 import { zeroTest } from "../zero.ts";
 import { openPageCache, type PageCache } from "../io/page_cache.ts";
+import { type DirectFile, openDirectFile } from "../io/direct_io.ts";
 import type { DiskTarget } from "../io/endpoint.ts";
 
 export type { ImageTarget } from "../io/endpoint.ts";
@@ -35,8 +36,9 @@ export interface DestinationOptions {
   /** Apply a diff: leave unallocated ranges untouched, write zeros for ZERO ranges. */
   delta?: boolean;
   /**
-   * Keep the written data out of the page cache (vhd-tool's `--direct`): it is
-   * written back in strides and dropped from the cache. Needs FFI (else ignored).
+   * Keep the written data out of the page cache (vhd-tool's `--direct`): written with
+   * O_DIRECT, or where that is refused (tmpfs), written back in strides and dropped
+   * from the cache. Needs FFI (else ignored).
    */
   direct?: boolean;
   /** Sync the data to the device (fdatasync) before finishing (default true). */
@@ -67,6 +69,8 @@ export class RawDestination implements DiskTarget {
   /** The image's virtual size, the end of what is written; null until known (fixed VHD). */
   readonly virtualSize: number | null;
   readonly #file: Deno.FsFile;
+  /** With `direct`: the destination opened with O_DIRECT, which every write goes through. */
+  readonly #direct: DirectFile | null;
   readonly #cache: PageCache | null;
   readonly #capacity: number;
   readonly #initialSize: number;
@@ -102,7 +106,8 @@ export class RawDestination implements DiskTarget {
     this.path = path;
     this.kind = kind;
     this.#file = file;
-    this.#cache = opts.direct ? openPageCache(path, true) : null;
+    this.#direct = opts.direct ? openDirectFile(path, true) : null;
+    this.#cache = opts.direct && this.#direct === null ? openPageCache(path, true) : null;
     this.virtualSize = virtualSize;
     this.#capacity = sizes.capacity;
     this.#initialSize = sizes.initial;
@@ -196,6 +201,11 @@ export class RawDestination implements DiskTarget {
 
   get queued(): number {
     return this.#queued;
+  }
+
+  /** True when writes use O_DIRECT (so data is never spliced into the destination). */
+  get direct(): boolean {
+    return this.#direct !== null;
   }
 
   /** Bytes of image data (not zeros) written so far. */
@@ -310,6 +320,11 @@ export class RawDestination implements DiskTarget {
     const f = this.#file;
     try {
       for (let i = 0; i < offs.length; i++) {
+        if (this.#direct) {
+          this.#lowest = Math.min(this.#lowest, offs[i]);
+          await this.#direct.write(new Uint8Array(bufs[i], bufOffs[i], lens[i]), offs[i]);
+          continue;
+        }
         if (this.#filePos !== offs[i]) {
           await f.seek(offs[i], Deno.SeekMode.Start);
         }
@@ -356,7 +371,8 @@ export class RawDestination implements DiskTarget {
         await fill(written.length);
       }
       await this.flush();
-      if (this.#sync) await this.#file.syncData();
+      if (this.#direct) await (this.#sync ? this.#direct.sync() : this.#direct.drain());
+      else if (this.#sync) await this.#file.syncData();
     } catch (err) {
       this.#close();
       throw describeIoError(err, this.path, "write to");
@@ -383,6 +399,7 @@ export class RawDestination implements DiskTarget {
 
   #close() {
     this.#cache?.close();
+    this.#direct?.close();
     try {
       this.#file.close();
     } catch {
@@ -391,8 +408,8 @@ export class RawDestination implements DiskTarget {
   }
 }
 
-function tooSmall(path: string, have: number, need: number): DiskstreamError {
-  return new DiskstreamError(
+function tooSmall(path: string, have: number, need: number): LimitError {
+  return new LimitError(
     `${path} holds ${have} bytes (${formatBytes(have)}), less than the image's virtual size ` +
       `of ${need} bytes (${formatBytes(need)}): refusing to write`,
   );

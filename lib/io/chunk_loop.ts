@@ -53,6 +53,9 @@ export async function walkChunks(
     if (held !== null && held !== chunk) input.release(held);
     held = chunk;
     writing = target.flush();
+    // Awaited before the next flush or at the end; meanwhile the next chunk is read,
+    // which may wait for the input (a failure must not count as unhandled then).
+    writing.catch(() => {});
   };
   // After data went by spliced, read only the table that comes next (when one does),
   // so that the data after it is spliced too.
@@ -141,6 +144,7 @@ const MOVE_BUDGET = 256 * 1024 * 1024;
 function openDirect(input: ChunkStream, walker: ChunkConsumer, target: ImageTarget) {
   const pipe = input.pipe;
   if (!pipe || !walker.moveDirect || !target.wroteDirect || target.path === undefined) return null;
+  if (target.direct) return null; // O_DIRECT writes: the data goes through write()
   const path = target.path;
   let fd = pipe.openDestination(path);
   if (fd === null) return null;

@@ -37,6 +37,12 @@ export class ChunkStream {
   readonly #lent = new Map<ArrayBufferLike, number>();
   #ended = false;
   readonly #signal: AbortSignal | undefined;
+  /**
+   * Read a pipe without ever blocking the event loop: set when the destination is a
+   * network export, whose sockets are served by the event loop (its writes and the
+   * server's replies then go on while the next chunk is read).
+   */
+  overlapIo = false;
 
   /**
    * `signal` stops a wait for a pipe's next bytes (the reason is thrown); other
@@ -106,7 +112,8 @@ export class ChunkStream {
     const pipe = this.pipe!;
     let filled = 0;
     while (filled < buf.length) {
-      await this.waitForPipe();
+      if (this.overlapIo) await this.#waitAside();
+      else await this.waitForPipe();
       const n = pipe.read(buf.subarray(filled));
       if (n === 0) break;
       filled += n;
@@ -149,6 +156,18 @@ export class ChunkStream {
       await pipe.wait(PIPE_WAIT_MS);
       this.#signal?.throwIfAborted();
     }
+  }
+
+  /**
+   * Until the pipe has bytes (or its writer is gone), waiting on another thread even
+   * when they are there already: the event loop turns between two reads.
+   */
+  async #waitAside(): Promise<void> {
+    const pipe = this.pipe!;
+    do {
+      this.#signal?.throwIfAborted();
+      await pipe.wait(PIPE_WAIT_MS);
+    } while (!pipe.ready());
   }
 
   /** True when no byte read from the input waits in front (the next byte is the input's). */

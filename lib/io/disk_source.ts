@@ -10,13 +10,15 @@ import { describeIoError, DiskstreamError, SourceChangedError } from "../errors.
 import type { DiskSource } from "./endpoint.ts";
 import { dataExtents } from "./seek_data.ts";
 import { openPageCache, type PageCache } from "./page_cache.ts";
+import { type DirectFile, openDirectFile } from "./direct_io.ts";
 
 export type { DiskSource } from "./endpoint.ts";
 
 /**
  * Opens `path` for reading and learns its size. Errors name the path and what to do
  * (a device under `/dev` needs Deno's `--allow-all`, e.g. `deno task diskstream`).
- * `direct`: what is read leaves the page cache again (see page_cache.ts).
+ * `direct`: reads bypass the page cache (O_DIRECT, see direct_io.ts), or where that is
+ * refused (tmpfs), what is read leaves the page cache again (see page_cache.ts).
  */
 export async function openDiskSource(
   path: string,
@@ -38,8 +40,26 @@ export async function openDiskSource(
     file.close();
     throw describeIoError(err, path, "find the size of");
   }
-  const cache = openPageCache(path, !!options.direct);
-  return new FileSource(path, file, size, info.isFile, cache);
+  const direct = options.direct ? openDirectFile(path, false) : null;
+  const cache = direct ? null : openPageCache(path, !!options.direct);
+  return new FileSource(path, file, size, info.isFile, cache, direct);
+}
+
+/** What another thread needs to read a disk itself: its path and the file's identity. */
+export interface SharedFile {
+  path: string;
+  /** `stat` device and inode of the file this source has open (the other thread checks them). */
+  dev: number;
+  ino: number;
+}
+
+/**
+ * A file or device source that another thread may open by its path and read as well
+ * (its reads need no page-cache bookkeeping, `--direct`), or null for any other source.
+ */
+export function sharedFileOf(source: DiskSource): SharedFile | null {
+  if (!(source instanceof FileSource) || source.cache?.drop || source.direct) return null;
+  return source.identity();
 }
 
 class FileSource implements DiskSource {
@@ -56,8 +76,13 @@ class FileSource implements DiskSource {
     readonly size: number,
     readonly isFile: boolean,
     readonly cache: PageCache | null = null,
+    readonly directFile: DirectFile | null = null,
   ) {
     this.#file = file;
+  }
+
+  get direct(): boolean {
+    return this.directFile !== null;
   }
 
   #serial<T>(op: () => Promise<T>): Promise<T> {
@@ -69,6 +94,12 @@ class FileSource implements DiskSource {
   readAt(buf: Uint8Array, position: number, limit = this.size): Promise<void> {
     const want = this.#prepare(buf, position, limit);
     if (want === 0) return Promise.resolve();
+    const direct = this.directFile;
+    if (direct) {
+      return this.#serial(async () => {
+        this.#check(await direct.read(buf.subarray(0, want), position), want, position, limit);
+      });
+    }
     return this.#serial(async () => {
       let got = 0;
       try {
@@ -93,6 +124,10 @@ class FileSource implements DiskSource {
 
   readAtSync(buf: Uint8Array, position: number, limit = this.size): void {
     const want = this.#prepare(buf, position, limit);
+    if (this.directFile) {
+      const got = want > 0 ? this.directFile.readSync(buf.subarray(0, want), position) : 0;
+      return this.#check(got, want, position, limit);
+    }
     let got = 0;
     try {
       if (want > 0 && this.#position !== position) {
@@ -111,6 +146,16 @@ class FileSource implements DiskSource {
     if (want > 0) this.#position = position + got;
     this.cache?.read(position, got);
     this.#check(got, want, position, limit);
+  }
+
+  /** See {@link sharedFileOf}; null when the file cannot be inspected. */
+  identity(): SharedFile | null {
+    try {
+      const info = this.#file.statSync();
+      return info.ino === null ? null : { path: this.path, dev: info.dev, ino: info.ino };
+    } catch {
+      return null;
+    }
   }
 
   /** Zero-fills what lies past `limit` and returns how many bytes to read. */
@@ -154,6 +199,7 @@ class FileSource implements DiskSource {
     if (this.#closed) return;
     this.#closed = true;
     this.cache?.close();
+    this.directFile?.close();
     try {
       this.#file.close();
     } catch {

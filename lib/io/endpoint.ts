@@ -37,6 +37,11 @@ export interface DiskSource {
    */
   readonly kernelCopy?: boolean;
   /**
+   * True when reads bypass the page cache (O_DIRECT): there is no readahead, so each
+   * read is one request to the device — read in large pieces, not small probes.
+   */
+  readonly direct?: boolean;
+  /**
    * Fills all of `buf` with the bytes at `position`. Bytes at or past `limit`
    * (default: the size) read as zeros. Throws a `SourceChangedError` when the
    * source ends before `limit`.
@@ -85,6 +90,11 @@ export interface ImageTarget {
    * by the kernel): accounts for it. Throws when the range is out of bounds.
    */
   wroteDirect?(offset: number, length: number): void;
+  /**
+   * True when the target writes with O_DIRECT (`--direct`): data must reach it through
+   * {@link ImageTarget.write}, never be spliced into `path` through the page cache.
+   */
+  readonly direct?: boolean;
 }
 
 /** What an import writes into: the write operations plus its end. */

@@ -32,6 +32,7 @@ import {
   WRITE_SIDE_ERRNOS,
 } from "./libc.ts";
 import { errnoMessage } from "./errno.ts";
+import { DIRECT_VIEW, type DirectFile, openDirectFile } from "./direct_io.ts";
 
 /** Bytes moved per call. */
 export const COPY_STEP = 8 * 1024 * 1024;
@@ -64,8 +65,8 @@ const SYMBOLS = {
 
 const encoder = new TextEncoder();
 
-/** How data reaches the output. */
-type Method = "splice" | "copy_file_range" | "sendfile" | "bounce";
+/** How data reaches the output ("direct": read with O_DIRECT, then written). */
+type Method = "splice" | "copy_file_range" | "sendfile" | "bounce" | "direct";
 
 /** What to try after `method` is refused by the kernel for these descriptors. */
 const NEXT: Record<Method, Method | null> = {
@@ -73,6 +74,7 @@ const NEXT: Record<Method, Method | null> = {
   copy_file_range: "sendfile", // e.g. a socket, a device source, another filesystem
   sendfile: "bounce",
   bounce: null,
+  direct: null,
 };
 
 /** An output descriptor and the source descriptor the data is copied from. */
@@ -88,6 +90,8 @@ export interface KernelCopy {
   sync(): void;
   /** Closes what was opened here (an inherited output descriptor stays open). */
   close(): void;
+  /** True when the source is read with O_DIRECT (`direct`), past the page cache. */
+  readonly readsDirect: boolean;
 }
 
 /**
@@ -96,12 +100,16 @@ export interface KernelCopy {
  * non-blocking descriptor. `name` names the output in messages. `writeback`: an
  * output file opened here gets its writeback started every 16 MiB
  * (`sync_file_range`), so that a final {@link KernelCopy.sync} has little left.
+ * `direct`: the source is read with O_DIRECT into an aligned buffer and written from
+ * there (no kernel copy: those would go through the page cache), unless O_DIRECT is
+ * refused for it (tmpfs).
  */
 export function openKernelCopy(
   source: string,
   output: { path: string } | { fd: number },
   name: string,
   writeback = false,
+  direct = false,
 ): KernelCopy | null {
   const c = loadLibc(SYMBOLS);
   if (c === null) return null;
@@ -136,6 +144,8 @@ export function openKernelCopy(
     method = "splice";
     c.fcntl(outFd, F_SETPIPE_SZ, PIPE_BYTES); // a larger pipe: fewer wake-ups; optional
   }
+  const directIn: DirectFile | null = direct ? openDirectFile(source, false) : null;
+  if (directIn) method = "direct";
   const offset = new BigInt64Array(1);
   const offsetBytes = new Uint8Array(offset.buffer);
   let bounce: Uint8Array | null = null;
@@ -183,6 +193,11 @@ export function openKernelCopy(
     if (method === "sendfile") {
       return Number(c.sendfile(outFd, inFd, offsetBytes, BigInt(length)));
     }
+    if (method === "direct") {
+      const data = directIn!.readView(at, Math.min(length, DIRECT_VIEW));
+      writeAll(data);
+      return data.length;
+    }
     bounce ??= new Uint8Array(COPY_STEP);
     const n = Number(c.pread(inFd, bounce, BigInt(Math.min(length, bounce.length)), BigInt(at)));
     if (n > 0) writeAll(bounce.subarray(0, n));
@@ -197,7 +212,7 @@ export function openKernelCopy(
         const n = step(at + done, Math.min(COPY_STEP, length - done));
         if (n > 0) {
           done += n;
-          if (method !== "bounce") moved(n); // bounce counted its writes
+          if (method !== "bounce" && method !== "direct") moved(n); // those counted their writes
           continue;
         }
         if (n === 0) {
@@ -231,7 +246,9 @@ export function openKernelCopy(
     },
     close() {
       c.close(inFd);
+      directIn?.close();
       if (ownOut) c.close(outFd);
     },
+    readsDirect: directIn !== null,
   };
 }

@@ -45,6 +45,8 @@ const SYMBOLS = {
  * ranges dropped again; see the module comment.
  */
 export interface PageCache {
+  /** True when transferred ranges leave the cache again (`--direct`). */
+  readonly drop: boolean;
   /** Starts reading `[offset, offset + length)` into the cache (not waiting for it). */
   willNeed(offset: number, length: number): void;
   /** `[offset, offset + length)` was read (mostly in ascending order): dropped behind. */
@@ -113,6 +115,7 @@ export function openPageCache(path: string, drop: boolean): PageCache | null {
   let wroteAny = false;
   let closed = false;
   return {
+    drop,
     willNeed(offset, length) {
       if (!closed && length > 0) {
         c.posix_fadvise(fd, BigInt(offset), BigInt(length), POSIX_FADV_WILLNEED);

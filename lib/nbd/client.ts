@@ -43,8 +43,12 @@ export const DEFAULT_CONNECTIONS = 4;
 export const DEFAULT_DEPTH = 4;
 /** Size of the read requests a large read is cut into (as nbdcopy's default). */
 export const READ_PIECE = 256 * 1024;
-/** Size of the write requests. */
-const WRITE_PIECE = 1024 * 1024;
+/**
+ * Size of the write requests (nbdcopy's default, or the server's preferred block size
+ * when larger). Not larger: qemu-nbd spends about 6 times the CPU on 1 MiB writes as
+ * on 256 KiB ones (a fresh buffer per request), which made imports 4 times slower.
+ */
+const WRITE_PIECE = 256 * 1024;
 /** Largest write-zeroes request. */
 const ZERO_PIECE = 1024 * 1024 * 1024;
 /** Bytes of the export asked about per block status request. */
@@ -244,11 +248,20 @@ export class NbdExport {
     );
   }
 
+  /**
+   * Bytes per write request: {@link WRITE_PIECE}, or the server's preferred block
+   * size when larger, within its maximum payload (both multiples of its minimum).
+   */
+  #writePiece(): number {
+    const { maxPayload, preferredBlock } = this.info;
+    return Math.min(maxPayload, Math.max(WRITE_PIECE, preferredBlock));
+  }
+
   /** Writes `bytes` at `offset` (aligned to the server's minimum block size). */
   async write(offset: number, bytes: Uint8Array): Promise<void> {
     this.#checkRange(offset, bytes.length, "write");
     this.#aligned(offset, bytes.length, "write");
-    await this.#transfer(CMD_WRITE, offset, bytes, Math.min(this.info.maxPayload, WRITE_PIECE));
+    await this.#transfer(CMD_WRITE, offset, bytes, this.#writePiece());
   }
 
   /**
@@ -262,7 +275,7 @@ export class NbdExport {
     const sends: Promise<void>[] = [];
     const done = inPieces(
       bytes.length,
-      Math.min(this.info.maxPayload, WRITE_PIECE),
+      this.#writePiece(),
       (at, length) => {
         let sent!: (err: unknown) => void;
         sends.push(new Promise((resolve, reject) => sent = (err) => err ? reject(err) : resolve()));
@@ -290,7 +303,7 @@ export class NbdExport {
     this.#checkRange(offset, length, "write of zeroes");
     this.#aligned(offset, length, "write of zeroe");
     const zeroes = this.info.canWriteZeroes;
-    const piece = zeroes ? ZERO_PIECE : Math.min(this.info.maxPayload, WRITE_PIECE);
+    const piece = zeroes ? ZERO_PIECE : this.#writePiece();
     const zeros = zeroes ? undefined : new Uint8Array(Math.min(piece, length));
     await inPieces(length, piece, (at, len) =>
       this.#request({

@@ -24,8 +24,12 @@ export interface NbdTargetOptions extends NbdOptions {
 
 /** Queued writes of adjacent bytes are merged up to this size. */
 const MERGE_LIMIT = 8 * 1024 * 1024;
-/** Write requests in flight per connection. */
-const WRITE_DEPTH = 16;
+/**
+ * Write requests in flight per connection (as nbdcopy's 64): with requests of
+ * `WRITE_PIECE` (256 KiB), 16 MiB unacknowledged per connection. Their bytes are in
+ * the sockets by then, not held here.
+ */
+const WRITE_DEPTH = 64;
 
 interface Queued {
   offset: number;

@@ -280,6 +280,7 @@ export class DeferredWrites implements ImageTarget {
   #pendingBytes = 0;
   readonly path?: string;
   readonly wroteDirect?: (offset: number, length: number) => void;
+  readonly direct?: boolean;
 
   /**
    * `unit`: the bytes of one deferred write; `hooks.beforeWait` runs before flush
@@ -292,6 +293,7 @@ export class DeferredWrites implements ImageTarget {
   ) {
     this.#target = target;
     this.path = target.path;
+    this.direct = target.direct;
     if (target.wroteDirect) this.wroteDirect = (o, l) => target.wroteDirect!(o, l);
   }
 

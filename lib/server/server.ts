@@ -278,6 +278,14 @@ export async function startDiskServer(options: DiskServerOptions): Promise<DiskS
       handler,
     )
     : (await import("node:http")).createServer(handler);
+  // A client that asks before sending a body (`Expect: 100-continue`, as curl does for
+  // uploads) is answered "100 Continue" only once the import accepts the request: a
+  // refusal known from the headers (401, 404, 409, 413, 503…) goes out at once and the
+  // body is never sent, so the client always reads the answer.
+  server.on("checkContinue", (req: IncomingMessage, res: ServerResponse) => {
+    (req as IncomingMessage & { [CONTINUE]?: () => void })[CONTINUE] = () => res.writeContinue();
+    handler(req, res);
+  });
   server.on(options.tls ? "secureConnection" : "connection", (socket: Socket) => {
     sockets.add(socket);
     armHeaderTimer(socket);
@@ -459,6 +467,9 @@ async function handle(ctx: Context, req: IncomingMessage, res: ServerResponse): 
   }
 }
 
+/** Where a request that waits for "100 Continue" keeps the call that sends it. */
+const CONTINUE = Symbol("continue");
+
 /** How long an unwanted request body is read and discarded before the socket closes. */
 const LINGER_MS = 2000;
 
@@ -615,6 +626,7 @@ async function serveImport(
     );
   }
   const release = ctx.acquireStream();
+  (req as IncomingMessage & { [CONTINUE]?: () => void })[CONTINUE]?.();
   disk.writer = true;
   disk.state = "importing";
   const peer = `${req.socket.remoteAddress}:${req.socket.remotePort}`;

@@ -10,7 +10,7 @@
  * @module
  */
 import { CorruptImageError, UsageError } from "../errors.ts";
-import { type ChunkStream, DECODE_FLUSH_BYTES } from "../io/chunk_stream.ts";
+import type { ChunkStream } from "../io/chunk_stream.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
 import {
   type Checksum,
@@ -138,6 +138,12 @@ export interface XvaDiskResult {
   next: TarMember | null;
 }
 
+/**
+ * Bytes of verified members whose writes are started together (a few input chunks, so
+ * that the input's recycled buffers suffice for what is read meanwhile).
+ */
+const WRITE_BATCH = 4 * 1024 * 1024;
+
 /** The longest checksum member accepted. */
 const MAX_CHECKSUM_BYTES = 128;
 
@@ -202,9 +208,18 @@ export async function decodeXvaDisk(
     pending = null;
     return m;
   };
+  // The verified members' writes run while the next members are read and hashed (one
+  // flush at a time); the input's buffers they refer to are reused once they are done.
+  let writing: Promise<void> = Promise.resolve();
+  const startFlush = async () => {
+    await writing;
+    const release = reader.takeHeld();
+    writing = target.flush().then(release);
+    writing.catch(() => {}); // thrown where it is awaited
+  };
   const flush = async () => {
-    await target.flush();
-    reader.releaseHeld();
+    await startFlush();
+    await writing;
   };
   const result = (next: TarMember | null): XvaDiskResult => ({
     prefix: prefix ?? "",
@@ -336,7 +351,7 @@ export async function decodeXvaDisk(
     }
     options.onMember?.(m, at0);
     options.onProgress?.(offset);
-    if (target.queued >= DECODE_FLUSH_BYTES) await flush();
+    if (target.queued >= WRITE_BATCH) await startFlush();
   }
   await flush();
   return result(null);

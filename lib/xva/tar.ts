@@ -279,8 +279,19 @@ export class TarReader {
 
   /** Lets the input reuse the buffers of the bodies handed out so far. */
   releaseHeld(): void {
-    for (const c of this.#held) this.#input.release(c);
+    this.takeHeld()();
+  }
+
+  /**
+   * Takes over the buffers of the bodies handed out so far: the function returned lets
+   * the input reuse them (for writes of those bodies that run while reading goes on).
+   */
+  takeHeld(): () => void {
+    const held = this.#held;
     this.#held = [];
+    return () => {
+      for (const c of held) this.#input.release(c);
+    };
   }
 
   #need(): TarMember {

@@ -1,0 +1,377 @@
+/**
+ * `--direct` with O_DIRECT: a file or block device opened through FFI with `O_DIRECT`,
+ * read and written in aligned pieces through reused page-aligned buffers, so that the
+ * data never enters the host's page cache (vhd-tool's `--direct`).
+ *
+ * - Reads of any range read the aligned range around it into a staging buffer (a
+ *   direct read's offset, length and memory must be multiples of the device's block
+ *   size; {@link DIRECT_ALIGN} covers 512-byte and 4 KiB devices) and copy out.
+ * - Writes are staged the same way: the aligned middle of a range is written
+ *   directly, from one of two staging buffers on another thread while the next range
+ *   is copied into the other; an unaligned head or tail (a partial block at the end of
+ *   a file, 512-byte clusters) is written through the page cache (a second, ordinary
+ *   descriptor), which the kernel keeps coherent with direct writes.
+ * - Where `O_DIRECT` is refused — at open (tmpfs: EINVAL) {@link openDirectFile}
+ *   returns null and callers keep the page cache at bay as before (page_cache.ts);
+ *   for a transfer (EINVAL: an alignment this device does not take) the file goes on
+ *   through the page cache.
+ *
+ * Optional like every FFI piece: null without `--allow-ffi` or off Linux.
+ *
+ * @module
+ */
+import { DiskstreamError } from "../errors.ts";
+import { errnoMessage } from "./errno.ts";
+import { EINTR, loadLibc, O_CLOEXEC, readErrno } from "./libc.ts";
+
+/** Alignment of direct transfers: offsets, lengths and buffer addresses. */
+export const DIRECT_ALIGN = 4096;
+/** Size of each staging buffer: the largest single direct transfer. */
+export const DIRECT_CHUNK = 8 * 1024 * 1024;
+/** open(2)'s O_DIRECT (its value differs between architectures). */
+const O_DIRECT = Deno.build.arch === "aarch64" ? 0o200000 : 0o40000;
+const O_RDONLY = 0;
+const O_RDWR = 2;
+const POSIX_FADV_DONTNEED = 4;
+const EINVAL = 22;
+
+const SYMBOLS = {
+  open: { parameters: ["buffer", "i32", "i32"], result: "i32" },
+  close: { parameters: ["i32"], result: "i32" },
+  pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+  pread_async: {
+    name: "pread",
+    parameters: ["i32", "buffer", "usize", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
+  pwrite_async: {
+    name: "pwrite",
+    parameters: ["i32", "buffer", "usize", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
+  fdatasync: { parameters: ["i32"], result: "i32" },
+  posix_fadvise: { parameters: ["i32", "i64", "i64", "i32"], result: "i32" },
+  __errno_location: { parameters: [], result: "pointer" },
+} as const;
+
+/**
+ * `size` bytes whose first byte sits at a multiple of {@link DIRECT_ALIGN} in memory
+ * (a direct transfer needs aligned memory). The backing store of an ArrayBuffer does
+ * not move, so the alignment holds for the buffer's life.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { alignedBuffer, DIRECT_ALIGN } from "./direct_io.ts";
+ *
+ * const buf = alignedBuffer(8192);
+ * assert.equal(buf.length, 8192);
+ * const at = Deno.UnsafePointer.value(Deno.UnsafePointer.of(buf));
+ * assert.equal(Number(BigInt(at) % BigInt(DIRECT_ALIGN)), 0);
+ * ```
+ */
+export function alignedBuffer(size: number): Uint8Array {
+  const raw = new Uint8Array(size + DIRECT_ALIGN);
+  const at = BigInt(Deno.UnsafePointer.value(Deno.UnsafePointer.of(raw)));
+  const pad = Number((BigInt(DIRECT_ALIGN) - at % BigInt(DIRECT_ALIGN)) % BigInt(DIRECT_ALIGN));
+  return raw.subarray(pad, pad + size);
+}
+
+/** The most {@link DirectFile.readView} returns at once. */
+export const DIRECT_VIEW = DIRECT_CHUNK - DIRECT_ALIGN;
+
+const down = (x: number) => x - (x % DIRECT_ALIGN);
+const up = (x: number) => down(x + DIRECT_ALIGN - 1);
+
+/** A file or block device opened with `O_DIRECT`; see the module comment. */
+export interface DirectFile {
+  readonly path: string;
+  /** False once the kernel refused a direct transfer and the descriptor went buffered. */
+  readonly direct: boolean;
+  /**
+   * Reads `buf.length` bytes at `position` (any alignment) into `buf`; returns how
+   * many were read (fewer at the end of the file). Throws on a read error.
+   */
+  readSync(buf: Uint8Array, position: number): number;
+  /** {@link DirectFile.readSync} on another thread (one at a time per file). */
+  read(buf: Uint8Array, position: number): Promise<number>;
+  /**
+   * Reads up to `length` bytes at `position` (at most {@link DIRECT_VIEW} bytes) and
+   * returns them as a view of a staging buffer, valid until the next read (no copy);
+   * shorter at the end of the file.
+   */
+  readView(position: number, length: number): Uint8Array;
+  /**
+   * Writes `bytes` at `position` (any alignment). The bytes are copied before this
+   * returns; the direct write of the copy may still be running: {@link DirectFile.drain}
+   * waits for it (and throws its error). Throws an earlier write's error.
+   */
+  write(bytes: Uint8Array, position: number): Promise<void>;
+  /** Waits for the writes that are running. */
+  drain(): Promise<void>;
+  /** {@link DirectFile.drain}, then `fdatasync` (a device's cache, the file's size). */
+  sync(): Promise<void>;
+  /** Closes the descriptors (once the writes still running have ended). */
+  close(): void;
+}
+
+/**
+ * Opens `path` with `O_DIRECT`, for reading or (`write`) reading and writing; null
+ * when FFI is unavailable, the open fails (callers open it their usual way and report
+ * that) or the file system refuses `O_DIRECT` (tmpfs).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { openDirectFile } from "./direct_io.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await Deno.writeFile(`${dir}/disk.raw`, new Uint8Array(10000).fill(7));
+ * const file = openDirectFile(`${dir}/disk.raw`, true); // null without --allow-ffi, or on tmpfs
+ * if (file !== null) {
+ *   await file.write(new Uint8Array(5000).fill(1), 3000); // unaligned: head and tail buffered
+ *   await file.sync();
+ *   const back = new Uint8Array(10000);
+ *   assert.equal(file.readSync(back, 0), 10000);
+ *   assert.deepEqual([back[2999], back[3000], back[7999], back[8000]], [7, 1, 1, 7]);
+ *   file.close();
+ * }
+ * await Deno.remove(dir, { recursive: true });
+ * ```
+ */
+export function openDirectFile(path: string, write: boolean): DirectFile | null {
+  const c = loadLibc(SYMBOLS);
+  if (c === null) return null;
+  const mode = (write ? O_RDWR : O_RDONLY) | O_CLOEXEC;
+  const name = new TextEncoder().encode(path + "\0");
+  const fd = c.open(name, mode | O_DIRECT, 0);
+  if (fd < 0) return null;
+  const plain = c.open(name, mode, 0);
+  if (plain < 0) {
+    c.close(fd);
+    return null;
+  }
+  return new Direct(c, fd, plain, path);
+}
+
+type Libc = NonNullable<ReturnType<typeof loadLibc<typeof SYMBOLS>>>;
+
+class Direct implements DirectFile {
+  direct = true;
+  #c: Libc;
+  /** The O_DIRECT descriptor, and an ordinary one for unaligned pieces. */
+  #fd: number;
+  #plain: number;
+  /** Staging buffers, made when first needed: writes alternate between 0 and 1, reads use 2 and 3. */
+  #slots: Uint8Array[] = [];
+  #running: (Promise<void> | null)[] = [null, null];
+  #next = 0;
+  /** The first error of a write that ran on another thread. */
+  #failed: Error | null = null;
+  /** The range transferred, `[lo, hi)`: dropped from the page cache at the end. */
+  #lo = Infinity;
+  #hi = 0;
+
+  #touch(at: number, length: number): void {
+    this.#lo = Math.min(this.#lo, at);
+    this.#hi = Math.max(this.#hi, at + length);
+  }
+
+  constructor(c: Libc, fd: number, plain: number, readonly path: string) {
+    this.#c = c;
+    this.#fd = fd;
+    this.#plain = plain;
+  }
+
+  #slot(i: number): Uint8Array {
+    return this.#slots[i] ??= alignedBuffer(DIRECT_CHUNK);
+  }
+
+  #errno(): number {
+    return readErrno(this.#c.__errno_location);
+  }
+
+  /** The descriptor for the next transfer: the ordinary one once direct ones are refused. */
+  #for(buffered: boolean): number {
+    return buffered || !this.direct ? this.#plain : this.#fd;
+  }
+
+  readSync(buf: Uint8Array, position: number): number {
+    const slot = this.#slot(2);
+    let got = 0;
+    for (;;) {
+      const [lo, hi] = this.#window(slot, buf, position, got);
+      const n = this.#pread(slot, hi - lo, lo);
+      const [more, done] = this.#copyOut(slot, n, lo, hi, buf, position, got);
+      if (done) return more;
+      got = more;
+    }
+  }
+
+  readView(position: number, length: number): Uint8Array {
+    const slot = this.#slot(2);
+    const lo = down(position);
+    const hi = up(position + Math.min(length, DIRECT_VIEW));
+    const n = this.#pread(slot, hi - lo, lo);
+    const skip = position - lo;
+    return slot.subarray(skip, Math.max(skip, Math.min(n, skip + length)));
+  }
+
+  async read(buf: Uint8Array, position: number): Promise<number> {
+    const slot = this.#slot(3);
+    let got = 0;
+    for (;;) {
+      const [lo, hi] = this.#window(slot, buf, position, got);
+      let n = this.direct
+        ? Number(await this.#c.pread_async(this.#fd, slot, BigInt(hi - lo), BigInt(lo)))
+        : -1;
+      if (n < 0) n = this.#pread(slot, hi - lo, lo); // errno is readable only on this thread
+      else this.#touch(lo, hi - lo);
+      const [more, done] = this.#copyOut(slot, n, lo, hi, buf, position, got);
+      if (done) return more;
+      got = more;
+    }
+  }
+
+  /** The aligned range `[lo, hi)` to read next into `slot`, `got` bytes of `buf` read. */
+  #window(slot: Uint8Array, buf: Uint8Array, position: number, got: number): [number, number] {
+    const lo = down(position + got);
+    return [lo, Math.min(lo + slot.length, up(position + buf.length))];
+  }
+
+  /**
+   * Copies what `n` bytes read at `lo` hold of `buf`'s range; returns the bytes of
+   * `buf` read so far, and true when the read is complete (all of it, or the file ended).
+   */
+  #copyOut(
+    slot: Uint8Array,
+    n: number,
+    lo: number,
+    hi: number,
+    buf: Uint8Array,
+    position: number,
+    got: number,
+  ): [number, boolean] {
+    const at = position + got;
+    const useful = Math.min(n - (at - lo), buf.length - got);
+    if (useful <= 0) return [got, true]; // the end of the file (or nothing asked)
+    buf.set(slot.subarray(at - lo, at - lo + useful), got);
+    got += useful;
+    return [got, got === buf.length || n < hi - lo];
+  }
+
+  #pread(into: Uint8Array, length: number, at: number): number {
+    this.#touch(at, length);
+    for (;;) {
+      const n = Number(this.#c.pread(this.#for(false), into, BigInt(length), BigInt(at)));
+      if (n >= 0) return n;
+      const e = this.#errno();
+      if (e === EINTR) continue;
+      if (e === EINVAL && this.direct) {
+        this.direct = false;
+        continue;
+      }
+      throw new DiskstreamError(`cannot read ${this.path} at byte ${at}: ${errnoMessage(e)}`);
+    }
+  }
+
+  /** A synchronous pwrite of all of `bytes` at `at`, through the page cache if `buffered`. */
+  #pwriteSync(bytes: Uint8Array, at: number, buffered: boolean): void {
+    for (let done = 0; done < bytes.length;) {
+      const rest = bytes.subarray(done);
+      const fd = this.#for(buffered);
+      const n = Number(this.#c.pwrite(fd, rest, BigInt(rest.length), BigInt(at + done)));
+      if (n > 0) {
+        done += n;
+        continue;
+      }
+      const e = n < 0 ? this.#errno() : 0;
+      if (e === EINTR) continue;
+      if (e === EINVAL && fd === this.#fd) {
+        this.direct = false;
+        continue;
+      }
+      throw new DiskstreamError(
+        `cannot write to ${this.path} at byte ${at + done}: ${
+          e ? errnoMessage(e) : "nothing was written"
+        }`,
+      );
+    }
+  }
+
+  async write(bytes: Uint8Array, position: number): Promise<void> {
+    if (this.#failed) throw this.#failed;
+    this.#touch(position, bytes.length);
+    const end = position + bytes.length;
+    // The unaligned head and tail, through the page cache.
+    const a = Math.min(up(position), end);
+    const b = Math.max(down(end), a);
+    if (a > position) this.#pwriteSync(bytes.subarray(0, a - position), position, true);
+    if (b < end) this.#pwriteSync(bytes.subarray(b - position), b, true);
+    // The aligned middle, staged and written on another thread, chunk by chunk.
+    for (let at = a; at < b;) {
+      const n = Math.min(DIRECT_CHUNK, b - at);
+      const k = this.#next;
+      this.#next = 1 - k;
+      await this.#running[k];
+      if (this.#failed) throw this.#failed;
+      const slot = this.#slot(k);
+      slot.set(bytes.subarray(at - position, at - position + n));
+      this.#running[k] = this.#pwriteAsync(slot.subarray(0, n), at);
+      at += n;
+    }
+  }
+
+  async #pwriteAsync(bytes: Uint8Array, at: number): Promise<void> {
+    try {
+      let done = 0;
+      if (this.direct) {
+        const n = Number(
+          await this.#c.pwrite_async(this.#fd, bytes, BigInt(bytes.length), BigInt(at)),
+        );
+        if (n > 0) done = n;
+      }
+      // Short, failed or buffered: finish here, where errno can be read.
+      if (done < bytes.length) this.#pwriteSync(bytes.subarray(done), at + done, false);
+    } catch (err) {
+      this.#failed ??= err as Error;
+    }
+  }
+
+  async drain(): Promise<void> {
+    await Promise.all(this.#running);
+    this.#running = [null, null];
+    if (this.#failed) throw this.#failed;
+  }
+
+  async sync(): Promise<void> {
+    await this.drain();
+    while (this.#c.fdatasync(this.#plain) < 0) {
+      const e = this.#errno();
+      if (e !== EINTR) {
+        throw new DiskstreamError(
+          `cannot sync ${this.path} to its device (fdatasync): ${errnoMessage(e)}`,
+        );
+      }
+    }
+  }
+
+  close(): void {
+    if (this.#fd < 0) return;
+    const [c, fd, plain, lo, hi] = [this.#c, this.#fd, this.#plain, this.#lo, this.#hi];
+    this.#fd = this.#plain = -1;
+    const end = () => {
+      // What was cached before (another reader's) or went through the page cache (the
+      // unaligned pieces) leaves it too, as with the page-cache path.
+      if (hi > lo) c.posix_fadvise(plain, BigInt(lo), BigInt(hi - lo), POSIX_FADV_DONTNEED);
+      c.close(fd);
+      c.close(plain);
+    };
+    // A write still queued for another thread must not meet a closed (or reused) number.
+    if (this.#running.every((r) => r === null)) end();
+    else Promise.allSettled(this.#running).then(end);
+  }
+}
