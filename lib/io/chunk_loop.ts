@@ -72,8 +72,9 @@ export async function walkChunks(
       while (moved < MOVE_BUDGET && input.drained) {
         let starved = false;
         const n = walker.spoolAhead!((fd, at, length) => {
-          // An empty pipe would block out of reach of signals: wait briefly in place.
-          if (!pipe.ready(BRIEF_WAIT_MS)) {
+          // An empty pipe would block out of reach of signals: wait briefly in place
+          // (not when the event loop serves the destination's sockets).
+          if (!pipe.ready(input.overlapIo ? 0 : BRIEF_WAIT_MS)) {
             starved = true;
             return 0;
           }
