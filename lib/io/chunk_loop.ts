@@ -110,7 +110,7 @@ export async function walkChunks(
       // Data spliced into the destination, bytes waiting for their tables into the spool.
       // Read only the table (or passed-over range) that comes next, so that what
       // follows it goes the kernel's way too.
-      if (direct || spoolMove) limit = walker.nextAssembled?.() ?? 0;
+      if (pipe && (direct || spoolMove)) limit = walker.nextAssembled?.() ?? 0;
       for (;;) {
         let moved = (await direct?.move()) === true;
         if (await spoolMove?.()) moved = true;
