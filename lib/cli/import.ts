@@ -305,6 +305,13 @@ export async function runImport(run: ImportRun): Promise<void> {
       `import: ${formatBytes(result.spooledBytes)} (${result.spooledBytes} bytes) of the stream ` +
         `came before its tables and waited in a spool file in ${
           run.spoolDir ?? "the system temporary folder"
+        }${
+          result.releasedBytes > 0
+            ? `; ${
+              formatBytes(result.releasedBytes)
+            } of it was let go as soon as it was known to be unneeded (a snapshot's own data, ` +
+              "bitmaps)"
+            : ""
         }`,
     );
   }

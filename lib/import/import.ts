@@ -89,6 +89,11 @@ export interface ImportResult {
   splicedBytes: number;
   /** Stream bytes written to the spool file while they waited for their tables. */
   spooledBytes: number;
+  /**
+   * Of those, the bytes whose spool space was given back as soon as they were known to be
+   * unneeded (a snapshot's own data, bitmaps), before the end.
+   */
+  releasedBytes: number;
 }
 
 const QCOW2_MAGIC = [0x51, 0x46, 0x49, 0xfb];
@@ -234,6 +239,7 @@ async function importChunks(
       destination: t.kind,
       splicedBytes: t.directBytes,
       spooledBytes: spool?.bytes ?? 0,
+      releasedBytes: spool?.punched ?? 0,
     };
   } catch (err) {
     const t = target as RawDestination | NbdTarget | null;

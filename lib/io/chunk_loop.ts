@@ -65,10 +65,31 @@ export async function walkChunks(
   let limit = 0;
   const seekable = input.seekable;
   const pipe = seekable ? null : input.pipe;
+  // While the bytes ahead are to wait in the spool, they are spliced there, the pipe
+  // waited for (interruptibly) when empty: reading them through JavaScript instead would
+  // copy them twice more and look at every cluster for zeros. A pipe holds 1 MiB: many
+  // splices make one turn of the loop, up to a budget.
   const spoolMove = pipe && walker.spoolAhead
-    ? () =>
-      input.drained && pipe.ready() && // an empty pipe would block out of reach of signals
-      walker.spoolAhead!((fd, at, length) => pipe.splice(fd, at, length, "the spool file")) > 0
+    ? async (): Promise<boolean> => {
+      let moved = 0;
+      while (moved < MOVE_BUDGET && input.drained) {
+        let starved = false;
+        const n = walker.spoolAhead!((fd, at, length) => {
+          // An empty pipe would block out of reach of signals: wait briefly in place
+          // (not when the event loop serves the destination's sockets).
+          if (!pipe.ready(input.overlapIo ? 0 : BRIEF_WAIT_MS)) {
+            starved = true;
+            return 0;
+          }
+          return pipe.splice(fd, at, length, "the spool file");
+        });
+        moved += n;
+        if (n > 0) continue;
+        if (!starved || moved > 0) break;
+        await input.waitForPipe();
+      }
+      return moved > 0;
+    }
     : null;
   try {
     for (;;) {
@@ -93,9 +114,12 @@ export async function walkChunks(
       onChunk(chunk);
       await write(chunk);
       // Data spliced into the destination, bytes waiting for their tables into the spool.
+      // Read only the table (or passed-over range) that comes next, so that what
+      // follows it goes the kernel's way too.
+      if (pipe && (direct || spoolMove)) limit = walker.nextAssembled?.() ?? 0;
       for (;;) {
         let moved = (await direct?.move()) === true;
-        if (spoolMove?.()) moved = true;
+        if (await spoolMove?.()) moved = true;
         if (!moved) break;
         onChunk(EMPTY);
         limit = walker.nextAssembled?.() ?? 0;

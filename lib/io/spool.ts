@@ -10,7 +10,18 @@
 import { dirname } from "node:path";
 import { describeIoError, LimitError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
+import { loadLibc } from "./libc.ts";
 import { type DestinationOps, destinationOps } from "./pipe_input.ts";
+
+/** Bytes read from the spool at once (see {@link Spool.read}). */
+const READ_BLOCK = 1024 * 1024;
+/** fallocate(2): free the blocks of a range, the file keeping its size. */
+const PUNCH_HOLE = 0x02 | 0x01;
+/** Ranges smaller than this are not worth a system call to free. */
+const MIN_PUNCH = 4096;
+const PUNCH_SYMBOLS = {
+  fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
+} as const;
 
 /** errno codes of a full filesystem or a file-size limit (ENOSPC, EFBIG, EDQUOT). */
 const FULL = /\(os error (28|27|122)\)|No space left|File too large|quota/i;
@@ -25,6 +36,16 @@ export class Spool {
   #ops: DestinationOps | null = null;
   #where = "";
   #end = 0;
+  #punched = 0;
+  #canPunch = true;
+  /** The block of the spool read last (see {@link read}): bytes `[#cacheAt, +#cacheLength)`. */
+  #cacheAt = 0;
+  #cacheLength = 0;
+  #cacheBuffer: Uint8Array | null = null;
+
+  get #cache(): Uint8Array {
+    return this.#cacheBuffer ??= new Uint8Array(READ_BLOCK);
+  }
 
   /** `dir`: where to create the file (default: the system temporary folder). */
   constructor(dir?: string) {
@@ -101,8 +122,47 @@ export class Spool {
     return describeIoError(err, `the spool file in ${this.folder}`, "write to");
   }
 
-  /** Fills `target` with the spooled bytes at `offset`. */
+  /**
+   * The `length` spooled bytes at `offset` will never be read: their space (their pages
+   * in the page cache, which would otherwise be written to the disk) is given back at
+   * once. Best effort: without FFI it is given back when the spool is closed.
+   */
+  punch(offset: number, length: number): void {
+    if (this.#fd < 0 || length < MIN_PUNCH || !this.#canPunch) return;
+    const c = loadLibc(PUNCH_SYMBOLS);
+    if (c !== null && c.fallocate(this.#fd, PUNCH_HOLE, BigInt(offset), BigInt(length)) === 0) {
+      this.#punched += length;
+    } else {
+      this.#canPunch = false; // no FFI, or a filesystem without holes: freed at the end
+    }
+  }
+
+  /** Bytes given back by {@link punch} so far. */
+  get punched(): number {
+    return this.#punched;
+  }
+
+  /**
+   * Fills `target` with the spooled bytes at `offset`. Claims come mostly in spool
+   * order (a table names its clusters in the order they were written), so the spool is
+   * read in large blocks kept for the next claims: one read per block, not per cluster.
+   */
   read(offset: number, target: Uint8Array): void {
+    if (target.length > READ_BLOCK) {
+      this.#readFile(offset, target);
+      return;
+    }
+    const cache = this.#cache;
+    if (offset < this.#cacheAt || offset + target.length > this.#cacheAt + this.#cacheLength) {
+      this.#cacheAt = offset;
+      this.#cacheLength = Math.min(READ_BLOCK, this.#end - offset);
+      this.#readFile(offset, cache.subarray(0, this.#cacheLength));
+    }
+    const from = offset - this.#cacheAt;
+    target.set(cache.subarray(from, from + target.length));
+  }
+
+  #readFile(offset: number, target: Uint8Array): void {
     const f = this.#file!;
     try {
       f.seekSync(offset, Deno.SeekMode.Start);
@@ -120,6 +180,8 @@ export class Spool {
   close(): void {
     const f = this.#file;
     this.#file = null;
+    this.#cacheBuffer = null;
+    this.#cacheLength = 0;
     if (this.#fd >= 0) this.#ops!.closeDestination(this.#fd);
     this.#fd = -1;
     if (!f) return;

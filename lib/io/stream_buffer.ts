@@ -36,6 +36,11 @@ const PIECE_OVERHEAD = 64;
  */
 const INDEX_LIMIT = 2 * 1024 * 1024 * PIECE_OVERHEAD;
 
+/** Size of the blocks bytes read back are cut from. */
+const SLAB_BYTES = 1024 * 1024;
+/** Pieces in the index beyond which spooled pieces are no longer cut for drops. */
+const MAX_SPLIT_INDEX = 64 * 1024;
+
 /**
  * A piece's bytes: in memory, `null` all zeros, a number: the offset in the spool,
  * `false`: not kept (over the limit without a spool), `undefined`: claimed.
@@ -60,10 +65,14 @@ export class StreamBuffer {
   #wouldUse = 0;
   #peak = 0;
   #lostAt = -1;
+  #lostClaimed = false;
   /** The last bytes kept went to the spool: memory is full. */
   #spilling = false;
   /** Stream ranges dropped as unneeded metadata: `[start, end)` pairs, merged. */
   readonly #dropped: number[] = [];
+  /** The block {@link #fresh} cuts buffers from, and how much of it is used. */
+  #slab: Uint8Array | null = null;
+  #slabUsed = 0;
   /** Memory counted against the same limit elsewhere (the agenda's metadata). */
   #others: () => number = () => 0;
 
@@ -93,9 +102,12 @@ export class StreamBuffer {
     return this.#used;
   }
 
-  /** True when bytes were not kept for want of memory (see {@link overflowError}). */
+  /**
+   * True when bytes not kept for want of memory were claimed (see {@link overflowError}).
+   * Bytes not kept that nothing claims (stale data, metadata dropped) cost nothing.
+   */
   get overflowed(): boolean {
-    return this.#lostAt >= 0;
+    return this.#lostClaimed;
   }
 
   /**
@@ -231,9 +243,9 @@ export class StreamBuffer {
       if (this.#index > Math.max(this.#limit, INDEX_LIMIT)) {
         throw new LimitError(
           `the stream's bytes waiting for their tables lie in more than ` +
-            `${this.#index / PIECE_OVERHEAD} separate pieces (at byte offset ${start}); give ` +
-            `the image as a file (-i FILE), or import with --max-buffer ` +
-            `${sizeText(2 * this.#index)}`,
+            `${this.#index / PIECE_OVERHEAD} separate pieces (at byte offset ${start}), whose ` +
+            `index alone needs --max-buffer above ${sizeText(this.#index)}; give the image as ` +
+            `a file (-i FILE), or import with a --max-buffer above that`,
         );
       }
     } else {
@@ -287,12 +299,15 @@ export class StreamBuffer {
   take(
     start: number,
     length: number,
+    optional = false,
   ): Uint8Array | typeof ZERO_RANGE | typeof LOST_RANGE | undefined {
     const first = this.#find(start);
     if (first < 0) return undefined;
     const last = this.#reach(first, start + length);
     if (last < 0) return undefined;
     const out = this.#bytes(first, last, start, length);
+    // Bytes the import needs were not kept: it fails once every table is known.
+    if (out === LOST_RANGE && !optional) this.#lostClaimed = true;
     this.#forget(first, last, start, start + length);
     return out;
   }
@@ -315,6 +330,7 @@ export class StreamBuffer {
     }
     const have = Math.min(this.#ends[last] - start, length);
     const out = this.#bytes(first, last, start, have);
+    if (out === LOST_RANGE) this.#lostClaimed = true;
     return out === ZERO_RANGE ? new Uint8Array(have) : out;
   }
 
@@ -334,7 +350,7 @@ export class StreamBuffer {
     const d = this.#data[first];
     const skip = start - this.#starts[first];
     if (first === last && d instanceof Uint8Array) return d.subarray(skip, skip + length);
-    const out = new Uint8Array(length);
+    const out = this.#fresh(length);
     for (let i = first; i <= last; i++) {
       const s = Math.max(this.#starts[i], start);
       const e = Math.min(this.#ends[i], start + length);
@@ -343,6 +359,23 @@ export class StreamBuffer {
       if (p instanceof Uint8Array) into.set(p.subarray(s - this.#starts[i], e - this.#starts[i]));
       else if (typeof p === "number") this.#spool!.read(p + (s - this.#starts[i]), into);
     }
+    return out;
+  }
+
+  /**
+   * A new buffer of `length` bytes for bytes read back: small ones are cut one after
+   * the other from a shared block, so that the clusters of a table claimed in a row are
+   * adjacent in memory and reach the destination as one write, not one per cluster.
+   * A block is never reused (queued writes may still refer to it).
+   */
+  #fresh(length: number): Uint8Array {
+    if (length > SLAB_BYTES / 4) return new Uint8Array(length);
+    if (this.#slab === null || this.#slabUsed + length > SLAB_BYTES) {
+      this.#slab = new Uint8Array(SLAB_BYTES);
+      this.#slabUsed = 0;
+    }
+    const out = this.#slab.subarray(this.#slabUsed, this.#slabUsed + length);
+    this.#slabUsed += length;
     return out;
   }
 
@@ -365,6 +398,7 @@ export class StreamBuffer {
     const d = this.#data[i];
     if (d === undefined) return;
     if (d === null) this.#count(-PIECE_OVERHEAD);
+    if (typeof d === "number") this.#spool!.punch(d, this.#ends[i] - this.#starts[i]);
     if (this.#spool !== null && !(d instanceof Uint8Array)) this.#index -= PIECE_OVERHEAD;
     else this.#used -= (d instanceof Uint8Array ? d.length : 0) + PIECE_OVERHEAD;
     this.#data[i] = undefined;
@@ -396,7 +430,33 @@ export class StreamBuffer {
     }
     let last = i - 1;
     while (last + 1 < this.#starts.length && this.#starts[last + 1] < end) last++;
+    if (last < i) return;
+    // A spooled piece reaching past the range is cut at its edge, so that the part
+    // inside is released and its spool space given back.
+    this.#split(last, end);
+    if (this.#split(i, start)) {
+      i++;
+      last++;
+    }
     if (last >= i) this.#forget(i, last, start, end);
+  }
+
+  /**
+   * Cuts spooled piece `i` in two at stream offset `pos` when `pos` falls inside it;
+   * true when cut (piece `i + 1` then starts at `pos`). Not done once the index is
+   * large (each cut moves the pieces after it).
+   */
+  #split(i: number, pos: number): boolean {
+    const d = this.#data[i];
+    const s = this.#starts[i];
+    if (typeof d !== "number" || pos <= s || pos >= this.#ends[i]) return false;
+    if (this.#starts.length >= MAX_SPLIT_INDEX) return false;
+    this.#starts.splice(i + 1, 0, pos);
+    this.#ends.splice(i + 1, 0, this.#ends[i]);
+    this.#data.splice(i + 1, 0, d + (pos - s));
+    this.#ends[i] = pos;
+    this.#index += PIECE_OVERHEAD;
+    return true;
   }
 
   /** True when stream offset `pos` was dropped as unneeded metadata. */
@@ -434,12 +494,7 @@ export class StreamBuffer {
 }
 
 /** A `--max-buffer` value of at least `bytes`, rounded up to a whole MiB. */
-function sizeText(bytes: number): string {
+export function sizeText(bytes: number): string {
   const mib = Math.max(1, Math.ceil(bytes / 2 ** 20));
   return mib >= 1024 && mib % 1024 === 0 ? `${mib / 1024}G` : `${mib}M`;
-}
-
-/** A larger `--max-buffer` to suggest after `limit` was not enough. */
-export function nextLimit(limit: number): string {
-  return sizeText(limit * 4);
 }

@@ -10,7 +10,7 @@
  */
 import { CorruptImageError, LimitError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
-import { nextLimit, type StreamBuffer } from "./stream_buffer.ts";
+import { sizeText, type StreamBuffer } from "./stream_buffer.ts";
 import { type Expected, Mode, RecordQueue, RecordRun } from "./agenda.ts";
 import type { ChunkConsumer } from "./chunk_loop.ts";
 
@@ -62,6 +62,11 @@ export interface WalkerFormat {
   directOffset?(kind: number, aux: number, at: number, length: number): number;
   /** Words for messages: "the L2 table for guest offsets …". */
   describe(kind: number, aux: number): string;
+  /**
+   * The most agenda memory (bytes) the tables still to come may add, when the format
+   * can bound it (for messages: a `--max-buffer` that is enough), else Infinity.
+   */
+  metadataAhead?(): number;
   /** The error for range `b` starting inside range `a`. */
   overlap(a: Expected, b: Expected): Error;
 }
@@ -121,15 +126,24 @@ export class StreamWalker implements ChunkConsumer {
     throw new LimitError(
       `${this.#fmt.describe(rec.kind, rec.aux)} (${formatBytes(rec.length)} at byte ` +
         `${rec.start}) does not fit in --max-buffer ${formatBytes(this.#limit)} with the ` +
-        `${formatBytes(held)} already held; import ` +
-        `again with a larger --max-buffer (for example --max-buffer ${nextLimit(this.#limit)})`,
+        `${formatBytes(held)} already held; ${this.#enough(held + rec.length)} (or give the ` +
+        "image as a file: -i FILE)",
     );
   }
 
   /**
-   * A run to fill and {@link add}: its growth is checked against the memory limit as
-   * it fills, so that a table naming many ranges is refused before it takes the memory.
+   * Words naming the `--max-buffer` the image needs, `now` bytes being needed at this
+   * point: one that is enough for every table still to come when the format can bound
+   * them, else `now` as a least.
    */
+  #enough(now: number): string {
+    const ahead = this.#fmt.metadataAhead?.() ?? Infinity;
+    return Number.isFinite(ahead)
+      ? `this image needs --max-buffer ${sizeText(now + ahead)} (enough for every table ` +
+        "still to come)"
+      : `this image needs --max-buffer ${sizeText(now)} at least`;
+  }
+
   /**
    * Lets the metadata use up to `bytes` (when more than the limit): for tables read
    * whole from a file, whose memory follows the tables the file really holds.
@@ -138,6 +152,10 @@ export class StreamWalker implements ChunkConsumer {
     this.#limit = Math.max(this.#limit, bytes);
   }
 
+  /**
+   * A run to fill and {@link add}: its growth is checked against the memory limit as
+   * it fills, so that a table naming many ranges is refused before it takes the memory.
+   */
   newRun(capacity = 64): RecordRun {
     this.#checkMemory(capacity * RecordRun.SLOT_BYTES);
     const run = new RecordRun(capacity);
@@ -161,19 +179,19 @@ export class StreamWalker implements ChunkConsumer {
         `(${formatBytes(meta)} of metadata${
           held > 0 ? `, besides ${formatBytes(held)} of data held` : ""
         }), more than --max-buffer ${formatBytes(this.#limit)} allows (at byte offset ` +
-        `${this.pos}); import again with a larger --max-buffer (for example ` +
-        `--max-buffer ${nextLimit(this.#limit)}), or from a file`,
+        `${this.pos}); ${this.#enough(meta + held)} (or give the image as a file: -i FILE)`,
     );
   }
 
   /**
    * The length of the next range when it starts at `pos` and is assembled (a table, a
-   * bitmap), else 0: the bytes to read before data may be moved directly again.
+   * bitmap) or passed over (a refcount block), else 0: the bytes to read before data
+   * may be moved by the kernel again (into the destination or the spool).
    */
   nextAssembled(): number {
     if (this.#cur !== null || this.#queue.peekStart() !== this.pos) return 0;
     this.#queue.peek(this.#rec);
-    return this.#fmt.modes[this.#rec.kind] === Mode.Assemble ? this.#rec.length : 0;
+    return this.#fmt.modes[this.#rec.kind] === Mode.Stream ? 0 : this.#rec.length;
   }
 
   /** Number of ranges still expected. */

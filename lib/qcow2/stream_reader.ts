@@ -14,7 +14,7 @@
  *
  * @module
  */
-import { lowerBound } from "../alloc/cluster_set.ts";
+import { ClusterSet, lowerBound } from "../alloc/cluster_set.ts";
 import { viewOf } from "../bytes.ts";
 import { CorruptImageError, UnsupportedError } from "../errors.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
@@ -26,7 +26,7 @@ import {
   type ChunkStream,
   type Expected,
   Mode,
-  type RecordRun,
+  RecordRun,
   StreamWalker,
   walkChunks,
   type WalkerFormat,
@@ -34,6 +34,7 @@ import {
 import {
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
   INCOMPAT_EXTL2,
   MAX_CLUSTER_BITS,
   MAX_L1_BYTES,
@@ -85,13 +86,31 @@ const UNNEEDED = 5;
 const SNAPSHOT = 6;
 /** A snapshot's L1 table: its L2 tables that the active L1 does not share are unneeded. */
 const SNAPSHOT_L1 = 7;
+/** A refcount block (read only to tell a snapshot's own data clusters, see #track). */
+const REFCOUNT_BLOCK = 8;
+/** An L2 table only snapshots use: its clusters that nothing else uses are unneeded. */
+const SNAPSHOT_L2 = 9;
+/** The bitmap directory: its bitmap tables and their data clusters are unneeded. */
+const BITMAP_DIR = 10;
+/** A bitmap table: its data clusters are unneeded. */
+const BITMAP_TABLE = 11;
 /** The `aux` of {@link UNNEEDED} ranges, for messages. */
 const UNNEEDED_L1 = -1;
 const UNNEEDED_REFCOUNTS = -2;
 const UNNEEDED_SNAPSHOTS = -3;
 const UNNEEDED_BITMAPS = -4;
+/** Per kind: true for compressed data only. */
+const ONLY_COMPRESSED: readonly boolean[] = Array.from({ length: 12 }, (_, k) => k === COMPRESSED);
 /** Bytes of a snapshot table entry before its variable part. */
 const SNAPSHOT_ENTRY = 40;
+/** Bytes of a bitmap directory entry before its variable part. */
+const BITMAP_ENTRY = 24;
+/** Most refcount block bytes read to tell the clusters only a snapshot uses. */
+const MAX_REFCOUNT_READ = 64 * 1024 * 1024;
+/** Most snapshot L2 tables remembered while the active L1 table is not known yet. */
+const MAX_WAITING_L2S = 1024 * 1024;
+/** Host offset bits of an L1/L2/bitmap table entry. */
+const OFFSET_HI_MASK = 0x00ffffff;
 
 /**
  * Decompressed bytes that may wait to be written (with the compressed bytes on their
@@ -197,11 +216,16 @@ class Qcow2StreamReader implements WalkerFormat {
     Mode.Skip,
     Mode.Assemble,
     Mode.Assemble,
+    Mode.Assemble,
+    Mode.Assemble,
+    Mode.Assemble,
+    Mode.Assemble,
   ];
-  readonly sharesTail = [false, true, false, false, false, false, false, false];
-  readonly partialOk = [false, true, false, false, false, false, false, false];
+  /** Compressed data may share its first and last sectors, and may stop short at the end. */
+  readonly sharesTail = ONLY_COMPRESSED;
+  readonly partialOk = ONLY_COMPRESSED;
   /** Compressed data is copied or decoded before onRange returns. */
-  readonly transient = [false, true, false, false, false, false, false, false];
+  readonly transient = ONLY_COMPRESSED;
 
   /** Decompressed clusters waiting to be written bound the memory: stop reading for them. */
   full(): boolean {
@@ -219,6 +243,21 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly #csizeShift: number;
   #l1Read = false;
   #pendingL2 = 0;
+  /**
+   * With snapshots (and a clean image: refcounts up to date), the refcount blocks are
+   * read: a data cluster that a snapshot's own L2 table maps and whose refcount is 1 is
+   * used by nothing else, so it is unneeded — the old data of a snapshotted and then
+   * rewritten image is let go (and its spool space given back) as soon as the snapshot's
+   * tables are known, not kept until the last active L2 table.
+   */
+  readonly #track: boolean;
+  /** Host clusters whose refcount is exactly 1 (from the refcount blocks read). */
+  #single: ClusterSet | null = null;
+  /** Snapshot L2 tables seen before the active L1 table (which says which are shared). */
+  #snapshotL2s: number[] = [];
+  /** Start of every optional range queued (see #optional). */
+  readonly #optionalSeen = new Set<number>();
+  readonly #maxBuffer: number;
   /** Host offsets of the L2 tables, ascending, for messages. */
   #l2Offsets = new Float64Array(0);
   #expectedEnd: number;
@@ -243,6 +282,9 @@ class Qcow2StreamReader implements WalkerFormat {
     this.#clusters = Math.ceil(h.size / h.clusterSize);
     this.#l1Used = Math.min(h.l1Size, Math.ceil(this.#clusters / this.#l2Entries));
     this.#csizeShift = 62 - (h.clusterBits - 8);
+    this.#maxBuffer = opts.maxBuffer;
+    this.#track = h.nbSnapshots > 0 && (h.incompatibleFeatures & INCOMPAT_DIRTY) === 0n &&
+      !tables;
     const buffer = new StreamBuffer(opts.maxBuffer, h.clusterSize, opts.spool ?? null);
     this.walker = new StreamWalker(this, h.clusterSize, buffer);
     this.#expectedEnd = h.clusterSize;
@@ -332,7 +374,7 @@ class Qcow2StreamReader implements WalkerFormat {
     if (h.nbSnapshots > 0) this.#expect(run, SNAPSHOT, h.snapshotsOffset, SNAPSHOT_ENTRY, 0);
     const dir = h.bitmapDirectory;
     if (dir && dir.size > 0 && dir.size <= MAX_L1_BYTES && dir.offset % this.#cs === 0) {
-      this.#unneeded(run, dir.offset, dir.size, UNNEEDED_BITMAPS);
+      this.#optional(run, BITMAP_DIR, dir.offset, dir.size, 0);
     }
   }
 
@@ -381,9 +423,11 @@ class Qcow2StreamReader implements WalkerFormat {
       }
       return;
     }
-    const got = buffer?.take(start, length);
+    const optional = kind === SNAPSHOT || kind === SNAPSHOT_L1 || kind === SNAPSHOT_L2 ||
+      kind === REFCOUNT_BLOCK || kind === BITMAP_DIR || kind === BITMAP_TABLE;
+    const got = buffer?.take(start, length, optional);
     if (got === LOST_RANGE) return;
-    if (kind === SNAPSHOT || kind === SNAPSHOT_L1) {
+    if (optional) {
       // Optional knowledge: read it when held, else never mind.
       if (got !== undefined) {
         this.onRange(kind, start, aux, got === ZERO_RANGE ? new Uint8Array(length) : got);
@@ -441,6 +485,14 @@ class Qcow2StreamReader implements WalkerFormat {
         return this.#readSnapshot(bytes, start, aux);
       case SNAPSHOT_L1:
         return this.#readSnapshotL1(bytes);
+      case SNAPSHOT_L2:
+        return this.#readSnapshotL2(bytes);
+      case REFCOUNT_BLOCK:
+        return this.#readRefcountBlock(bytes, aux);
+      case BITMAP_DIR:
+        return this.#readBitmapDirectory(bytes);
+      case BITMAP_TABLE:
+        return this.#readBitmapTable(bytes);
     }
   }
 
@@ -485,6 +537,7 @@ class Qcow2StreamReader implements WalkerFormat {
     }
     this.walker.add(future);
     this.#l1Read = true; // only now: L2 tables read above from the buffer need it
+    if (this.#snapshotL2s.length > 0) this.#snapshotTablesKnown();
     this.#checkAllKnown();
   }
 
@@ -543,25 +596,55 @@ class Qcow2StreamReader implements WalkerFormat {
     this.#checkAllKnown();
   }
 
-  /** The refcount blocks the refcount table points to are never needed: drop them. */
+  /**
+   * The refcount blocks the refcount table points to are never needed to import: they
+   * are dropped, or read (see {@link #track}) when they are few enough.
+   */
   #readRefcountTable(bytes: Uint8Array) {
     const v = viewOf(bytes);
     const cs = this.#cs;
     const run = this.walker.newRun(16);
-    let from = -1;
-    let to = -1;
+    let blocks = 0;
+    for (let i = 0; i + 8 <= bytes.length; i += 8) {
+      if (v.getUint32(i) | v.getUint32(i + 4)) blocks++;
+    }
+    const read = this.#track && blocks * cs <= MAX_REFCOUNT_READ;
+    if (read) {
+      const perBlock = (cs * 8) / this.#h.refcountBits;
+      this.#single = new ClusterSet(bytes.length / 8 * perBlock, cs);
+    }
+    const offsets: number[] = [];
     for (let i = 0; i + 8 <= bytes.length; i += 8) {
       const hi = v.getUint32(i);
       const off = hi * 2 ** 32 + ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
-      // Refcounts are not read: an odd entry is left to qemu-img check.
+      // Refcounts are not checked: an odd entry is left to qemu-img check.
       if (off === 0 || hi >= 2 ** 21 || off % cs !== 0) continue;
+      if (read) this.#optional(run, REFCOUNT_BLOCK, off, cs, i / 8);
+      else offsets.push(off);
+    }
+    this.walker.add(run);
+    this.#unneededClusters(offsets, UNNEEDED_REFCOUNTS);
+  }
+
+  /**
+   * The host clusters at `offsets` (any order, repeats allowed) are unneeded: passed
+   * over when they come, let go if held; adjacent ones as one range.
+   */
+  #unneededClusters(offsets: number[], aux: number) {
+    const cs = this.#cs;
+    offsets.sort((a, b) => a - b);
+    const run = this.walker.newRun(16);
+    let from = -1;
+    let to = -1;
+    for (const off of offsets) {
+      if (off < to) continue;
       if (off !== to) {
-        if (from >= 0) this.#unneeded(run, from, to - from, UNNEEDED_REFCOUNTS);
+        if (from >= 0) this.#unneeded(run, from, to - from, aux);
         from = off;
       }
       to = off + cs;
     }
-    if (from >= 0) this.#unneeded(run, from, to - from, UNNEEDED_REFCOUNTS);
+    if (from >= 0) this.#unneeded(run, from, to - from, aux);
     this.walker.add(run);
   }
 
@@ -586,29 +669,130 @@ class Qcow2StreamReader implements WalkerFormat {
     this.walker.add(run);
   }
 
-  /** A snapshot's L1 table: its L2 tables that the active L1 table does not use are unneeded. */
+  /**
+   * A snapshot's L1 table: its L2 tables that the active L1 table does not use are
+   * unneeded (and read, with refcounts, for the data clusters only they map). Before
+   * the active L1 table is known they wait for it.
+   */
   #readSnapshotL1(bytes: Uint8Array) {
-    if (!this.#l1Read) return; // which tables are shared is not known yet
+    const v = viewOf(bytes);
+    const cs = this.#cs;
+    const offsets = this.#snapshotL2s;
+    for (let i = 0; i + 8 <= bytes.length; i += 8) {
+      const off = (v.getUint32(i) & OFFSET_HI_MASK) * 2 ** 32 +
+        ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
+      if (off !== 0 && off % cs === 0 && offsets.length < MAX_WAITING_L2S) offsets.push(off);
+    }
+    if (this.#l1Read) this.#snapshotTablesKnown();
+  }
+
+  /** The snapshot L2 tables seen so far, now that the active ones are known. */
+  #snapshotTablesKnown() {
+    const offsets = this.#snapshotL2s.filter((off) => !this.#isL2Table(off));
+    this.#snapshotL2s = [];
+    if (!this.#single) {
+      this.#unneededClusters(offsets, UNNEEDED_SNAPSHOTS);
+      return;
+    }
+    offsets.sort((a, b) => a - b);
+    const run = this.walker.newRun(offsets.length);
+    for (const off of offsets) this.#optional(run, SNAPSHOT_L2, off, this.#cs, 0);
+    this.walker.add(run);
+  }
+
+  /**
+   * An L2 table only snapshots use: the clusters it maps whose refcount is 1 are used
+   * by nothing else (a clean image's refcounts are exact), so they are unneeded. Should
+   * an active L2 entry name one all the same, the import fails naming it: never a
+   * wrong byte.
+   */
+  #readSnapshotL2(bytes: Uint8Array) {
+    const single = this.#single!;
     const v = viewOf(bytes);
     const cs = this.#cs;
     const offsets: number[] = [];
     for (let i = 0; i + 8 <= bytes.length; i += 8) {
-      const off = (v.getUint32(i) & 0x00ffffff) * 2 ** 32 +
-        ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
-      if (off !== 0 && off % cs === 0 && !this.#isL2Table(off)) offsets.push(off);
+      const hi = v.getUint32(i);
+      if ((hi & 0x40000000) !== 0) continue; // compressed: host clusters may be shared
+      const off = (hi & OFFSET_HI_MASK) * 2 ** 32 + ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
+      if (off === 0 || off % cs !== 0 || off / cs >= single.length) continue;
+      if (single.has(off / cs)) offsets.push(off);
     }
-    offsets.sort((a, b) => a - b);
-    const run = this.walker.newRun(offsets.length);
-    for (let i = 0; i < offsets.length; i++) {
-      if (offsets[i] !== offsets[i - 1]) this.#unneeded(run, offsets[i], cs, UNNEEDED_SNAPSHOTS);
+    this.#unneededClusters(offsets, UNNEEDED_SNAPSHOTS);
+  }
+
+  /** Refcount block `index`: which host clusters it counts once. */
+  #readRefcountBlock(bytes: Uint8Array, index: number) {
+    const single = this.#single!;
+    const bits = this.#h.refcountBits;
+    const perBlock = (bytes.length * 8) / bits;
+    const first = index * perBlock;
+    const v = viewOf(bytes);
+    for (let i = 0; i < perBlock; i++) {
+      let one: boolean;
+      if (bits === 16) one = v.getUint16(i * 2) === 1;
+      else if (bits === 8) one = bytes[i] === 1;
+      else if (bits === 32) one = v.getUint32(i * 4) === 1;
+      else if (bits === 64) one = v.getUint32(i * 8) === 0 && v.getUint32(i * 8 + 4) === 1;
+      else one = ((bytes[Math.floor(i * bits / 8)] >> ((i * bits) % 8)) & ((1 << bits) - 1)) === 1;
+      if (one && first + i < single.length) single.add(first + i);
+    }
+  }
+
+  /** The bitmap directory: each bitmap's table is unneeded, and read for its data clusters. */
+  #readBitmapDirectory(bytes: Uint8Array) {
+    const v = viewOf(bytes);
+    const run = this.walker.newRun(4);
+    for (let at = 0; at + BITMAP_ENTRY <= bytes.length;) {
+      const offset = v.getUint32(at) * 2 ** 32 + v.getUint32(at + 4);
+      const entries = v.getUint32(at + 8);
+      const variable = v.getUint16(at + 18) + v.getUint32(at + 20);
+      if (offset > 0 && offset % this.#cs === 0 && entries > 0 && entries * 8 <= MAX_L1_BYTES) {
+        this.#optional(run, BITMAP_TABLE, offset, entries * 8, 0);
+      }
+      at += Math.ceil((BITMAP_ENTRY + variable) / 8) * 8;
     }
     this.walker.add(run);
+  }
+
+  /** A bitmap table: its data clusters are unneeded. */
+  #readBitmapTable(bytes: Uint8Array) {
+    const v = viewOf(bytes);
+    const cs = this.#cs;
+    const offsets: number[] = [];
+    for (let i = 0; i + 8 <= bytes.length; i += 8) {
+      const off = (v.getUint32(i) & OFFSET_HI_MASK) * 2 ** 32 +
+        ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
+      if (off !== 0 && off % cs === 0) offsets.push(off);
+    }
+    this.#unneededClusters(offsets, UNNEEDED_BITMAPS);
+  }
+
+  /**
+   * Metadata the import may read to find more it never needs (each range once: tables
+   * may be shared): queued, read from the buffer when held, else never mind.
+   */
+  #optional(run: RecordRun, kind: number, start: number, length: number, aux: number) {
+    // Once every table is known nothing is kept to be let go; and never a large table.
+    if (this.walker.buffer === null || length > this.#maxBuffer / 4) return;
+    if (this.#optionalSeen.has(start)) return;
+    this.#optionalSeen.add(start);
+    this.#expect(run, kind, start, length, aux);
   }
 
   /** Called when an L2 table (or the L1 table) has been read. */
   #checkAllKnown() {
     if (!this.#l1Read || this.walker.buffer === null) return;
     if (this.#pendingL2 === 0) this.walker.stopBuffering();
+  }
+
+  /**
+   * Once the L1 table is read: each L2 table still to come (and the one being read)
+   * names at most one range per entry, in runs that grow by doubling.
+   */
+  metadataAhead(): number {
+    if (!this.#l1Read) return Infinity;
+    return (this.#pendingL2 + 1) * this.#l2Entries * RecordRun.SLOT_BYTES * 2;
   }
 
   describe(kind: number, aux: number): string {
@@ -631,6 +815,14 @@ class Qcow2StreamReader implements WalkerFormat {
         return `the snapshot table entry ${aux}`;
       case SNAPSHOT_L1:
         return `the L1 table of snapshot ${aux}`;
+      case SNAPSHOT_L2:
+        return "an L2 table only snapshots use";
+      case REFCOUNT_BLOCK:
+        return `refcount block ${aux}`;
+      case BITMAP_DIR:
+        return "the bitmap directory";
+      case BITMAP_TABLE:
+        return "a bitmap table";
       default:
         return aux === UNNEEDED_L1
           ? "the L1 table"
@@ -639,7 +831,7 @@ class Qcow2StreamReader implements WalkerFormat {
           : aux === UNNEEDED_SNAPSHOTS
           ? "a snapshot's tables"
           : aux === UNNEEDED_BITMAPS
-          ? "the bitmap directory"
+          ? "a bitmap's table or data"
           : `the L2 table of L1 entry ${aux}`;
     }
   }
@@ -676,7 +868,7 @@ class Qcow2StreamReader implements WalkerFormat {
     ) where = "the refcount table";
     else if (this.#isL2Table(at - (at % cs))) where = "an L2 table";
     else if (this.walker.buffer?.dropped(at)) {
-      where = "a refcount block, a snapshot's table or the bitmap directory";
+      where = "a refcount block, a snapshot's table or data cluster (refcount 1), or a bitmap";
     } else {
       return new CorruptImageError(
         `${what} is placed at byte ${at}, which another L2 entry already claims`,

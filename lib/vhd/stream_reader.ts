@@ -16,7 +16,7 @@ import { CorruptImageError, LimitError, UnsupportedError } from "../errors.ts";
 import type { StreamDecodeOptions, StreamImageInfo } from "../qcow2/stream_reader.ts";
 import type { ImageTarget } from "../io/endpoint.ts";
 import type { SeekableInput } from "../io/file_input.ts";
-import { LOST_RANGE, StreamBuffer, ZERO_RANGE } from "../io/stream_buffer.ts";
+import { LOST_RANGE, sizeText, StreamBuffer, ZERO_RANGE } from "../io/stream_buffer.ts";
 import {
   type ChunkStream,
   type Expected,
@@ -117,7 +117,7 @@ export async function decodeVhdStream(
     throw new LimitError(
       `the VHD dynamic header is at byte ${footer.dataOffset}, and reading that far ahead ` +
         `would hold ${headerEnd} bytes in memory, more than --max-buffer ${opts.maxBuffer}; ` +
-        `raise --max-buffer if the image is genuine`,
+        `if the image is genuine, import it with --max-buffer ${sizeText(headerEnd)}`,
     );
   }
   const reader = new VhdStreamReader(footer, opts, null);
