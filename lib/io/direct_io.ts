@@ -93,15 +93,20 @@ export interface DirectFile {
   readonly direct: boolean;
   /**
    * Reads `buf.length` bytes at `position` (any alignment) into `buf`; returns how
-   * many were read (fewer at the end of the file). Throws on a read error.
+   * many were read (fewer at the end of the file). Throws on a read error. Writes still
+   * running are not waited for: {@link DirectFile.drain} first to read them back.
    */
   readSync(buf: Uint8Array, position: number): number;
-  /** {@link DirectFile.readSync} on another thread (one at a time per file). */
+  /**
+   * {@link DirectFile.readSync} on another thread (one at a time per file), after the
+   * running writes that cover the range.
+   */
   read(buf: Uint8Array, position: number): Promise<number>;
   /**
    * Reads up to `length` bytes at `position` (at most {@link DIRECT_VIEW} bytes) and
    * returns them as a view of a staging buffer, valid until the next read (no copy);
-   * shorter at the end of the file.
+   * shorter at the end of the file. Like {@link DirectFile.readSync}, it does not wait
+   * for running writes.
    */
   readView(position: number, length: number): Uint8Array;
   /**
@@ -168,6 +173,8 @@ class Direct implements DirectFile {
   /** Staging buffers, made when first needed: writes alternate between 0 and 1, reads use 2 and 3. */
   #slots: Uint8Array[] = [];
   #running: (Promise<void> | null)[] = [null, null];
+  /** The byte ranges `[from, to)` the running writes cover. */
+  #ranges: [number, number][] = [[0, 0], [0, 0]];
   #next = 0;
   /** The first error of a write that ran on another thread. */
   #failed: Error | null = null;
@@ -221,6 +228,7 @@ class Direct implements DirectFile {
   }
 
   async read(buf: Uint8Array, position: number): Promise<number> {
+    await this.#settle(position, position + buf.length);
     const slot = this.#slot(3);
     let got = 0;
     for (;;) {
@@ -306,6 +314,10 @@ class Direct implements DirectFile {
     if (this.#failed) throw this.#failed;
     this.#touch(position, bytes.length);
     const end = position + bytes.length;
+    // A write still running on another thread that covers some of these bytes must
+    // land first: otherwise its older bytes could overwrite these.
+    await this.#settle(position, end);
+    if (this.#failed) throw this.#failed;
     // The unaligned head and tail, through the page cache.
     const a = Math.min(up(position), end);
     const b = Math.max(down(end), a);
@@ -320,8 +332,17 @@ class Direct implements DirectFile {
       if (this.#failed) throw this.#failed;
       const slot = this.#slot(k);
       slot.set(bytes.subarray(at - position, at - position + n));
+      this.#ranges[k] = [at, at + n];
       this.#running[k] = this.#pwriteAsync(slot.subarray(0, n), at);
       at += n;
+    }
+  }
+
+  /** Waits for the running writes that cover some of the bytes `[from, to)`. */
+  async #settle(from: number, to: number): Promise<void> {
+    for (let k = 0; k < 2; k++) {
+      const [a, b] = this.#ranges[k];
+      if (this.#running[k] && a < to && from < b) await this.#running[k];
     }
   }
 
