@@ -894,7 +894,10 @@ async function runContenders(c: BenchCase, contenders: Contender[]): Promise<Out
   for (let r = 0; r < rounds; r++) {
     log(`case ${c.name}: round ${r + 1}/${rounds}`);
     // Alternate, and rotate who goes first so that no one always follows the same peer.
-    for (let j = 0; j < contenders.length; j++) await once((r + j) % contenders.length, false);
+    for (let j = 0; j < contenders.length; j++) {
+      const k = (r + j) % contenders.length;
+      if (r < (contenders[k].runs ?? rounds)) await once(k, false);
+    }
     const times = outcomes.filter((o) => o.samples.length > r)
       .map((o) => `${o.name} ${o.samples[r].seconds.toFixed(2)} s`);
     if (times.length) log(`  ${times.join(", ")}`);

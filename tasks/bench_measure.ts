@@ -27,6 +27,11 @@ export interface Contender {
   after?: () => Promise<void>;
   /** Checks the output of the warm-up run; returns what is wrong, or null. */
   verify?: () => Promise<string | null>;
+  /**
+   * Timed runs at most (default: the case's): for a slow peer whose time is far from
+   * any goal's bound, so that one run says enough.
+   */
+  runs?: number;
 }
 
 /** A benchmark case: its contenders and the one ratios are computed against. */
