@@ -514,6 +514,59 @@ nbdTest("nbd --allocation: a local copy exported with the remote export's alloca
   });
 });
 
+nbdTest(
+  "vhd-tool stream --source-format nbdhybrid: bytes from the device, allocation from NBD",
+  async () => {
+    await withTempDir(async (dir) => {
+      const image = `${dir}/remote.qcow2`;
+      await qemu(["create", "-q", "-f", "qcow2", image, "32M"]);
+      await qemu(["-c", "write -P 0x42 4M 2M", "-c", "write -P 0x17 30M 64k", image], "qemu-io");
+      // The local device: the same bytes, and stale garbage where the export has holes.
+      const local = `${dir}/local.raw`;
+      await qemu(["convert", "-f", "qcow2", "-O", "raw", image, local]);
+      const f = await Deno.open(local, { write: true });
+      await f.seek(10 * MiB, Deno.SeekMode.Start);
+      await f.write(new Uint8Array(4096).fill(0xee));
+      f.close();
+      const server = await startQemuNbd(dir, image, { format: "qcow2", name: "vdi" });
+      try {
+        const address = parseNbdUri(server.uri);
+        assert.equal(address.transport.kind, "unix");
+        const socket = (address.transport as { socket: string }).socket;
+        const stream = (src: string, out: string) =>
+          runCli([
+            "vhd-tool",
+            "stream",
+            "--source-protocol",
+            "none",
+            "--source-format",
+            "nbdhybrid",
+            "--source",
+            src,
+            "--destination-protocol",
+            "none",
+            "--destination-format",
+            "qcow2",
+            "--destination",
+            out,
+          ]);
+        const r = await stream(`${local}:${socket}:vdi:${32 * MiB}`, `${dir}/out.qcow2`);
+        assert.equal(r.code, 0, r.stderr);
+        assert.ok(await imagesEqual(`${dir}/out.qcow2`, image, "qcow2", "qcow2"));
+        // A size that is not the export's, and a source that is not four fields: refused.
+        const wrong = await stream(`${local}:${socket}:vdi:${16 * MiB}`, `${dir}/w.qcow2`);
+        assert.equal(wrong.code, 2, wrong.stderr);
+        assert.match(wrong.stderr, /says 16777216 bytes, but .* holds 33554432/);
+        const bad = await stream(`${local}:vdi:${32 * MiB}`, `${dir}/b.qcow2`);
+        assert.equal(bad.code, 2, bad.stderr);
+        assert.match(bad.stderr, /RAWDEV:NBDSERVER:EXPORT:SIZE/);
+      } finally {
+        await server.stop();
+      }
+    });
+  },
+);
+
 nbdTest("nbd export --zero-check: data extents that hold zeros are left out", async () => {
   await withTempDir(async (dir) => {
     const disk = `${dir}/disk.raw`;

@@ -294,10 +294,6 @@ qemuTest(
       // Flags vhd-tool has and diskstream cannot honour are refused by name.
       for (
         const [flags, want] of [
-          [
-            "--source-format nbdhybrid --source dev.raw:nbd:exp:1",
-            /nbdhybrid is not supported yet/,
-          ],
           ["--source dev.raw --good-ciphersuites x", /--good-ciphersuites is not supported/],
           ["--source dev.raw --verify-dest", /--verify-dest is not supported/],
           [

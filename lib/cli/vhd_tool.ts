@@ -149,15 +149,19 @@ export function registerVhdTool(program: Command): void {
       .description(
         "Export: vhd-tool stream. --source-format raw (SOURCE is a raw file or device), vhd " +
           "(SOURCE is a VHD read through its parent chain) or hybrid (SOURCE is RAWDEV:IMAGE: " +
-          "bytes from RAWDEV, allocation from the VHD or qcow2 IMAGE's chain); --relative-to " +
+          "bytes from RAWDEV, allocation from the VHD or qcow2 IMAGE's chain) or nbdhybrid " +
+          "(SOURCE is RAWDEV:NBDSERVER:EXPORT:SIZE: bytes from RAWDEV, allocation from the " +
+          "block status of EXPORT on the NBD server's Unix socket); --relative-to " +
           "BASE.vhd keeps what changed since BASE; " +
           "--destination-format raw|vhd|qcow2; --destination-protocol none|chunked|tar.",
       )
-      .option("--source <SOURCE>", "the disk: a path, or RAWDEV:IMAGE for hybrid")
+      .option(
+        "--source <SOURCE>",
+        "the disk: a path, RAWDEV:IMAGE for hybrid, RAWDEV:NBDSERVER:EXPORT:SIZE for nbdhybrid",
+      )
       .option(
         "--source-format <FMT>",
-        "raw, vhd (SOURCE is a VHD, read through its parent chain) or hybrid " +
-          "(nbdhybrid is refused)",
+        "raw, vhd (SOURCE is a VHD, read through its parent chain), hybrid or nbdhybrid",
         "raw",
       )
       .option("--source-protocol <P>", "none")
@@ -275,11 +279,35 @@ async function stream(f: StreamFlags): Promise<void> {
       }
       break;
     }
-    case "nbdhybrid":
-      throw new UnsupportedError(
-        "vhd-tool's --source-format nbdhybrid is not supported yet (NBD): use hybrid " +
-          "(RAWDEV:VHDFILE) or raw",
-      );
+    case "nbdhybrid": {
+      // RAWDEV:NBDSERVER:EXPORT:SIZE: bytes from the device, allocation from the block
+      // status of EXPORT on the NBD server's Unix socket (XAPI's own NBD server).
+      const parts = f.source.split(":");
+      const size = parts.at(-1) ?? "";
+      if (parts.length < 4 || !parts[0] || !/^\d{1,16}$/.test(size) || !parts.at(-3)) {
+        throw new UsageError(
+          "an nbdhybrid --source is RAWDEV:NBDSERVER:EXPORT:SIZE (raw device, the NBD " +
+            `server's Unix socket, the export's name, its size in bytes), got '${f.source}'`,
+        );
+      }
+      if (f.relativeTo !== undefined) {
+        throw new UsageError("--relative-to needs --source-format hybrid (RAWDEV:IMAGE)");
+      }
+      source = parts[0];
+      const { nbdUnixUri } = await import("../nbd/uri.ts");
+      const uri = nbdUnixUri(parts.slice(1, -2).join(":"), parts.at(-2)!);
+      allocation = async () => {
+        const { nbdAllocation } = await import("../nbd/allocation.ts");
+        const a = await nbdAllocation(uri, cs);
+        if (a.virtualSize !== Number(size)) {
+          throw new UsageError(
+            `the nbdhybrid --source says ${size} bytes, but ${uri} holds ${a.virtualSize}`,
+          );
+        }
+        return a;
+      };
+      break;
+    }
     case "vhd": {
       const dirs = f.path.split(":").filter((d) => d !== "");
       const { VhdChainSource } = await import("../headers/vhd_source.ts");
@@ -301,7 +329,9 @@ async function stream(f: StreamFlags): Promise<void> {
       break;
     }
     default:
-      throw new UsageError(`--source-format must be raw, vhd or hybrid, got '${f.sourceFormat}'`);
+      throw new UsageError(
+        `--source-format must be raw, vhd, hybrid or nbdhybrid, got '${f.sourceFormat}'`,
+      );
   }
   await runExport({
     source,

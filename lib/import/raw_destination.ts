@@ -15,12 +15,12 @@
  * @module
  */
 import { ClusterSet } from "../alloc/cluster_set.ts";
-import { describeIoError, DiskstreamError, LimitError } from "../errors.ts";
+import { describeIoError, DiskstreamError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
 import { zeroTest } from "../zero.ts";
 import { openPageCache, type PageCache } from "../io/page_cache.ts";
 import { type DirectFile, openDirectFile } from "../io/direct_io.ts";
-import type { DiskTarget } from "../io/endpoint.ts";
+import { destinationTooSmall, type DiskTarget } from "../io/endpoint.ts";
 
 export type { ImageTarget } from "../io/endpoint.ts";
 
@@ -167,7 +167,7 @@ export class RawDestination implements DiskTarget {
     const kind: DestinationKind = !info ? "new file" : info.isFile ? "file" : "device";
     let capacity = opts.size ?? Infinity;
     const size = virtualSize ?? 0;
-    if (size > capacity) throw tooSmall(path, capacity, size);
+    if (size > capacity) throw destinationTooSmall(path, capacity, size);
     let file: Deno.FsFile;
     try {
       file = await Deno.open(
@@ -183,7 +183,7 @@ export class RawDestination implements DiskTarget {
       if (kind === "device") {
         const end = await file.seek(0, Deno.SeekMode.End);
         if (info!.isBlockDevice) capacity = Math.min(capacity, end);
-        if (size > capacity) throw tooSmall(path, capacity, size);
+        if (size > capacity) throw destinationTooSmall(path, capacity, size);
       } else if (kind === "file") {
         fillLimit = Math.min(size, initial);
         if (initial < size) await file.truncate(size);
@@ -350,7 +350,7 @@ export class RawDestination implements DiskTarget {
     try {
       if (this.virtualSize === null) {
         const size = virtualSize ?? 0;
-        if (size > this.#capacity) throw tooSmall(this.path, this.#capacity, size);
+        if (size > this.#capacity) throw destinationTooSmall(this.path, this.#capacity, size);
         await this.flush();
         if (this.kind === "new file" || this.#initialSize < size) await this.#file.truncate(size);
       }
@@ -406,11 +406,4 @@ export class RawDestination implements DiskTarget {
       // already closed
     }
   }
-}
-
-function tooSmall(path: string, have: number, need: number): LimitError {
-  return new LimitError(
-    `${path} holds ${have} bytes (${formatBytes(have)}), less than the image's virtual size ` +
-      `of ${need} bytes (${formatBytes(need)}): refusing to write`,
-  );
 }

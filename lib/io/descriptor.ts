@@ -8,12 +8,10 @@
  * @module
  */
 import { PermissionError, UsageError } from "../errors.ts";
-import { loadLibc, readErrno } from "./libc.ts";
+import { loadLibc, O_CLOEXEC, readErrno } from "./libc.ts";
 
 const F_GETFD = 1;
 const FD_CLOEXEC = 1;
-/** open(2)'s O_CLOEXEC as `/proc/self/fdinfo/N` shows it in `flags` (octal). */
-const O_CLOEXEC = 0o2000000;
 const EBADF = 9;
 /** Descriptors are non-negative C ints. */
 const MAX_FD = 2 ** 31 - 1;
@@ -43,6 +41,7 @@ export function descriptorState(fd: number): "inherited" | "own" | "closed" | nu
   }
   const m = /^flags:\s+([0-7]+)/m.exec(text);
   if (!m) return null;
+  // `flags` in /proc/self/fdinfo/N is octal, with open(2)'s O_CLOEXEC bit.
   return (parseInt(m[1], 8) & O_CLOEXEC) !== 0 ? "own" : "inherited";
 }
 

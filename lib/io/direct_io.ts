@@ -22,7 +22,16 @@
  */
 import { DiskstreamError } from "../errors.ts";
 import { errnoMessage } from "./errno.ts";
-import { EINTR, loadLibc, O_CLOEXEC, readErrno } from "./libc.ts";
+import {
+  EINTR,
+  EINVAL,
+  loadLibc,
+  O_CLOEXEC,
+  O_RDONLY,
+  O_RDWR,
+  POSIX_FADV_DONTNEED,
+  readErrno,
+} from "./libc.ts";
 
 /** Alignment of direct transfers: offsets, lengths and buffer addresses. */
 export const DIRECT_ALIGN = 4096;
@@ -30,10 +39,6 @@ export const DIRECT_ALIGN = 4096;
 export const DIRECT_CHUNK = 8 * 1024 * 1024;
 /** open(2)'s O_DIRECT (its value differs between architectures). */
 const O_DIRECT = Deno.build.arch === "aarch64" ? 0o200000 : 0o40000;
-const O_RDONLY = 0;
-const O_RDWR = 2;
-const POSIX_FADV_DONTNEED = 4;
-const EINVAL = 22;
 
 const SYMBOLS = {
   open: { parameters: ["buffer", "i32", "i32"], result: "i32" },

@@ -11,6 +11,8 @@
  *
  * @module
  */
+import { LimitError } from "../errors.ts";
+import { formatBytes } from "../size.ts";
 
 /**
  * The read operations of a disk: a regular file, a block device, or a remote export
@@ -105,4 +107,24 @@ export interface DiskTarget extends ImageTarget {
   finish(virtualSize?: number): Promise<void>;
   /** Releases the target after a failure (removing what this run created). */
   abort(): Promise<void>;
+}
+
+/**
+ * The refusal of a destination (`name`: a path or URL) that holds `have` bytes, fewer
+ * than the image's virtual size `need`; nothing has been written when it is thrown.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { destinationTooSmall } from "./endpoint.ts";
+ *
+ * const err = destinationTooSmall("/dev/sdb", 1 << 20, 2 << 20);
+ * assert.match(err.message, /^\/dev\/sdb holds 1048576 bytes \(1\.00 MiB\), less than/);
+ * ```
+ */
+export function destinationTooSmall(name: string, have: number, need: number): LimitError {
+  return new LimitError(
+    `${name} holds ${have} bytes (${formatBytes(have)}), less than the image's virtual size ` +
+      `of ${need} bytes (${formatBytes(need)}): refusing to write`,
+  );
 }

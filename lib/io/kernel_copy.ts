@@ -17,6 +17,7 @@
 import { BrokenPipeError, DiskstreamError, SourceChangedError } from "../errors.ts";
 import {
   EINTR,
+  EINVAL,
   F_GETFL,
   F_GETPIPE_SZ,
   F_SETPIPE_SZ,
@@ -39,7 +40,6 @@ export const COPY_STEP = 8 * 1024 * 1024;
 const O_CREAT = 0o100;
 const O_TRUNC = 0o1000;
 const EPIPE = 32;
-const EINVAL = 22;
 const SYNC_FILE_RANGE_WRITE = 2;
 /** Bytes written to an output file after which their writeback is started. */
 const WRITEBACK_STRIDE = 16 * 1024 * 1024;

@@ -41,8 +41,12 @@ export function readErrno(errnoLocation: () => Deno.PointerValue): number {
 }
 
 // Linux values of the flags and errno codes used through FFI (the same on x86-64 and arm64).
+/** open(2): read only. */
+export const O_RDONLY = 0;
 /** open(2): write only. */
 export const O_WRONLY = 0o1;
+/** open(2): read and write. */
+export const O_RDWR = 0o2;
 /** open(2): non-blocking. */
 export const O_NONBLOCK = 0o4000;
 /** open(2): close on exec. */
@@ -59,6 +63,10 @@ export const SPLICE_F_MOVE = 1;
 export const SPLICE_F_MORE = 4;
 /** errno: interrupted, call again. */
 export const EINTR = 4;
+/** errno: invalid argument (also: a direct transfer this file or device does not take). */
+export const EINVAL = 22;
+/** posix_fadvise(2): drop these pages from the cache. */
+export const POSIX_FADV_DONTNEED = 4;
 /** Size asked for a pipe's kernel buffer (the default unprivileged maximum). */
 export const PIPE_BYTES = 1024 * 1024;
 /**

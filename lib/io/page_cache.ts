@@ -17,11 +17,9 @@
  *
  * @module
  */
-import { loadLibc, O_CLOEXEC } from "./libc.ts";
+import { loadLibc, O_CLOEXEC, O_RDONLY, POSIX_FADV_DONTNEED } from "./libc.ts";
 
-const O_RDONLY = 0;
 const POSIX_FADV_WILLNEED = 3;
-const POSIX_FADV_DONTNEED = 4;
 const SYNC_FILE_RANGE_WAIT_BEFORE = 1;
 const SYNC_FILE_RANGE_WRITE = 2;
 const SYNC_FILE_RANGE_WAIT_AFTER = 4;

@@ -13,7 +13,6 @@ import { DiskstreamError } from "../errors.ts";
 import * as libc from "./libc.ts";
 import { errnoMessage } from "./errno.ts";
 
-const O_RDONLY = 0;
 const SYNC_FILE_RANGE_WRITE = 2;
 const POLLIN = 1;
 const SOL_SOCKET = 1;
@@ -134,7 +133,7 @@ export function openPipeInput(
   if (c === null) return null;
   const own = "path" in source;
   const fd = own
-    ? c.open(encoder.encode(source.path + "\0"), O_RDONLY | libc.O_CLOEXEC, 0)
+    ? c.open(encoder.encode(source.path + "\0"), libc.O_RDONLY | libc.O_CLOEXEC, 0)
     : source.fd;
   if (fd < 0) return null; // the ordinary path reports it
   const flags = c.fcntl(fd, libc.F_GETFL, 0);

@@ -6,12 +6,10 @@
  * @module
  */
 
-import { loadLibc, readErrno } from "./libc.ts";
+import { loadLibc, O_CLOEXEC, O_RDONLY, readErrno } from "./libc.ts";
 
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
-const O_RDONLY = 0;
-const O_CLOEXEC = 0o2000000;
 const ENXIO = 6;
 
 const SYMBOLS = {

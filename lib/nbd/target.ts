@@ -9,8 +9,8 @@
  * @module
  */
 import { ClusterSet } from "../alloc/cluster_set.ts";
-import { DiskstreamError, NbdError } from "../errors.ts";
-import type { DiskTarget } from "../io/endpoint.ts";
+import { DiskstreamError } from "../errors.ts";
+import { destinationTooSmall, type DiskTarget } from "../io/endpoint.ts";
 import { formatBytes } from "../size.ts";
 import { NbdExport, type NbdOptions } from "./client.ts";
 
@@ -90,7 +90,7 @@ export class NbdTarget implements DiskTarget {
     const nbd = await NbdExport.open(uri, { depth: WRITE_DEPTH, ...options, write: true });
     if (virtualSize !== null && virtualSize > nbd.size) {
       await nbd.close();
-      throw tooSmall(uri, nbd.size, virtualSize);
+      throw destinationTooSmall(uri, nbd.size, virtualSize);
     }
     return new NbdTarget(nbd, virtualSize, unit, options);
   }
@@ -213,7 +213,7 @@ export class NbdTarget implements DiskTarget {
     try {
       if (this.#virtualSize === null && virtualSize !== undefined) {
         if (virtualSize > this.#export.size) {
-          throw tooSmall(this.name, this.#export.size, virtualSize);
+          throw destinationTooSmall(this.name, this.#export.size, virtualSize);
         }
       }
       const covered = this.#covered;
@@ -252,11 +252,4 @@ export class NbdTarget implements DiskTarget {
   async abort(): Promise<void> {
     await this.#export.close();
   }
-}
-
-function tooSmall(uri: string, have: number, need: number): NbdError {
-  return new NbdError(
-    `${uri} holds ${have} bytes (${formatBytes(have)}), less than the image's virtual size ` +
-      `of ${need} bytes (${formatBytes(need)}): refusing to write`,
-  );
 }
