@@ -11,7 +11,6 @@
 import { ClusterSet } from "../alloc/cluster_set.ts";
 import { DiskstreamError } from "../errors.ts";
 import { destinationTooSmall, type DiskTarget } from "../io/endpoint.ts";
-import { formatBytes } from "../size.ts";
 import { NbdExport, type NbdOptions } from "./client.ts";
 
 /** How the import treats what the image does not cover. */
