@@ -25,7 +25,10 @@ export interface Contender {
   unavailable?: string;
   /** Removes what a run wrote (untimed). */
   after?: () => Promise<void>;
-  /** Checks the output of the warm-up run; returns what is wrong, or null. */
+  /**
+   * Checks the output of the first timed run (untimed, before `after`); returns what is
+   * wrong, or null. A wrong output drops the contender's times: its row shows the problem.
+   */
   verify?: () => Promise<string | null>;
   /**
    * Timed runs at most (default: the case's): for a slow peer whose time is far from

@@ -9,7 +9,7 @@
  */
 import { type Server, startNbdkit, startQemuNbd } from "../tests/nbd_servers.ts";
 import type { Pipeline } from "./bench_measure.ts";
-import type { Inputs } from "./bench_inputs.ts";
+import { type Inputs, zeroFilled } from "./bench_inputs.ts";
 import type { BenchCase } from "./bench_measure.ts";
 import type { Goal } from "./bench.ts";
 
@@ -113,8 +113,7 @@ export function nbdCases(ctx: NbdBenchContext): BenchCase[] {
       contenders: async () => {
         const [raw, image] = [await ctx.inputs.fullRaw(), await ctx.inputs.fullQcow2()];
         const target = `${ctx.work}/nbd-target.raw`;
-        await Deno.writeFile(target, new Uint8Array(0));
-        await Deno.truncate(target, (await Deno.stat(raw)).size);
+        await zeroFilled(target, (await Deno.stat(raw)).size);
         const uri = await serve(startQemuNbd(ctx.work, target, { readOnly: false }));
         const verify = ctx.sameAs(raw, target, "raw");
         return [
