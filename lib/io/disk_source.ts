@@ -11,6 +11,7 @@ import type { DiskSource } from "./endpoint.ts";
 import { dataExtents } from "./seek_data.ts";
 import { openPageCache, type PageCache } from "./page_cache.ts";
 import { type DirectFile, openDirectFile } from "./direct_io.ts";
+import { openPositionalReader, type PositionalReader } from "./pread.ts";
 
 export type { DiskSource } from "./endpoint.ts";
 
@@ -42,7 +43,8 @@ export async function openDiskSource(
   }
   const direct = options.direct ? openDirectFile(path, false) : null;
   const cache = direct ? null : openPageCache(path, !!options.direct);
-  return new FileSource(path, file, size, info.isFile, cache, direct);
+  const pread = direct ? null : openPositionalReader(path, file);
+  return new FileSource(path, file, size, info.isFile, cache, direct, pread);
 }
 
 /** What another thread needs to read a disk itself: its path and the file's identity. */
@@ -77,6 +79,8 @@ class FileSource implements DiskSource {
     readonly isFile: boolean,
     readonly cache: PageCache | null = null,
     readonly directFile: DirectFile | null = null,
+    /** Synchronous reads in one system call each (see pread.ts), when available. */
+    readonly pread: PositionalReader | null = null,
   ) {
     this.#file = file;
   }
@@ -129,6 +133,19 @@ class FileSource implements DiskSource {
       return this.#check(got, want, position, limit);
     }
     let got = 0;
+    if (this.pread) {
+      try {
+        while (got < want) {
+          const n = this.pread.read(buf.subarray(got, want), position + got);
+          if (n === 0) break;
+          got += n;
+        }
+      } catch (err) {
+        throw describeIoError(err, this.path, "read");
+      }
+      this.cache?.read(position, got);
+      return this.#check(got, want, position, limit);
+    }
     try {
       if (want > 0 && this.#position !== position) {
         this.#position = -1;
@@ -200,6 +217,7 @@ class FileSource implements DiskSource {
     this.#closed = true;
     this.cache?.close();
     this.directFile?.close();
+    this.pread?.close();
     try {
       this.#file.close();
     } catch {
