@@ -171,13 +171,24 @@ export async function importTar(
   const [target, r] = await run(
     input,
     () => RawDestination.open(dest, size, 1 << 20, options),
-    (t) =>
-      decodeXvaDisk(reader, null, t, {
+    async (t) => {
+      const r = await decodeXvaDisk(reader, null, t, {
         prefix: options.prefix,
         size,
         ignoreChecksums: options.ignoreChecksums,
         onProgress: (done) => options.progress?.update(done),
-      }),
+      });
+      if (r.next !== null) {
+        // A stream of one disk: members of another prefix are not this disk's end.
+        throw new CorruptImageError(
+          `member ${r.next.name} does not belong to the disk of prefix ${r.prefix}: a tar ` +
+            `stream of one disk holds one prefix's members (a whole XVA: 'diskstream xva ` +
+            `extract'; another disk's members: give --tar-prefix)`,
+          r.next.headerOffset,
+        );
+      }
+      return r;
+    },
   );
   await target.finish(r.size);
   options.progress?.finish();

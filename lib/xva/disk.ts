@@ -29,8 +29,8 @@ export const DEFAULT_TAR_PREFIX = "Ref:0";
 
 /**
  * The name of member `n` of the disk with `prefix`: `PREFIX/%08d`, or the number
- * right after the prefix when it is empty or ends with `/` (vhd-tool's
- * `--tar-filename-prefix` is glued on as it is).
+ * right after the prefix when it is empty or ends with `/`, or with `glue` (as
+ * vhd-tool glues its `--tar-filename-prefix` on: `PREFIX%08d`).
  *
  * @example
  * ```ts
@@ -39,19 +39,42 @@ export const DEFAULT_TAR_PREFIX = "Ref:0";
  *
  * assert.equal(diskMemberName("Ref:175", 3), "Ref:175/00000003");
  * assert.equal(diskMemberName("", 12), "00000012");
+ * assert.equal(diskMemberName("disk-", 12, true), "disk-00000012");
  * ```
  */
-export function diskMemberName(prefix: string, n: number): string {
+export function diskMemberName(prefix: string, n: number, glue = false): string {
   const num = String(n).padStart(8, "0");
-  return prefix === "" || prefix.endsWith("/") ? prefix + num : `${prefix}/${num}`;
+  return glue || prefix === "" || prefix.endsWith("/") ? prefix + num : `${prefix}/${num}`;
 }
 
-/** Splits a disk member's name into its prefix, number and checksum kind; null if not one. */
+/**
+ * Splits a disk member's name into its prefix (without a trailing `/`), number and
+ * checksum kind; null if not one. With `prefix` (the one expected), a name that
+ * starts with it is split right after it, so that a prefix glued onto the number
+ * (vhd-tool's `PREFIX%08d`) may end with digits.
+ *
+ * @example
+ * ```ts
+ * import { parseMemberName } from "./disk.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.deepEqual(parseMemberName("Ref:3/00000007.xxhash"), {
+ *   prefix: "Ref:3", number: 7, checksum: "xxhash",
+ * });
+ * assert.equal(parseMemberName("disk100000002")?.number, 100000002); // ambiguous alone
+ * assert.equal(parseMemberName("disk100000002", "disk1")?.number, 2);
+ * ```
+ */
 export function parseMemberName(
   name: string,
+  prefix?: string,
 ): { prefix: string; number: number; checksum: ChecksumKind | null } | null {
   const checksum = checksumKindOf(name);
   const stem = checksum ? name.slice(0, -CHECKSUM_EXTENSIONS[checksum].length) : name;
+  if (prefix !== undefined && stem.startsWith(prefix)) {
+    const n = /^\/*(\d{1,15})$/.exec(stem.slice(prefix.length));
+    if (n) return { prefix: prefix.replace(/\/+$/, ""), number: Number(n[1]), checksum };
+  }
   const m = /^(.*?)\/?(\d{1,15})$/.exec(stem);
   if (!m) return null;
   return { prefix: m[1], number: Number(m[2]), checksum };
@@ -71,11 +94,19 @@ export class DiskMemberWriter {
     readonly prefix: string,
     readonly kind: ChecksumKind,
     readonly checksum: Checksum,
+    readonly glue: boolean,
   ) {}
 
-  /** A writer for the disk with `prefix` and checksums of `kind`. */
-  static async create(prefix: string, kind: ChecksumKind): Promise<DiskMemberWriter> {
-    return new DiskMemberWriter(prefix, kind, await loadChecksum(kind));
+  /**
+   * A writer for the disk with `prefix` and checksums of `kind`; `glue` names members
+   * `PREFIX%08d` (see {@link diskMemberName}).
+   */
+  static async create(
+    prefix: string,
+    kind: ChecksumKind,
+    glue = false,
+  ): Promise<DiskMemberWriter> {
+    return new DiskMemberWriter(prefix, kind, await loadChecksum(kind), glue);
   }
 
   /**
@@ -84,7 +115,7 @@ export class DiskMemberWriter {
    * Returns the end (`at + memberStreamBytes(size)`).
    */
   frame(out: Uint8Array, at: number, n: number, size: number): number {
-    const name = diskMemberName(this.prefix, n);
+    const name = diskMemberName(this.prefix, n, this.glue);
     out.set(tarHeader(name, size), at);
     let end = at + TAR_BLOCK + size;
     const data = out.subarray(at + TAR_BLOCK, end);
@@ -241,14 +272,15 @@ export async function decodeXvaDisk(
           reader.position,
         );
       }
-      if (members === 0) {
+      if (members === 0 && !(size === null && reader.ended)) {
         throw new CorruptImageError(`${reader.label} holds no disk member`, reader.position);
       }
       await flush();
       return result(null);
     }
     if (m.type === "5") continue; // a directory entry some tar writers add
-    const parsed = parseMemberName(m.name);
+    refuseIrregular(m);
+    const parsed = parseMemberName(m.name, options.prefix);
     if (parsed && prefix === undefined) prefix = parsed.prefix;
     if (!parsed || parsed.prefix !== prefix) {
       if (options.prefix === undefined && size === null && members > 0) {
@@ -319,7 +351,7 @@ export async function decodeXvaDisk(
     if (m.size > 0 && m.size < chunk) short = m.name;
     // Its checksum member.
     const c = await nextMember();
-    const ck = c && parseMemberName(c.name);
+    const ck = c && parseMemberName(c.name, options.prefix);
     const isItsSum = c !== null && ck !== null && ck.checksum !== null &&
       ck.prefix === prefix && ck.number === parsed.number &&
       c.name === m.name + CHECKSUM_EXTENSIONS[ck.checksum];
@@ -334,6 +366,7 @@ export async function decodeXvaDisk(
       }
       pending = c;
     } else if (!options.ignoreChecksums) {
+      refuseIrregular(c);
       const kind = ck!.checksum!;
       const body = await reader.readBody(MAX_CHECKSUM_BYTES);
       const said = new TextDecoder().decode(body).trim().split(/\s/)[0].toLowerCase();
@@ -357,6 +390,29 @@ export async function decodeXvaDisk(
   return result(null);
 }
 
+/** Tar types of what is not a regular file, as messages name them. */
+const TAR_TYPES: Record<string, string> = {
+  "1": "a hard link",
+  "2": "a symbolic link",
+  "3": "a character device",
+  "4": "a block device",
+  "6": "a FIFO",
+  "K": "a GNU long link name",
+  "S": "a GNU sparse file",
+  "V": "a volume header",
+  "M": "a multi-volume continuation",
+};
+
+/** Refuses a member that is not a regular file: its body is not the disk's bytes. */
+function refuseIrregular(m: TarMember): void {
+  if (m.type === "0" || m.type === "7") return; // regular, contiguous
+  throw new CorruptImageError(
+    `member ${m.name} is ${TAR_TYPES[m.type] ?? "no regular file"} (tar type ` +
+      `${JSON.stringify(m.type)}): disk members are regular files`,
+    m.headerOffset,
+  );
+}
+
 function afterShort(m: TarMember, short: string): CorruptImageError {
   return new CorruptImageError(
     `member ${m.name} comes after ${short}, which is shorter than the first member: only ` +
@@ -375,10 +431,30 @@ function checkFits(m: TarMember, offset: number, n: number, size: number | null,
   }
 }
 
-/** Refuses a prefix that cannot name members (used by the command line). */
-export function checkTarPrefix(prefix: string): string {
-  if (prefix.includes("\0") || prefix.length > 90) {
-    throw new UsageError(`bad tar prefix ${JSON.stringify(prefix)}: at most 90 characters, no NUL`);
+/**
+ * Refuses a prefix that cannot name members (used by the command line): a NUL, or a
+ * name too long for a ustar header once the number and `.checksum` are added (`glue`:
+ * as {@link diskMemberName}).
+ *
+ * @example
+ * ```ts
+ * import { checkTarPrefix } from "./disk.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(checkTarPrefix("Ref:3"), "Ref:3");
+ * assert.throws(() => checkTarPrefix("é".repeat(60)), /too long/);
+ * ```
+ */
+export function checkTarPrefix(prefix: string, glue = false): string {
+  const bad = (why: string) => new UsageError(`bad tar prefix ${JSON.stringify(prefix)}: ${why}`);
+  if (prefix.includes("\0")) throw bad("it holds a NUL");
+  try {
+    tarHeader(diskMemberName(prefix, 99_999_999, glue) + CHECKSUM_EXTENSIONS.sha1, 40);
+  } catch {
+    throw bad(
+      "too long for a member name (ustar's name fields hold 155 + 100 bytes of UTF-8, " +
+        "split at a '/')",
+    );
   }
   return prefix;
 }
