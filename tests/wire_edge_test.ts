@@ -240,3 +240,27 @@ Deno.test("vhd-tool stream --destination-protocol tar names members PREFIX%08d, 
     assert.equal(await sha256File(`${dir}/copy.raw`), await sha256File(`${dir}/d.raw`));
   });
 });
+
+Deno.test("import without -f: a tar stream or a whole XVA is recognised and the right command named", async () => {
+  await withTempDir(async (dir) => {
+    await Deno.writeFile(`${dir}/d.raw`, pseudoRandom(4096, 5));
+    await sh(`${DS} export ${dir}/d.raw -f tar -o ${dir}/d.tar`);
+    const ova = new TextEncoder().encode("<value/>");
+    await Deno.writeFile(
+      `${dir}/vm.xva`,
+      await new Blob(
+        [tarHeader("ova.xml", ova.length), ova, new Uint8Array(504), TAR_END] as BlobPart[],
+      ).bytes(),
+    );
+    for (
+      const [file, want] of [
+        ["d.tar", /it is a tar stream: for an XVA disk's members give -f tar/],
+        ["vm.xva", /it is a whole XVA: extract its disks with 'diskstream xva extract'/],
+      ] as const
+    ) {
+      const r = await runCli(["import", `${dir}/out.raw`], { stdinFile: `${dir}/${file}` });
+      assert.equal(r.code, 1, file);
+      assert.match(r.stderr, want);
+    }
+  });
+});
