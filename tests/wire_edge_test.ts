@@ -264,3 +264,72 @@ Deno.test("import without -f: a tar stream or a whole XVA is recognised and the 
     }
   });
 });
+
+/** An XVA of ova.xml (VDIs `[ref, virtual_size]`) and disk members `[ref, number, bytes]`. */
+async function xvaOf(vdis: [string, number][], members: [string, number, Uint8Array][]) {
+  const m = (n: string, v: string) => `<member><name>${n}</name><value>${v}</value></member>`;
+  const objs = vdis.map(([ref, size]) =>
+    `<value><struct>${m("class", "VDI")}${m("id", ref)}` +
+    `${m("snapshot", `<struct>${m("virtual_size", String(size))}</struct>`)}</struct></value>`
+  );
+  const ova = new TextEncoder().encode(
+    `<value><struct>${
+      m("objects", `<array><data>${objs.join("")}</data></array>`)
+    }</struct></value>`,
+  );
+  const disk = await tarOf(
+    members.map(([ref, n, data]) => [`${ref}/${String(n).padStart(8, "0")}`, data]),
+  );
+  return await new Blob(
+    [
+      tarHeader("ova.xml", ova.length),
+      ova,
+      new Uint8Array(tarPadding(ova.length)),
+      disk,
+    ] as BlobPart[],
+  ).bytes();
+}
+
+Deno.test("xva extract: a disk of 0 bytes (no member) is an empty file; members past a disk's size are named so", async () => {
+  await withTempDir(async (dir) => {
+    const one = new Uint8Array(MiB).fill(1);
+    await Deno.writeFile(
+      `${dir}/zero.xva`,
+      await xvaOf([["Ref:1", 0], ["Ref:2", MiB]], [["Ref:2", 0, one]]),
+    );
+    for (const format of ["raw", "qcow2", "vhd"]) {
+      const r = await runCli([
+        "xva",
+        "extract",
+        `${dir}/zero.xva`,
+        "-o",
+        `${dir}/${format}`,
+        "-f",
+        format,
+      ]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stderr, new RegExp(`Ref:1 → ${dir}/${format}/Ref_1\\.${format} \\(0 B`));
+      if (format === "raw") assert.equal((await Deno.stat(`${dir}/raw/Ref_1.raw`)).size, 0);
+    }
+    // ova.xml says 1 MiB, the stream holds two members of it.
+    await Deno.writeFile(
+      `${dir}/long.xva`,
+      await xvaOf([["Ref:1", MiB]], [["Ref:1", 0, one], ["Ref:1", 1, one]]),
+    );
+    let r = await runCli(["xva", "extract", `${dir}/long.xva`, "-o", `${dir}/long`]);
+    assert.equal(r.code, 1);
+    assert.match(
+      r.stderr,
+      /member Ref:1\/00000001 of disk Ref:1 lies past the disk's 1048576 bytes/,
+    );
+    // Another disk's member before a disk is complete: ova.xml is named, not --tar-prefix.
+    await Deno.writeFile(
+      `${dir}/early.xva`,
+      await xvaOf([["Ref:1", 2 * MiB], ["Ref:2", MiB]], [["Ref:1", 0, one], ["Ref:2", 0, one]]),
+    );
+    r = await runCli(["xva", "extract", `${dir}/early.xva`, "-o", `${dir}/early`]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /found "Ref:2\/00000000" before the disk's 2097152 bytes \(ova.xml's/);
+    assert.doesNotMatch(r.stderr, /--tar-prefix|--size/);
+  });
+});

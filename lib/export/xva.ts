@@ -70,6 +70,12 @@ export async function extractXvaFileAs(
     ignoreChecksums: options.ignoreChecksums,
     onProgress: (b) => progress?.update(b), // disk bytes: about the file's
   });
+  // A disk of 0 bytes has no member (XAPI writes none): it is an empty image.
+  for (const disk of index.manifest.disks) {
+    if (disk.virtualSize !== 0 || (wanted && !wanted.has(disk.ref))) continue;
+    if (index.disks.some((d) => d.disk.ref === disk.ref)) continue;
+    index.disks.push({ disk, members: [], verified: { xxhash: 0, sha1: 0 } });
+  }
   for (const ref of options.disks ?? []) {
     if (!index.manifest.disks.some((d) => d.ref === ref)) {
       throw new DiskstreamError(`--disk ${ref}: ova.xml names no such disk`);
@@ -96,7 +102,8 @@ export async function extractXvaFileAs(
       name: disk.name,
       path: out,
       virtualSize: disk.virtualSize,
-      dataBytes: planned.clusters.count * planned.clusters.clusterSize,
+      // Whole clusters of the image, but never more than the disk.
+      dataBytes: Math.min(disk.virtualSize, planned.clusters.count * planned.clusters.clusterSize),
       verified,
     });
   }

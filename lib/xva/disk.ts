@@ -141,6 +141,11 @@ export interface XvaDiskOptions {
   prefix?: string;
   /** The disk's size: decoding stops when it is reached. Null: at the archive's end. */
   size: number | null;
+  /**
+   * Where `size` and `prefix` come from, named in messages (an XVA: "ova.xml's
+   * virtual_size"); by default the command line's `--size` and `--tar-prefix`.
+   */
+  origin?: string;
   /** Do not verify checksums (their members may then be missing). */
   ignoreChecksums?: boolean;
   /** Called with the disk bytes done so far. */
@@ -268,7 +273,7 @@ export async function decodeXvaDisk(
         throw new CorruptImageError(
           `${reader.label} ended after ${offset} of the disk's ${size} bytes` +
             (last >= 0 ? ` (last member ${diskMemberName(prefix ?? "", last)})` : "") +
-            `: it was cut short, or --size is wrong`,
+            `: it was cut short, or ${options.origin ?? "--size"} is wrong`,
           reader.position,
         );
       }
@@ -294,7 +299,10 @@ export async function decodeXvaDisk(
             ? ": this is a whole XVA (use 'diskstream xva extract')"
             : options.prefix === undefined
             ? ""
-            : " (is --tar-prefix right?)"),
+            : options.origin === undefined
+            ? " (is --tar-prefix right?)"
+            : ` before the disk's ${size} bytes (${options.origin}) were complete: the ` +
+              `stream is out of order, or ${options.origin} is wrong`),
         m.headerOffset,
       );
     }
@@ -325,7 +333,7 @@ export async function decodeXvaDisk(
         );
       }
       const gapBytes = gap * chunk;
-      checkFits(m, offset, gapBytes, size, "the gap before");
+      checkFits(m, offset, gapBytes, size, "the gap before", options.origin);
       target.zero(offset, gapBytes);
       offset += gapBytes;
     }
@@ -337,7 +345,7 @@ export async function decodeXvaDisk(
       );
     }
     if (m.size > 0 && short !== null) throw afterShort(m, short);
-    checkFits(m, offset, m.size, size, "");
+    checkFits(m, offset, m.size, size, "", options.origin);
     const pieces: [Uint8Array, number, number][] = [];
     const at0 = offset;
     await reader.streamBody((c, from, to, at) => {
@@ -421,11 +429,18 @@ function afterShort(m: TarMember, short: string): CorruptImageError {
   );
 }
 
-function checkFits(m: TarMember, offset: number, n: number, size: number | null, what: string) {
+function checkFits(
+  m: TarMember,
+  offset: number,
+  n: number,
+  size: number | null,
+  what: string,
+  origin: string | undefined,
+) {
   if (!Number.isSafeInteger(offset + n) || (size !== null && offset + n > size)) {
     throw new CorruptImageError(
       `${what ? what + " member" : "member"} ${m.name} reaches byte ${offset + n}, past the ` +
-        `disk's size of ${size} bytes (is --size right?)`,
+        `disk's size of ${size} bytes (${origin ?? "is --size right?"})`,
       m.headerOffset,
     );
   }

@@ -14,6 +14,9 @@ import type { XvaMemberRange } from "./disk_source.ts";
 import { type OvaManifest, parseOvaXml, type XvaDisk } from "./ova.ts";
 import { tarFileMembers, type TarMember, TarReader } from "./tar.ts";
 
+/** Where an XVA disk's size comes from, as messages name it. */
+export const OVA_SIZE = "ova.xml's virtual_size";
+
 /** The largest `ova.xml` read (bytes). */
 export const MAX_OVA_XML = 64 * 1024 * 1024;
 
@@ -213,9 +216,10 @@ export async function walkXvaDisks(
     const disk = p && byRef.get(p.prefix);
     if (!p || !disk || !wanted.has(disk.ref)) continue;
     if (seen.has(disk.ref)) {
+      // The disk was read up to its size: this member lies past it.
       throw new CorruptImageError(
-        `member ${m.name} of disk ${disk.ref} comes after another disk's members: ` +
-          `the XVA is out of order`,
+        `member ${m.name} of disk ${disk.ref} lies past the disk's ${disk.virtualSize} bytes ` +
+          `(${OVA_SIZE}): the XVA is out of order, or ova.xml gives the wrong size`,
         m.headerOffset,
       );
     }
@@ -262,6 +266,7 @@ export async function indexXvaFile(
         const r = await decodeXvaDisk(reader, first, target, {
           prefix: disk.ref,
           size: disk.virtualSize,
+          origin: OVA_SIZE,
           ignoreChecksums: options.ignoreChecksums,
           onMember: (m, at) => members.push({ at, length: m.size, fileOffset: m.dataOffset }),
           onProgress: (done) => options.onProgress?.(before + done),
