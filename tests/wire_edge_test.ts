@@ -333,3 +333,68 @@ Deno.test("xva extract: a disk of 0 bytes (no member) is an empty file; members 
     assert.doesNotMatch(r.stderr, /--tar-prefix|--size/);
   });
 });
+
+Deno.test("XVA disk: a refusal waits for the writes already running, so no member is left half written", async () => {
+  const members: [string, Uint8Array][] = [];
+  for (let n = 0; n < 6; n++) members.push([`Ref:0/0000000${n}`, new Uint8Array(MiB).fill(n + 1)]);
+  const tar = await tarOf(members);
+  // Corrupt member 5's data: its checksum no longer matches.
+  const member = 512 + MiB + 1024;
+  tar[5 * member + 512 + 7] ^= 0xff;
+  let queued = 0;
+  let running = 0;
+  let finished = 0;
+  const target = {
+    get queued() {
+      return queued;
+    },
+    write: (_at: number, _b: Uint8Array, from: number, to: number) => {
+      queued += to - from;
+    },
+    zero() {},
+    flush: async () => {
+      queued = 0;
+      running++;
+      await new Promise((r) => setTimeout(r, 300)); // a slow device
+      finished++;
+    },
+  };
+  const reader = new TarReader(new ChunkStream(ReadableStream.from([tar])));
+  await assert.rejects(
+    decodeXvaDisk(reader, null, target, { size: null }),
+    /checksum mismatch in member Ref:0\/00000005/,
+  );
+  assert.ok(running > 0);
+  assert.equal(finished, running); // nothing still writing when the caller aborts
+});
+
+Deno.test("xva: a file that is not a tar, and -o naming a file, are refused in one line", async () => {
+  await withTempDir(async (dir) => {
+    await Deno.writeFile(`${dir}/d.raw`, pseudoRandom(4096, 9));
+    for (const args of [["list", `${dir}/d.raw`], ["extract", `${dir}/d.raw`, "-o", `${dir}/o`]]) {
+      const r = await runCli(["xva", ...args]);
+      assert.equal(r.code, 1, args.join(" "));
+      assert.match(r.stderr, /d\.raw is not an XVA: it does not start with a tar header/);
+    }
+    await Deno.writeFile(
+      `${dir}/vm.xva`,
+      await xvaOf([["Ref:1", MiB]], [["Ref:1", 0, new Uint8Array(MiB)]]),
+    );
+    for (const format of ["raw", "qcow2"]) {
+      const r = await runCli([
+        "xva",
+        "extract",
+        `${dir}/vm.xva`,
+        "-o",
+        `${dir}/d.raw`,
+        "-f",
+        format,
+      ]);
+      assert.equal(r.code, 2, r.stderr);
+      assert.equal(
+        r.stderr.trim(),
+        `diskstream: cannot extract into ${dir}/d.raw: it exists and is not a directory`,
+      );
+    }
+  });
+});

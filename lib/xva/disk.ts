@@ -265,137 +265,144 @@ export async function decodeXvaDisk(
     verified,
     next,
   });
-  for (;;) {
-    if (size !== null && offset >= size && (members > 0 || size === 0)) break;
-    const m = await nextMember();
-    if (m === null) {
-      if (size !== null && offset < size) {
-        throw new CorruptImageError(
-          `${reader.label} ended after ${offset} of the disk's ${size} bytes` +
-            (last >= 0 ? ` (last member ${diskMemberName(prefix ?? "", last)})` : "") +
-            `: it was cut short, or ${options.origin ?? "--size"} is wrong`,
-          reader.position,
-        );
-      }
-      if (members === 0 && !(size === null && reader.ended)) {
-        throw new CorruptImageError(`${reader.label} holds no disk member`, reader.position);
-      }
-      await flush();
-      return result(null);
-    }
-    if (m.type === "5") continue; // a directory entry some tar writers add
-    refuseIrregular(m);
-    const parsed = parseMemberName(m.name, options.prefix);
-    if (parsed && prefix === undefined) prefix = parsed.prefix;
-    if (!parsed || parsed.prefix !== prefix) {
-      if (options.prefix === undefined && size === null && members > 0) {
+  // Refused: the writes already running (of verified members) finish before the
+  // caller aborts the target, so that no member is left half written.
+  try {
+    for (;;) {
+      if (size !== null && offset >= size && (members > 0 || size === 0)) break;
+      const m = await nextMember();
+      if (m === null) {
+        if (size !== null && offset < size) {
+          throw new CorruptImageError(
+            `${reader.label} ended after ${offset} of the disk's ${size} bytes` +
+              (last >= 0 ? ` (last member ${diskMemberName(prefix ?? "", last)})` : "") +
+              `: it was cut short, or ${options.origin ?? "--size"} is wrong`,
+            reader.position,
+          );
+        }
+        if (members === 0 && !(size === null && reader.ended)) {
+          throw new CorruptImageError(`${reader.label} holds no disk member`, reader.position);
+        }
         await flush();
-        return result(m);
+        return result(null);
       }
-      throw new CorruptImageError(
-        `expected a disk member named ${diskMemberName(prefix ?? "PREFIX", last + 1)}` +
-          ` or later, found ${JSON.stringify(m.name)}` +
-          (m.name === "ova.xml"
-            ? ": this is a whole XVA (use 'diskstream xva extract')"
-            : options.prefix === undefined
-            ? ""
-            : options.origin === undefined
-            ? " (is --tar-prefix right?)"
-            : ` before the disk's ${size} bytes (${options.origin}) were complete: the ` +
-              `stream is out of order, or ${options.origin} is wrong`),
-        m.headerOffset,
-      );
-    }
-    if (parsed.checksum) {
-      throw new CorruptImageError(
-        `checksum member ${m.name} comes without the data member before it`,
-        m.headerOffset,
-      );
-    }
-    if (parsed.number <= last) {
-      throw new CorruptImageError(
-        `member ${m.name} comes after ${diskMemberName(prefix!, last)}: member numbers must ` +
-          `increase`,
-        m.headerOffset,
-      );
-    }
-    if (chunk < 0) chunk = m.size;
-    const gap = parsed.number - last - 1;
-    if (gap > 0 && m.size > 0 && short !== null) {
-      throw afterShort(m, short);
-    }
-    if (gap > 0) {
-      if (chunk === 0) {
+      if (m.type === "5") continue; // a directory entry some tar writers add
+      refuseIrregular(m);
+      const parsed = parseMemberName(m.name, options.prefix);
+      if (parsed && prefix === undefined) prefix = parsed.prefix;
+      if (!parsed || parsed.prefix !== prefix) {
+        if (options.prefix === undefined && size === null && members > 0) {
+          await flush();
+          return result(m);
+        }
         throw new CorruptImageError(
-          `member ${m.name} follows a gap, but the disk's first member is empty: the gap ` +
-            `cannot be sized`,
+          `expected a disk member named ${diskMemberName(prefix ?? "PREFIX", last + 1)}` +
+            ` or later, found ${JSON.stringify(m.name)}` +
+            (m.name === "ova.xml"
+              ? ": this is a whole XVA (use 'diskstream xva extract')"
+              : options.prefix === undefined
+              ? ""
+              : options.origin === undefined
+              ? " (is --tar-prefix right?)"
+              : ` before the disk's ${size} bytes (${options.origin}) were complete: the ` +
+                `stream is out of order, or ${options.origin} is wrong`),
           m.headerOffset,
         );
       }
-      const gapBytes = gap * chunk;
-      checkFits(m, offset, gapBytes, size, "the gap before", options.origin);
-      target.zero(offset, gapBytes);
-      offset += gapBytes;
-    }
-    if (m.size > chunk) {
-      throw new CorruptImageError(
-        `member ${m.name} holds ${m.size} bytes, more than the disk's first member (${chunk}): ` +
-          `the gaps could not be sized`,
-        m.headerOffset,
-      );
-    }
-    if (m.size > 0 && short !== null) throw afterShort(m, short);
-    checkFits(m, offset, m.size, size, "", options.origin);
-    const pieces: [Uint8Array, number, number][] = [];
-    const at0 = offset;
-    await reader.streamBody((c, from, to, at) => {
-      target.write(at0 + at, c, from, to);
-      pieces.push([c, from, to]);
-    });
-    offset += m.size;
-    dataBytes += m.size;
-    members++;
-    last = parsed.number;
-    if (m.size > 0 && m.size < chunk) short = m.name;
-    // Its checksum member.
-    const c = await nextMember();
-    const ck = c && parseMemberName(c.name, options.prefix);
-    const isItsSum = c !== null && ck !== null && ck.checksum !== null &&
-      ck.prefix === prefix && ck.number === parsed.number &&
-      c.name === m.name + CHECKSUM_EXTENSIONS[ck.checksum];
-    if (!isItsSum) {
-      if (!options.ignoreChecksums) {
+      if (parsed.checksum) {
         throw new CorruptImageError(
-          `member ${m.name} is not followed by its checksum member (${m.name}.xxhash or ` +
-            `${m.name}.checksum)` + (c ? `, but by ${JSON.stringify(c.name)}` : "") +
-            ` (--ignore-checksums imports without them)`,
-          c?.headerOffset ?? reader.position,
-        );
-      }
-      pending = c;
-    } else if (!options.ignoreChecksums) {
-      refuseIrregular(c);
-      const kind = ck!.checksum!;
-      const body = await reader.readBody(MAX_CHECKSUM_BYTES);
-      const said = new TextDecoder().decode(body).trim().split(/\s/)[0].toLowerCase();
-      const fn = checksums[kind] ??= await loadChecksum(kind);
-      const got = fn(...pieces.map(([c, from, to]) => c.subarray(from, to))).toLowerCase();
-      if (said !== got) {
-        throw new CorruptImageError(
-          `checksum mismatch in member ${m.name}: its ${CHECKSUM_EXTENSIONS[kind]} member says ` +
-            `${said || "(nothing)"}, the data hashes to ${got}; the stream is corrupt ` +
-            `(--ignore-checksums imports it anyway)`,
+          `checksum member ${m.name} comes without the data member before it`,
           m.headerOffset,
         );
       }
-      verified[kind]++;
+      if (parsed.number <= last) {
+        throw new CorruptImageError(
+          `member ${m.name} comes after ${diskMemberName(prefix!, last)}: member numbers must ` +
+            `increase`,
+          m.headerOffset,
+        );
+      }
+      if (chunk < 0) chunk = m.size;
+      const gap = parsed.number - last - 1;
+      if (gap > 0 && m.size > 0 && short !== null) {
+        throw afterShort(m, short);
+      }
+      if (gap > 0) {
+        if (chunk === 0) {
+          throw new CorruptImageError(
+            `member ${m.name} follows a gap, but the disk's first member is empty: the gap ` +
+              `cannot be sized`,
+            m.headerOffset,
+          );
+        }
+        const gapBytes = gap * chunk;
+        checkFits(m, offset, gapBytes, size, "the gap before", options.origin);
+        target.zero(offset, gapBytes);
+        offset += gapBytes;
+      }
+      if (m.size > chunk) {
+        throw new CorruptImageError(
+          `member ${m.name} holds ${m.size} bytes, more than the disk's first member (${chunk}): ` +
+            `the gaps could not be sized`,
+          m.headerOffset,
+        );
+      }
+      if (m.size > 0 && short !== null) throw afterShort(m, short);
+      checkFits(m, offset, m.size, size, "", options.origin);
+      const pieces: [Uint8Array, number, number][] = [];
+      const at0 = offset;
+      await reader.streamBody((c, from, to, at) => {
+        target.write(at0 + at, c, from, to);
+        pieces.push([c, from, to]);
+      });
+      offset += m.size;
+      dataBytes += m.size;
+      members++;
+      last = parsed.number;
+      if (m.size > 0 && m.size < chunk) short = m.name;
+      // Its checksum member.
+      const c = await nextMember();
+      const ck = c && parseMemberName(c.name, options.prefix);
+      const isItsSum = c !== null && ck !== null && ck.checksum !== null &&
+        ck.prefix === prefix && ck.number === parsed.number &&
+        c.name === m.name + CHECKSUM_EXTENSIONS[ck.checksum];
+      if (!isItsSum) {
+        if (!options.ignoreChecksums) {
+          throw new CorruptImageError(
+            `member ${m.name} is not followed by its checksum member (${m.name}.xxhash or ` +
+              `${m.name}.checksum)` + (c ? `, but by ${JSON.stringify(c.name)}` : "") +
+              ` (--ignore-checksums imports without them)`,
+            c?.headerOffset ?? reader.position,
+          );
+        }
+        pending = c;
+      } else if (!options.ignoreChecksums) {
+        refuseIrregular(c);
+        const kind = ck!.checksum!;
+        const body = await reader.readBody(MAX_CHECKSUM_BYTES);
+        const said = new TextDecoder().decode(body).trim().split(/\s/)[0].toLowerCase();
+        const fn = checksums[kind] ??= await loadChecksum(kind);
+        const got = fn(...pieces.map(([c, from, to]) => c.subarray(from, to))).toLowerCase();
+        if (said !== got) {
+          throw new CorruptImageError(
+            `checksum mismatch in member ${m.name}: its ${CHECKSUM_EXTENSIONS[kind]} member says ` +
+              `${said || "(nothing)"}, the data hashes to ${got}; the stream is corrupt ` +
+              `(--ignore-checksums imports it anyway)`,
+            m.headerOffset,
+          );
+        }
+        verified[kind]++;
+      }
+      options.onMember?.(m, at0);
+      options.onProgress?.(offset);
+      if (target.queued >= WRITE_BATCH) await startFlush();
     }
-    options.onMember?.(m, at0);
-    options.onProgress?.(offset);
-    if (target.queued >= WRITE_BATCH) await startFlush();
+    await flush();
+    return result(null);
+  } catch (err) {
+    await writing.catch(() => {});
+    throw err;
   }
-  await flush();
-  return result(null);
 }
 
 /** Tar types of what is not a regular file, as messages name them. */
