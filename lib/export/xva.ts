@@ -10,7 +10,12 @@ import { DiskstreamError } from "../errors.ts";
 import type { ProgressSink } from "../progress.ts";
 import { XvaDiskSource } from "../xva/disk_source.ts";
 import { diskFileName, indexXvaFile } from "../xva/xva.ts";
-import { refuseExisting, type XvaExtracted, type XvaExtractResult } from "../import/xva.ts";
+import {
+  makeOutputDir,
+  refuseExisting,
+  type XvaExtracted,
+  type XvaExtractResult,
+} from "../import/xva.ts";
 import { exportQcow2 } from "./export.ts";
 import { exportVhd } from "./vhd.ts";
 
@@ -84,7 +89,7 @@ export async function extractXvaFileAs(
       throw new DiskstreamError(`the XVA holds no member of ${ref}`);
     }
   }
-  await Deno.mkdir(dir, { recursive: true });
+  await makeOutputDir(dir);
   const extracted: XvaExtracted[] = [];
   for (const { disk, members, verified } of index.disks) {
     const out = join(dir, diskFileName(disk.ref, format));

@@ -5,7 +5,7 @@
  * @module
  */
 import { join } from "node:path";
-import { DiskstreamError, UsageError } from "../errors.ts";
+import { describeIoError, DiskstreamError, UsageError } from "../errors.ts";
 import { ChunkStream } from "../io/chunk_stream.ts";
 import type { ProgressSink } from "../progress.ts";
 import type { ChecksumKind } from "../xva/checksum.ts";
@@ -100,7 +100,7 @@ export async function extractXva(
     const wanted = new Set(options.disks ?? manifest.disks.map((d) => d.ref));
     const total = [...wanted].reduce((n, r) => n + byRef.get(r)!.virtualSize, 0);
     options.progress?.setTotal(total);
-    await Deno.mkdir(dir, { recursive: true });
+    await makeOutputDir(dir);
     const extracted: XvaExtracted[] = [];
     let before = 0;
     const seen = await walkXvaDisks(reader, manifest, wanted, async (disk, first) => {
@@ -157,6 +157,16 @@ export async function extractXva(
   } catch (err) {
     await input.cancel().catch(() => {});
     throw err;
+  }
+}
+
+/** Creates the output directory `dir` (and its parents), refusing a file in the way. */
+export async function makeOutputDir(dir: string): Promise<void> {
+  try {
+    await Deno.mkdir(dir, { recursive: true });
+  } catch (err) {
+    if (!(err instanceof Deno.errors.AlreadyExists)) throw describeIoError(err, dir, "create");
+    throw new UsageError(`cannot extract into ${dir}: it exists and is not a directory`);
   }
 }
 

@@ -98,12 +98,32 @@ function notOva(m: TarMember | null, label: string): CorruptImageError {
   );
 }
 
+/** Runs `read` (of the first member), saying "not an XVA" when it finds no tar header. */
+function notTar<T>(label: string, read: () => T): T {
+  const refuse = (err: unknown): never => {
+    if (err instanceof CorruptImageError && /no valid tar header/.test(err.message)) {
+      throw new CorruptImageError(
+        `${label} is not an XVA: it does not start with a tar header (an XVA is a tar ` +
+          `archive, ova.xml first)`,
+        0,
+      );
+    }
+    throw err;
+  };
+  try {
+    const r = read();
+    return r instanceof Promise ? r.catch(refuse) as T : r;
+  } catch (err) {
+    return refuse(err);
+  }
+}
+
 /**
  * Reads `ova.xml`, the first member of the XVA on `reader` (a stream), and returns
  * the manifest; the reader is then at the first disk member.
  */
 export async function readOvaMember(reader: TarReader): Promise<OvaManifest> {
-  const m = await reader.next();
+  const m = await notTar(reader.label, () => reader.next());
   if (m === null || m.name !== "ova.xml") throw notOva(m, reader.label);
   return parseOva(await reader.readBody(MAX_OVA_XML));
 }
@@ -177,7 +197,7 @@ export async function listXvaStream(
 export function listXvaFile(path: string): Promise<XvaListing> {
   return withImageFile(path, (file) => {
     const members = tarFileMembers(file);
-    const first = members.next();
+    const first = notTar(path, () => members.next());
     const ova = first.done ? null : first.value;
     if (ova === null || ova.name !== "ova.xml") throw notOva(ova, path);
     if (ova.size > MAX_OVA_XML) {
