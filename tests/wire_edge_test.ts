@@ -11,7 +11,16 @@ import { loadChecksum } from "../lib/xva/checksum.ts";
 import { decodeXvaDisk } from "../lib/xva/disk.ts";
 import { parseOvaXml } from "../lib/xva/ova.ts";
 import { TAR_END, tarHeader, tarPadding, TarReader } from "../lib/xva/tar.ts";
-import { CLI_SH, pseudoRandom, runCli, sh, sha256File, toolTest, withTempDir } from "./helpers.ts";
+import {
+  CLI_SH,
+  pseudoRandom,
+  runCli,
+  sh,
+  sha256,
+  sha256File,
+  toolTest,
+  withTempDir,
+} from "./helpers.ts";
 
 const MiB = 1 << 20;
 const DS = CLI_SH;
@@ -396,5 +405,33 @@ Deno.test("xva: a file that is not a tar, and -o naming a file, are refused in o
         `diskstream: cannot extract into ${dir}/d.raw: it exists and is not a directory`,
       );
     }
+  });
+});
+
+Deno.test("import -f tar: without --size, a stream cut between members (no tar end) is refused", async () => {
+  await withTempDir(async (dir) => {
+    await Deno.writeFile(`${dir}/d.raw`, pseudoRandom(3 * MiB, 4));
+    await sh(`${DS} export ${dir}/d.raw -f tar -o ${dir}/d.tar`);
+    const member = 512 + MiB + 512 + 512; // a member and its .xxhash member
+    await sh(`head -c ${2 * member} ${dir}/d.tar > ${dir}/cut.tar`);
+    let r = await runCli(["import", `${dir}/o.raw`, "-f", "tar", "-i", `${dir}/cut.tar`]);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /ended after member Ref:0\/00000001 without the tar end/);
+    // With the size, the stream is read up to it (as XAPI does): here it is short.
+    r = await runCli([
+      "import",
+      `${dir}/o.raw`,
+      "-f",
+      "tar",
+      "--size",
+      "2M",
+      "-i",
+      `${dir}/cut.tar`,
+    ]);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(
+      await sha256File(`${dir}/o.raw`),
+      sha256(pseudoRandom(3 * MiB, 4).subarray(0, 2 * MiB)),
+    );
   });
 });
