@@ -135,8 +135,8 @@ const CLI_PATH = new URL("../cli.ts", import.meta.url).pathname;
 /** A disk whose size is not a multiple of 4 KiB: the last bytes are an unaligned tail. */
 const ODD_SIZE = 16 * MiB + 512;
 
-/** Runs diskstream under strace; returns the result and the openat lines naming `path`. */
-async function straced(args: string[], path: string, stdinFile?: string) {
+/** Runs diskstream under strace; returns the result and the openat lines naming `paths`. */
+async function straced(args: string[], paths: string | string[], stdinFile?: string) {
   const log = await Deno.makeTempFile();
   try {
     const r = await run(
@@ -144,7 +144,8 @@ async function straced(args: string[], path: string, stdinFile?: string) {
       ["-f", "-e", "trace=openat", "-o", log, Deno.execPath(), "run", "-A", CLI_PATH, ...args],
       { stdinFile },
     );
-    const opens = (await Deno.readTextFile(log)).split("\n").filter((l) => l.includes(path));
+    const opens = (await Deno.readTextFile(log)).split("\n")
+      .filter((l) => [paths].flat().some((path) => l.includes(path)));
     return { ...r, opens };
   } finally {
     await Deno.remove(log);
@@ -161,7 +162,9 @@ function firstDifference(a: Uint8Array, b: Uint8Array): number {
   return a.length === b.length ? -1 : n;
 }
 
-const directOpen = (opens: string[]) => opens.some((l) => /O_DIRECT.*= \d+$/.test(l));
+/** True when one of the `opens` opened `path` (the default: any) with O_DIRECT. */
+const directOpen = (opens: string[], path?: string) =>
+  opens.some((l) => (!path || l.includes(`"${path}"`)) && /O_DIRECT.*= \d+$/.test(l));
 
 rootTest(
   "--direct opens a loop device and a file with O_DIRECT (strace); bytes as qemu-img reads them",
@@ -173,10 +176,24 @@ rootTest(
       const image = `${dir}/disk.qcow2`;
       await run("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", disk, image]);
       await withLoopDevice(disk, async (dev) => {
-        const ex = await straced(["export", "--direct", dev, "-o", `${dir}/out.qcow2`], dev);
+        const image2 = `${dir}/out.qcow2`;
+        const ex = await straced(["export", "--direct", dev, "-o", image2], [dev, image2]);
         assert.equal(ex.code, 0, ex.stderr);
-        assert.ok(directOpen(ex.opens), `no O_DIRECT open of ${dev}:\n${ex.opens.join("\n")}`);
-        assert.ok(await imagesEqual(disk, `${dir}/out.qcow2`, "raw", "qcow2"));
+        assert.ok(directOpen(ex.opens, dev), `no O_DIRECT open of ${dev}:\n${ex.opens.join("\n")}`);
+        assert.ok(
+          directOpen(ex.opens, image2),
+          `no O_DIRECT open of ${image2}:\n${ex.opens.join("\n")}`,
+        );
+        assert.ok(await imagesEqual(disk, image2, "raw", "qcow2"));
+        // Onto a device: the image written with O_DIRECT, as qemu-img reads it.
+        const slot = `${dir}/slot.raw`;
+        await Deno.writeFile(slot, new Uint8Array(ODD_SIZE + 4 * MiB).fill(0xdd));
+        await withLoopDevice(slot, async (out) => {
+          const onto = await straced(["export", "--direct", dev, "-o", out], out);
+          assert.equal(onto.code, 0, onto.stderr);
+          assert.ok(directOpen(onto.opens, out), `no O_DIRECT open of ${out}`);
+          assert.ok(await imagesEqual(disk, out, "raw", "qcow2"));
+        });
       });
       const target = `${dir}/target.raw`;
       await Deno.writeFile(target, new Uint8Array(ODD_SIZE).fill(0xee));

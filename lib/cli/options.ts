@@ -93,6 +93,6 @@ export function nbdOptionsFrom(flags: NbdFlags): NbdOptions {
 
 /** Help of `--direct` (export and import). */
 export const DIRECT_HELP =
-  "keep the disk's data out of the host's page cache (vhd-tool's --direct): disks\n" +
-  "are read and written with O_DIRECT, or where that is refused (or for an export's\n" +
-  "output file) dropped from the cache a few MiB behind the transfer (needs --allow-ffi)";
+  "keep the disk's data out of the host's page cache (vhd-tool's --direct): disks and\n" +
+  "output files are read and written with O_DIRECT, or where that is refused dropped\n" +
+  "from the cache a few MiB behind the transfer (needs --allow-ffi)";

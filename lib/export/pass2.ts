@@ -225,13 +225,15 @@ class Pass2<Layout> {
     const drop = this.direct
       ? {
         src: copier.readsDirect ? null : openPageCache(this.src.path, true),
-        out: target.kind === "path" ? openPageCache(target.path, true) : null,
+        out: target.kind === "path" && !copier.writesDirect
+          ? openPageCache(target.path, true)
+          : null,
       }
       : null;
     try {
       await this.#start();
       await this.#copyWith(copier, drop?.src ?? null, drop?.out ?? null);
-      if (this.sync) copier.sync();
+      await copier.finish(this.sync);
     } finally {
       copier.close();
       drop?.src?.close();
@@ -256,7 +258,7 @@ class Pass2<Layout> {
     };
     for (const piece of this.image.pieces!()) {
       if (piece instanceof Uint8Array) {
-        copier.write(piece);
+        await copier.write(piece);
         outCache?.wrote(this.#sent, piece.length);
         this.#sentBytes(piece.length);
         await yieldAfter(piece.length);
@@ -266,8 +268,8 @@ class Pass2<Layout> {
       for (let at = piece.offset; at < end;) {
         const step = Math.min(COPY_STEP, end - at);
         const real = Math.max(0, Math.min(step, src.size - at));
-        if (real > 0) copier.copy(at, real);
-        if (real < step) copier.write(new Uint8Array(step - real)); // the last cluster's padding
+        if (real > 0) await copier.copy(at, real);
+        if (real < step) await copier.write(new Uint8Array(step - real)); // the last cluster's padding
         srcCache?.read(at, real);
         outCache?.wrote(this.#sent, step);
         this.#sentBytes(step);

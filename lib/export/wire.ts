@@ -14,7 +14,7 @@
  * @module
  */
 import { alignUp } from "../bytes.ts";
-import { setRuns } from "../alloc/runs.ts";
+import { type Run, setRuns } from "../alloc/runs.ts";
 import { ClusterSet } from "../alloc/cluster_set.ts";
 import { CHUNK_HEADER_BYTES, encodeChunkHeader } from "../chunked/chunked.ts";
 import { UsageError } from "../errors.ts";
@@ -344,12 +344,27 @@ export async function exportTar(
         yield* sink.drainRead();
       },
       // For writeTo's synchronous writes: one buffer, each member read into it (one
-      // read), hashed (one call) and written with its checksum member (one write).
+      // read), hashed (one call) and written with its checksum member (one write). Each
+      // run of members is read ahead as the run before it starts: on a cold disk the
+      // device reads the next allocated range while this one is hashed and sent.
       pieces: readSync && function* () {
         const buf = new Uint8Array(full);
-        for (const [i, size] of members()) {
-          readSync(buf.subarray(512, 512 + size), i * XVA_CHUNK, plan.src.size);
-          yield buf.subarray(0, writer.frame(buf, 0, i, size));
+        const runs = setRuns(chunks)[Symbol.iterator]();
+        const readAhead = (run: IteratorResult<Run>) => {
+          if (run.done || plan.src.prefetch === undefined) return;
+          const [first, last] = run.value;
+          plan.src.prefetch(first * XVA_CHUNK, Math.min(last - first + 1, 64) * XVA_CHUNK);
+        };
+        let next = runs.next();
+        readAhead(next);
+        while (!next.done) {
+          const [first, last] = next.value;
+          readAhead(next = runs.next());
+          for (let i = first; i <= last; i++) {
+            const size = i === count - 1 ? lastSize : XVA_CHUNK;
+            readSync(buf.subarray(512, 512 + size), i * XVA_CHUNK, plan.src.size);
+            yield buf.subarray(0, writer.frame(buf, 0, i, size));
+          }
         }
         yield TAR_END;
       },

@@ -12,6 +12,13 @@
  * thread): each moves at most {@link COPY_STEP} bytes, so the event loop runs between
  * them, but a slow reader of the output pipe holds the thread inside a call.
  *
+ * With `direct` (`--direct`), the source is read with O_DIRECT, and an output file or
+ * device opened here is written with O_DIRECT too (direct_io.ts: aligned staging
+ * buffers, written on another thread while the next piece is read): neither the disk
+ * nor the image passes through the page cache. Where the output refuses O_DIRECT
+ * (tmpfs before Linux 6.6, ramfs), it is written as usual and the caller drops it
+ * behind (page_cache.ts).
+ *
  * @module
  */
 import { BrokenPipeError, DiskstreamError, SourceChangedError } from "../errors.ts";
@@ -79,19 +86,28 @@ const NEXT: Record<Method, Method | null> = {
 
 /** An output descriptor and the source descriptor the data is copied from. */
 export interface KernelCopy {
-  /** Writes all of `bytes` to the output. */
-  write(bytes: Uint8Array): void;
-  /** Copies `length` source bytes at `offset` to the output (in the kernel when possible). */
-  copy(offset: number, length: number): void;
   /**
-   * Makes what was written durable (`fdatasync`) when the output is a file or a
-   * device; a pipe or socket has nothing to sync.
+   * Writes all of `bytes` to the output (`bytes` may be reused once this returns). A
+   * promise when the output is written with O_DIRECT: await it before the next call.
    */
-  sync(): void;
+  write(bytes: Uint8Array): void | Promise<void>;
+  /**
+   * Copies `length` source bytes at `offset` to the output (in the kernel when
+   * possible). A promise when the output is written with O_DIRECT, as for `write`.
+   */
+  copy(offset: number, length: number): void | Promise<void>;
+  /**
+   * Waits for the writes still running (O_DIRECT output; throws their error) and with
+   * `sync` makes what was written durable (`fdatasync`) when the output is a file or
+   * a device; a pipe or socket has nothing to sync.
+   */
+  finish(sync: boolean): Promise<void>;
   /** Closes what was opened here (an inherited output descriptor stays open). */
   close(): void;
   /** True when the source is read with O_DIRECT (`direct`), past the page cache. */
   readonly readsDirect: boolean;
+  /** True when the output is written with O_DIRECT (`direct`), past the page cache. */
+  readonly writesDirect: boolean;
 }
 
 /**
@@ -102,7 +118,8 @@ export interface KernelCopy {
  * (`sync_file_range`), so that a final {@link KernelCopy.sync} has little left.
  * `direct`: the source is read with O_DIRECT into an aligned buffer and written from
  * there (no kernel copy: those would go through the page cache), unless O_DIRECT is
- * refused for it (tmpfs).
+ * refused for it (ramfs); an output path is written with O_DIRECT too, where its file
+ * system takes it.
  */
 export function openKernelCopy(
   source: string,
@@ -146,6 +163,11 @@ export function openKernelCopy(
   }
   const directIn: DirectFile | null = direct ? openDirectFile(source, false) : null;
   if (directIn) method = "direct";
+  // The output file, created or truncated above, written with O_DIRECT at the same offsets.
+  const directOut: DirectFile | null = direct && ownOut && "path" in output
+    ? openDirectFile(output.path, true)
+    : null;
+  if (directOut && method !== "direct") method = "bounce"; // no kernel copy into the page cache
   const offset = new BigInt64Array(1);
   const offsetBytes = new Uint8Array(offset.buffer);
   let bounce: Uint8Array | null = null;
@@ -166,7 +188,12 @@ export function openKernelCopy(
     }
   };
 
-  const writeAll = (bytes: Uint8Array) => {
+  const writeAll = (bytes: Uint8Array): void | Promise<void> => {
+    if (directOut) {
+      const at = outPos;
+      outPos += bytes.length; // no writeback strides: direct writes leave nothing dirty
+      return directOut.write(bytes, at);
+    }
     for (let done = 0; done < bytes.length;) {
       const n = Number(c.write(outFd, bytes.subarray(done), BigInt(bytes.length - done)));
       if (n < 0) {
@@ -179,6 +206,8 @@ export function openKernelCopy(
     }
   };
 
+  /** A direct output's write of the last step, awaited before the next step. */
+  let writing: void | Promise<void>;
   /** One call: moves up to `length` bytes at `at`; 0 = the source ended. */
   const step = (at: number, length: number): number => {
     offset[0] = BigInt(at);
@@ -195,50 +224,70 @@ export function openKernelCopy(
     }
     if (method === "direct") {
       const data = directIn!.readView(at, Math.min(length, DIRECT_VIEW));
-      writeAll(data);
+      writing = writeAll(data);
       return data.length;
     }
     bounce ??= new Uint8Array(COPY_STEP);
     const n = Number(c.pread(inFd, bounce, BigInt(Math.min(length, bounce.length)), BigInt(at)));
-    if (n > 0) writeAll(bounce.subarray(0, n));
+    if (n > 0) writing = writeAll(bounce.subarray(0, n));
     return n;
+  };
+
+  /** One step with its retries: moves 1 to `length` bytes at `at` and says how many. */
+  const advance = (at: number, length: number): number => {
+    for (;;) {
+      const n = step(at, Math.min(COPY_STEP, length));
+      if (n > 0) {
+        if (method !== "bounce" && method !== "direct") moved(n); // those counted their writes
+        return n;
+      }
+      if (n === 0) {
+        throw new SourceChangedError(
+          `${source} ended at byte ${at}: the source shrank during the export`,
+        );
+      }
+      const e = errno();
+      if (e === EINTR) continue;
+      const next = NEXT[method];
+      if (next !== null && UNSUPPORTED.has(e)) {
+        method = next;
+        continue;
+      }
+      fail(
+        e,
+        method === "bounce"
+          ? `cannot read ${source} at byte ${at}`
+          : WRITE_SIDE_ERRNOS.has(e)
+          ? `cannot write to ${name} (copying ${source} from byte ${at} with ${method})`
+          : `cannot copy (${method}) from ${source} at byte ${at} to ${name}`,
+      );
+    }
+  };
+
+  const copySync = (at: number, length: number) => {
+    for (let done = 0; done < length;) done += advance(at + done, length - done);
+  };
+
+  /**
+   * {@link copySync} into a direct output: each step's bytes (in a buffer the next step
+   * reuses) are taken by the output before the next step reads.
+   */
+  const copyDirect = async (at: number, length: number) => {
+    for (let done = 0; done < length;) {
+      done += advance(at + done, length - done);
+      await writing;
+    }
   };
 
   return {
     write: writeAll,
-    copy(at, length) {
-      let done = 0;
-      while (done < length) {
-        const n = step(at + done, Math.min(COPY_STEP, length - done));
-        if (n > 0) {
-          done += n;
-          if (method !== "bounce" && method !== "direct") moved(n); // those counted their writes
-          continue;
-        }
-        if (n === 0) {
-          throw new SourceChangedError(
-            `${source} ended at byte ${at + done}: the source shrank during the export`,
-          );
-        }
-        const e = errno();
-        if (e === EINTR) continue;
-        const next = NEXT[method];
-        if (next !== null && UNSUPPORTED.has(e)) {
-          method = next;
-          continue;
-        }
-        fail(
-          e,
-          method === "bounce"
-            ? `cannot read ${source} at byte ${at + done}`
-            : WRITE_SIDE_ERRNOS.has(e)
-            ? `cannot write to ${name} (copying ${source} from byte ${at + done} with ${method})`
-            : `cannot copy (${method}) from ${source} at byte ${at + done} to ${name}`,
-        );
+    copy: directOut ? copyDirect : copySync,
+    async finish(sync) {
+      if (directOut) {
+        await (sync ? directOut.sync() : directOut.drain());
+        return;
       }
-    },
-    sync() {
-      while (c.fdatasync(outFd) < 0) {
+      while (sync && c.fdatasync(outFd) < 0) {
         const e = errno();
         if (e === EINVAL) return; // a pipe or a socket
         if (e !== EINTR) fail(e, `cannot sync ${name} to its device (fdatasync)`);
@@ -247,8 +296,10 @@ export function openKernelCopy(
     close() {
       c.close(inFd);
       directIn?.close();
+      directOut?.close();
       if (ownOut) c.close(outFd);
     },
     readsDirect: directIn !== null,
+    writesDirect: directOut !== null,
   };
 }
