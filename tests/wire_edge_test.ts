@@ -408,30 +408,15 @@ Deno.test("xva: a file that is not a tar, and -o naming a file, are refused in o
   });
 });
 
-Deno.test("import -f tar: without --size, a stream cut between members (no tar end) is refused", async () => {
+Deno.test("import -f tar: a stream without the tar end (as vhd-tool's stream writes it) imports", async () => {
+  // vhd-tool's tar stream (XAPI's export_raw_vdi?format=tar) ends after its last member,
+  // with no end blocks: the end of the input between members ends the disk.
   await withTempDir(async (dir) => {
-    await Deno.writeFile(`${dir}/d.raw`, pseudoRandom(3 * MiB, 4));
+    const disk = pseudoRandom(2 * MiB, 4);
+    await Deno.writeFile(`${dir}/d.raw`, disk);
     await sh(`${DS} export ${dir}/d.raw -f tar -o ${dir}/d.tar`);
-    const member = 512 + MiB + 512 + 512; // a member and its .xxhash member
-    await sh(`head -c ${2 * member} ${dir}/d.tar > ${dir}/cut.tar`);
-    let r = await runCli(["import", `${dir}/o.raw`, "-f", "tar", "-i", `${dir}/cut.tar`]);
-    assert.equal(r.code, 1);
-    assert.match(r.stderr, /ended after member Ref:0\/00000001 without the tar end/);
-    // With the size, the stream is read up to it (as XAPI does): here it is short.
-    r = await runCli([
-      "import",
-      `${dir}/o.raw`,
-      "-f",
-      "tar",
-      "--size",
-      "2M",
-      "-i",
-      `${dir}/cut.tar`,
-    ]);
-    assert.equal(r.code, 0, r.stderr);
-    assert.equal(
-      await sha256File(`${dir}/o.raw`),
-      sha256(pseudoRandom(3 * MiB, 4).subarray(0, 2 * MiB)),
-    );
+    await sh(`head -c -1024 ${dir}/d.tar > ${dir}/noend.tar`);
+    await sh(`${DS} import ${dir}/o.raw -f tar < ${dir}/noend.tar`);
+    assert.equal(await sha256File(`${dir}/o.raw`), sha256(disk));
   });
 });

@@ -190,13 +190,13 @@ const MAX_CHECKSUM_BYTES = 128;
  * flushed. Refuses, naming the member: a checksum that does not match, a checksum
  * member missing or of an unknown kind, numbers that do not increase, a gap when the
  * first member is empty, a member longer than the first (gaps could not be sized), a
- * data member after a short one, data past `size`, a stream that ends before `size`,
- * and (without `size`) one that ends without the tar end.
+ * data member after a short one, data past `size`, and a stream that ends before
+ * `size`.
  *
  * @example
  * ```ts
  * import { decodeXvaDisk, DiskMemberWriter, memberStreamBytes } from "./disk.ts";
- * import { TAR_END, TarReader } from "./tar.ts";
+ * import { TarReader } from "./tar.ts";
  * import { ChunkStream } from "../io/chunk_stream.ts";
  * import assert from "node:assert/strict";
  *
@@ -216,8 +216,8 @@ const MAX_CHECKSUM_BYTES = 128;
  *   zero: (at: number, n: number) => disk.fill(0, at, at + n),
  *   flush: () => Promise.resolve(),
  * };
- * const tar = ReadableStream.from([out, TAR_END]); // the tar end: the disk is complete
- * const r = await decodeXvaDisk(new TarReader(new ChunkStream(tar)), null, target, { size: null });
+ * const reader = new TarReader(new ChunkStream(ReadableStream.from([out])));
+ * const r = await decodeXvaDisk(reader, null, target, { size: null });
  * assert.equal(r.size, 12);
  * assert.deepEqual([...disk], [1, 2, 3, 4, 0, 0, 0, 0, 5, 6, 7, 8]);
  * ```
@@ -282,15 +282,6 @@ export async function decodeXvaDisk(
         }
         if (members === 0 && !(size === null && reader.ended)) {
           throw new CorruptImageError(`${reader.label} holds no disk member`, reader.position);
-        }
-        if (size === null && !reader.ended) {
-          // Without the size, the tar end is what says the last member came.
-          throw new CorruptImageError(
-            `${reader.label} ended after member ${diskMemberName(prefix ?? "", last)} without ` +
-              `the tar end (two zero blocks): it may have been cut short; give the disk's ` +
-              `size (--size, vhd-tool's --destination-size) to import it up to that size`,
-            reader.position,
-          );
         }
         await flush();
         return result(null);
