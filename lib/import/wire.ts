@@ -140,7 +140,9 @@ export async function importChunked(
  * checksum members, as `exportTar` or XAPI write them) into `dest`. The disk ends at
  * `size` when given, else with the stream (the tar end, or the end of the input).
  * Gaps are zeros (holes in a new file; skipped with `prezeroed`). A checksum
- * mismatch fails the import naming the member, before that member's data is written.
+ * mismatch fails the import naming the member, before that member's data is written;
+ * so does a member of another prefix (a stream holds one disk: for an XVA see
+ * `extractXva`). An archive with no member at all is an empty disk.
  *
  * @example
  * ```ts
