@@ -10,7 +10,7 @@
  * @module
  */
 import { decodeChunkedStream } from "../chunked/chunked.ts";
-import { CorruptImageError, DiskstreamError } from "../errors.ts";
+import { CorruptImageError, UsageError } from "../errors.ts";
 import { ChunkStream, DECODE_FLUSH_BYTES } from "../io/chunk_stream.ts";
 import { openDiskSource } from "../io/disk_source.ts";
 import type { ProgressSink } from "../progress.ts";
@@ -116,7 +116,7 @@ export async function importChunked(
   const input = chunkStream(stream, options.signal);
   const size = options.size ?? await existingSize(dest);
   if (size === null) {
-    throw new DiskstreamError(
+    throw new UsageError(
       `${dest} does not exist and a chunked stream does not say the disk's size: give --size`,
     );
   }
