@@ -72,6 +72,8 @@ export interface ExportRun {
   tarPrefix?: string;
   /** tar: the checksum members' kind (default xxhash). */
   checksum?: "xxhash" | "sha1";
+  /** tar: members PREFIX%08d (vhd-tool's naming) instead of PREFIX/%08d. */
+  gluePrefix?: boolean;
   /** chunked: also send the left-out clusters as zeros (vhd-tool without --prezeroed). */
   fillGaps?: boolean;
   direct?: boolean;
@@ -473,8 +475,9 @@ async function plannedExportOf(
       const { checkTarPrefix } = await import("../xva/disk.ts");
       return (await import("../export/wire.ts")).exportTar(run.source, {
         ...options,
-        prefix: checkTarPrefix(run.tarPrefix ?? "Ref:0"),
+        prefix: checkTarPrefix(run.tarPrefix ?? "Ref:0", run.gluePrefix),
         checksum: run.checksum,
+        gluePrefix: run.gluePrefix,
       });
     }
     default:

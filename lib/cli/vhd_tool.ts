@@ -8,7 +8,7 @@
  * @module
  */
 import { type Command, Option } from "commander";
-import { UnsupportedError, UsageError } from "../errors.ts";
+import { UsageError } from "../errors.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import type { Allocation } from "../alloc/allocation.ts";
@@ -53,7 +53,10 @@ interface ServeFlags extends CommonFlags {
   ignoreChecksums?: boolean;
 }
 
-/** vhd-tool's flags that diskstream refuses by name, with why. */
+/**
+ * vhd-tool's flags that diskstream refuses by name, with why (bad usage, status 2, like
+ * an unknown flag: the call cannot run as given).
+ */
 const REFUSED: [flag: string, takesValue: boolean, why: string][] = [
   ["--good-ciphersuites", true, "TLS destinations are not supported"],
   ["--verify-dest", false, "TLS destinations are not supported"],
@@ -78,7 +81,8 @@ function commonOptions(c: Command): Command {
     .option("--prezeroed", "the destination already reads as zeros")
     .option(
       "--tar-filename-prefix <PREFIX>",
-      "tar protocol: the disk members' prefix (members PREFIX%08d / PREFIX/%08d)",
+      "tar protocol: the disk members' prefix: stream names them PREFIX%08d (as vhd-tool); " +
+        "serve takes members whose names start with it",
     );
 }
 
@@ -87,13 +91,13 @@ function refuseOptions(c: Command): Command {
     c.addOption(
       new Option(takesValue ? `${flag} <VALUE>` : flag, `refused: ${why}`).hideHelp().argParser(
         () => {
-          throw new UnsupportedError(`vhd-tool's ${flag} is not supported: ${why}`);
+          throw new UsageError(`vhd-tool's ${flag} is not supported: ${why}`);
         },
       ),
     );
     if (!takesValue) {
       c.on(`option:${flag.slice(2)}`, () => {
-        throw new UnsupportedError(`vhd-tool's ${flag} is not supported: ${why}`);
+        throw new UsageError(`vhd-tool's ${flag} is not supported: ${why}`);
       });
     }
   }
@@ -115,7 +119,7 @@ function endpointOf(text: string, role: "source" | "destination"): Endpoint {
   if (text.startsWith("file://")) return { kind: "path", path: decodeURIComponent(text.slice(7)) };
   const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(text);
   if (scheme && scheme[1].length > 1) {
-    throw new UnsupportedError(
+    throw new UsageError(
       `vhd-tool's ${scheme[1]}: ${role}s are not supported (${text}): use a file, a device, ` +
         `fd://N, stdin:/stdout: or null:`,
     );
@@ -126,7 +130,10 @@ function endpointOf(text: string, role: "source" | "destination"): Endpoint {
 function protocolOf(p: string | undefined, flag: string, allowed: string[]): string {
   const v = p ?? "none";
   if (v === "nbd") {
-    throw new UnsupportedError(`vhd-tool's ${flag} nbd is not supported yet (NBD)`);
+    throw new UsageError(`vhd-tool's ${flag} nbd is not supported yet (NBD)`);
+  }
+  if (v === "human") {
+    throw new UsageError(`vhd-tool's ${flag} human is not supported (a debugging dump)`);
   }
   if (!allowed.includes(v)) {
     throw new UsageError(`${flag} must be one of ${allowed.join(", ")}, got '${v}'`);
@@ -167,10 +174,10 @@ export function registerVhdTool(program: Command): void {
       .option("--source-protocol <P>", "none")
       .option("--relative-to <BASE>", "hybrid: only what changed since this ancestor VHD")
       .option("--destination <DEST>", "stdout:, null:, fd://N, file://PATH or a path", "stdout:")
-      .option(
-        "--destination-fd <N>",
-        "write to inherited descriptor N",
-        fdOption("--destination-fd"),
+      .addOption(
+        new Option("--destination-fd <N>", "write to inherited descriptor N")
+          .argParser(fdOption("--destination-fd"))
+          .conflicts("destination"),
       )
       .option("--destination-format <FMT>", "raw, vhd or qcow2", "raw")
       .option("--destination-protocol <P>", "none, chunked or tar"),
@@ -185,7 +192,11 @@ export function registerVhdTool(program: Command): void {
           "--destination file://PATH (a file or block device).",
       )
       .option("--source <SOURCE>", "stdin:, fd://N, file://PATH or a path", "stdin:")
-      .option("--source-fd <N>", "read inherited descriptor N", fdOption("--source-fd"))
+      .addOption(
+        new Option("--source-fd <N>", "read inherited descriptor N")
+          .argParser(fdOption("--source-fd"))
+          .conflicts("source"),
+      )
       .option("--source-format <FMT>", "raw or vhd", "raw")
       .option("--source-protocol <P>", "none, chunked or tar (required)")
       .option("--destination <DEST>", "file://PATH", "stdout:")
@@ -218,9 +229,6 @@ async function stream(f: StreamFlags): Promise<void> {
     "chunked",
     "tar",
   ]);
-  if (f.destinationProtocol === "human") {
-    throw new UnsupportedError("vhd-tool's --destination-protocol human is not supported");
-  }
   const dformat = f.destinationFormat;
   if (!["raw", "vhd", "qcow2"].includes(dformat)) {
     throw new UsageError(`--destination-format must be raw, vhd or qcow2, got '${dformat}'`);
@@ -342,6 +350,7 @@ async function stream(f: StreamFlags): Promise<void> {
     allocation,
     progress: progressOf(f),
     tarPrefix: f.tarFilenamePrefix ?? "",
+    gluePrefix: true, // vhd-tool names its members PREFIX%08d
     checksum: "sha1", // vhd-tool's tar protocol writes SHA-1 .checksum members
     // vhd-tool's chunked stream sets every byte unless --prezeroed; a diff keeps its gaps.
     fillGaps: format === "chunked" && !f.prezeroed && f.relativeTo === undefined,
@@ -365,7 +374,7 @@ async function serve(f: ServeFlags): Promise<void> {
     throw new UsageError(`--destination-format must be raw, got '${f.destinationFormat}'`);
   }
   if (f.destinationFd !== undefined) {
-    throw new UnsupportedError(
+    throw new UsageError(
       "vhd-tool serve --destination-fd is not supported: give --destination file://PATH",
     );
   }

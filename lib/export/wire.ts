@@ -32,7 +32,7 @@ import type { StreamExportOptions } from "./options.ts";
 export interface WireLayout {
   /** Exact length of the stream in bytes. */
   fileSize: number;
-  /** The disk's size in bytes (the source size; for tar and chunked rounded up to 512). */
+  /** The disk's size in bytes: the source's, exactly (not rounded up to 512 as in qcow2). */
   diskSize: number;
   /** Bytes of the disk the stream carries as data. */
   dataBytes: number;
@@ -201,7 +201,10 @@ export async function exportChunked(
     throw new UsageError("a chunked diff cannot fill the gaps with zeros: they mean unchanged");
   }
   const plan = await planExport(source, options, WIRE_CLUSTER, () => {});
-  return plannedExport(plan, options, (virtualSize) => {
+  // The stream carries the source's exact size: an importer given that size (or an
+  // existing copy of the disk) must not see a piece reaching past it.
+  return plannedExport(plan, options, () => {
+    const virtualSize = plan.src.size;
     // [offset, length, zeros]: pieces of the disk, or of zeros (`fillGaps`).
     const runs: [number, number, boolean][] = [];
     const add = (start: number, end: number, zeros: boolean) => {
@@ -246,6 +249,8 @@ export interface TarExportOptions extends StreamExportOptions {
   prefix?: string;
   /** The checksum members: `xxhash` (XXH64, `.xxhash`, the default) or `sha1` (`.checksum`). */
   checksum?: ChecksumKind;
+  /** Name members `PREFIX%08d`, the prefix glued on as vhd-tool does (default `PREFIX/%08d`). */
+  gluePrefix?: boolean;
 }
 
 /**
@@ -281,10 +286,13 @@ export async function exportTar(
   const writer = await DiskMemberWriter.create(
     options.prefix ?? DEFAULT_TAR_PREFIX,
     options.checksum ?? "xxhash",
+    options.gluePrefix,
   );
   const plan = await planExport(source, options, XVA_CHUNK, () => {});
   const readSync = plan.src.readAtSync?.bind(plan.src);
-  return plannedExport(plan, options, (virtualSize) => {
+  // Members cover the source's exact size (the last one shorter), as XAPI's do.
+  return plannedExport(plan, options, () => {
+    const virtualSize = plan.src.size;
     const chunks = plan.clusters;
     const count = Math.ceil(virtualSize / XVA_CHUNK);
     if (count > 0) {

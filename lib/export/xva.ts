@@ -10,7 +10,12 @@ import { DiskstreamError } from "../errors.ts";
 import type { ProgressSink } from "../progress.ts";
 import { XvaDiskSource } from "../xva/disk_source.ts";
 import { diskFileName, indexXvaFile } from "../xva/xva.ts";
-import { refuseExisting, type XvaExtracted, type XvaExtractResult } from "../import/xva.ts";
+import {
+  makeOutputDir,
+  refuseExisting,
+  type XvaExtracted,
+  type XvaExtractResult,
+} from "../import/xva.ts";
 import { exportQcow2 } from "./export.ts";
 import { exportVhd } from "./vhd.ts";
 
@@ -70,6 +75,12 @@ export async function extractXvaFileAs(
     ignoreChecksums: options.ignoreChecksums,
     onProgress: (b) => progress?.update(b), // disk bytes: about the file's
   });
+  // A disk of 0 bytes has no member (XAPI writes none): it is an empty image.
+  for (const disk of index.manifest.disks) {
+    if (disk.virtualSize !== 0 || (wanted && !wanted.has(disk.ref))) continue;
+    if (index.disks.some((d) => d.disk.ref === disk.ref)) continue;
+    index.disks.push({ disk, members: [], verified: { xxhash: 0, sha1: 0 } });
+  }
   for (const ref of options.disks ?? []) {
     if (!index.manifest.disks.some((d) => d.ref === ref)) {
       throw new DiskstreamError(`--disk ${ref}: ova.xml names no such disk`);
@@ -78,7 +89,7 @@ export async function extractXvaFileAs(
       throw new DiskstreamError(`the XVA holds no member of ${ref}`);
     }
   }
-  await Deno.mkdir(dir, { recursive: true });
+  await makeOutputDir(dir);
   const extracted: XvaExtracted[] = [];
   for (const { disk, members, verified } of index.disks) {
     const out = join(dir, diskFileName(disk.ref, format));
@@ -96,7 +107,8 @@ export async function extractXvaFileAs(
       name: disk.name,
       path: out,
       virtualSize: disk.virtualSize,
-      dataBytes: planned.clusters.count * planned.clusters.clusterSize,
+      // Whole clusters of the image, but never more than the disk.
+      dataBytes: Math.min(disk.virtualSize, planned.clusters.count * planned.clusters.clusterSize),
       verified,
     });
   }

@@ -270,8 +270,18 @@ async function detectFormat(input: ChunkStream, format: ImportFormat): Promise<"
   if (QCOW2_MAGIC.every((b, i) => head[i] === b)) return "qcow2";
   if (head.length === 8 && VHD_COOKIE.every((b, i) => head[i] === b)) return "vhd";
   const hex = Array.from(head, (b) => b.toString(16).padStart(2, "0")).join(" ");
+  // A tar stream (ustar magic at 257): an XVA disk's members, or a whole XVA.
+  const block = await input.read(263);
+  input.unshift(block);
+  const tar = new TextDecoder().decode(block.subarray(257, 262)) === "ustar";
+  const xva = tar && new TextDecoder().decode(block.subarray(0, 8)) === "ova.xml\0";
   throw new UnsupportedError(
     `the stream is neither qcow2 (magic QFI\\xfb) nor a dynamic VHD (cookie "conectix"): ` +
-      `it starts with ${hex}; for a fixed VHD from a pipe give the format (-f vhd)`,
+      `it starts with ${hex}; ` +
+      (xva
+        ? "it is a whole XVA: extract its disks with 'diskstream xva extract'"
+        : tar
+        ? "it is a tar stream: for an XVA disk's members give -f tar"
+        : "for a fixed VHD from a pipe give the format (-f vhd)"),
   );
 }

@@ -10,7 +10,7 @@
  * @module
  */
 import { decodeChunkedStream } from "../chunked/chunked.ts";
-import { CorruptImageError, DiskstreamError } from "../errors.ts";
+import { CorruptImageError, UsageError } from "../errors.ts";
 import { ChunkStream, DECODE_FLUSH_BYTES } from "../io/chunk_stream.ts";
 import { openDiskSource } from "../io/disk_source.ts";
 import type { ProgressSink } from "../progress.ts";
@@ -116,7 +116,7 @@ export async function importChunked(
   const input = chunkStream(stream, options.signal);
   const size = options.size ?? await existingSize(dest);
   if (size === null) {
-    throw new DiskstreamError(
+    throw new UsageError(
       `${dest} does not exist and a chunked stream does not say the disk's size: give --size`,
     );
   }
@@ -140,7 +140,9 @@ export async function importChunked(
  * checksum members, as `exportTar` or XAPI write them) into `dest`. The disk ends at
  * `size` when given, else with the stream (the tar end, or the end of the input).
  * Gaps are zeros (holes in a new file; skipped with `prezeroed`). A checksum
- * mismatch fails the import naming the member, before that member's data is written.
+ * mismatch fails the import naming the member, before that member's data is written;
+ * so does a member of another prefix (a stream holds one disk: for an XVA see
+ * `extractXva`). An archive with no member at all is an empty disk.
  *
  * @example
  * ```ts
@@ -171,13 +173,24 @@ export async function importTar(
   const [target, r] = await run(
     input,
     () => RawDestination.open(dest, size, 1 << 20, options),
-    (t) =>
-      decodeXvaDisk(reader, null, t, {
+    async (t) => {
+      const r = await decodeXvaDisk(reader, null, t, {
         prefix: options.prefix,
         size,
         ignoreChecksums: options.ignoreChecksums,
         onProgress: (done) => options.progress?.update(done),
-      }),
+      });
+      if (r.next !== null) {
+        // A stream of one disk: members of another prefix are not this disk's end.
+        throw new CorruptImageError(
+          `member ${r.next.name} does not belong to the disk of prefix ${r.prefix}: a tar ` +
+            `stream of one disk holds one prefix's members (a whole XVA: 'diskstream xva ` +
+            `extract'; another disk's members: give --tar-prefix)`,
+          r.next.headerOffset,
+        );
+      }
+      return r;
+    },
   );
   await target.finish(r.size);
   options.progress?.finish();

@@ -5,14 +5,14 @@
  * @module
  */
 import { join } from "node:path";
-import { DiskstreamError, UsageError } from "../errors.ts";
+import { describeIoError, DiskstreamError, UsageError } from "../errors.ts";
 import { ChunkStream } from "../io/chunk_stream.ts";
 import type { ProgressSink } from "../progress.ts";
 import type { ChecksumKind } from "../xva/checksum.ts";
 import { decodeXvaDisk } from "../xva/disk.ts";
 import type { OvaManifest } from "../xva/ova.ts";
 import { TarReader } from "../xva/tar.ts";
-import { diskFileName, readOvaMember, walkXvaDisks } from "../xva/xva.ts";
+import { diskFileName, OVA_SIZE, readOvaMember, walkXvaDisks } from "../xva/xva.ts";
 import { RawDestination } from "./raw_destination.ts";
 
 /** Options of {@link extractXva}. */
@@ -100,7 +100,7 @@ export async function extractXva(
     const wanted = new Set(options.disks ?? manifest.disks.map((d) => d.ref));
     const total = [...wanted].reduce((n, r) => n + byRef.get(r)!.virtualSize, 0);
     options.progress?.setTotal(total);
-    await Deno.mkdir(dir, { recursive: true });
+    await makeOutputDir(dir);
     const extracted: XvaExtracted[] = [];
     let before = 0;
     const seen = await walkXvaDisks(reader, manifest, wanted, async (disk, first) => {
@@ -111,6 +111,7 @@ export async function extractXva(
         const r = await decodeXvaDisk(reader, first, target, {
           prefix: disk.ref,
           size: disk.virtualSize,
+          origin: OVA_SIZE,
           ignoreChecksums: options.ignoreChecksums,
           onProgress: (done) => options.progress?.update(before + done),
         });
@@ -129,6 +130,23 @@ export async function extractXva(
       }
       before += disk.virtualSize;
     });
+    // A disk of 0 bytes has no member (XAPI writes none): it is an empty file.
+    for (const ref of wanted) {
+      const disk = byRef.get(ref)!;
+      if (seen.has(ref) || disk.virtualSize !== 0) continue;
+      const path = join(dir, diskFileName(ref, "raw"));
+      await refuseExisting(path);
+      await Deno.writeFile(path, new Uint8Array(0), { createNew: true });
+      extracted.push({
+        ref,
+        name: disk.name,
+        path,
+        virtualSize: 0,
+        dataBytes: 0,
+        verified: { xxhash: 0, sha1: 0 },
+      });
+      seen.add(ref);
+    }
     const absent = [...wanted].filter((r) => !seen.has(r));
     const missing = (options.disks ?? []).filter((r) => absent.includes(r));
     if (missing.length > 0) {
@@ -139,6 +157,16 @@ export async function extractXva(
   } catch (err) {
     await input.cancel().catch(() => {});
     throw err;
+  }
+}
+
+/** Creates the output directory `dir` (and its parents), refusing a file in the way. */
+export async function makeOutputDir(dir: string): Promise<void> {
+  try {
+    await Deno.mkdir(dir, { recursive: true });
+  } catch (err) {
+    if (!(err instanceof Deno.errors.AlreadyExists)) throw describeIoError(err, dir, "create");
+    throw new UsageError(`cannot extract into ${dir}: it exists and is not a directory`);
   }
 }
 

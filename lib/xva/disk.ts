@@ -29,8 +29,8 @@ export const DEFAULT_TAR_PREFIX = "Ref:0";
 
 /**
  * The name of member `n` of the disk with `prefix`: `PREFIX/%08d`, or the number
- * right after the prefix when it is empty or ends with `/` (vhd-tool's
- * `--tar-filename-prefix` is glued on as it is).
+ * right after the prefix when it is empty or ends with `/`, or with `glue` (as
+ * vhd-tool glues its `--tar-filename-prefix` on: `PREFIX%08d`).
  *
  * @example
  * ```ts
@@ -39,19 +39,42 @@ export const DEFAULT_TAR_PREFIX = "Ref:0";
  *
  * assert.equal(diskMemberName("Ref:175", 3), "Ref:175/00000003");
  * assert.equal(diskMemberName("", 12), "00000012");
+ * assert.equal(diskMemberName("disk-", 12, true), "disk-00000012");
  * ```
  */
-export function diskMemberName(prefix: string, n: number): string {
+export function diskMemberName(prefix: string, n: number, glue = false): string {
   const num = String(n).padStart(8, "0");
-  return prefix === "" || prefix.endsWith("/") ? prefix + num : `${prefix}/${num}`;
+  return glue || prefix === "" || prefix.endsWith("/") ? prefix + num : `${prefix}/${num}`;
 }
 
-/** Splits a disk member's name into its prefix, number and checksum kind; null if not one. */
+/**
+ * Splits a disk member's name into its prefix (without a trailing `/`), number and
+ * checksum kind; null if not one. With `prefix` (the one expected), a name that
+ * starts with it is split right after it, so that a prefix glued onto the number
+ * (vhd-tool's `PREFIX%08d`) may end with digits.
+ *
+ * @example
+ * ```ts
+ * import { parseMemberName } from "./disk.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.deepEqual(parseMemberName("Ref:3/00000007.xxhash"), {
+ *   prefix: "Ref:3", number: 7, checksum: "xxhash",
+ * });
+ * assert.equal(parseMemberName("disk100000002")?.number, 100000002); // ambiguous alone
+ * assert.equal(parseMemberName("disk100000002", "disk1")?.number, 2);
+ * ```
+ */
 export function parseMemberName(
   name: string,
+  prefix?: string,
 ): { prefix: string; number: number; checksum: ChecksumKind | null } | null {
   const checksum = checksumKindOf(name);
   const stem = checksum ? name.slice(0, -CHECKSUM_EXTENSIONS[checksum].length) : name;
+  if (prefix !== undefined && stem.startsWith(prefix)) {
+    const n = /^\/*(\d{1,15})$/.exec(stem.slice(prefix.length));
+    if (n) return { prefix: prefix.replace(/\/+$/, ""), number: Number(n[1]), checksum };
+  }
   const m = /^(.*?)\/?(\d{1,15})$/.exec(stem);
   if (!m) return null;
   return { prefix: m[1], number: Number(m[2]), checksum };
@@ -71,11 +94,19 @@ export class DiskMemberWriter {
     readonly prefix: string,
     readonly kind: ChecksumKind,
     readonly checksum: Checksum,
+    readonly glue: boolean,
   ) {}
 
-  /** A writer for the disk with `prefix` and checksums of `kind`. */
-  static async create(prefix: string, kind: ChecksumKind): Promise<DiskMemberWriter> {
-    return new DiskMemberWriter(prefix, kind, await loadChecksum(kind));
+  /**
+   * A writer for the disk with `prefix` and checksums of `kind`; `glue` names members
+   * `PREFIX%08d` (see {@link diskMemberName}).
+   */
+  static async create(
+    prefix: string,
+    kind: ChecksumKind,
+    glue = false,
+  ): Promise<DiskMemberWriter> {
+    return new DiskMemberWriter(prefix, kind, await loadChecksum(kind), glue);
   }
 
   /**
@@ -84,7 +115,7 @@ export class DiskMemberWriter {
    * Returns the end (`at + memberStreamBytes(size)`).
    */
   frame(out: Uint8Array, at: number, n: number, size: number): number {
-    const name = diskMemberName(this.prefix, n);
+    const name = diskMemberName(this.prefix, n, this.glue);
     out.set(tarHeader(name, size), at);
     let end = at + TAR_BLOCK + size;
     const data = out.subarray(at + TAR_BLOCK, end);
@@ -110,6 +141,11 @@ export interface XvaDiskOptions {
   prefix?: string;
   /** The disk's size: decoding stops when it is reached. Null: at the archive's end. */
   size: number | null;
+  /**
+   * Where `size` and `prefix` come from, named in messages (an XVA: "ova.xml's
+   * virtual_size"); by default the command line's `--size` and `--tar-prefix`.
+   */
+  origin?: string;
   /** Do not verify checksums (their members may then be missing). */
   ignoreChecksums?: boolean;
   /** Called with the disk bytes done so far. */
@@ -229,132 +265,167 @@ export async function decodeXvaDisk(
     verified,
     next,
   });
-  for (;;) {
-    if (size !== null && offset >= size && (members > 0 || size === 0)) break;
-    const m = await nextMember();
-    if (m === null) {
-      if (size !== null && offset < size) {
-        throw new CorruptImageError(
-          `${reader.label} ended after ${offset} of the disk's ${size} bytes` +
-            (last >= 0 ? ` (last member ${diskMemberName(prefix ?? "", last)})` : "") +
-            `: it was cut short, or --size is wrong`,
-          reader.position,
-        );
-      }
-      if (members === 0) {
-        throw new CorruptImageError(`${reader.label} holds no disk member`, reader.position);
-      }
-      await flush();
-      return result(null);
-    }
-    if (m.type === "5") continue; // a directory entry some tar writers add
-    const parsed = parseMemberName(m.name);
-    if (parsed && prefix === undefined) prefix = parsed.prefix;
-    if (!parsed || parsed.prefix !== prefix) {
-      if (options.prefix === undefined && size === null && members > 0) {
+  // Refused: the writes already running (of verified members) finish before the
+  // caller aborts the target, so that no member is left half written.
+  try {
+    for (;;) {
+      if (size !== null && offset >= size && (members > 0 || size === 0)) break;
+      const m = await nextMember();
+      if (m === null) {
+        if (size !== null && offset < size) {
+          throw new CorruptImageError(
+            `${reader.label} ended after ${offset} of the disk's ${size} bytes` +
+              (last >= 0 ? ` (last member ${diskMemberName(prefix ?? "", last)})` : "") +
+              `: it was cut short, or ${options.origin ?? "--size"} is wrong`,
+            reader.position,
+          );
+        }
+        if (members === 0 && !(size === null && reader.ended)) {
+          throw new CorruptImageError(`${reader.label} holds no disk member`, reader.position);
+        }
         await flush();
-        return result(m);
+        return result(null);
       }
-      throw new CorruptImageError(
-        `expected a disk member named ${diskMemberName(prefix ?? "PREFIX", last + 1)}` +
-          ` or later, found ${JSON.stringify(m.name)}` +
-          (m.name === "ova.xml"
-            ? ": this is a whole XVA (use 'diskstream xva extract')"
-            : options.prefix === undefined
-            ? ""
-            : " (is --tar-prefix right?)"),
-        m.headerOffset,
-      );
-    }
-    if (parsed.checksum) {
-      throw new CorruptImageError(
-        `checksum member ${m.name} comes without the data member before it`,
-        m.headerOffset,
-      );
-    }
-    if (parsed.number <= last) {
-      throw new CorruptImageError(
-        `member ${m.name} comes after ${diskMemberName(prefix!, last)}: member numbers must ` +
-          `increase`,
-        m.headerOffset,
-      );
-    }
-    if (chunk < 0) chunk = m.size;
-    const gap = parsed.number - last - 1;
-    if (gap > 0 && m.size > 0 && short !== null) {
-      throw afterShort(m, short);
-    }
-    if (gap > 0) {
-      if (chunk === 0) {
+      if (m.type === "5") continue; // a directory entry some tar writers add
+      refuseIrregular(m);
+      const parsed = parseMemberName(m.name, options.prefix);
+      if (parsed && prefix === undefined) prefix = parsed.prefix;
+      if (!parsed || parsed.prefix !== prefix) {
+        if (options.prefix === undefined && size === null && members > 0) {
+          await flush();
+          return result(m);
+        }
         throw new CorruptImageError(
-          `member ${m.name} follows a gap, but the disk's first member is empty: the gap ` +
-            `cannot be sized`,
+          `expected a disk member named ${diskMemberName(prefix ?? "PREFIX", last + 1)}` +
+            ` or later, found ${JSON.stringify(m.name)}` +
+            (m.name === "ova.xml"
+              ? ": this is a whole XVA (use 'diskstream xva extract')"
+              : options.prefix === undefined
+              ? ""
+              : options.origin === undefined
+              ? " (is --tar-prefix right?)"
+              : ` before the disk's ${size} bytes (${options.origin}) were complete: the ` +
+                `stream is out of order, or ${options.origin} is wrong`),
           m.headerOffset,
         );
       }
-      const gapBytes = gap * chunk;
-      checkFits(m, offset, gapBytes, size, "the gap before");
-      target.zero(offset, gapBytes);
-      offset += gapBytes;
-    }
-    if (m.size > chunk) {
-      throw new CorruptImageError(
-        `member ${m.name} holds ${m.size} bytes, more than the disk's first member (${chunk}): ` +
-          `the gaps could not be sized`,
-        m.headerOffset,
-      );
-    }
-    if (m.size > 0 && short !== null) throw afterShort(m, short);
-    checkFits(m, offset, m.size, size, "");
-    const pieces: [Uint8Array, number, number][] = [];
-    const at0 = offset;
-    await reader.streamBody((c, from, to, at) => {
-      target.write(at0 + at, c, from, to);
-      pieces.push([c, from, to]);
-    });
-    offset += m.size;
-    dataBytes += m.size;
-    members++;
-    last = parsed.number;
-    if (m.size > 0 && m.size < chunk) short = m.name;
-    // Its checksum member.
-    const c = await nextMember();
-    const ck = c && parseMemberName(c.name);
-    const isItsSum = c !== null && ck !== null && ck.checksum !== null &&
-      ck.prefix === prefix && ck.number === parsed.number &&
-      c.name === m.name + CHECKSUM_EXTENSIONS[ck.checksum];
-    if (!isItsSum) {
-      if (!options.ignoreChecksums) {
+      if (parsed.checksum) {
         throw new CorruptImageError(
-          `member ${m.name} is not followed by its checksum member (${m.name}.xxhash or ` +
-            `${m.name}.checksum)` + (c ? `, but by ${JSON.stringify(c.name)}` : "") +
-            ` (--ignore-checksums imports without them)`,
-          c?.headerOffset ?? reader.position,
-        );
-      }
-      pending = c;
-    } else if (!options.ignoreChecksums) {
-      const kind = ck!.checksum!;
-      const body = await reader.readBody(MAX_CHECKSUM_BYTES);
-      const said = new TextDecoder().decode(body).trim().split(/\s/)[0].toLowerCase();
-      const fn = checksums[kind] ??= await loadChecksum(kind);
-      const got = fn(...pieces.map(([c, from, to]) => c.subarray(from, to))).toLowerCase();
-      if (said !== got) {
-        throw new CorruptImageError(
-          `checksum mismatch in member ${m.name}: its ${CHECKSUM_EXTENSIONS[kind]} member says ` +
-            `${said || "(nothing)"}, the data hashes to ${got}; the stream is corrupt ` +
-            `(--ignore-checksums imports it anyway)`,
+          `checksum member ${m.name} comes without the data member before it`,
           m.headerOffset,
         );
       }
-      verified[kind]++;
+      if (parsed.number <= last) {
+        throw new CorruptImageError(
+          `member ${m.name} comes after ${diskMemberName(prefix!, last)}: member numbers must ` +
+            `increase`,
+          m.headerOffset,
+        );
+      }
+      if (chunk < 0) chunk = m.size;
+      const gap = parsed.number - last - 1;
+      if (gap > 0 && m.size > 0 && short !== null) {
+        throw afterShort(m, short);
+      }
+      if (gap > 0) {
+        if (chunk === 0) {
+          throw new CorruptImageError(
+            `member ${m.name} follows a gap, but the disk's first member is empty: the gap ` +
+              `cannot be sized`,
+            m.headerOffset,
+          );
+        }
+        const gapBytes = gap * chunk;
+        checkFits(m, offset, gapBytes, size, "the gap before", options.origin);
+        target.zero(offset, gapBytes);
+        offset += gapBytes;
+      }
+      if (m.size > chunk) {
+        throw new CorruptImageError(
+          `member ${m.name} holds ${m.size} bytes, more than the disk's first member (${chunk}): ` +
+            `the gaps could not be sized`,
+          m.headerOffset,
+        );
+      }
+      if (m.size > 0 && short !== null) throw afterShort(m, short);
+      checkFits(m, offset, m.size, size, "", options.origin);
+      const pieces: [Uint8Array, number, number][] = [];
+      const at0 = offset;
+      await reader.streamBody((c, from, to, at) => {
+        target.write(at0 + at, c, from, to);
+        pieces.push([c, from, to]);
+      });
+      offset += m.size;
+      dataBytes += m.size;
+      members++;
+      last = parsed.number;
+      if (m.size > 0 && m.size < chunk) short = m.name;
+      // Its checksum member.
+      const c = await nextMember();
+      const ck = c && parseMemberName(c.name, options.prefix);
+      const isItsSum = c !== null && ck !== null && ck.checksum !== null &&
+        ck.prefix === prefix && ck.number === parsed.number &&
+        c.name === m.name + CHECKSUM_EXTENSIONS[ck.checksum];
+      if (!isItsSum) {
+        if (!options.ignoreChecksums) {
+          throw new CorruptImageError(
+            `member ${m.name} is not followed by its checksum member (${m.name}.xxhash or ` +
+              `${m.name}.checksum)` + (c ? `, but by ${JSON.stringify(c.name)}` : "") +
+              ` (--ignore-checksums imports without them)`,
+            c?.headerOffset ?? reader.position,
+          );
+        }
+        pending = c;
+      } else if (!options.ignoreChecksums) {
+        refuseIrregular(c);
+        const kind = ck!.checksum!;
+        const body = await reader.readBody(MAX_CHECKSUM_BYTES);
+        const said = new TextDecoder().decode(body).trim().split(/\s/)[0].toLowerCase();
+        const fn = checksums[kind] ??= await loadChecksum(kind);
+        const got = fn(...pieces.map(([c, from, to]) => c.subarray(from, to))).toLowerCase();
+        if (said !== got) {
+          throw new CorruptImageError(
+            `checksum mismatch in member ${m.name}: its ${CHECKSUM_EXTENSIONS[kind]} member says ` +
+              `${said || "(nothing)"}, the data hashes to ${got}; the stream is corrupt ` +
+              `(--ignore-checksums imports it anyway)`,
+            m.headerOffset,
+          );
+        }
+        verified[kind]++;
+      }
+      options.onMember?.(m, at0);
+      options.onProgress?.(offset);
+      if (target.queued >= WRITE_BATCH) await startFlush();
     }
-    options.onMember?.(m, at0);
-    options.onProgress?.(offset);
-    if (target.queued >= WRITE_BATCH) await startFlush();
+    await flush();
+    return result(null);
+  } catch (err) {
+    await writing.catch(() => {});
+    throw err;
   }
-  await flush();
-  return result(null);
+}
+
+/** Tar types of what is not a regular file, as messages name them. */
+const TAR_TYPES: Record<string, string> = {
+  "1": "a hard link",
+  "2": "a symbolic link",
+  "3": "a character device",
+  "4": "a block device",
+  "6": "a FIFO",
+  "K": "a GNU long link name",
+  "S": "a GNU sparse file",
+  "V": "a volume header",
+  "M": "a multi-volume continuation",
+};
+
+/** Refuses a member that is not a regular file: its body is not the disk's bytes. */
+function refuseIrregular(m: TarMember): void {
+  if (m.type === "0" || m.type === "7") return; // regular, contiguous
+  throw new CorruptImageError(
+    `member ${m.name} is ${TAR_TYPES[m.type] ?? "no regular file"} (tar type ` +
+      `${JSON.stringify(m.type)}): disk members are regular files`,
+    m.headerOffset,
+  );
 }
 
 function afterShort(m: TarMember, short: string): CorruptImageError {
@@ -365,20 +436,47 @@ function afterShort(m: TarMember, short: string): CorruptImageError {
   );
 }
 
-function checkFits(m: TarMember, offset: number, n: number, size: number | null, what: string) {
+function checkFits(
+  m: TarMember,
+  offset: number,
+  n: number,
+  size: number | null,
+  what: string,
+  origin: string | undefined,
+) {
   if (!Number.isSafeInteger(offset + n) || (size !== null && offset + n > size)) {
     throw new CorruptImageError(
       `${what ? what + " member" : "member"} ${m.name} reaches byte ${offset + n}, past the ` +
-        `disk's size of ${size} bytes (is --size right?)`,
+        `disk's size of ${size} bytes (${origin ?? "is --size right?"})`,
       m.headerOffset,
     );
   }
 }
 
-/** Refuses a prefix that cannot name members (used by the command line). */
-export function checkTarPrefix(prefix: string): string {
-  if (prefix.includes("\0") || prefix.length > 90) {
-    throw new UsageError(`bad tar prefix ${JSON.stringify(prefix)}: at most 90 characters, no NUL`);
+/**
+ * Refuses a prefix that cannot name members (used by the command line): a NUL, or a
+ * name too long for a ustar header once the number and `.checksum` are added (`glue`:
+ * as {@link diskMemberName}).
+ *
+ * @example
+ * ```ts
+ * import { checkTarPrefix } from "./disk.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(checkTarPrefix("Ref:3"), "Ref:3");
+ * assert.throws(() => checkTarPrefix("é".repeat(60)), /too long/);
+ * ```
+ */
+export function checkTarPrefix(prefix: string, glue = false): string {
+  const bad = (why: string) => new UsageError(`bad tar prefix ${JSON.stringify(prefix)}: ${why}`);
+  if (prefix.includes("\0")) throw bad("it holds a NUL");
+  try {
+    tarHeader(diskMemberName(prefix, 99_999_999, glue) + CHECKSUM_EXTENSIONS.sha1, 40);
+  } catch {
+    throw bad(
+      "too long for a member name (ustar's name fields hold 155 + 100 bytes of UTF-8, " +
+        "split at a '/')",
+    );
   }
   return prefix;
 }

@@ -57,6 +57,7 @@ const parser = new XMLParser({
   ignoreAttributes: true,
   parseTagValue: false,
   trimValues: false,
+  htmlEntities: true, // numeric character references (&#233;) too, not only &amp; and co.
 });
 
 function children(node: Node, tag: string): Node[] {
@@ -200,10 +201,18 @@ export function parseOvaXml(xml: string): OvaManifest {
     } else if (o.class === "VBD") {
       vbds.push(snap);
     } else if (o.class === "VDI") {
-      const size = Number(str(snap.virtual_size));
-      if (!Number.isSafeInteger(size) || size < 0) {
+      if (ref === "") throw new CorruptImageError("ova.xml holds a VDI object without an id");
+      if (disks.some((d) => d.ref === ref)) {
+        throw new CorruptImageError(`ova.xml holds two VDI objects with the id ${ref}`);
+      }
+      // A decimal count of bytes (XAPI writes an int64 as a string); no "", hex or 1e9.
+      const text = str(snap.virtual_size)?.trim() ?? "";
+      const size = /^\d{1,16}$/.test(text) ? Number(text) : NaN;
+      if (!Number.isSafeInteger(size)) {
         throw new CorruptImageError(
-          `ova.xml gives VDI ${ref} no usable virtual_size (${JSON.stringify(snap.virtual_size)})`,
+          `ova.xml gives VDI ${ref} no usable virtual_size (${
+            JSON.stringify(snap.virtual_size ?? null)
+          }): a decimal number of bytes is expected`,
         );
       }
       disks.push({

@@ -47,6 +47,24 @@ export interface TarHeaderFields {
  * ```
  */
 export function tarHeader(name: string, size: number, fields: TarHeaderFields = {}): Uint8Array {
+  const unfit = () =>
+    new RangeError(
+      `the tar member name ${JSON.stringify(name)} does not fit a ustar header (at most 100 ` +
+        `bytes of UTF-8, or 155 + 100 split at a '/')`,
+    );
+  let header: Uint8Array;
+  try {
+    header = encodeHeader(name, size, fields);
+  } catch {
+    throw unfit();
+  }
+  // tar-mini measures names in characters, not bytes: a long UTF-8 name would spill
+  // into the next fields. Read the header back to be sure it says what was meant.
+  if (decode(header).name !== name) throw unfit();
+  return header;
+}
+
+function encodeHeader(name: string, size: number, fields: TarHeaderFields): Uint8Array {
   return encode({
     name,
     size,
@@ -147,6 +165,7 @@ export class TarReader {
   #current: TarMember | null = null;
   /** Input chunks handed out by streamBody and not released yet. */
   #held: Uint8Array[] = [];
+  #ended = false;
 
   /** `input` is the stream; `name` names it in messages. */
   constructor(input: ChunkStream, readonly label = "the tar stream") {
@@ -156,6 +175,11 @@ export class TarReader {
   /** Stream bytes consumed so far. */
   get position(): number {
     return this.#pos;
+  }
+
+  /** Whether {@link TarReader.next} met the archive's end blocks (not just the input's end). */
+  get ended(): boolean {
+    return this.#ended;
   }
 
   async #readExact(n: number, what: string): Promise<Uint8Array> {
@@ -211,7 +235,10 @@ export class TarReader {
       }
       this.#pos += TAR_BLOCK;
       const h = parseTarHeader(block, headerOffset, this.label);
-      if (h === null) return null;
+      if (h === null) {
+        this.#ended = true;
+        return null;
+      }
       if (h.meta) {
         const body = await this.#readExact(h.size, "a tar metadata record");
         await this.#skip(tarPadding(h.size), "a tar metadata record");

@@ -14,6 +14,9 @@ import type { XvaMemberRange } from "./disk_source.ts";
 import { type OvaManifest, parseOvaXml, type XvaDisk } from "./ova.ts";
 import { tarFileMembers, type TarMember, TarReader } from "./tar.ts";
 
+/** Where an XVA disk's size comes from, as messages name it. */
+export const OVA_SIZE = "ova.xml's virtual_size";
+
 /** The largest `ova.xml` read (bytes). */
 export const MAX_OVA_XML = 64 * 1024 * 1024;
 
@@ -95,12 +98,32 @@ function notOva(m: TarMember | null, label: string): CorruptImageError {
   );
 }
 
+/** Runs `read` (of the first member), saying "not an XVA" when it finds no tar header. */
+function notTar<T>(label: string, read: () => T): T {
+  const refuse = (err: unknown): never => {
+    if (err instanceof CorruptImageError && /no valid tar header/.test(err.message)) {
+      throw new CorruptImageError(
+        `${label} is not an XVA: it does not start with a tar header (an XVA is a tar ` +
+          `archive, ova.xml first)`,
+        0,
+      );
+    }
+    throw err;
+  };
+  try {
+    const r = read();
+    return r instanceof Promise ? r.catch(refuse) as T : r;
+  } catch (err) {
+    return refuse(err);
+  }
+}
+
 /**
  * Reads `ova.xml`, the first member of the XVA on `reader` (a stream), and returns
  * the manifest; the reader is then at the first disk member.
  */
 export async function readOvaMember(reader: TarReader): Promise<OvaManifest> {
-  const m = await reader.next();
+  const m = await notTar(reader.label, () => reader.next());
   if (m === null || m.name !== "ova.xml") throw notOva(m, reader.label);
   return parseOva(await reader.readBody(MAX_OVA_XML));
 }
@@ -174,7 +197,7 @@ export async function listXvaStream(
 export function listXvaFile(path: string): Promise<XvaListing> {
   return withImageFile(path, (file) => {
     const members = tarFileMembers(file);
-    const first = members.next();
+    const first = notTar(path, () => members.next());
     const ova = first.done ? null : first.value;
     if (ova === null || ova.name !== "ova.xml") throw notOva(ova, path);
     if (ova.size > MAX_OVA_XML) {
@@ -213,9 +236,10 @@ export async function walkXvaDisks(
     const disk = p && byRef.get(p.prefix);
     if (!p || !disk || !wanted.has(disk.ref)) continue;
     if (seen.has(disk.ref)) {
+      // The disk was read up to its size: this member lies past it.
       throw new CorruptImageError(
-        `member ${m.name} of disk ${disk.ref} comes after another disk's members: ` +
-          `the XVA is out of order`,
+        `member ${m.name} of disk ${disk.ref} lies past the disk's ${disk.virtualSize} bytes ` +
+          `(${OVA_SIZE}): the XVA is out of order, or ova.xml gives the wrong size`,
         m.headerOffset,
       );
     }
@@ -262,6 +286,7 @@ export async function indexXvaFile(
         const r = await decodeXvaDisk(reader, first, target, {
           prefix: disk.ref,
           size: disk.virtualSize,
+          origin: OVA_SIZE,
           ignoreChecksums: options.ignoreChecksums,
           onMember: (m, at) => members.push({ at, length: m.size, fileOffset: m.dataOffset }),
           onProgress: (done) => options.onProgress?.(before + done),
