@@ -100,15 +100,22 @@ const work = opts.help
   : await Deno.makeTempDir({ prefix: "diskstream-bench-", dir: opts.dir });
 const scratch = `${work}/scratch`;
 if (!opts.help) await Deno.mkdir(scratch);
+/** A work dir in memory (tmpfs), for a server's uploads; removed with `work`. */
+const memoryWork = opts.help ? undefined : await Deno.makeTempDir({
+  prefix: "diskstream-bench-",
+  dir: "/dev/shm",
+}).catch(() => undefined);
 const inputs = new Inputs(work, sizes, log);
 
 function cleanupAndExit(code: number): never {
   killCurrent();
   for (const dev of loops) new Deno.Command("losetup", { args: ["-d", dev] }).outputSync();
-  try {
-    Deno.removeSync(work, { recursive: true });
-  } catch {
-    // best effort
+  for (const dir of [work, memoryWork]) {
+    try {
+      if (dir) Deno.removeSync(dir, { recursive: true });
+    } catch {
+      // best effort
+    }
   }
   Deno.exit(code);
 }
@@ -685,6 +692,7 @@ function allCases(): BenchCase[] {
     },
     ...httpCases({
       work,
+      memoryWork,
       ds: DS,
       fullRaw: () => inputs.fullRaw(),
       fullExport: () => inputs.fullExport(DS),
@@ -1429,5 +1437,6 @@ try {
   exitCode = 1;
 } finally {
   await Deno.remove(work, { recursive: true }).catch(() => {});
+  if (memoryWork) await Deno.remove(memoryWork, { recursive: true }).catch(() => {});
 }
 Deno.exit(exitCode);
