@@ -8,9 +8,8 @@
  * @module
  */
 import { type Server, startNbdkit, startQemuNbd } from "../tests/nbd_servers.ts";
-import type { Pipeline } from "./bench_measure.ts";
+import type { BenchCase, Contender, Pipeline } from "./bench_measure.ts";
 import { type Inputs, zeroFilled } from "./bench_inputs.ts";
-import type { BenchCase } from "./bench_measure.ts";
 import type { Goal } from "./bench.ts";
 
 /** What the NBD cases need from the bench. */
@@ -60,6 +59,34 @@ export function nbdCases(ctx: NbdBenchContext): BenchCase[] {
     for (const s of servers.splice(0)) await s.stop();
   };
   const ds = ctx.ds;
+
+  /**
+   * A zero-filled export of the full disk's size for the imports (its qemu-nbd started with
+   * `env`), with diskstream reading its image file (as nbdcopy reads the raw file) and
+   * nbdcopy writing into it.
+   */
+  const importTarget = async (file: string, env: Record<string, string> = {}) => {
+    const [raw, image] = [await ctx.inputs.fullRaw(), await ctx.inputs.fullQcow2()];
+    const target = `${ctx.work}/${file}`;
+    await zeroFilled(target, (await Deno.stat(raw)).size);
+    const uri = await serve(
+      withEnv(env, () => startQemuNbd(ctx.work, target, { readOnly: false })),
+    );
+    const verify = ctx.sameAs(raw, target, "raw");
+    const diskstream: Contender = {
+      name: "diskstream",
+      pipeline: { stages: [[...ds, "import", "-i", image, uri]] },
+      unavailable: await ctx.missing("import", "--connections"),
+      verify,
+    };
+    const nbdcopy: Contender = {
+      name: "nbdcopy",
+      pipeline: { stages: [["nbdcopy", raw, uri]] },
+      verify,
+    };
+    return { image, uri, verify, diskstream, nbdcopy };
+  };
+
   return [
     {
       name: "nbd-export",
@@ -132,28 +159,14 @@ export function nbdCases(ctx: NbdBenchContext): BenchCase[] {
       reference: "nbdcopy",
       cleanup: teardown,
       contenders: async () => {
-        const [raw, image] = [await ctx.inputs.fullRaw(), await ctx.inputs.fullQcow2()];
-        const target = `${ctx.work}/nbd-target.raw`;
-        await zeroFilled(target, (await Deno.stat(raw)).size);
-        const uri = await serve(startQemuNbd(ctx.work, target, { readOnly: false }));
-        const verify = ctx.sameAs(raw, target, "raw");
-        return [
-          {
-            // Reading its image file, as nbdcopy reads the raw file.
-            name: "diskstream",
-            pipeline: { stages: [[...ds, "import", "-i", image, uri]] },
-            unavailable: await ctx.missing("import", "--connections"),
-            verify,
-          },
-          {
-            name: "diskstream (pipe)",
-            pipeline: { stages: [["cat", image], [...ds, "import", uri]], mainStage: 1 },
-            unavailable: await ctx.missing("import", "--connections"),
-            verify,
-            runs: 1, // an extra row beside the goal's: one run says enough (saves ~30 s)
-          },
-          { name: "nbdcopy", pipeline: { stages: [["nbdcopy", raw, uri]] }, verify },
-        ];
+        const t = await importTarget("nbd-target.raw");
+        return [t.diskstream, {
+          name: "diskstream (pipe)",
+          pipeline: { stages: [["cat", t.image], [...ds, "import", t.uri]], mainStage: 1 },
+          unavailable: t.diskstream.unavailable,
+          verify: t.verify,
+          runs: 1, // an extra row beside the goal's: one run says enough (saves ~30 s)
+        }, t.nbdcopy];
       },
     },
     {
@@ -168,22 +181,8 @@ export function nbdCases(ctx: NbdBenchContext): BenchCase[] {
       ],
       cleanup: teardown,
       contenders: async () => {
-        const [raw, image] = [await ctx.inputs.fullRaw(), await ctx.inputs.fullQcow2()];
-        const target = `${ctx.work}/nbd-target-fast.raw`;
-        await zeroFilled(target, (await Deno.stat(raw)).size);
-        const uri = await serve(
-          withEnv(SERVER_MALLOC, () => startQemuNbd(ctx.work, target, { readOnly: false })),
-        );
-        const verify = ctx.sameAs(raw, target, "raw");
-        return [
-          {
-            name: "diskstream",
-            pipeline: { stages: [[...ds, "import", "-i", image, uri]] },
-            unavailable: await ctx.missing("import", "--connections"),
-            verify,
-          },
-          { name: "nbdcopy", pipeline: { stages: [["nbdcopy", raw, uri]] }, verify },
-        ];
+        const t = await importTarget("nbd-target-fast.raw", SERVER_MALLOC);
+        return [t.diskstream, t.nbdcopy];
       },
     },
   ];
