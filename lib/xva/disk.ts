@@ -19,7 +19,14 @@ import {
   checksumKindOf,
 } from "./checksum.ts";
 import { loadChecksum } from "./checksum.ts";
-import { TAR_BLOCK, tarHeader, type TarMember, tarPadding, TarReader } from "./tar.ts";
+import {
+  encodeHeader,
+  TAR_BLOCK,
+  tarHeader,
+  type TarMember,
+  tarPadding,
+  TarReader,
+} from "./tar.ts";
 
 /** The size of XAPI's disk members: 1 MiB. */
 export const XVA_CHUNK = 1024 * 1024;
@@ -106,6 +113,8 @@ export class DiskMemberWriter {
     kind: ChecksumKind,
     glue = false,
   ): Promise<DiskMemberWriter> {
+    // Every name fits once the longest does (names differ only in their digits).
+    checkTarPrefix(prefix, glue);
     return new DiskMemberWriter(prefix, kind, await loadChecksum(kind), glue);
   }
 
@@ -116,14 +125,14 @@ export class DiskMemberWriter {
    */
   frame(out: Uint8Array, at: number, n: number, size: number): number {
     const name = diskMemberName(this.prefix, n, this.glue);
-    out.set(tarHeader(name, size), at);
+    out.set(encodeHeader(name, size, {}), at);
     let end = at + TAR_BLOCK + size;
     const data = out.subarray(at + TAR_BLOCK, end);
     const pad = tarPadding(size);
     out.fill(0, end, end + pad);
     end += pad;
     const sum = this.#encoder.encode(this.checksum(data));
-    out.set(tarHeader(name + CHECKSUM_EXTENSIONS[this.kind], sum.length), end);
+    out.set(encodeHeader(name + CHECKSUM_EXTENSIONS[this.kind], sum.length, {}), end);
     end += TAR_BLOCK;
     out.set(sum, end);
     out.fill(0, end + sum.length, end + sum.length + tarPadding(sum.length));
