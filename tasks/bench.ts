@@ -107,7 +107,45 @@ const memoryWork = opts.help ? undefined : await Deno.makeTempDir({
 }).catch(() => undefined);
 const inputs = new Inputs(work, sizes, log);
 
+/**
+ * DAMON-based reclaim (a kdamond with a `pageout` scheme, as on some VMs) evicts page-cache
+ * pages idle for a minute or so: the inputs of the warm cases, mid-bench, so that a
+ * "warm" run reads from the disk at random. The bench pauses such kdamonds while it runs
+ * (root only) and turns them on again when it ends, also on Ctrl-C.
+ */
+const pausedDamon: string[] = (() => {
+  const paused: string[] = [];
+  if (opts.help || opts.cold) return paused;
+  const root = "/sys/kernel/mm/damon/admin/kdamonds";
+  try {
+    for (const k of Deno.readDirSync(root)) {
+      const dir = `${root}/${k.name}`;
+      if (!/^\d+$/.test(k.name)) continue;
+      const state = Deno.readTextFileSync(`${dir}/state`).trim();
+      if (state !== "on") continue;
+      Deno.writeTextFileSync(`${dir}/state`, "off");
+      paused.push(dir);
+    }
+  } catch {
+    // no DAMON, or not root: nothing to pause
+  }
+  return paused;
+})();
+
+const damonWasPaused = pausedDamon.length > 0;
+
+function resumeDamon(): void {
+  for (const dir of pausedDamon.splice(0)) {
+    try {
+      Deno.writeTextFileSync(`${dir}/state`, "on");
+    } catch {
+      // best effort
+    }
+  }
+}
+
 function cleanupAndExit(code: number): never {
+  resumeDamon();
   killCurrent();
   for (const dev of loops) new Deno.Command("losetup", { args: ["-d", dev] }).outputSync();
   for (const dir of [work, memoryWork]) {
@@ -1345,7 +1383,11 @@ async function machine(): Promise<string[]> {
     `wall-clock medians including process start-up; CPU s is user + system time of all ` +
     `the pipeline's processes; peak RSS is GNU time's %M of the process that matters ` +
     `(diskstream's own process in a pipeline), median of the runs.`,
-    `- page cache: ${coldState}`,
+    `- page cache: ${coldState}` +
+    (pausedDamon.length || damonWasPaused
+      ? "; DAMON reclaim (kdamond pageout, which evicts pages idle for a minute) paused " +
+        "during the bench and resumed after"
+      : ""),
   ];
 }
 
@@ -1420,6 +1462,7 @@ try {
   console.error(`bench: ${(err as Error).stack ?? err}`);
   exitCode = 1;
 } finally {
+  resumeDamon();
   await Deno.remove(work, { recursive: true }).catch(() => {});
   if (memoryWork) await Deno.remove(memoryWork, { recursive: true }).catch(() => {});
 }
