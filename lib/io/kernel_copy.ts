@@ -115,7 +115,7 @@ export interface KernelCopy {
  * inherited descriptor), or returns null when FFI is unavailable or the output is a
  * non-blocking descriptor. `name` names the output in messages. `writeback`: an
  * output file opened here gets its writeback started every 16 MiB
- * (`sync_file_range`), so that a final {@link KernelCopy.sync} has little left.
+ * (`sync_file_range`), so that a final {@link KernelCopy.finish} has little left.
  * `direct`: the source is read with O_DIRECT into an aligned buffer and written from
  * there (no kernel copy: those would go through the page cache), unless O_DIRECT is
  * refused for it (ramfs); an output path is written with O_DIRECT too, where its file
