@@ -471,15 +471,13 @@ async function plannedExportOf(
         ...options,
         fillGaps: run.fillGaps,
       });
-    case "tar": {
-      const { checkTarPrefix } = await import("../xva/disk.ts");
+    case "tar": // the prefix is checked (a usage error) before anything is read
       return (await import("../export/wire.ts")).exportTar(run.source, {
         ...options,
-        prefix: checkTarPrefix(run.tarPrefix ?? "Ref:0", run.gluePrefix),
+        prefix: run.tarPrefix ?? "Ref:0",
         checksum: run.checksum,
         gluePrefix: run.gluePrefix,
       });
-    }
     default:
       return (await import("../export/export.ts")).exportQcow2(run.source, {
         ...options,

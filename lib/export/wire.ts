@@ -300,16 +300,17 @@ export async function exportTar(
       chunks.add(count - 1);
     }
     const lastSize = virtualSize - (count - 1) * XVA_CHUNK;
+    /** Bytes of data of member `i`. */
+    const sizeOf = (i: number) => i === count - 1 ? lastSize : XVA_CHUNK;
     const full = memberStreamBytes(XVA_CHUNK, writer.kind);
-    const memberBytes = (i: number) =>
-      i === count - 1 ? memberStreamBytes(lastSize, writer.kind) : full;
+    const memberBytes = (i: number) => memberStreamBytes(sizeOf(i), writer.kind);
     const n = chunks.count;
     const fileSize = (count > 0 ? (n - 1) * full + memberBytes(count - 1) : 0) + TAR_END.length;
     const dataBytes = count > 0 ? (n - 1) * XVA_CHUNK + lastSize : 0;
     // The members in order: [number, bytes of data].
     const members = function* (): Generator<[number, number]> {
       for (const [first, last] of setRuns(chunks)) {
-        for (let i = first; i <= last; i++) yield [i, i === count - 1 ? lastSize : XVA_CHUNK];
+        for (let i = first; i <= last; i++) yield [i, sizeOf(i)];
       }
     };
     return {
@@ -361,7 +362,7 @@ export async function exportTar(
           const [first, last] = next.value;
           readAhead(next = runs.next());
           for (let i = first; i <= last; i++) {
-            const size = i === count - 1 ? lastSize : XVA_CHUNK;
+            const size = sizeOf(i);
             readSync(buf.subarray(512, 512 + size), i * XVA_CHUNK, plan.src.size);
             yield buf.subarray(0, writer.frame(buf, 0, i, size));
           }
