@@ -29,6 +29,7 @@ import {
 import { imagesEqual } from "../tests/helpers.ts";
 import { nbdCases, nbdGoals } from "./bench_nbd.ts";
 import { httpCases, httpGoalRows } from "./bench_http.ts";
+import { type Quieted, quietMachine } from "./bench_quiet.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 const DENO = Deno.execPath();
@@ -107,45 +108,11 @@ const memoryWork = opts.help ? undefined : await Deno.makeTempDir({
 }).catch(() => undefined);
 const inputs = new Inputs(work, sizes, log);
 
-/**
- * DAMON-based reclaim (a kdamond with a `pageout` scheme, as on some VMs) evicts page-cache
- * pages idle for a minute or so: the inputs of the warm cases, mid-bench, so that a
- * "warm" run reads from the disk at random. The bench pauses such kdamonds while it runs
- * (root only) and turns them on again when it ends, also on Ctrl-C.
- */
-const pausedDamon: string[] = (() => {
-  const paused: string[] = [];
-  if (opts.help || opts.cold) return paused;
-  const root = "/sys/kernel/mm/damon/admin/kdamonds";
-  try {
-    for (const k of Deno.readDirSync(root)) {
-      const dir = `${root}/${k.name}`;
-      if (!/^\d+$/.test(k.name)) continue;
-      const state = Deno.readTextFileSync(`${dir}/state`).trim();
-      if (state !== "on") continue;
-      Deno.writeTextFileSync(`${dir}/state`, "off");
-      paused.push(dir);
-    }
-  } catch {
-    // no DAMON, or not root: nothing to pause
-  }
-  return paused;
-})();
-
-const damonWasPaused = pausedDamon.length > 0;
-
-function resumeDamon(): void {
-  for (const dir of pausedDamon.splice(0)) {
-    try {
-      Deno.writeTextFileSync(`${dir}/state`, "on");
-    } catch {
-      // best effort
-    }
-  }
-}
+/** DAMON reclaim and free page reporting, paused while the bench runs (root only). */
+const quiet: Quieted = opts.help ? { notes: [], resume() {} } : quietMachine(opts.quick ? 1 : 6);
 
 function cleanupAndExit(code: number): never {
-  resumeDamon();
+  quiet.resume();
   killCurrent();
   for (const dev of loops) new Deno.Command("losetup", { args: ["-d", dev] }).outputSync();
   for (const dir of [work, memoryWork]) {
@@ -1024,7 +991,7 @@ function caseTable(c: BenchCase, outcomes: Outcome[]): string {
         (cache ? " |" : "");
     }
     const t = o.samples.map((s) => s.seconds);
-    // A peer far from any goal's bound is timed once (Contender.runs): say so.
+    // A command timed once (Contender.runs): say so.
     const range = t.length === 1 && rounds > 1
       ? "(timed once)"
       : `${fmt(Math.min(...t))}–${fmt(Math.max(...t))}`;
@@ -1375,8 +1342,9 @@ async function machine(): Promise<string[]> {
     `node ${nodeVersion ?? "missing"}, ${XO}@${XO_VERSION}`,
     `- command: \`deno task bench${Deno.args.length ? " " + Deno.args.join(" ") : ""}\``,
     `- ${runs} timed runs per command (medians), commands alternating in rotating order; ` +
-    `a peer more than 2 × away from every goal's bound it is in is timed once (\`(timed ` +
-    `once)\` in the min–max column); the output of a command's first timed run is checked ` +
+    `a peer more than 2 × away from every goal's bound it is in, and nbd-latency's 1 ` +
+    `connection (its time is the injected delay's), are timed once (\`(timed once)\` in ` +
+    `the min–max column); the output of a command's first timed run is checked ` +
     `after it, untimed (XXH128 of a raw output against its source's, \`qemu-img compare\` ` +
     `of an image, checksums); the inputs are in the page cache (just made or read) ` +
     `unless the case drops it; times are ` +
@@ -1384,10 +1352,7 @@ async function machine(): Promise<string[]> {
     `the pipeline's processes; peak RSS is GNU time's %M of the process that matters ` +
     `(diskstream's own process in a pipeline), median of the runs.`,
     `- page cache: ${coldState}` +
-    (pausedDamon.length || damonWasPaused
-      ? "; DAMON reclaim (kdamond pageout, which evicts pages idle for a minute) paused " +
-        "during the bench and resumed after"
-      : ""),
+    quiet.notes.map((n) => `; ${n}`).join(""),
   ];
 }
 
@@ -1462,7 +1427,7 @@ try {
   console.error(`bench: ${(err as Error).stack ?? err}`);
   exitCode = 1;
 } finally {
-  resumeDamon();
+  quiet.resume();
   await Deno.remove(work, { recursive: true }).catch(() => {});
   if (memoryWork) await Deno.remove(memoryWork, { recursive: true }).catch(() => {});
 }

@@ -32,7 +32,8 @@ export interface Contender {
   verify?: () => Promise<string | null>;
   /**
    * Timed runs at most (default: the case's): for a slow peer whose time is far from
-   * any goal's bound, so that one run says enough.
+   * any goal's bound, or a command whose time an injected delay sets, so that one run
+   * says enough.
    */
   runs?: number;
 }
