@@ -61,11 +61,11 @@ export interface ExportRun {
   /** Cluster size of the plan (for VHD its 2 MiB blocks); hints are read at this size. */
   clusterSize: number;
   refcountBits: number;
-  /** Reads the hint, checked against the size of the disk it is for. */
-  allocation?: (diskSize: number) => Promise<Allocation>;
+  /** Reads the hint, checked against the size of the disk it is for (`signal` stops it). */
+  allocation?: (diskSize: number, signal?: AbortSignal) => Promise<Allocation>;
   zeroCheck?: boolean;
   base?: string;
-  baseAllocation?: (diskSize: number) => Promise<Allocation>;
+  baseAllocation?: (diskSize: number, signal?: AbortSignal) => Promise<Allocation>;
   progress: ProgressMode;
   nbd?: NbdOptions;
   /** tar: the members' prefix (default Ref:0). */
@@ -243,12 +243,14 @@ export function registerExport(program: Command): void {
         refcountBits: flags.refcountBits,
         allocation: flags.allocation === undefined
           ? undefined
-          : (size) => resolveAllocationSpec(flags.allocation!, cs, undefined, size, nbd),
+          : (size, signal) =>
+            resolveAllocationSpec(flags.allocation!, cs, undefined, size, { ...nbd, signal }),
         zeroCheck: flags.zeroCheck,
         base: flags.diff,
         baseAllocation: flags.baseAllocation === undefined
           ? undefined
-          : (size) => resolveAllocationSpec(flags.baseAllocation!, cs, undefined, size, nbd),
+          : (size, signal) =>
+            resolveAllocationSpec(flags.baseAllocation!, cs, undefined, size, { ...nbd, signal }),
         progress: progressMode(flags),
         nbd,
         tarPrefix: flags.tarPrefix,
@@ -362,10 +364,15 @@ async function readInfo(spec: string): Promise<ImageInfoJson> {
 }
 
 /** The size of a raw disk, learned before a hint for it is read (hints are checked against it). */
-async function diskSize(source: string | DiskSource): Promise<number> {
+async function diskSize(
+  source: string | DiskSource,
+  nbd?: NbdOptions,
+  signal?: AbortSignal,
+): Promise<number> {
   if (typeof source !== "string") return source.size;
-  const { openDiskSource } = await import("../io/disk_source.ts");
-  const src = await openDiskSource(source);
+  const { openSource } = await import("../export/plan.ts");
+  // A file, a device or an NBD export (one connection, for its size).
+  const src = await openSource(source, { nbd: { ...nbd, connections: 1 }, signal }, false);
   try {
     return src.size;
   } finally {
@@ -413,10 +420,12 @@ async function exportTo(
   const options = {
     signal,
     sync: run.sync,
-    allocation: run.allocation && await run.allocation(await diskSize(run.source)),
+    allocation: run.allocation &&
+      await run.allocation(await diskSize(run.source, run.nbd, signal), signal),
     zeroCheck: run.zeroCheck,
     base: run.base,
-    baseAllocation: run.baseAllocation && await run.baseAllocation(await diskSize(run.base!)),
+    baseAllocation: run.baseAllocation &&
+      await run.baseAllocation(await diskSize(run.base!, run.nbd, signal), signal),
     direct: run.direct,
     progress: createProgress(run.progress, "export"),
     nbd: run.nbd,

@@ -249,7 +249,7 @@ async function stream(f: StreamFlags): Promise<void> {
     : protocol as "chunked" | "tar";
   const cs = format === "vhd" ? 2 << 20 : format === "tar" ? 1 << 20 : 65536;
   let source: string | DiskSource = f.source;
-  let allocation: (() => Promise<Allocation>) | undefined;
+  let allocation: ((size: number, signal?: AbortSignal) => Promise<Allocation>) | undefined;
   switch (f.sourceFormat) {
     case "raw":
       if (f.relativeTo !== undefined) {
@@ -304,9 +304,9 @@ async function stream(f: StreamFlags): Promise<void> {
       source = parts[0];
       const { nbdUnixUri } = await import("../nbd/uri.ts");
       const uri = nbdUnixUri(parts.slice(1, -2).join(":"), parts.at(-2)!);
-      allocation = async () => {
+      allocation = async (_size, signal) => {
         const { nbdAllocation } = await import("../nbd/allocation.ts");
-        const a = await nbdAllocation(uri, cs);
+        const a = await nbdAllocation(uri, cs, { signal });
         if (a.virtualSize !== Number(size)) {
           throw new UsageError(
             `the nbdhybrid --source says ${size} bytes, but ${uri} holds ${a.virtualSize}`,

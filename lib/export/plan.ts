@@ -144,14 +144,14 @@ async function probeNonZero(
 }
 
 /** Opens a source or base: a file or device, or an NBD export (`nbd://…`). */
-async function openSource(
+export async function openSource(
   path: string,
   options: StreamExportOptions,
   direct = options.direct,
 ): Promise<DiskSource> {
   if (!isNbdUri(path)) return await openDiskSource(path, { direct });
   const { NbdSource } = await import("../nbd/source.ts");
-  return await NbdSource.open(path, options.nbd);
+  return await NbdSource.open(path, { ...options.nbd, signal: options.signal });
 }
 
 /** What pass 1 decided: the opened source and the clusters to write. */
@@ -182,7 +182,19 @@ export async function planExport(
     throw new UsageError("a base allocation needs a base disk (--base-allocation needs --diff)");
   }
   const progress = options.progress;
-  const src = typeof source === "string" ? await openSource(source, options) : source;
+  const stopped = (err: unknown) =>
+    err instanceof InterruptedError
+      ? err.retell(
+        `export of ${source} interrupted by ${err.signal} while reading what to export: ` +
+          `nothing was written`,
+      )
+      : err;
+  // Opening an NBD source waits for its server: a signal stops that too.
+  const src = typeof source === "string"
+    ? await openSource(source, options).catch((err) => {
+      throw stopped(err);
+    })
+    : source;
   try {
     const virtualSize = alignUp(src.size, 512);
     check(virtualSize);
@@ -217,13 +229,7 @@ export async function planExport(
     return { src, virtualSize, clusters, scanned };
   } catch (err) {
     src.close();
-    if (err instanceof InterruptedError) {
-      throw err.retell(
-        `export of ${source} interrupted by ${err.signal} while reading what to export: ` +
-          `nothing was written`,
-      );
-    }
-    throw err;
+    throw stopped(err);
   }
 }
 

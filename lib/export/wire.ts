@@ -18,13 +18,13 @@ import { type Run, setRuns } from "../alloc/runs.ts";
 import { ClusterSet } from "../alloc/cluster_set.ts";
 import { CHUNK_HEADER_BYTES, encodeChunkHeader } from "../chunked/chunked.ts";
 import { UsageError } from "../errors.ts";
-import { type DiskSource, openDiskSource } from "../io/disk_source.ts";
+import type { DiskSource } from "../io/disk_source.ts";
 import { CHUNK_SIZE } from "../io/stream.ts";
 import { ChunkSink, READS_AHEAD, type WriterOptions } from "../qcow2/writer.ts";
 import type { ChecksumKind } from "../xva/checksum.ts";
 import { DEFAULT_TAR_PREFIX, DiskMemberWriter, memberStreamBytes, XVA_CHUNK } from "../xva/disk.ts";
 import { TAR_END } from "../xva/tar.ts";
-import type { ExportPlan } from "./plan.ts";
+import { type ExportPlan, openSource } from "./plan.ts";
 import { planExport, type PlannedExport, plannedExport, type SourceRange } from "./export.ts";
 import type { StreamExportOptions } from "./options.ts";
 
@@ -112,7 +112,7 @@ export async function exportRaw(
   refuseDiff(options, "raw", "a raw stream cannot say what is unchanged (use -f chunked or qcow2)");
   const plan = options.allocation
     ? await planExport(source, options, WIRE_CLUSTER, () => {})
-    : await wholeDiskPlan(source, WIRE_CLUSTER);
+    : await wholeDiskPlan(source, WIRE_CLUSTER, options);
   const size = plan.src.size;
   return plannedExport(plan, options, () => {
     const pieces = function* (): Generator<Uint8Array | SourceRange> {
@@ -141,8 +141,13 @@ export async function exportRaw(
 }
 
 /** A plan that takes every cluster, without reading anything. */
-async function wholeDiskPlan(source: string | DiskSource, cs: number): Promise<ExportPlan> {
-  const src = typeof source === "string" ? await openDiskSource(source) : source;
+async function wholeDiskPlan(
+  source: string | DiskSource,
+  cs: number,
+  options: StreamExportOptions,
+): Promise<ExportPlan> {
+  // A file, a device or an NBD export (read as given: not direct).
+  const src = typeof source === "string" ? await openSource(source, options, false) : source;
   const count = Math.ceil(src.size / cs);
   const clusters = new ClusterSet(count, cs);
   if (count > 0) clusters.addRange(0, count - 1);

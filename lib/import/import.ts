@@ -215,6 +215,7 @@ async function importChunks(
     if (isNbdUri(dest)) {
       target = await (await import("../nbd/target.ts")).NbdTarget.open(dest, size, info.unit, {
         ...options.nbd,
+        signal: options.signal,
         prezeroed: options.prezeroed,
         delta: options.delta,
       });

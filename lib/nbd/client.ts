@@ -73,6 +73,12 @@ export interface NbdOptions {
   cacert?: string;
   /** For writing: refuse a read-only export. */
   write?: boolean;
+  /**
+   * Stops the work: the handshake, and every request in flight or made later, fail
+   * with the signal's reason, and the connections are dropped (a server that stopped
+   * answering holds nothing up).
+   */
+  signal?: AbortSignal;
 }
 
 /**
@@ -113,12 +119,24 @@ export class NbdExport {
   #waiters: (() => void)[] = [];
   #depth: number;
   #closed = false;
+  #signal: AbortSignal | undefined;
+  #onAbort = () => {
+    for (const c of this.#conns) c.abort(this.#signal!.reason);
+  };
 
-  private constructor(readonly address: NbdAddress, conns: NbdConnection[], depth: number) {
+  private constructor(
+    readonly address: NbdAddress,
+    conns: NbdConnection[],
+    depth: number,
+    signal?: AbortSignal,
+  ) {
     this.info = conns[0].info;
     this.#conns = conns;
     this.#active = conns.map(() => 0);
     this.#depth = depth;
+    this.#signal = signal;
+    signal?.addEventListener("abort", this.#onAbort, { once: true });
+    if (signal?.aborted) this.#onAbort();
   }
 
   /** The URI (for messages). */
@@ -159,7 +177,8 @@ export class NbdExport {
         throw new UsageError(`cannot read the CA certificate ${options.cacert}: ${String(err)}`);
       }
     }
-    const first = await openConnection(address, tls, HANDSHAKE_MS);
+    const signal = options.signal;
+    const first = await openConnection(address, tls, HANDSHAKE_MS, signal);
     if (options.write === true && first.info.readOnly) {
       await first.close();
       throw new NbdError(`${address.uri}: the export is read-only`);
@@ -167,7 +186,10 @@ export class NbdExport {
     const conns = [first];
     if (want > 1 && first.info.canMultiConn) {
       const extra = await Promise.allSettled(
-        Array.from({ length: want - 1 }, () => openConnection(address, tls, EXTRA_HANDSHAKE_MS)),
+        Array.from(
+          { length: want - 1 },
+          () => openConnection(address, tls, EXTRA_HANDSHAKE_MS, signal),
+        ),
       );
       for (const r of extra) {
         // A connection that differs from the first would not be the same export.
@@ -175,7 +197,7 @@ export class NbdExport {
         else if (r.status === "fulfilled") await r.value.close();
       }
     }
-    return new NbdExport(address, conns, options.depth ?? DEFAULT_DEPTH);
+    return new NbdExport(address, conns, options.depth ?? DEFAULT_DEPTH, signal);
   }
 
   async #slot(): Promise<number> {
@@ -348,17 +370,28 @@ export class NbdExport {
   async extents(limit: number = this.size): Promise<[number, number][] | null> {
     if (this.info.allocationContext === null) return null;
     const end = Math.min(limit, this.size);
-    const spans: Promise<[number, number][]>[] = [];
-    for (let at = 0; at < end; at += STATUS_SPAN) {
-      spans.push(this.#spanExtents(at, Math.min(end, at + STATUS_SPAN)));
-    }
+    // Spans are asked a pool's worth at a time, in order: however large the export
+    // claims to be, what waits for an answer stays bounded.
+    const ahead: Promise<[number, number][]>[] = [];
+    const window = this.#conns.length * this.#depth;
     const out: [number, number][] = [];
-    for (const list of await settleAll(spans)) {
-      for (const [a, b] of list) {
-        const last = out[out.length - 1];
-        if (last !== undefined && last[1] >= a) last[1] = Math.max(last[1], b);
-        else out.push([a, b]);
+    let next = 0;
+    try {
+      while (next < end || ahead.length > 0) {
+        for (; next < end && ahead.length < window; next += STATUS_SPAN) {
+          const span = this.#spanExtents(next, Math.min(end, next + STATUS_SPAN));
+          span.catch(() => {}); // awaited in turn below
+          ahead.push(span);
+        }
+        for (const [a, b] of await ahead.shift()!) {
+          const last = out[out.length - 1];
+          if (last !== undefined && last[1] >= a) last[1] = Math.max(last[1], b);
+          else out.push([a, b]);
+        }
       }
+    } catch (err) {
+      await Promise.allSettled(ahead);
+      throw err;
     }
     return out;
   }
@@ -367,6 +400,15 @@ export class NbdExport {
   async #spanExtents(from: number, to: number): Promise<[number, number][]> {
     const out: [number, number][] = [];
     const min = this.info.minBlock;
+    // Widened to whole grains: however finely the server cuts its extents, the list
+    // stays within one entry per two grains of the export.
+    const data = (from: number, to: number) => {
+      const last = out[out.length - 1];
+      const a = from - (from % EXTENT_GRAIN);
+      const b = Math.min(this.size, Math.ceil(to / EXTENT_GRAIN) * EXTENT_GRAIN);
+      if (last !== undefined && last[1] >= a) last[1] = Math.max(last[1], b);
+      else out.push([a, b]);
+    };
     for (let at = from; at < to;) {
       let len = Math.min(to, this.size) - at;
       if (len % min !== 0 && at + len !== this.size) len += min - (len % min);
@@ -378,16 +420,15 @@ export class NbdExport {
       let pos = at;
       for (let k = 0; k < reply.length && pos < to; k += 2) {
         const next = Math.min(to, pos + reply[k]);
-        if ((reply[k + 1] & STATE_ZERO) === 0) {
-          const last = out[out.length - 1];
-          // Widened to whole grains: however finely the server cuts its extents, the
-          // list stays within one entry per two grains of the export.
-          const a = pos - (pos % EXTENT_GRAIN);
-          const b = Math.min(this.size, Math.ceil(next / EXTENT_GRAIN) * EXTENT_GRAIN);
-          if (last !== undefined && last[1] >= a) last[1] = Math.max(last[1], b);
-          else out.push([a, b]);
-        }
+        if ((reply[k + 1] & STATE_ZERO) === 0) data(pos, next);
         pos = next;
+      }
+      // Extents ending inside a block (which the spec forbids) leave its rest
+      // undescribed: it counts as data, and the next query starts aligned.
+      if (pos < to && pos % min !== 0) {
+        const up = Math.min(to, pos - (pos % min) + min);
+        data(pos, up);
+        pos = up;
       }
       at = pos;
     }
@@ -398,6 +439,7 @@ export class NbdExport {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    this.#signal?.removeEventListener("abort", this.#onAbort);
     for (const wake of this.#waiters.splice(0)) wake();
     await Promise.all(this.#conns.map((c) => c.close()));
   }

@@ -24,6 +24,7 @@ import {
   REPLY_TYPE_OFFSET_DATA,
   REPLY_TYPE_OFFSET_HOLE,
   REQUEST_MAGIC,
+  serverText,
   SIMPLE_REPLY_MAGIC,
   STRUCTURED_REPLY_MAGIC,
 } from "./constants.ts";
@@ -63,8 +64,12 @@ interface Pending {
   offset: number;
   length: number;
   into?: Uint8Array;
-  /** Read: the `[start, end)` ranges (relative) filled so far. */
-  covered: [number, number][];
+  /** Read: bytes filled so far by data and hole chunks (which may not overlap). */
+  filled: number;
+  /** Read: while the chunks come in order, the end of what they filled. */
+  next: number;
+  /** Read: one bit per byte filled, once a chunk came out of order (else null). */
+  seen: Uint8Array | null;
   extents: StatusExtents;
   error: NbdError | null;
   resolve(extents: StatusExtents): void;
@@ -83,6 +88,25 @@ function u64(view: DataView, at: number): number {
   return hi * 0x100000000 + view.getUint32(at + 4);
 }
 
+/** Sets bits `[from, to)` of `bits`; returns it. */
+function markBits(bits: Uint8Array, from: number, to: number): Uint8Array {
+  for (let i = from; i < to; i++) bits[i >> 3] |= 1 << (i & 7);
+  return bits;
+}
+
+/** The first bit in `[from, to)` of `bits` that is `value`, or `to`. */
+function firstBit(bits: Uint8Array, from: number, to: number, value: 0 | 1): number {
+  for (let i = from; i < to; i++) if (((bits[i >> 3] >> (i & 7)) & 1) === value) return i;
+  return to;
+}
+
+/** The first range `[from, to)` of a read's request that no chunk filled. */
+function missing(p: Pending): [number, number] {
+  if (p.seen === null) return [p.next, p.length];
+  const from = firstBit(p.seen, 0, p.length, 0);
+  return [from, firstBit(p.seen, from, p.length, 1)];
+}
+
 /** An NBD connection ready for requests. */
 export class NbdConnection {
   readonly info: ExportInfo;
@@ -91,7 +115,7 @@ export class NbdConnection {
   #pending = new Map<number, Pending>();
   #cookie = 0;
   #writes: Promise<void> = Promise.resolve();
-  #failure: NbdError | null = null;
+  #failure: Error | null = null;
   #closing = false;
 
   constructor(negotiated: Negotiated, readonly uri: string) {
@@ -107,8 +131,19 @@ export class NbdConnection {
   }
 
   /** The failure that ended this connection, if any. */
-  get failure(): NbdError | null {
+  get failure(): Error | null {
     return this.#failure;
+  }
+
+  /**
+   * Ends the connection at once (no `NBD_CMD_DISC`): every request in flight, and any
+   * made later, fails with `reason` (an interruption: a server that stopped answering
+   * would otherwise hold them forever).
+   */
+  abort(reason: unknown): void {
+    this.#fail(
+      reason instanceof Error ? reason : new NbdError(`${this.uri}: stopped (${String(reason)})`),
+    );
   }
 
   /**
@@ -139,7 +174,9 @@ export class NbdConnection {
           offset,
           length,
           into,
-          covered: [],
+          filled: 0,
+          next: 0,
+          seen: null,
           extents: [],
           error: null,
           resolve,
@@ -147,22 +184,23 @@ export class NbdConnection {
         });
       },
     );
+    // A failed send is told as an NbdError (or as what ended the connection first),
+    // to the caller too: never the socket's own error.
     const sent = this.#writes.then(async () => {
       if (this.#failure !== null) throw this.#failure;
       await writeAll(this.#channel, head);
       if (payload !== undefined && !small) await writeAll(this.#channel, payload);
-    });
-    if (req.onSent !== undefined) sent.then(() => req.onSent!(null), (err) => req.onSent!(err));
-    this.#writes = sent.catch((err) => {
-      this.#fail(
-        err instanceof NbdError ? err : new NbdError(
-          `${this.uri}: the connection broke while sending a ${commandName(command)}: ${
-            err instanceof Error ? err.message : String(err)
-          }`,
-          { cause: err },
-        ),
+    }).catch((err) => {
+      if (this.#failure !== null) throw this.#failure;
+      throw err instanceof NbdError ? err : new NbdError(
+        `${this.uri}: the connection broke while sending a ${commandName(command)}: ${
+          err instanceof Error ? err.message : String(err)
+        }`,
+        { cause: err },
       );
     });
+    if (req.onSent !== undefined) sent.then(() => req.onSent!(null), (err) => req.onSent!(err));
+    this.#writes = sent.catch((err) => this.#fail(err));
     return done;
   }
 
@@ -186,7 +224,7 @@ export class NbdConnection {
     }
   }
 
-  #fail(err: NbdError): void {
+  #fail(err: Error): void {
     if (this.#failure === null) this.#failure = err;
     for (const p of this.#pending.values()) p.reject(this.#failure);
     this.#pending.clear();
@@ -267,7 +305,7 @@ export class NbdConnection {
       await this.#errorChunk(p, type, length);
     } else if (type === REPLY_TYPE_OFFSET_DATA && p.command === CMD_READ) {
       if (length < 9) throw this.#protocol(`a data chunk of ${length} bytes`);
-      const at = u64(viewOf(await this.#reader.exact(8)), 0);
+      const at = viewOf(await this.#reader.exact(8)).getBigUint64(0);
       const start = this.#inside(p, at, length - 8, "data");
       await this.#reader.into(p.into!.subarray(start, start + length - 8));
     } else if (type === REPLY_TYPE_OFFSET_HOLE && p.command === CMD_READ) {
@@ -275,7 +313,7 @@ export class NbdConnection {
       const hole = viewOf(await this.#reader.exact(12));
       const size = hole.getUint32(8);
       if (size === 0) throw this.#protocol("a hole chunk of 0 bytes");
-      const start = this.#inside(p, u64(hole, 0), size, "hole");
+      const start = this.#inside(p, hole.getBigUint64(0), size, "hole");
       p.into!.fill(0, start, start + size);
     } else if (type === REPLY_TYPE_BLOCK_STATUS && p.command === CMD_BLOCK_STATUS) {
       await this.#statusChunk(p, length);
@@ -283,7 +321,12 @@ export class NbdConnection {
       throw this.#protocol(`an unexpected reply chunk of type ${type} to ${this.#where(p)}`);
     }
     if ((flags & REPLY_FLAG_DONE) === 0) return;
-    if (p.error === null && p.command === CMD_READ) this.#checkCovered(p);
+    if (p.error === null && p.command === CMD_READ && p.filled !== p.length) {
+      const [from, to] = missing(p);
+      throw this.#protocol(
+        `bytes ${p.offset + from}-${p.offset + to} missing from the reply to ${this.#where(p)}`,
+      );
+    }
     if (p.error === null && p.command === CMD_BLOCK_STATUS && p.extents.length === 0) {
       throw this.#protocol(`no extents in the reply to ${this.#where(p)}`);
     }
@@ -292,39 +335,29 @@ export class NbdConnection {
     else p.resolve(p.extents);
   }
 
-  /** Checks a data or hole chunk lies in the request; returns its start in the buffer. */
-  #inside(p: Pending, at: number, size: number, what: string): number {
-    const start = at - p.offset;
-    if (start < 0 || start + size > p.length) {
+  /**
+   * Checks a data or hole chunk lies in the request and overlaps no earlier chunk (so
+   * however many chunks come, they fill the request at most once); returns its start
+   * in the buffer.
+   */
+  #inside(p: Pending, at: bigint, size: number, what: string): number {
+    const rel = at - BigInt(p.offset);
+    if (rel < 0n || rel + BigInt(size) > BigInt(p.length)) {
       throw this.#protocol(
-        `a ${what} chunk for bytes ${at}-${at + size} outside ${this.#where(p)}`,
+        `a ${what} chunk for bytes ${at}-${at + BigInt(size)} outside ${this.#where(p)}`,
       );
     }
-    p.covered.push([start, start + size]);
-    return start;
-  }
-
-  /** A successful read must cover its range exactly once (else bytes would be stale). */
-  #checkCovered(p: Pending): void {
-    const ranges = p.covered.sort((a, b) => a[0] - b[0]);
-    let at = 0;
-    for (const [start, end] of ranges) {
-      if (start !== at) {
-        throw this.#protocol(
-          start < at
-            ? `overlapping chunks in the reply to ${this.#where(p)}`
-            : `bytes ${p.offset + at}-${p.offset + start} missing from the reply to ${
-              this.#where(p)
-            }`,
-        );
+    const start = Number(rel);
+    if (p.seen === null && start === p.next) p.next += size;
+    else {
+      p.seen ??= markBits(new Uint8Array(Math.ceil(p.length / 8)), 0, p.next);
+      if (firstBit(p.seen, start, start + size, 1) < start + size) {
+        throw this.#protocol(`overlapping chunks in the reply to ${this.#where(p)}`);
       }
-      at = end;
+      markBits(p.seen, start, start + size);
     }
-    if (at !== p.length) {
-      throw this.#protocol(
-        `bytes ${p.offset + at}-${p.offset + p.length} missing from the reply to ${this.#where(p)}`,
-      );
-    }
+    p.filled += size;
+    return start;
   }
 
   async #statusChunk(p: Pending, length: number): Promise<void> {
@@ -358,7 +391,7 @@ export class NbdConnection {
     const code = view.getUint32(0);
     const msgLength = view.getUint16(4);
     if (msgLength > length - 6) throw this.#protocol("an error message longer than its chunk");
-    const text = new TextDecoder().decode(body.subarray(6, 6 + msgLength)).trim();
+    const text = serverText(body.subarray(6, 6 + msgLength));
     let where = this.#where(p);
     if (type === REPLY_TYPE_ERROR_OFFSET && length >= 14 + msgLength) {
       where += ` (failing at byte offset ${u64(view, 6 + msgLength)})`;
@@ -373,25 +406,33 @@ export class NbdConnection {
 
 /**
  * Connects to `address` and negotiates; `timeoutMs` bounds the handshake (for the
- * extra connections of a pool: a server that accepts only one never greets them).
+ * extra connections of a pool: a server that accepts only one never greets them), and
+ * `signal` stops it (with its reason).
  */
 export async function openConnection(
   address: NbdAddress,
   options: TlsOptions,
   timeoutMs?: number,
+  signal?: AbortSignal,
 ): Promise<NbdConnection> {
+  signal?.throwIfAborted();
   const conn = await connectChannel(address);
   let timer: ReturnType<typeof setTimeout> | undefined;
+  let onAbort: (() => void) | undefined;
   try {
     const negotiated = negotiate(conn, address, options);
     negotiated.catch(() => {}); // a late failure after the timeout is not unhandled
-    const result = timeoutMs === undefined ? await negotiated : await Promise.race([
+    const result = await Promise.race([
       negotiated,
       new Promise<never>((_, reject) => {
-        timer = setTimeout(
-          () => reject(new NbdError(`${address.uri}: the server did not answer the handshake`)),
-          timeoutMs,
-        );
+        if (timeoutMs !== undefined) {
+          timer = setTimeout(
+            () => reject(new NbdError(`${address.uri}: the server did not answer the handshake`)),
+            timeoutMs,
+          );
+        }
+        onAbort = () => reject(signal!.reason);
+        signal?.addEventListener("abort", onAbort, { once: true });
       }),
     ]);
     return new NbdConnection(result, address.uri);
@@ -404,5 +445,6 @@ export async function openConnection(
     throw err;
   } finally {
     clearTimeout(timer);
+    if (onAbort !== undefined) signal?.removeEventListener("abort", onAbort);
   }
 }

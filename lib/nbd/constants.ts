@@ -85,6 +85,21 @@ export const NBD_PORT = 10809;
 /** Longest string the protocol allows (names, messages). */
 export const MAX_STRING = 4096;
 
+/** Characters of a server's message quoted in an error (the spec's advised length). */
+const MAX_QUOTED = 256;
+
+/**
+ * A message the server sent, fit for one line of an error: control, format and line
+ * separator characters (newlines, terminal escapes) become spaces, and it is cut to
+ * 256 characters.
+ */
+export function serverText(bytes: Uint8Array): string {
+  const text = new TextDecoder().decode(bytes.subarray(0, MAX_STRING))
+    .replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]+/gu, " ").trim();
+  const chars = [...text];
+  return chars.length <= MAX_QUOTED ? text : `${chars.slice(0, MAX_QUOTED).join("")}…`;
+}
+
 /** The error numbers of the protocol, by name, with what they mean. */
 const ERRORS: Record<number, string> = {
   1: "EPERM (operation not permitted)",

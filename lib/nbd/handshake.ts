@@ -16,7 +16,6 @@ import {
   IHAVEOPT,
   INFO_BLOCK_SIZE,
   INFO_EXPORT,
-  MAX_STRING,
   NBD_MAGIC,
   OLDSTYLE_MAGIC,
   OPT_EXPORT_NAME,
@@ -36,6 +35,7 @@ import {
   REP_ERR_UNSUP,
   REP_INFO,
   REP_META_CONTEXT,
+  serverText,
   TFLAG_CAN_MULTI_CONN,
   TFLAG_READ_ONLY,
   TFLAG_SEND_FLUSH,
@@ -97,6 +97,18 @@ class Negotiation {
     return new NbdError(`${this.address.uri}: ${what}`);
   }
 
+  /** Sends `bytes`; a socket the server closed is an {@link NbdError} like a short read. */
+  async send(bytes: Uint8Array): Promise<void> {
+    try {
+      await writeAll(this.channel, bytes);
+    } catch (err) {
+      const why = err instanceof Error ? `: ${err.message}` : "";
+      throw new NbdError(`${this.address.uri}: the server closed the connection${why}`, {
+        cause: err,
+      });
+    }
+  }
+
   async sendOption(option: number, data: Uint8Array = new Uint8Array(0)): Promise<void> {
     const msg = new Uint8Array(16 + data.length);
     const view = new DataView(msg.buffer);
@@ -104,7 +116,7 @@ class Negotiation {
     view.setUint32(8, option);
     view.setUint32(12, data.length);
     msg.set(data, 16);
-    await writeAll(this.channel, msg);
+    await this.send(msg);
   }
 
   async reply(option: number): Promise<OptionReply> {
@@ -131,7 +143,7 @@ class Negotiation {
 
   /** The message of an error reply, with the server's text when it sent one. */
   refusal(option: number, reply: OptionReply): NbdError {
-    const text = decoder.decode(reply.data.subarray(0, MAX_STRING)).trim();
+    const text = serverText(reply.data);
     const said = text === "" ? "" : ` (the server says: ${text})`;
     const name = JSON.stringify(this.address.exportName);
     let what: string;
@@ -178,7 +190,7 @@ class Negotiation {
       0,
       FLAG_FIXED_NEWSTYLE | (flags & FLAG_NO_ZEROES),
     );
-    await writeAll(this.channel, client);
+    await this.send(client);
     return flags;
   }
 
