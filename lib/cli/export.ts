@@ -24,7 +24,7 @@ import {
 } from "./options.ts";
 import type { NbdOptions } from "../nbd/client.ts";
 import { isNbdUri } from "../nbd/uri.ts";
-import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
+import { addHttpOptions, checkHttpFlags, httpOptionsOf, noteRedirect } from "./http_options.ts";
 import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
 const clusterSizeOption = powerOfTwoOption("-c/--cluster-size", 512, 2 * 1024 * 1024);
@@ -444,6 +444,8 @@ async function exportTo(
     try {
       return await httpPut(run.url.url, planned.stream, total, {
         ...http,
+        signal,
+        onRedirect: noteRedirect,
         contentType: contentTypeOf(run.format),
         onProgress: (n) => sent = n,
       });

@@ -28,6 +28,18 @@ export async function httpOptionsOf(flags: HttpFlags): Promise<HttpClientOptions
   return await clientOptionsFrom(flags);
 }
 
+/**
+ * Says on stderr when a redirect leads to another server: it is followed, but never
+ * silently (and the client sends no credentials there).
+ */
+export function noteRedirect(from: string, to: string): void {
+  if (new URL(from).origin === new URL(to).origin) return;
+  console.error(
+    `diskstream: note: ${from} redirects to another server, ${to}: ` +
+      "the URL's password, Authorization and Cookie are not sent there",
+  );
+}
+
 /** Refuses the HTTP flags when the endpoint is not a URL. */
 export function checkHttpFlags(flags: HttpFlags, isUrl: boolean, option: string): void {
   if (isUrl) return;

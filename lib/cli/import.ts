@@ -5,7 +5,7 @@
  * @module
  */
 import { type Command, Option } from "commander";
-import { UsageError } from "../errors.ts";
+import { InterruptedError, UsageError } from "../errors.ts";
 import type { ImportFormat } from "../import/import.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
@@ -21,7 +21,7 @@ import {
 } from "./options.ts";
 import type { NbdOptions } from "../nbd/client.ts";
 import { isNbdUri } from "../nbd/uri.ts";
-import { addHttpOptions, checkHttpFlags, httpOptionsOf } from "./http_options.ts";
+import { addHttpOptions, checkHttpFlags, httpOptionsOf, noteRedirect } from "./http_options.ts";
 import { type HttpFlags, isHttpUrl } from "../http/client.ts";
 
 interface ImportFlags extends HttpFlags, NbdFlags {
@@ -320,7 +320,7 @@ export async function runImport(run: ImportRun): Promise<void> {
 /** `import -i URL`: the body of a GET, its format from its Content-Type unless given. */
 async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlags }) {
   const opts = await httpOptionsOf(url.flags);
-  const [{ httpGet }, { formatOfContentType }, { importImage }, { createProgress }, {
+  const [{ httpGet, redactUrl }, { formatOfContentType }, { importImage }, { createProgress }, {
     stoppableBySignals,
   }] = await Promise.all([
     import("../http/client.ts"),
@@ -329,43 +329,42 @@ async function importFromUrl(run: ImportRun, url: { url: string; flags: HttpFlag
     import("../progress.ts"),
     import("./signals.ts"),
   ]);
-  const download = await httpGet(url.url, opts);
-  // Without -f, a Content-Type of ours names the format (an XVA disk's tar included).
-  const named = formatOfContentType(download.contentType);
-  const chosen = run.format === "auto" && (named === "tar" || named === "qcow2" || named === "vhd")
-    ? named
-    : run.format;
-  if (isWire(chosen)) {
-    const wireFormat = chosen;
+  // A stop signal also ends a wait for a server that stalls (before or within the body).
+  await stoppableBySignals(async (signal) => {
+    const download = await httpGet(url.url, { ...opts, signal, onRedirect: noteRedirect })
+      .catch((err) => {
+        if (!(err instanceof InterruptedError)) throw err;
+        throw err.retell(
+          `${err.message} while waiting for ${redactUrl(url.url)}: nothing was written`,
+        );
+      });
+    // Without -f, a Content-Type of ours names the format (an XVA disk's tar included).
+    const named = formatOfContentType(download.contentType);
+    const chosen =
+      run.format === "auto" && (named === "tar" || named === "qcow2" || named === "vhd")
+        ? named
+        : run.format;
     try {
-      await stoppableBySignals((signal) =>
-        importWire(
+      if (isWire(chosen)) {
+        await importWire(
           run,
-          wireFormat,
+          chosen,
           download.stream,
           createProgress(run.progress, "import"),
           signal,
-        )
-      );
+        );
+      } else {
+        await importImage(download.stream, run.dest, {
+          ...imageOptions(run, chosen, signal),
+          progress: createProgress(run.progress, "import"),
+          streamLength: download.length,
+        });
+      }
     } catch (err) {
       await download.stream.cancel().catch(() => {});
       throw err;
     }
-    return;
-  }
-  const format = chosen;
-  try {
-    await stoppableBySignals((signal) =>
-      importImage(download.stream, run.dest, {
-        ...imageOptions(run, format, signal),
-        progress: createProgress(run.progress, "import"),
-        streamLength: download.length,
-      })
-    );
-  } catch (err) {
-    await download.stream.cancel().catch(() => {});
-    throw err;
-  }
+  });
 }
 
 type WireFormat = "raw" | "chunked" | "tar";

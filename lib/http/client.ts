@@ -15,7 +15,7 @@ import type { ClientRequest, IncomingMessage, RequestOptions } from "node:http";
 import { Buffer } from "node:buffer";
 import { DiskstreamError, UsageError } from "../errors.ts";
 import type { Input } from "../io/stream.ts";
-import { describeNetError, incomingBody, progressOf, writeChunk } from "./body.ts";
+import { describeNetError, escapeControls, incomingBody, progressOf, writeChunk } from "./body.ts";
 
 /** Options of every request. */
 export interface HttpClientOptions {
@@ -29,6 +29,20 @@ export interface HttpClientOptions {
   maxRedirects?: number;
   /** Content type of an upload (default `application/octet-stream`). */
   contentType?: string;
+  /**
+   * Milliseconds without a byte moving (connecting, waiting for the headers, either
+   * body) before the transfer fails (default 120 s; 0: no limit). An upload waits for
+   * the server's answer after its last byte without a limit: the server may be syncing.
+   */
+  idleTimeoutMs?: number;
+  /** Stops the transfer: what is pending rejects with the signal's reason. */
+  signal?: AbortSignal;
+  /**
+   * Called before a redirect is followed, with both URLs (passwords redacted).
+   * A redirect to another origin drops `Authorization`, `Cookie` and the URL's
+   * credentials; one from `https:` to `http:` is refused.
+   */
+  onRedirect?: (from: string, to: string) => void;
 }
 
 /**
@@ -132,10 +146,16 @@ export function parseHeaderLines(lines: readonly string[]): Record<string, strin
 const ERROR_BODY_BYTES = 4096;
 /** How long an upload waits for `100 Continue` before sending anyway (as curl does). */
 const CONTINUE_WAIT_MS = 1000;
+/** Default of {@link HttpClientOptions.idleTimeoutMs}. */
+const IDLE_TIMEOUT_MS = 120_000;
+/** Request headers that carry credentials: never sent to another origin. */
+const CREDENTIAL_HEADERS = ["authorization", "cookie", "proxy-authorization"];
 
 interface Started {
   req: ClientRequest;
   response: Promise<IncomingMessage>;
+  /** The first error of the request, also one after its answer came (a reset). */
+  error(): unknown;
 }
 
 async function startRequest(
@@ -169,7 +189,31 @@ async function startRequest(
     req.once("error", reject);
   });
   response.catch(() => {}); // observed by whoever awaits it
-  return { req, response };
+  let error: unknown = null;
+  req.on("error", (err) => error ??= err);
+  // A stall or a stop fails what is pending: the answer's body as well as the request.
+  let answer: IncomingMessage | undefined;
+  req.once("response", (res) => answer = res);
+  const fail = (err: unknown) => {
+    answer?.destroy(err as Error);
+    req.destroy(err as Error);
+  };
+  const idle = opts.idleTimeoutMs ?? IDLE_TIMEOUT_MS;
+  if (idle > 0) {
+    req.setTimeout(idle, () =>
+      fail(Object.assign(
+        new Error(`no byte moved for ${idle / 1000} s: the server stalled (or the network)`),
+        { code: "EIDLE" },
+      )));
+  }
+  const signal = opts.signal;
+  if (signal) {
+    const abort = () => fail(signal.reason);
+    if (signal.aborted) abort();
+    signal.addEventListener("abort", abort, { once: true });
+    req.once("close", () => signal.removeEventListener("abort", abort));
+  }
+  return { req, response, error: () => error };
 }
 
 /** The first readable line of an error body (HTML tags dropped), at most 200 chars. */
@@ -189,7 +233,8 @@ async function firstBodyLine(res: IncomingMessage): Promise<string> {
   const text = new TextDecoder().decode(Buffer.concat(parts).subarray(0, ERROR_BODY_BYTES));
   const line = text.replace(/<[^>]*>/g, "\n").split(/\r?\n/).map((l) => l.trim())
     .find((l) => l.length > 0) ?? "";
-  return line.length > 200 ? `${line.slice(0, 200)}…` : line;
+  // A binary or hostile body must not drive the terminal the message is printed on.
+  return escapeControls(line.length > 200 ? `${line.slice(0, 200)}…` : line);
 }
 
 async function statusError(
@@ -200,14 +245,58 @@ async function statusError(
   const status = res.statusCode ?? 0;
   const line = await firstBodyLine(res);
   return new HttpStatusError(
-    `${method} ${redactUrl(url)}: HTTP ${status} ${res.statusMessage ?? ""}`.trimEnd() +
-      (line ? `: ${line}` : ""),
+    `${method} ${redactUrl(url)}: HTTP ${status} ${escapeControls(res.statusMessage ?? "")}`
+      .trimEnd() + (line ? `: ${line}` : ""),
     status,
   );
 }
 
+function is2xx(res: IncomingMessage): boolean {
+  return (res.statusCode ?? 0) >= 200 && (res.statusCode ?? 0) <= 299;
+}
+
+/**
+ * A 2xx whose body lasts until the connection closes, sent before the upload's body
+ * (XAPI's import_raw_vdi): the upload succeeded only if that body then ends cleanly.
+ */
+function isProvisional(res: IncomingMessage): boolean {
+  return is2xx(res) && res.headers["content-length"] === undefined &&
+    res.headers["transfer-encoding"] === undefined;
+}
+
 function isRedirect(status: number): boolean {
   return [301, 302, 303, 307, 308].includes(status);
+}
+
+/**
+ * The next hop of a redirect and the headers to send there: credentials (the URL's
+ * user-info, `Authorization`, `Cookie`) go to the same origin only; `https:` never
+ * leads to `http:`.
+ */
+function followRedirect<T extends HttpClientOptions>(
+  method: string,
+  url: URL,
+  res: IncomingMessage,
+  opts: T,
+): { url: URL; opts: T } {
+  const next = redirectTarget(method, url, res);
+  if (url.protocol === "https:" && next.protocol === "http:") {
+    throw new HttpStatusError(
+      `${method} ${redactUrl(url)}: HTTP ${res.statusCode} redirects to ${
+        redactUrl(next)
+      }, which is not HTTPS: the disk and the credentials would cross the network in clear; ` +
+        "give that URL yourself if it is meant",
+      res.statusCode ?? 0,
+    );
+  }
+  opts.onRedirect?.(redactUrl(url), redactUrl(next));
+  if (next.origin === url.origin) return { url: next, opts };
+  const headers = Object.fromEntries(
+    Object.entries(opts.headers ?? {}).filter(([name]) =>
+      !CREDENTIAL_HEADERS.includes(name.toLowerCase())
+    ),
+  );
+  return { url: next, opts: { ...opts, headers } };
 }
 
 function redirectTarget(method: string, url: URL, res: IncomingMessage): URL {
@@ -277,22 +366,33 @@ export interface HttpDownload extends Input {
 export async function httpGet(url: string, opts: HttpClientOptions = {}): Promise<HttpDownload> {
   let u = new URL(url);
   const max = opts.maxRedirects ?? 5;
+  const signal = opts.signal;
   for (let hop = 0;; hop++) {
-    const { req, response } = await startRequest(u, "GET", {}, opts);
+    const { req, response, error } = await startRequest(u, "GET", {}, opts);
     req.end();
     let res: IncomingMessage;
     try {
       res = await response;
     } catch (err) {
+      if (signal?.aborted) throw signal.reason;
       throw new HttpTransferError(`GET ${redactUrl(u)}: ${describeNetError(err)}`, { cause: err });
     }
     const status = res.statusCode ?? 0;
     if (isRedirect(status)) {
       if (hop >= max) throw tooManyRedirects("GET", u, max);
-      u = redirectTarget("GET", u, res);
+      ({ url: u, opts } = followRedirect("GET", u, res, opts));
       continue;
     }
     if (status < 200 || status > 299) throw await statusError("GET", u, res);
+    if (status === 204 || status === 205) {
+      res.destroy();
+      throw new HttpStatusError(
+        `GET ${redactUrl(u)}: HTTP ${status} ${
+          escapeControls(res.statusMessage ?? "")
+        }: the answer holds no body, so no image`,
+        status,
+      );
+    }
     const lengthHeader = res.headers["content-length"];
     const length = lengthHeader !== undefined && /^\d{1,16}$/.test(lengthHeader)
       ? Number(lengthHeader)
@@ -303,11 +403,17 @@ export async function httpGet(url: string, opts: HttpClientOptions = {}): Promis
       url: name,
       length: Number.isSafeInteger(length) ? length : undefined,
       contentType: res.headers["content-type"],
-      stream: incomingBody(res, length, (done, why, cause) =>
-        new HttpTransferError(
-          `the download from ${name} broke after ${progressOf(done, length)}: ${why}`,
-          { cause },
-        )),
+      stream: incomingBody(
+        res,
+        length,
+        (done, why, cause) =>
+          signal?.aborted ? signal.reason : new HttpTransferError(
+            `the download from ${name} broke after ${progressOf(done, length)}: ${
+              error() ? describeNetError(error()) : why
+            }`,
+            { cause: error() ?? cause },
+          ),
+      ),
     };
   }
 }
@@ -375,7 +481,8 @@ export async function httpPut(
           cause: err,
         });
       }).finally(() => clearTimeout(timer));
-      if (answer === "go") {
+      // XAPI answers 200 at once, then reads the body until the connection closes.
+      if (answer === "go" || isProvisional(answer)) {
         const sent = await sendBody(started, u, reader, carry, length, opts);
         if (sent.done) return;
         answer = sent.answer;
@@ -386,22 +493,32 @@ export async function httpPut(
       const status = answer.statusCode ?? 0;
       if (status === 307 || status === 308) {
         if (hop >= max) throw tooManyRedirects("PUT", u, max);
-        u = redirectTarget("PUT", u, answer);
+        ({ url: u, opts } = followRedirect("PUT", u, answer, opts));
         continue;
       }
       if (isRedirect(status)) {
         throw new HttpStatusError(
           `PUT ${redactUrl(u)}: HTTP ${status} redirects to ${
-            answer.headers.location ?? "nowhere"
+            escapeControls(answer.headers.location ?? "nowhere")
           }, which would turn the upload into a GET; upload to the new URL directly`,
           status,
         );
       }
-      if (status >= 200 && status <= 299 && length === 0) return void answer.resume();
+      if (is2xx(answer) && length > 0) {
+        answer.destroy();
+        throw new HttpStatusError(
+          `PUT ${redactUrl(u)}: HTTP ${status} ${
+            escapeControls(answer.statusMessage ?? "")
+          } before any byte of the upload was sent: nothing was uploaded`,
+          status,
+        );
+      }
+      if (is2xx(answer)) return void answer.resume();
       throw await statusError("PUT", u, answer);
     }
   } catch (err) {
     await reader.cancel().catch(() => {});
+    if (opts.signal?.aborted) throw opts.signal.reason;
     throw err;
   }
 }
@@ -412,7 +529,7 @@ type SendResult =
   | { done: false; answer: IncomingMessage; carry: Uint8Array | null };
 
 async function sendBody(
-  { req, response }: Started,
+  { req, response, error }: Started,
   u: URL,
   reader: ReadableStreamDefaultReader<Uint8Array>,
   carry: Uint8Array | null,
@@ -421,24 +538,37 @@ async function sendBody(
 ): Promise<SendResult> {
   let sent = 0;
   let failure: unknown = null;
-  let early: IncomingMessage | null = null;
-  response.then((res) => early = res, (err) => failure = err);
+  let early: IncomingMessage | null = null; // an answer before the end of the body
+  let provisional = false; // … that is XAPI's 200 (see isProvisional)
+  let sending = true;
+  response.then((res) => {
+    if (sending && isProvisional(res)) provisional = true;
+    else if (sending) early = res;
+  }, (err) => failure = err);
   const reply = async (): Promise<never> => {
     const res = early ?? await response.catch(() => null);
     if (res && isRedirect(res.statusCode ?? 0)) {
       res.resume();
       throw new HttpStatusError(
         `PUT ${redactUrl(u)}: HTTP ${res.statusCode} redirects to ${
-          res.headers.location ?? "nowhere"
+          escapeControls(res.headers.location ?? "nowhere")
         } after ${progressOf(sent, length)} of the upload were sent; the export stream ` +
           `cannot be replayed: run again with that URL`,
         res.statusCode ?? 0,
       );
     }
     if (res && (res.statusCode ?? 0) >= 300) throw await statusError("PUT", u, res);
+    if (res && early === res && !failure) {
+      res.destroy();
+      throw new HttpTransferError(
+        `the upload to ${redactUrl(u)} was answered ${res.statusCode} after only ${
+          progressOf(sent, length)
+        }: the server did not wait for the whole image; it cannot be known complete`,
+      );
+    }
     throw new HttpTransferError(
       `the upload to ${redactUrl(u)} broke after ${progressOf(sent, length)}: ${
-        describeNetError(failure ?? "the server answered before the end of the body")
+        describeNetError(failure ?? { code: "ECONNRESET" })
       }`,
       { cause: failure },
     );
@@ -468,18 +598,32 @@ async function sendBody(
         `the stream for ${redactUrl(u)} ended after ${sent} of the ${length} bytes announced`,
       );
     }
+    sending = false;
     req.end();
+    // The body is out: the server may take long (a sync) before it answers.
+    req.setTimeout(0);
     let res: IncomingMessage;
     try {
       res = await response;
     } catch {
       return await reply();
     }
-    if ((res.statusCode ?? 0) < 200 || (res.statusCode ?? 0) > 299) {
+    if (!is2xx(res)) {
       if (sent === 0) return { done: false, answer: res, carry: null };
       return await reply();
     }
+    // XAPI's 200 came before the body: the upload went well if the server then
+    // closes the connection cleanly (the end of that answer), not if it breaks it.
+    const complete = new Promise<boolean>((resolve) => {
+      let ended = false;
+      res.once("end", () => ended = true);
+      res.once("close", () => resolve(ended));
+    });
     res.resume();
+    if (provisional && (!await complete || error())) {
+      failure ??= error();
+      return await reply();
+    }
     return { done: true };
   } catch (err) {
     req.destroy();

@@ -31,7 +31,7 @@ import {
 } from "../errors.ts";
 import { openDiskSource } from "../io/disk_source.ts";
 import { contentTypeOf } from "../http/content_type.ts";
-import { incomingBody, progressOf, writeChunk } from "../http/body.ts";
+import { escapeControls, incomingBody, progressOf, writeChunk } from "../http/body.ts";
 
 /** An export the server can stream: its bytes and their exact number. */
 export interface ServedExport {
@@ -136,6 +136,11 @@ export interface DiskServerOptions {
   tls?: { cert: string; key: string };
   /** Streams (exports and imports) at once; more are answered 503 (default 8). */
   maxStreams?: number;
+  /**
+   * Connections at once (default 256, or twice `maxStreams` when more); more are
+   * closed at once, so that idle or slow clients cannot hold memory without bound.
+   */
+  maxConnections?: number;
   /** Milliseconds a client has to send a request's headers (default 30 s). */
   headerTimeoutMs?: number;
   /** Milliseconds without any byte moving before a connection is closed (default 120 s). */
@@ -278,6 +283,7 @@ export async function startDiskServer(options: DiskServerOptions): Promise<DiskS
       handler,
     )
     : (await import("node:http")).createServer(handler);
+  server.maxConnections = options.maxConnections ?? Math.max(256, 2 * maxStreams);
   // A client that asks before sending a body (`Expect: 100-continue`, as curl does for
   // uploads) is answered "100 Continue" only once the import accepts the request: a
   // refusal known from the headers (401, 404, 409, 413, 503…) goes out at once and the
@@ -296,7 +302,22 @@ export async function startDiskServer(options: DiskServerOptions): Promise<DiskS
       clearTimeout((socket as { headerTimer?: ReturnType<typeof setTimeout> }).headerTimer);
     });
   });
-  server.on("clientError", (_err: unknown, socket: Socket) => socket.destroy());
+  server.on("clientError", (err: Error & { code?: string }, socket: Socket) => {
+    // A request that is not HTTP (an unknown method, a bad Content-Length, headers too
+    // large, a broken chunked body…) gets a short answer when the socket still takes one.
+    if (socket.writable && !(socket as { busy?: boolean }).busy) {
+      const [status, text] = err.code === "HPE_HEADER_OVERFLOW"
+        ? ["431 Request Header Fields Too Large", "the request's headers are too large"]
+        : ["400 Bad Request", "the request is not valid HTTP/1.1"];
+      socket.end(
+        `HTTP/1.1 ${status}\r\ncontent-type: text/plain; charset=utf-8\r\n` +
+          `content-length: ${text.length + 1}\r\nconnection: close\r\n\r\n${text}\n`,
+      );
+      socket.once("finish", () => socket.destroy());
+    } else {
+      socket.destroy();
+    }
+  });
   await new Promise<void>((resolve, reject) => {
     server.once("error", (err: Error & { code?: string }) =>
       reject(
@@ -396,7 +417,11 @@ async function handle(ctx: Context, req: IncomingMessage, res: ServerResponse): 
   const started = performance.now();
   const socket = req.socket as Socket & { busy?: boolean };
   socket.busy = true;
-  const url = new URL(req.url ?? "/", "http://server");
+  const remote = socket.remoteAddress ?? "-";
+  const peer = `${remote}:${socket.remotePort ?? "-"}`;
+  // A request target that is no URL (`GET http://[/`) is answered 400, never thrown.
+  const target = URL.parse(req.url ?? "/", "http://server");
+  const url = target ?? new URL("http://server/");
   let sent = 0;
   let note = "";
   const answer = (status: number, body: string, headers: Record<string, string> = {}) => {
@@ -410,6 +435,7 @@ async function handle(ctx: Context, req: IncomingMessage, res: ServerResponse): 
     res.end(req.method === "HEAD" ? undefined : bytes);
   };
   try {
+    if (target === null) throw new Reply(400, "the request's target is not a valid path");
     if (!ctx.authorized(req)) {
       throw new Reply(401, "a valid token is needed (Authorization: Bearer TOKEN)", {
         "www-authenticate": 'Bearer realm="diskstream", Basic realm="diskstream"',
@@ -433,7 +459,7 @@ async function handle(ctx: Context, req: IncomingMessage, res: ServerResponse): 
       note = r.note;
     } else if (route === "/import_raw_vdi") {
       allow(req, ["PUT"]);
-      note = await serveImport(ctx, req, res, url);
+      note = await serveImport(ctx, req, res, url, peer);
     } else {
       throw new Reply(
         404,
@@ -460,9 +486,12 @@ async function handle(ctx: Context, req: IncomingMessage, res: ServerResponse): 
     socket.busy = false;
     const ms = Math.round(performance.now() - started);
     const status = res.headersSent ? res.statusCode : 0;
+    // One line whatever the request held (`vdi=a%0Afake`): control characters escaped.
     ctx.log(
-      `${stamp()} ${req.socket.remoteAddress ?? "-"} "${req.method} ${logTarget(url)}" ${status} ` +
-        `${sent} ${ms}ms${note ? ` ${note}` : ""}`,
+      escapeControls(
+        `${stamp()} ${remote} "${req.method} ${target ? logTarget(url) : "(invalid target)"}" ` +
+          `${status} ${sent} ${ms}ms${note ? ` ${note}` : ""}`,
+      ),
     );
   }
 }
@@ -601,6 +630,7 @@ async function serveImport(
   req: IncomingMessage,
   res: ServerResponse,
   url: URL,
+  peer: string,
 ): Promise<string> {
   if (ctx.readOnly) throw new Reply(403, "the server is read-only (--read-only): no imports");
   const [name, disk] = diskOf(ctx, url);
@@ -616,7 +646,8 @@ async function serveImport(
   }
   const size = await diskSize(disk.path);
   const lengthHeader = req.headers["content-length"];
-  const length = lengthHeader !== undefined && /^\d{1,16}$/.test(lengthHeader)
+  // Any number of digits: a length past 2^53 is still compared (and refused) as such.
+  const length = lengthHeader !== undefined && /^\d+$/.test(lengthHeader)
     ? Number(lengthHeader)
     : undefined;
   if (formatName === "raw" && length !== undefined && length > size) {
@@ -629,7 +660,6 @@ async function serveImport(
   (req as IncomingMessage & { [CONTINUE]?: () => void })[CONTINUE]?.();
   disk.writer = true;
   disk.state = "importing";
-  const peer = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
   const body = incomingBody(req, length, (got, why, cause) => {
     return new DiskstreamError(
       `the upload from ${peer} broke after ${progressOf(got, length)}: ${
@@ -662,7 +692,8 @@ async function serveImport(
       `disk '${name}'`,
     );
     disk.state = `import failed: ${why}`;
-    if (res.destroyed || req.destroyed) {
+    // The client went away (not: its body ended, which also destroys `req`).
+    if (res.destroyed || req.socket.destroyed || req.readableAborted) {
       throw new Reply(499, `import of '${name}' failed, the disk is incomplete: ${why}`);
     }
     throw new Reply(
