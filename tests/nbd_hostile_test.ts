@@ -76,7 +76,7 @@ function failsCleanly(r: Outcome, server: FakeNbd, why: RegExp, what: string): v
   assert.equal(lines.length, 1, `${what}: one line expected: ${r.stderr}`);
   assert.ok(lines[0].startsWith("diskstream: "), `${what}: ${lines[0]}`);
   assert.ok(lines[0].includes(server.uri), `${what}: the URI is not named: ${lines[0]}`);
-  assert.match(lines[0], why, what);
+  assert.match(lines[0], why, `${what}: ${lines[0]}`);
   assert.ok(!lines[0].includes("internal error") && !lines[0].includes("\x1b"), what);
   bounded(r, what);
 }

@@ -192,8 +192,15 @@ export class NbdConnection {
       if (payload !== undefined && !small) await writeAll(this.#channel, payload);
     }).catch((err) => {
       if (this.#failure !== null) throw this.#failure;
+      // The server hung up (it may have said why in a reply not read yet): say so, as
+      // the reader does when it meets the end of the stream first.
+      const code = (err as { code?: string })?.code;
+      const closed = err instanceof Deno.errors.BrokenPipe ||
+        err instanceof Deno.errors.ConnectionReset || code === "EPIPE" || code === "ECONNRESET";
       throw err instanceof NbdError ? err : new NbdError(
-        `${this.uri}: the connection broke while sending a ${commandName(command)}: ${
+        `${this.uri}: ${
+          closed ? "the server closed the connection" : "the connection broke"
+        } while sending a ${commandName(command)}: ${
           err instanceof Error ? err.message : String(err)
         }`,
         { cause: err },
