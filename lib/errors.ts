@@ -6,6 +6,19 @@
  * @module
  */
 
+/**
+ * `text` from a peer (a server's message or status line, an error body, a disk name)
+ * fit for one line of a message or a log: control, format and line-separator
+ * characters are shown as `\xNN` (`\u{N}` past U+00FF), so they neither break the
+ * line nor drive the terminal (escapes, bidirectional overrides).
+ */
+export function escapeControls(text: string): string {
+  return text.replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu, (c) => {
+    const n = c.codePointAt(0)!;
+    return n < 0x100 ? `\\x${n.toString(16).padStart(2, "0")}` : `\\u{${n.toString(16)}}`;
+  });
+}
+
 /** Base class of every error diskstream raises on purpose. Exit status 1. */
 export class DiskstreamError extends Error {
   /** The exit status the command line uses for this error. */

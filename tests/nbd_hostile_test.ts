@@ -223,7 +223,7 @@ Deno.test("nbd hostile: greetings and option replies", async () => {
           const text = "no such\nexport\x1b[31m here\r\n" + "x".repeat(3000);
           await s.optionReply(7, 0x80000006, new TextEncoder().encode(text));
         }),
-        /no export named "disk".*the server says: no such export \[31m here x+…\)$/,
+        /no export named "disk".*the server says: no such\\x0aexport\\x1b\[31m here\\x0d\\x0ax+…\)$/,
       ],
       ["NBD_REP_ERR_POLICY", onOption(7, (s) => s.optionReply(7, 0x80000002)), /by policy/],
       ["NBD_REP_ERR_SHUTDOWN", onOption(7, (s) => s.optionReply(7, 0x80000007)), /shutting/],
@@ -422,7 +422,7 @@ Deno.test("nbd hostile: replies to reads", async () => {
       [
         "error chunk with newlines",
         onRead((s, r) => s.errorChunk(1, r.cookie, 28, "disk\nfull\x07\u2028now")),
-        /answered ENOSPC \(no space left on the export\) to a read of \d+ bytes at byte offset 0: disk full now$/,
+        /answered ENOSPC \(no space left on the export\) to a read of \d+ bytes at byte offset 0: disk\\x0afull\\x07\\u\{2028\}now$/,
       ],
       [
         "closed mid-header",

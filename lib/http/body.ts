@@ -7,24 +7,11 @@
  */
 import type { IncomingMessage } from "node:http";
 import type { Writable } from "node:stream";
-import type { DiskstreamError } from "../errors.ts";
+import { type DiskstreamError, escapeControls } from "../errors.ts";
 import { formatBytes } from "../size.ts";
 
 /** Makes the error of a body that broke after `received` bytes. */
 export type BrokenBody = (received: number, why: string, cause?: unknown) => DiskstreamError;
-
-/**
- * `text` with its control characters (C0, DEL, C1) shown as `\xNN`: what a peer sent
- * (a status line, an error body, a disk name) goes into one line of a message or a log
- * without breaking it or driving the terminal.
- */
-export function escapeControls(text: string): string {
-  return text.replace(
-    // deno-lint-ignore no-control-regex
-    /[\x00-\x1f\x7f-\x9f]/g,
-    (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`,
-  );
-}
 
 export /** One line for a failed connection: what happened and what to do. */
 function describeNetError(err: unknown): string {

@@ -13,9 +13,9 @@
  */
 import type { ClientRequest, IncomingMessage, RequestOptions } from "node:http";
 import { Buffer } from "node:buffer";
-import { DiskstreamError, UsageError } from "../errors.ts";
+import { DiskstreamError, escapeControls, UsageError } from "../errors.ts";
 import type { Input } from "../io/stream.ts";
-import { describeNetError, escapeControls, incomingBody, progressOf, writeChunk } from "./body.ts";
+import { describeNetError, incomingBody, progressOf, writeChunk } from "./body.ts";
 
 /** Options of every request. */
 export interface HttpClientOptions {

@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { escapeControls } from "../errors.ts";
 
 /** "NBDMAGIC", the first 8 bytes a server sends. */
 export const NBD_MAGIC = 0x4e42444d41474943n;
@@ -90,12 +91,11 @@ const MAX_QUOTED = 256;
 
 /**
  * A message the server sent, fit for one line of an error: control, format and line
- * separator characters (newlines, terminal escapes) become spaces, and it is cut to
- * 256 characters.
+ * separator characters (newlines, terminal escapes) shown escaped
+ * ({@link escapeControls}), and cut to 256 characters.
  */
 export function serverText(bytes: Uint8Array): string {
-  const text = new TextDecoder().decode(bytes.subarray(0, MAX_STRING))
-    .replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]+/gu, " ").trim();
+  const text = escapeControls(new TextDecoder().decode(bytes.subarray(0, MAX_STRING)).trim());
   const chars = [...text];
   return chars.length <= MAX_QUOTED ? text : `${chars.slice(0, MAX_QUOTED).join("")}…`;
 }

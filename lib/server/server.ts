@@ -25,13 +25,14 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import {
   CorruptImageError,
   DiskstreamError,
+  escapeControls,
   LimitError,
   UnsupportedError,
   UsageError,
 } from "../errors.ts";
 import { openDiskSource } from "../io/disk_source.ts";
 import { contentTypeOf } from "../http/content_type.ts";
-import { escapeControls, incomingBody, progressOf, writeChunk } from "../http/body.ts";
+import { incomingBody, progressOf, writeChunk } from "../http/body.ts";
 
 /** An export the server can stream: its bytes and their exact number. */
 export interface ServedExport {
