@@ -349,12 +349,18 @@ export async function exportTar(
         sink.flush();
         yield* sink.drainRead();
       },
-      // For writeTo's synchronous writes: one buffer, each member read into it (one
-      // read), hashed (one call) and written with its checksum member (one write). Each
+      // For writeTo's kernel copies and synchronous writes: one buffer, each member read
+      // into it (one read) and hashed (one call). Its data then goes by kernel copy
+      // (splice: no copy into the pipe; writing the buffer costs twice the time), or,
+      // from a source read with O_DIRECT (a second read would be a second device
+      // request), written from the buffer with the member's framing (one write). A
+      // source written to meanwhile may then send other bytes than were hashed: the
+      // importer refuses that member by its checksum (never silently wrong). Each
       // run of members is read ahead as the run before it starts: on a cold disk the
       // device reads the next allocated range while this one is hashed and sent.
       pieces: readSync && function* () {
         const buf = new Uint8Array(full);
+        const copyData = !plan.src.direct;
         const runs = setRuns(chunks)[Symbol.iterator]();
         const readAhead = (run: IteratorResult<Run>) => {
           if (run.done || plan.src.prefetch === undefined) return;
@@ -369,7 +375,14 @@ export async function exportTar(
           for (let i = first; i <= last; i++) {
             const size = sizeOf(i);
             readSync(buf.subarray(512, 512 + size), i * XVA_CHUNK, plan.src.size);
-            yield buf.subarray(0, writer.frame(buf, 0, i, size));
+            const end = writer.frame(buf, 0, i, size);
+            if (!copyData) {
+              yield buf.subarray(0, end);
+              continue;
+            }
+            yield buf.subarray(0, 512);
+            yield { offset: i * XVA_CHUNK, length: size };
+            yield buf.subarray(512 + size, end);
           }
         }
         yield TAR_END;
