@@ -377,6 +377,51 @@ Deno.test("XVA disk: a refusal waits for the writes already running, so no membe
   assert.equal(finished, running); // nothing still writing when the caller aborts
 });
 
+Deno.test("XVA disk: members are hashed while the next ones are read, but a corrupt member's batch is never flushed", async () => {
+  const n = 11;
+  const members: [string, Uint8Array][] = [];
+  for (let k = 0; k < n; k++) {
+    members.push([`Ref:0/${String(k).padStart(8, "0")}`, pseudoRandom(MiB, k + 1)]);
+  }
+  const tar = await tarOf(members);
+  const member = 512 + MiB + 1024;
+  for (const bad of [null, 0, 3, 6, 10]) {
+    const copy = tar.slice();
+    if (bad !== null) copy[bad * member + 512 + 99] ^= 1;
+    // The target records which disk bytes each flush writes.
+    let queued: [number, number][] = [];
+    const flushed: [number, number][] = [];
+    const disk = new Uint8Array(n * MiB);
+    const target = {
+      get queued() {
+        return queued.reduce((a, [, len]) => a + len, 0);
+      },
+      write: (at: number, b: Uint8Array, from: number, to: number) => {
+        disk.set(b.subarray(from, to), at);
+        queued.push([at, to - from]);
+      },
+      zero() {},
+      flush: async () => {
+        // Takes what is queued when called (as RawDestination does), then writes slowly.
+        flushed.push(...queued);
+        queued = [];
+        await new Promise((r) => setTimeout(r, 1));
+      },
+    };
+    const reader = new TarReader(new ChunkStream(ReadableStream.from([copy])));
+    const done = decodeXvaDisk(reader, null, target, { size: null });
+    if (bad === null) {
+      const r = await done;
+      assert.equal(r.verified.xxhash, n);
+      members.forEach(([, d], k) => assert.deepEqual(disk.subarray(k * MiB, (k + 1) * MiB), d));
+      continue;
+    }
+    await assert.rejects(done, new RegExp(`checksum mismatch in member Ref:0/0*${bad}:`));
+    // Nothing of the corrupt member (or after it) was flushed.
+    for (const [at, len] of flushed) assert.ok(at + len <= bad * MiB, `${bad}: ${at}+${len}`);
+  }
+});
+
 Deno.test("xva: a file that is not a tar, and -o naming a file, are refused in one line", async () => {
   await withTempDir(async (dir) => {
     await Deno.writeFile(`${dir}/d.raw`, pseudoRandom(4096, 9));

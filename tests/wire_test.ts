@@ -6,9 +6,10 @@
 import assert from "node:assert/strict";
 import { ClusterSet, exportTar } from "../mod.ts";
 import { type DiskSource, openDiskSource } from "../lib/io/disk_source.ts";
-import { loadXxh64 } from "../lib/xva/checksum.ts";
+import { loadThreadedXxh64, loadXxh64 } from "../lib/xva/checksum.ts";
 import {
   CLI_SH,
+  IN_CI,
   pseudoRandom,
   runCli,
   sh,
@@ -338,6 +339,30 @@ Deno.test("XXH64: the native and the WebAssembly implementations agree, in one p
     assert.equal(native.checksum(d.subarray(0, cut), d.subarray(cut)), want);
     assert.equal(wasm.checksum(d.subarray(0, cut), d.subarray(cut)), want);
   }
+});
+
+Deno.test("XXH64 on another thread (libxxhash) agrees with the native one, in one piece and in several", async () => {
+  const threaded = loadThreadedXxh64();
+  if (threaded === null) {
+    // CI installs libxxhash0 (.ci/run); elsewhere imports hash on their own thread.
+    assert.ok(!IN_CI, "libxxhash.so.0 loads through FFI (apt-get install libxxhash0)");
+    return;
+  }
+  const native = (await loadXxh64())!;
+  const data = pseudoRandom(3 * MiB + 12345, 11);
+  for (const len of [0, 1, 31, 32, 33, 4096, MiB, data.length - 7]) {
+    const d = data.subarray(7, 7 + len);
+    const want = native.checksum(d);
+    assert.equal(await threaded(d), want, `${len} bytes`);
+    const [a, b] = [Math.floor(d.length / 3), Math.floor((2 * d.length) / 3)];
+    assert.equal(await threaded(d.subarray(0, a), d.subarray(a, b), d.subarray(b)), want);
+  }
+  // Many at once (each on one of Deno's blocking threads), each its own result.
+  const parts = Array.from({ length: 16 }, (_, k) => data.subarray(k * 4096, k * 4096 + MiB));
+  assert.deepEqual(
+    await Promise.all(parts.map((p) => threaded(p))),
+    parts.map((p) => native.checksum(p)),
+  );
 });
 
 /** `src`, recording the offset of every read of its data. */

@@ -107,7 +107,12 @@ export class RawDestination implements DiskTarget {
     this.kind = kind;
     this.#file = file;
     this.#direct = opts.direct ? openDirectFile(path, true) : null;
-    this.#cache = opts.direct && this.#direct === null ? openPageCache(path, true) : null;
+    // Without --direct, an import that syncs at the end starts the writeback as it goes.
+    this.#cache = opts.direct
+      ? this.#direct === null ? openPageCache(path, true) : null
+      : (opts.sync ?? true)
+      ? openPageCache(path, false, true)
+      : null;
     this.virtualSize = virtualSize;
     this.#capacity = sizes.capacity;
     this.#initialSize = sizes.initial;
@@ -248,7 +253,7 @@ export class RawDestination implements DiskTarget {
     this.#check(offset, length);
     this.#lowest = Math.min(this.#lowest, offset);
     this.#directBytes += length;
-    this.#cache?.wrote(offset, length);
+    if (this.#cache?.drop) this.#cache.wrote(offset, length); // splices start their writeback
     this.#dataBytes += length;
     this.#written?.addBytes(offset, length);
   }

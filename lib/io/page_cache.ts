@@ -36,6 +36,12 @@ const SYMBOLS = {
   close: { parameters: ["i32"], result: "i32" },
   posix_fadvise: { parameters: ["i32", "i64", "i64", "i32"], result: "i32" },
   sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32" },
+  sync_file_range_async: {
+    name: "sync_file_range",
+    parameters: ["i32", "i64", "i64", "u32"],
+    result: "i32",
+    nonblocking: true,
+  },
 } as const;
 
 /**
@@ -74,7 +80,10 @@ const widen = (s: Span, offset: number, length: number) => {
  * The page cache of the file or block device at `path` (opened here, read-only: the
  * cache belongs to the file, whichever descriptor reads or writes it), dropping what
  * is transferred when `drop` is set, or null when FFI is unavailable or it cannot be
- * opened.
+ * opened. `writeback` without `drop`: what is written has its writeback started every
+ * {@link DROP_STRIDE} bytes (not waited for, the pages stay cached), so that a final
+ * `fdatasync` finds little left to write: an import that syncs its data at the end
+ * writes the device while it receives the stream, as the kernel copies do.
  *
  * @example
  * ```ts
@@ -90,7 +99,11 @@ const widen = (s: Span, offset: number, length: number) => {
  * await Deno.remove(dir, { recursive: true });
  * ```
  */
-export function openPageCache(path: string, drop: boolean): PageCache | null {
+export function openPageCache(
+  path: string,
+  drop: boolean,
+  writeback = false,
+): PageCache | null {
   const c = loadLibc(SYMBOLS);
   if (c === null) return null;
   const fd = c.open(new TextEncoder().encode(path + "\0"), O_RDONLY | O_CLOEXEC, 0);
@@ -111,6 +124,8 @@ export function openPageCache(path: string, drop: boolean): PageCache | null {
   let writing = empty();
   let started = empty();
   let wroteAny = false;
+  /** The writebacks being started on another thread (`writeback` without `drop`). */
+  let starting: Promise<unknown> = Promise.resolve();
   let closed = false;
   return {
     drop,
@@ -130,10 +145,20 @@ export function openPageCache(path: string, drop: boolean): PageCache | null {
       }
     },
     wrote(offset, length) {
-      if (!drop || closed || length <= 0) return;
+      if (!(drop || writeback) || closed || length <= 0) return;
+      widen(writing, offset, length);
+      if (!drop) {
+        if (writing.hi - writing.lo < DROP_STRIDE) return;
+        // On another thread: submitting the writes takes the caller's processor time.
+        const [lo, hi] = [writing.lo, writing.hi];
+        starting = starting.then(() =>
+          c.sync_file_range_async(fd, BigInt(lo), BigInt(hi - lo), SYNC_FILE_RANGE_WRITE)
+        );
+        writing = empty();
+        return;
+      }
       wroteAny = true;
       widen(all, offset, length);
-      widen(writing, offset, length);
       if (writing.hi - writing.lo < DROP_STRIDE) return;
       sync(writing, SYNC_FILE_RANGE_WRITE); // start this stride's writeback
       sync(started, waitAll); // the previous one is done by now, mostly
@@ -146,7 +171,7 @@ export function openPageCache(path: string, drop: boolean): PageCache | null {
       closed = true;
       if (wroteAny) sync(all, waitAll);
       if (drop) dropRange(all);
-      c.close(fd);
+      starting.then(() => c.close(fd)); // after the writebacks being started
     },
   };
 }

@@ -7,6 +7,11 @@
  * permitted, else from the `xxhash-wasm` package (WebAssembly: each piece is first
  * copied into its memory, and the code starts in V8's baseline tier).
  *
+ * An import hashes each member on another thread while it reads the next ones
+ * ({@link loadThreadedXxh64}): XXH64 from the system's xxHash library (`libxxhash.so.0`,
+ * Debian's libxxhash0, the reference implementation) called through FFI without
+ * blocking. Where it is missing the import hashes on its own thread as above.
+ *
  * @module
  */
 import { createRequire } from "node:module";
@@ -98,6 +103,70 @@ export async function loadXxh64(
       return hex16(h.digest());
     },
   };
+}
+
+/** XXH64 of pieces computed on another thread; see {@link loadThreadedXxh64}. */
+export type ThreadedChecksum = (...pieces: Uint8Array[]) => Promise<string>;
+
+const XXHASH_SYMBOLS = {
+  XXH64: { parameters: ["buffer", "usize", "u64"], result: "u64", nonblocking: true },
+  XXH64_createState: { parameters: [], result: "pointer" },
+  XXH64_freeState: { parameters: ["pointer"], result: "i32" },
+  XXH64_reset: { parameters: ["pointer", "u64"], result: "i32" },
+  XXH64_update: {
+    parameters: ["pointer", "buffer", "usize"],
+    result: "i32",
+    nonblocking: true,
+  },
+  XXH64_digest: { parameters: ["pointer"], result: "u64" },
+} as const;
+
+let threaded: ThreadedChecksum | null | undefined;
+
+/**
+ * XXH64 (seed 0, as 16 upper-case hex digits) computed on one of Deno's blocking
+ * threads by the system's xxHash library (`libxxhash.so.0`), so that the caller goes
+ * on meanwhile; null without FFI permission or the library. The pieces must not
+ * change until the promise settles.
+ *
+ * @example
+ * ```ts
+ * import { loadChecksum, loadThreadedXxh64 } from "./checksum.ts";
+ * import assert from "node:assert/strict";
+ *
+ * const threaded = loadThreadedXxh64(); // null without --allow-ffi or libxxhash.so.0
+ * const abc = new TextEncoder().encode("abc");
+ * if (threaded !== null) {
+ *   assert.equal(await threaded(abc), (await loadChecksum("xxhash"))(abc));
+ *   assert.equal(await threaded(abc.subarray(0, 1), abc.subarray(1)), "44BC2CF5AD770999");
+ * }
+ * ```
+ */
+export function loadThreadedXxh64(): ThreadedChecksum | null {
+  if (threaded !== undefined) return threaded;
+  threaded = null;
+  try {
+    if (Deno.build.os !== "linux") return null;
+    if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return null;
+    const x = Deno.dlopen("libxxhash.so.0", XXHASH_SYMBOLS).symbols;
+    threaded = async (...pieces) => {
+      if (pieces.length === 1) {
+        return hex16(BigInt(await x.XXH64(pieces[0], BigInt(pieces[0].length), 0n)));
+      }
+      const state = x.XXH64_createState();
+      if (state === null) throw new Error("XXH64_createState: out of memory");
+      try {
+        x.XXH64_reset(state, 0n);
+        for (const p of pieces) await x.XXH64_update(state, p, BigInt(p.length));
+        return hex16(BigInt(x.XXH64_digest(state)));
+      } finally {
+        x.XXH64_freeState(state);
+      }
+    };
+  } catch {
+    threaded = null;
+  }
+  return threaded;
 }
 
 async function loadSha1(): Promise<Checksum> {

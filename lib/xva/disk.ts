@@ -18,7 +18,7 @@ import {
   type ChecksumKind,
   checksumKindOf,
 } from "./checksum.ts";
-import { loadChecksum } from "./checksum.ts";
+import { loadChecksum, loadThreadedXxh64 } from "./checksum.ts";
 import {
   encodeHeader,
   TAR_BLOCK,
@@ -256,7 +256,13 @@ export async function decodeXvaDisk(
   // The verified members' writes run while the next members are read and hashed (one
   // flush at a time); the input's buffers they refer to are reused once they are done.
   let writing: Promise<void> = Promise.resolve();
+  // Each member's checksum is computed as soon as its data is read (XXH64 on another
+  // thread where it can be, see checksum.ts) and checked in member order before any of
+  // its data is flushed: a mismatch stops the import with the member's data unwritten.
+  let checks: Promise<void> = Promise.resolve();
+  const threaded = options.ignoreChecksums ? null : loadThreadedXxh64();
   const startFlush = async () => {
+    await checks;
     await writing;
     const release = reader.takeHeld();
     writing = target.flush().then(release);
@@ -390,27 +396,37 @@ export async function decodeXvaDisk(
         const kind = ck!.checksum!;
         const body = await reader.readBody(MAX_CHECKSUM_BYTES);
         const said = new TextDecoder().decode(body).trim().split(/\s/)[0].toLowerCase();
-        const fn = checksums[kind] ??= await loadChecksum(kind);
-        const got = fn(...pieces.map(([c, from, to]) => c.subarray(from, to))).toLowerCase();
-        if (said !== got) {
-          throw new CorruptImageError(
-            `checksum mismatch in member ${m.name}: its ${CHECKSUM_EXTENSIONS[kind]} member says ` +
-              `${said || "(nothing)"}, the data hashes to ${got}; the stream is corrupt ` +
-              `(--ignore-checksums imports it anyway)`,
-            m.headerOffset,
-          );
-        }
-        verified[kind]++;
+        const views = pieces.map(([c, from, to]) => c.subarray(from, to));
+        const hashing = kind === "xxhash" && threaded !== null
+          ? threaded(...views)
+          : Promise.resolve((checksums[kind] ??= await loadChecksum(kind))(...views));
+        hashing.catch(() => {}); // awaited in turn below
+        checks = checks.then(async () => {
+          const got = (await hashing).toLowerCase();
+          if (said !== got) {
+            throw new CorruptImageError(
+              `checksum mismatch in member ${m.name}: its ${CHECKSUM_EXTENSIONS[kind]} member ` +
+                `says ${said || "(nothing)"}, the data hashes to ${got}; the stream is corrupt ` +
+                `(--ignore-checksums imports it anyway)`,
+              m.headerOffset,
+            );
+          }
+          verified[kind]++;
+        });
       }
-      options.onMember?.(m, at0);
+      checks = checks.then(() => options.onMember?.(m, at0));
+      checks.catch(() => {}); // thrown where it is awaited
       options.onProgress?.(offset);
       if (target.queued >= WRITE_BATCH) await startFlush();
     }
     await flush();
     return result(null);
   } catch (err) {
+    // No hash may still be reading the input's buffers; a mismatch found there came
+    // earlier in the stream than what stopped the reading.
+    const mismatch = await checks.then(() => null, (e) => e);
     await writing.catch(() => {});
-    throw err;
+    throw mismatch ?? err;
   }
 }
 
