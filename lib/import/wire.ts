@@ -16,7 +16,7 @@ import { openDiskSource } from "../io/disk_source.ts";
 import type { ProgressSink } from "../progress.ts";
 import type { ChecksumKind } from "../xva/checksum.ts";
 import { decodeXvaDisk } from "../xva/disk.ts";
-import { TarReader } from "../xva/tar.ts";
+import { shownName, TarReader } from "../xva/tar.ts";
 import {
   type DestinationKind,
   type DestinationOptions,
@@ -183,7 +183,8 @@ export async function importTar(
       if (r.next !== null) {
         // A stream of one disk: members of another prefix are not this disk's end.
         throw new CorruptImageError(
-          `member ${r.next.name} does not belong to the disk of prefix ${r.prefix}: a tar ` +
+          `member ${shownName(r.next.name)} does not belong to the disk of prefix ` +
+            `${shownName(r.prefix)}: a tar ` +
             `stream of one disk holds one prefix's members (a whole XVA: 'diskstream xva ` +
             `extract'; another disk's members: give --tar-prefix)`,
           r.next.headerOffset,

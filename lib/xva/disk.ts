@@ -21,6 +21,7 @@ import {
 import { loadChecksum, loadThreadedXxh64 } from "./checksum.ts";
 import {
   encodeHeader,
+  shownName,
   TAR_BLOCK,
   tarHeader,
   type TarMember,
@@ -290,7 +291,7 @@ export async function decodeXvaDisk(
         if (size !== null && offset < size) {
           throw new CorruptImageError(
             `${reader.label} ended after ${offset} of the disk's ${size} bytes` +
-              (last >= 0 ? ` (last member ${diskMemberName(prefix ?? "", last)})` : "") +
+              (last >= 0 ? ` (last member ${shownName(diskMemberName(prefix ?? "", last))})` : "") +
               `: it was cut short, or ${options.origin ?? "--size"} is wrong`,
             reader.position,
           );
@@ -312,9 +313,11 @@ export async function decodeXvaDisk(
         }
         throw new CorruptImageError(
           `expected a disk member named ${diskMemberName(prefix ?? "PREFIX", last + 1)}` +
-            ` or later, found ${JSON.stringify(m.name)}` +
+            ` or later, found ${shownName(JSON.stringify(m.name))}` +
             (m.name === "ova.xml"
-              ? ": this is a whole XVA (use 'diskstream xva extract')"
+              ? options.origin === undefined
+                ? ": this is a whole XVA (use 'diskstream xva extract')"
+                : ": an XVA holds one ova.xml, its first member"
               : options.prefix === undefined
               ? ""
               : options.origin === undefined
@@ -326,13 +329,15 @@ export async function decodeXvaDisk(
       }
       if (parsed.checksum) {
         throw new CorruptImageError(
-          `checksum member ${m.name} comes without the data member before it`,
+          `checksum member ${shownName(m.name)} comes without the data member before it`,
           m.headerOffset,
         );
       }
       if (parsed.number <= last) {
         throw new CorruptImageError(
-          `member ${m.name} comes after ${diskMemberName(prefix!, last)}: member numbers must ` +
+          `member ${shownName(m.name)} comes after ${
+            shownName(diskMemberName(prefix!, last))
+          }: member numbers must ` +
             `increase`,
           m.headerOffset,
         );
@@ -345,7 +350,9 @@ export async function decodeXvaDisk(
       if (gap > 0) {
         if (chunk === 0) {
           throw new CorruptImageError(
-            `member ${m.name} follows a gap, but the disk's first member is empty: the gap ` +
+            `member ${
+              shownName(m.name)
+            } follows a gap, but the disk's first member is empty: the gap ` +
               `cannot be sized`,
             m.headerOffset,
           );
@@ -357,7 +364,9 @@ export async function decodeXvaDisk(
       }
       if (m.size > chunk) {
         throw new CorruptImageError(
-          `member ${m.name} holds ${m.size} bytes, more than the disk's first member (${chunk}): ` +
+          `member ${
+            shownName(m.name)
+          } holds ${m.size} bytes, more than the disk's first member (${chunk}): ` +
             `the gaps could not be sized`,
           m.headerOffset,
         );
@@ -384,8 +393,9 @@ export async function decodeXvaDisk(
       if (!isItsSum) {
         if (!options.ignoreChecksums) {
           throw new CorruptImageError(
-            `member ${m.name} is not followed by its checksum member (${m.name}.xxhash or ` +
-              `${m.name}.checksum)` + (c ? `, but by ${JSON.stringify(c.name)}` : "") +
+            `member ${shownName(m.name)} is not followed by its checksum member (` +
+              `${shownName(m.name)}.xxhash or ${shownName(m.name)}.checksum)` +
+              (c ? `, but by ${shownName(JSON.stringify(c.name))}` : "") +
               ` (--ignore-checksums imports without them)`,
             c?.headerOffset ?? reader.position,
           );
@@ -395,7 +405,8 @@ export async function decodeXvaDisk(
         refuseIrregular(c);
         const kind = ck!.checksum!;
         const body = await reader.readBody(MAX_CHECKSUM_BYTES);
-        const said = new TextDecoder().decode(body).trim().split(/\s/)[0].toLowerCase();
+        // The whole body (blanks and a line end around it allowed), nothing after it.
+        const said = new TextDecoder().decode(body).trim().toLowerCase();
         const views = pieces.map(([c, from, to]) => c.subarray(from, to));
         const hashing = kind === "xxhash" && threaded !== null
           ? threaded(...views)
@@ -405,8 +416,12 @@ export async function decodeXvaDisk(
           const got = (await hashing).toLowerCase();
           if (said !== got) {
             throw new CorruptImageError(
-              `checksum mismatch in member ${m.name}: its ${CHECKSUM_EXTENSIONS[kind]} member ` +
-                `says ${said || "(nothing)"}, the data hashes to ${got}; the stream is corrupt ` +
+              `checksum mismatch in member ${shownName(m.name)}: its ${
+                CHECKSUM_EXTENSIONS[kind]
+              } member ` +
+                `says ${
+                  said ? shownName(said) : "(nothing)"
+                }, the data hashes to ${got}; the stream is corrupt ` +
                 `(--ignore-checksums imports it anyway)`,
               m.headerOffset,
             );
@@ -447,15 +462,17 @@ const TAR_TYPES: Record<string, string> = {
 function refuseIrregular(m: TarMember): void {
   if (m.type === "0" || m.type === "7") return; // regular, contiguous
   throw new CorruptImageError(
-    `member ${m.name} is ${TAR_TYPES[m.type] ?? "no regular file"} (tar type ` +
-      `${JSON.stringify(m.type)}): disk members are regular files`,
+    `member ${shownName(m.name)} is ${TAR_TYPES[m.type] ?? "no regular file"} (tar type ` +
+      `${shownName(JSON.stringify(m.type))}): disk members are regular files`,
     m.headerOffset,
   );
 }
 
 function afterShort(m: TarMember, short: string): CorruptImageError {
   return new CorruptImageError(
-    `member ${m.name} comes after ${short}, which is shorter than the first member: only ` +
+    `member ${shownName(m.name)} comes after ${
+      shownName(short)
+    }, which is shorter than the first member: only ` +
       `the last member of a disk may be short`,
     m.headerOffset,
   );
@@ -470,9 +487,13 @@ function checkFits(
   origin: string | undefined,
 ) {
   if (!Number.isSafeInteger(offset + n) || (size !== null && offset + n > size)) {
+    const name = `${what ? what + " member" : "member"} ${shownName(m.name)}`;
     throw new CorruptImageError(
-      `${what ? what + " member" : "member"} ${m.name} reaches byte ${offset + n}, past the ` +
-        `disk's size of ${size} bytes (${origin ?? "is --size right?"})`,
+      size === null
+        ? `${name} reaches byte ${offset + n}, past 2^53: no disk is that large (its number ` +
+          `is corrupt)`
+        : `${name} reaches byte ${offset + n}, past the disk's size of ${size} bytes ` +
+          `(${origin ?? "is --size right?"})`,
       m.headerOffset,
     );
   }

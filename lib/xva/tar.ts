@@ -3,13 +3,15 @@
  * and decoded by the `tar-mini` package: ustar, octal or base-256 numbers, header
  * checksums), each member's bytes padded to 512, and two zero blocks at the end.
  * {@link TarReader} walks the members of a stream in one pass, never holding more than
- * one input chunk, and understands the GNU long-name and pax `path` records that other
- * tar writers may put in front of a member.
+ * one input chunk, and understands the GNU long-name and pax (`path`, `size`) records
+ * that other tar writers may put in front of a member. The size field is read as
+ * Python's `tarfile` reads it (octal, or GNU base-256), strictly: tar-mini's own
+ * reading takes `0000001z` for 1 and an all-0xff field for 0.
  *
  * @module
  */
-import { decode, decodePax, encode } from "tar-mini";
-import { CorruptImageError, LimitError } from "../errors.ts";
+import { decode, encode } from "tar-mini";
+import { CorruptImageError, escapeControls, LimitError } from "../errors.ts";
 import type { ChunkStream } from "../io/chunk_stream.ts";
 import type { ImageFile } from "../io/image_file.ts";
 
@@ -108,11 +110,65 @@ export interface TarMember {
 
 /** Largest GNU long-name or pax record accepted (bytes). */
 const MAX_META = 1024 * 1024;
+/** Longest member name accepted (bytes; PATH_MAX). */
+const MAX_NAME = 4096;
 const decoder = new TextDecoder();
+const latin1 = new TextDecoder("latin1");
+
+/**
+ * A member name (or any text from a tar stream) fit for one line of a message: control
+ * and format characters escaped, and cut after 200 characters.
+ *
+ * @example
+ * ```ts
+ * import { shownName } from "./tar.ts";
+ * import assert from "node:assert/strict";
+ *
+ * assert.equal(shownName("Ref:0/\x1b[31m"), "Ref:0/\\x1b[31m");
+ * ```
+ */
+export function shownName(name: string): string {
+  const cut = name.length > 200 ? `${name.slice(0, 200)}… (${name.length} characters)` : name;
+  return escapeControls(cut);
+}
+
+/** Bytes of a header field as text, those that are not printable ASCII as `\xNN`. */
+function shownBytes(field: Uint8Array): string {
+  return Array.from(
+    field,
+    (b) => b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : `\\x${b.toString(16).padStart(2, "0")}`,
+  ).join("");
+}
 
 function isZeroBlock(b: Uint8Array): boolean {
   for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
   return true;
+}
+
+/** The NUL-terminated text of a header field (UTF-8), as every tar reader cuts it. */
+function fieldText(block: Uint8Array, from: number, length: number): string {
+  const field = block.subarray(from, from + length);
+  const nul = field.indexOf(0);
+  return decoder.decode(nul < 0 ? field : field.subarray(0, nul));
+}
+
+/**
+ * The number in a header's numeric field as Python's `tarfile` reads it: GNU base-256
+ * (first byte 0x80), else octal digits up to the first NUL, blanks around them
+ * ignored (none: 0). Null for anything else: a negative base-256 number (first byte
+ * 0xff), other characters, a number past 2^53.
+ */
+function tarNumber(field: Uint8Array): number | null {
+  if (field[0] === 0x80) {
+    let n = 0n;
+    for (const b of field.subarray(1)) n = n * 256n + BigInt(b);
+    return n <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(n) : null;
+  }
+  if (field[0] & 0x80) return null;
+  const nul = field.indexOf(0);
+  const text = latin1.decode(nul < 0 ? field : field.subarray(0, nul)).trim();
+  if (!/^[0-7]*$/.test(text)) return null;
+  return text === "" ? 0 : parseInt(text, 8);
 }
 
 /** A decoded header block: a member's, or a metadata record's (`meta`) that precedes one. */
@@ -126,8 +182,9 @@ export interface TarHeaderBlock {
 
 /**
  * Decodes the header block at stream offset `offset`: null for a zero block (the end
- * of the archive). Refuses a bad header checksum, an impossible size, and metadata
- * records larger than 1 MiB, naming `label` and the offset.
+ * of the archive). Refuses a bad header checksum, a size field that is no number (or a
+ * negative one, or past 2^53), and metadata records larger than 1 MiB, naming `label`
+ * and the offset.
  */
 export function parseTarHeader(
   block: Uint8Array,
@@ -144,25 +201,150 @@ export function parseTarHeader(
       offset,
     );
   }
-  if (!Number.isSafeInteger(h.size) || h.size < 0) {
-    throw new CorruptImageError(`a tar header in ${label} gives an impossible size`, offset);
-  }
-  const type = String(h.typeflag) === "\0" ? "0" : String(h.typeflag);
-  const meta = type === "L" || type === "x" || type === "g";
-  if (meta && h.size > MAX_META) {
-    throw new LimitError(
-      `a tar metadata record of ${h.size} bytes in ${label} is larger than the ${MAX_META} ` +
-        `bytes accepted`,
+  const size = tarNumber(block.subarray(124, 136));
+  if (size === null) {
+    throw new CorruptImageError(
+      `a tar header in ${label} gives an impossible size (its size field holds ` +
+        `${shownBytes(block.subarray(124, 136))}: octal digits or a positive ` +
+        `GNU base-256 number below 2^53 are expected); the stream is corrupt`,
+      offset,
     );
   }
-  return { name: h.name, size: h.size, type, meta };
+  // The raw type flag (tar-mini turns the ones it does not know into numbers); "5" also
+  // for a regular file whose name ends with '/' (a directory, as tar-mini and tar see it).
+  const type = block[156] === 0
+    ? "0"
+    : String(h.typeflag) === "5"
+    ? "5"
+    : String.fromCharCode(block[156]);
+  let name = fieldText(block, 0, 100);
+  const ustar = latin1.decode(block.subarray(257, 263)) === "ustar\0";
+  if (ustar && block[345] !== 0) name = `${fieldText(block, 345, 155)}/${name}`;
+  const meta = type === "L" || type === "x" || type === "g";
+  if (meta && size > MAX_META) {
+    throw new LimitError(
+      `a tar metadata record of ${size} bytes in ${label} is larger than the ${MAX_META} ` +
+        `bytes accepted (at byte offset ${offset})`,
+    );
+  }
+  return { name, size, type, meta };
 }
 
-/** The name a metadata record gives the next member (GNU long name, pax `path`), if any. */
-export function metaName(type: string, body: Uint8Array): string | null {
-  if (type === "L") return decoder.decode(body).replace(/\0+$/, "");
-  if (type === "x") return decodePax(body).path ?? null;
-  return null;
+/**
+ * The records of a pax header body (`LENGTH KEY=VALUE\n` each), refusing one that is
+ * not framed so, as Python's `tarfile` does.
+ */
+function parsePax(body: Uint8Array, offset: number, label: string): Map<string, string> {
+  const out = new Map<string, string>();
+  const bad = (why: string) =>
+    new CorruptImageError(
+      `a pax header in ${label} is malformed (${why}): the stream is corrupt`,
+      offset,
+    );
+  let at = 0;
+  while (at < body.length && body[at] !== 0) {
+    const m = /^([0-9]{1,8}) /.exec(latin1.decode(body.subarray(at, at + 9)));
+    if (!m) throw bad(`no record length at byte ${at} of its body`);
+    const length = Number(m[1]);
+    const end = at + length;
+    if (length < 5 || end > body.length || body[end - 1] !== 0x0a) {
+      throw bad(`the record at byte ${at} of its body is not framed by its length`);
+    }
+    const record = decoder.decode(body.subarray(at + m[0].length, end - 1));
+    const eq = record.indexOf("=");
+    if (eq <= 0) throw bad(`the record at byte ${at} of its body has no KEY=VALUE`);
+    out.set(record.slice(0, eq), record.slice(eq + 1));
+    at = end;
+  }
+  return out;
+}
+
+/**
+ * What the metadata records met since the last member say about the next one (a GNU
+ * long name, a pax `path` or `size`); {@link TarMeta.take} hands it to that member.
+ */
+export class TarMeta {
+  #name: string | null = null;
+  #size: number | null = null;
+  /** Stream offset of the first record not applied yet, or -1. */
+  #at = -1;
+
+  constructor(readonly label: string) {}
+
+  /** Takes the metadata record `h` at `offset` with its body. */
+  add(h: TarHeaderBlock, body: Uint8Array, offset: number): void {
+    if (this.#at < 0) this.#at = offset;
+    if (h.type === "L") {
+      const nul = body.indexOf(0);
+      this.#setName(decoder.decode(nul < 0 ? body : body.subarray(0, nul)), offset);
+      return;
+    }
+    const pax = parsePax(body, offset, this.label);
+    for (const key of pax.keys()) {
+      if (key.startsWith("GNU.sparse.")) {
+        throw new CorruptImageError(
+          `a pax header in ${this.label} describes a GNU sparse file (${shownName(key)}): ` +
+            `disk members are regular files`,
+          offset,
+        );
+      }
+    }
+    const path = pax.get("path");
+    const size = pax.get("size");
+    if (h.type === "g") {
+      // A global header would apply to every member: not what a disk stream holds.
+      if (path !== undefined || size !== undefined) {
+        throw new CorruptImageError(
+          `a global pax header in ${this.label} sets the ${
+            path !== undefined ? "path" : "size"
+          } of every member after it: not supported in a disk stream`,
+          offset,
+        );
+      }
+      return;
+    }
+    if (path !== undefined) this.#setName(path, offset);
+    if (size !== undefined) {
+      const n = /^[0-9]{1,16}$/.test(size) ? Number(size) : NaN;
+      if (!Number.isSafeInteger(n)) {
+        throw new CorruptImageError(
+          `a pax header in ${this.label} gives an impossible size (${
+            shownName(JSON.stringify(size))
+          }): the stream is corrupt`,
+          offset,
+        );
+      }
+      this.#size = n;
+    }
+  }
+
+  #setName(name: string, offset: number): void {
+    if (name.length > MAX_NAME) {
+      throw new LimitError(
+        `a member name of ${name.length} characters in ${this.label} is longer than the ` +
+          `${MAX_NAME} accepted (at byte offset ${offset})`,
+      );
+    }
+    this.#name = name;
+  }
+
+  /** The member header `h` with what the records before it say; resets. */
+  take(h: TarHeaderBlock): { name: string; size: number } {
+    const out = { name: this.#name ?? h.name, size: this.#size ?? h.size };
+    this.#name = this.#size = null;
+    this.#at = -1;
+    return out;
+  }
+
+  /** Refuses metadata records that no member follows (at the archive's end, `offset`). */
+  checkNonePending(offset: number): void {
+    if (this.#at < 0) return;
+    throw new CorruptImageError(
+      `${this.label} ends (at byte offset ${offset}) after a GNU long-name or pax record ` +
+        `that no member follows: the stream is cut or corrupt`,
+      this.#at,
+    );
+  }
 }
 
 /**
@@ -225,7 +407,7 @@ export class TarReader {
   async #finishCurrent(): Promise<void> {
     const cur = this.#current;
     if (cur === null) return;
-    await this.#skip(this.#left + this.#pad, `member ${cur.name}`);
+    await this.#skip(this.#left + this.#pad, `member ${shownName(cur.name)}`);
     this.#left = this.#pad = 0;
     this.#current = null;
   }
@@ -236,11 +418,14 @@ export class TarReader {
    */
   async next(): Promise<TarMember | null> {
     await this.#finishCurrent();
-    let longName: string | null = null;
+    const meta = new TarMeta(this.label);
     for (;;) {
       const headerOffset = this.#pos;
       const block = await this.#input.readCopy(TAR_BLOCK);
-      if (block.length === 0) return null; // ended between members, no end blocks
+      if (block.length === 0) {
+        meta.checkNonePending(headerOffset);
+        return null; // ended between members, no end blocks
+      }
       if (block.length < TAR_BLOCK) {
         throw new CorruptImageError(
           `${this.label} ended inside a member header (${block.length} of 512 bytes)`,
@@ -250,25 +435,27 @@ export class TarReader {
       this.#pos += TAR_BLOCK;
       const h = parseTarHeader(block, headerOffset, this.label);
       if (h === null) {
+        meta.checkNonePending(headerOffset);
         this.#ended = true;
         return null;
       }
       if (h.meta) {
         const body = await this.#readExact(h.size, "a tar metadata record");
         await this.#skip(tarPadding(h.size), "a tar metadata record");
-        longName = metaName(h.type, body) ?? longName;
+        meta.add(h, body, headerOffset);
         continue;
       }
+      const { name, size } = meta.take(h);
       const member: TarMember = {
-        name: longName ?? h.name,
-        size: h.size,
+        name,
+        size,
         type: h.type,
         headerOffset,
         dataOffset: this.#pos,
       };
       this.#current = member;
-      this.#left = h.size;
-      this.#pad = tarPadding(h.size);
+      this.#left = size;
+      this.#pad = tarPadding(size);
       return member;
     }
   }
@@ -281,10 +468,11 @@ export class TarReader {
     const cur = this.#need();
     if (cur.size > max) {
       throw new LimitError(
-        `member ${cur.name} holds ${cur.size} bytes, more than the ${max} expected for it`,
+        `member ${shownName(cur.name)} holds ${cur.size} bytes, more than the ${max} expected ` +
+          `for it`,
       );
     }
-    const body = await this.#readExact(this.#left, `member ${cur.name}`);
+    const body = await this.#readExact(this.#left, `member ${shownName(cur.name)}`);
     this.#left = 0;
     return body;
   }
@@ -304,7 +492,8 @@ export class TarReader {
       const c = await this.#input.next();
       if (c === null) {
         throw new CorruptImageError(
-          `${this.label} ended inside member ${cur.name} (${at} of its ${cur.size} bytes)`,
+          `${this.label} ended inside member ${shownName(cur.name)} (${at} of its ${cur.size} ` +
+            `bytes)`,
           this.#pos,
         );
       }
@@ -350,26 +539,34 @@ export function* tarFileMembers(file: ImageFile): Generator<TarMember> {
   const block = new Uint8Array(TAR_BLOCK);
   const size = file.size;
   let pos = 0;
-  let longName: string | null = null;
+  const meta = new TarMeta(file.path);
   while (pos + TAR_BLOCK <= size) {
     file.readInto(pos, block, "a tar member header");
     const h = parseTarHeader(block, pos, file.path);
-    if (h === null) return;
+    if (h === null) {
+      meta.checkNonePending(pos);
+      return;
+    }
     const dataOffset = pos + TAR_BLOCK;
+    let length = h.size;
     if (h.meta) {
-      longName = metaName(h.type, file.readAtSync(dataOffset, h.size, "a tar metadata record")) ??
-        longName;
-    } else {
       if (dataOffset + h.size > size) {
+        throw new CorruptImageError(`${file.path} ends inside a tar metadata record`, dataOffset);
+      }
+      meta.add(h, file.readAtSync(dataOffset, h.size, "a tar metadata record"), pos);
+    } else {
+      const m = meta.take(h);
+      length = m.size;
+      if (dataOffset + length > size) {
         throw new CorruptImageError(
-          `${file.path} ends inside member ${longName ?? h.name} (${h.size} bytes announced)`,
+          `${file.path} ends inside member ${shownName(m.name)} (${length} bytes announced)`,
           dataOffset,
         );
       }
-      yield { name: longName ?? h.name, size: h.size, type: h.type, headerOffset: pos, dataOffset };
-      longName = null;
+      yield { name: m.name, size: length, type: h.type, headerOffset: pos, dataOffset };
     }
-    pos = dataOffset + h.size + tarPadding(h.size);
+    pos = dataOffset + length + tarPadding(length);
   }
   if (pos < size) throw new CorruptImageError(`${file.path} ends inside a member header`, pos);
+  meta.checkNonePending(pos);
 }
