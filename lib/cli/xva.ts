@@ -5,7 +5,7 @@
  * @module
  */
 import type { Command } from "commander";
-import { UnsupportedError, UsageError } from "../errors.ts";
+import { escapeControls, UnsupportedError, UsageError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
 import { progressMode } from "./options.ts";
 import type { XvaListing } from "../xva/xva.ts";
@@ -90,8 +90,12 @@ function ranges(present: [number, number][]): string {
   return shown.join(",") + (present.length > 8 ? `,… (${present.length} runs)` : "");
 }
 
-/** The human listing of `xva list`. */
+/** The human listing of `xva list` (control characters from the XVA escaped). */
 export function formatListing(l: XvaListing): string {
+  return listingLines(l).map(escapeControls).join("\n");
+}
+
+function listingLines(l: XvaListing): string[] {
   const lines: string[] = [];
   const v = l.version;
   if (v.product_brand || v.product_version || v.hostname) {
@@ -110,8 +114,10 @@ export function formatListing(l: XvaListing): string {
     lines.push(
       `disk ${d.ref}  ${d.uuid ?? "-"}  ${JSON.stringify(d.name ?? "")}  ` +
         `${d.virtualSize} bytes (${formatBytes(d.virtualSize)})` +
-        (d.devices.length ? `  device ${d.devices.join(",")}` : "") +
-        `\n  members ${ranges(d.present)}: ${d.members} of ${d.expectedMembers}, ` +
+        (d.devices.length ? `  device ${d.devices.join(",")}` : ""),
+    );
+    lines.push(
+      `  members ${ranges(d.present)}: ${d.members} of ${d.expectedMembers}, ` +
         `${formatBytes(d.dataBytes)} of data` +
         (d.checksums.length ? `, checksums ${d.checksums.join("+")}` : ", no checksums") +
         (d.members === 0 ? " (not in this XVA)" : ""),
@@ -120,7 +126,7 @@ export function formatListing(l: XvaListing): string {
   if (l.strayPrefixes.length) {
     lines.push(`members that belong to no disk of ova.xml: ${l.strayPrefixes.join(", ")}`);
   }
-  return lines.join("\n");
+  return lines;
 }
 
 async function extract(xva: string, f: ExtractFlags): Promise<void> {
@@ -169,9 +175,12 @@ function report(r: import("../import/xva.ts").XvaExtractResult): void {
   for (const d of r.extracted) {
     const sums = Object.entries(d.verified).filter(([, n]) => n > 0).map(([k, n]) => `${n} ${k}`);
     console.error(
-      `${d.ref} → ${d.path} (${formatBytes(d.virtualSize)}, ${formatBytes(d.dataBytes)} of data` +
+      `${escapeControls(d.ref)} → ${d.path} (${formatBytes(d.virtualSize)}, ` +
+        `${formatBytes(d.dataBytes)} of data` +
         `${sums.length ? `, checksums verified: ${sums.join(", ")}` : ""})`,
     );
   }
-  for (const ref of r.absent) console.error(`${ref}: no member in this XVA (not extracted)`);
+  for (const ref of r.absent) {
+    console.error(`${escapeControls(ref)}: no member in this XVA (not extracted)`);
+  }
 }

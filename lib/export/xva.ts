@@ -5,14 +5,15 @@
  *
  * @module
  */
-import { join } from "node:path";
 import { DiskstreamError } from "../errors.ts";
 import type { ProgressSink } from "../progress.ts";
 import { XvaDiskSource } from "../xva/disk_source.ts";
-import { diskFileName, indexXvaFile } from "../xva/xva.ts";
+import { indexXvaFile } from "../xva/xva.ts";
 import {
   makeOutputDir,
+  outputPaths,
   refuseExisting,
+  removeCreated,
   type XvaExtracted,
   type XvaExtractResult,
 } from "../import/xva.ts";
@@ -90,27 +91,35 @@ export async function extractXvaFileAs(
     }
   }
   await makeOutputDir(dir);
+  const paths = await outputPaths(dir, index.disks.map((d) => d.disk.ref), format);
   const extracted: XvaExtracted[] = [];
+  const created: string[] = []; // removed if a later disk fails
   for (const { disk, members, verified } of index.disks) {
-    const out = join(dir, diskFileName(disk.ref, format));
+    const out = paths.get(disk.ref)!;
     await refuseExisting(out);
     const src = await XvaDiskSource.open(path, disk.virtualSize, members);
-    const planned = format === "qcow2" ? await exportQcow2(src) : await exportVhd(src);
     try {
+      const planned = format === "qcow2" ? await exportQcow2(src) : await exportVhd(src);
+      created.push(out);
       await planned.writeTo({ kind: "path", path: out });
+      extracted.push({
+        ref: disk.ref,
+        name: disk.name,
+        path: out,
+        virtualSize: disk.virtualSize,
+        // Whole clusters of the image, but never more than the disk.
+        dataBytes: Math.min(
+          disk.virtualSize,
+          planned.clusters.count * planned.clusters.clusterSize,
+        ),
+        verified,
+      });
     } catch (err) {
-      await Deno.remove(out).catch(() => {});
+      await removeCreated(created);
       throw err;
+    } finally {
+      src.close();
     }
-    extracted.push({
-      ref: disk.ref,
-      name: disk.name,
-      path: out,
-      virtualSize: disk.virtualSize,
-      // Whole clusters of the image, but never more than the disk.
-      dataBytes: Math.min(disk.virtualSize, planned.clusters.count * planned.clusters.clusterSize),
-      verified,
-    });
   }
   progress?.finish();
   const seen = new Set(index.disks.map((d) => d.disk.ref));

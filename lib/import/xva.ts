@@ -5,7 +5,7 @@
  * @module
  */
 import { join } from "node:path";
-import { describeIoError, DiskstreamError, UsageError } from "../errors.ts";
+import { describeIoError, DiskstreamError, escapeControls, UsageError } from "../errors.ts";
 import { ChunkStream } from "../io/chunk_stream.ts";
 import type { ProgressSink } from "../progress.ts";
 import type { ChecksumKind } from "../xva/checksum.ts";
@@ -48,8 +48,10 @@ export interface XvaExtractResult {
 /**
  * Writes the disks of the XVA arriving on `stream` into `dir` as raw files named
  * after their refs (`Ref:3` → `Ref_3.raw`; see `diskFileName`), sparse, in one pass.
- * Refuses an existing output file, a `--disk` that ova.xml does not name or that has
- * no member, and everything {@link decodeXvaDisk} refuses (checksums, order, sizes).
+ * Refuses an existing output file (before writing anything), two disks whose refs make
+ * the same file name, a `--disk` that ova.xml does not name or that has no member, and
+ * everything {@link decodeXvaDisk} refuses (checksums, order, sizes); a refusal removes
+ * the files this extraction created.
  *
  * @example
  * ```ts
@@ -85,6 +87,7 @@ export async function extractXva(
 ): Promise<XvaExtractResult> {
   const input = stream instanceof ChunkStream ? stream : new ChunkStream(stream);
   const reader = new TarReader(input, options.label ?? "the XVA");
+  const created: string[] = []; // the files this extraction made, removed if it fails
   try {
     const manifest = await readOvaMember(reader);
     const byRef = new Map(manifest.disks.map((d) => [d.ref, d]));
@@ -92,7 +95,7 @@ export async function extractXva(
       if (!byRef.has(ref)) {
         throw new UsageError(
           `--disk ${ref}: ova.xml names no such disk (its disks: ${
-            manifest.disks.map((d) => d.ref).join(", ") || "none"
+            manifest.disks.map((d) => escapeControls(d.ref)).join(", ") || "none"
           })`,
         );
       }
@@ -101,12 +104,14 @@ export async function extractXva(
     const total = [...wanted].reduce((n, r) => n + byRef.get(r)!.virtualSize, 0);
     options.progress?.setTotal(total);
     await makeOutputDir(dir);
+    const paths = await outputPaths(dir, wanted, "raw");
     const extracted: XvaExtracted[] = [];
     let before = 0;
     const seen = await walkXvaDisks(reader, manifest, wanted, async (disk, first) => {
-      const path = join(dir, diskFileName(disk.ref, "raw"));
+      const path = paths.get(disk.ref)!;
       await refuseExisting(path);
       const target = await RawDestination.open(path, disk.virtualSize, 1 << 20);
+      created.push(path);
       try {
         const r = await decodeXvaDisk(reader, first, target, {
           prefix: disk.ref,
@@ -125,6 +130,7 @@ export async function extractXva(
           verified: r.verified,
         });
       } catch (err) {
+        created.pop();
         await target.abort();
         throw err;
       }
@@ -134,9 +140,10 @@ export async function extractXva(
     for (const ref of wanted) {
       const disk = byRef.get(ref)!;
       if (seen.has(ref) || disk.virtualSize !== 0) continue;
-      const path = join(dir, diskFileName(ref, "raw"));
+      const path = paths.get(ref)!;
       await refuseExisting(path);
       await Deno.writeFile(path, new Uint8Array(0), { createNew: true });
+      created.push(path);
       extracted.push({
         ref,
         name: disk.name,
@@ -156,8 +163,43 @@ export async function extractXva(
     return { manifest, extracted, absent };
   } catch (err) {
     await input.cancel().catch(() => {});
+    await removeCreated(created);
     throw err;
   }
+}
+
+/**
+ * The output file of each disk of `refs` in `dir` (see `diskFileName`), checked before
+ * anything is written: refuses two refs that map to the same file name (`Ref:1` and
+ * `Ref_1`) and a file (or symbolic link) already there.
+ */
+export async function outputPaths(
+  dir: string,
+  refs: Iterable<string>,
+  extension: string,
+): Promise<Map<string, string>> {
+  const paths = new Map<string, string>();
+  const byPath = new Map<string, string>();
+  for (const ref of refs) {
+    const path = join(dir, diskFileName(ref, extension));
+    const other = byPath.get(path);
+    if (other !== undefined) {
+      throw new DiskstreamError(
+        `disks ${escapeControls(other)} and ${escapeControls(ref)} would both be written to ` +
+          `${path} (refs are made file names by replacing unsafe characters with '_'): ` +
+          `extract one of them at a time with --disk, into different directories`,
+      );
+    }
+    byPath.set(path, ref);
+    paths.set(ref, path);
+    await refuseExisting(path);
+  }
+  return paths;
+}
+
+/** Removes the files a failed extraction created (complete ones too: it failed). */
+export async function removeCreated(paths: string[]): Promise<void> {
+  for (const path of paths) await Deno.remove(path).catch(() => {});
 }
 
 /** Creates the output directory `dir` (and its parents), refusing a file in the way. */

@@ -8,7 +8,7 @@
  * @module
  */
 import { XMLParser } from "fast-xml-parser";
-import { CorruptImageError } from "../errors.ts";
+import { CorruptImageError, escapeControls } from "../errors.ts";
 
 /** An XML-RPC value. */
 export type XmlRpcValue =
@@ -136,7 +136,9 @@ export function parseXmlRpc(xml: string): XmlRpcValue {
   try {
     doc = parser.parse(xml) as Node[];
   } catch (err) {
-    throw new CorruptImageError(`ova.xml is not valid XML: ${(err as Error).message}`);
+    throw new CorruptImageError(
+      `ova.xml is not valid XML: ${escapeControls((err as Error).message).slice(0, 300)}`,
+    );
   }
   const root = doc.find((n) => tagOf(n) === "value");
   if (!root) throw new CorruptImageError("ova.xml holds no XML-RPC <value> at its root");
@@ -184,7 +186,7 @@ export function parseOvaXml(xml: string): OvaManifest {
     ? top.version as Record<string, XmlRpcValue>
     : {};
   const vms: XvaVm[] = [];
-  const disks: XvaDisk[] = [];
+  const disks = new Map<string, XvaDisk>(); // by ref: ova.xml may hold many objects
   const vbds: Record<string, XmlRpcValue>[] = [];
   for (const o of top.objects) {
     if (o === null || typeof o !== "object" || Array.isArray(o)) continue;
@@ -202,20 +204,22 @@ export function parseOvaXml(xml: string): OvaManifest {
       vbds.push(snap);
     } else if (o.class === "VDI") {
       if (ref === "") throw new CorruptImageError("ova.xml holds a VDI object without an id");
-      if (disks.some((d) => d.ref === ref)) {
-        throw new CorruptImageError(`ova.xml holds two VDI objects with the id ${ref}`);
+      if (disks.has(ref)) {
+        throw new CorruptImageError(
+          `ova.xml holds two VDI objects with the id ${escapeControls(ref)}`,
+        );
       }
       // A decimal count of bytes (XAPI writes an int64 as a string); no "", hex or 1e9.
       const text = str(snap.virtual_size)?.trim() ?? "";
       const size = /^\d{1,16}$/.test(text) ? Number(text) : NaN;
       if (!Number.isSafeInteger(size)) {
         throw new CorruptImageError(
-          `ova.xml gives VDI ${ref} no usable virtual_size (${
-            JSON.stringify(snap.virtual_size ?? null)
+          `ova.xml gives VDI ${escapeControls(ref)} no usable virtual_size (${
+            escapeControls(JSON.stringify(snap.virtual_size ?? null).slice(0, 100))
           }): a decimal number of bytes is expected`,
         );
       }
-      disks.push({
+      disks.set(ref, {
         ref,
         uuid: str(snap.uuid),
         name: str(snap.name_label),
@@ -226,10 +230,10 @@ export function parseOvaXml(xml: string): OvaManifest {
     }
   }
   for (const vbd of vbds) {
-    const disk = disks.find((d) => d.ref === str(vbd.VDI));
+    const disk = disks.get(str(vbd.VDI) ?? "");
     const dev = str(vbd.userdevice) ?? str(vbd.device);
     if (disk && dev !== null) disk.devices.push(dev);
   }
-  disks.sort((a, b) => (a.ref < b.ref ? -1 : a.ref > b.ref ? 1 : 0));
-  return { version, vms, disks };
+  const sorted = [...disks.values()].sort((a, b) => (a.ref < b.ref ? -1 : a.ref > b.ref ? 1 : 0));
+  return { version, vms, disks: sorted };
 }

@@ -12,7 +12,7 @@ import type { ChecksumKind } from "./checksum.ts";
 import { decodeXvaDisk, parseMemberName, XVA_CHUNK } from "./disk.ts";
 import type { XvaMemberRange } from "./disk_source.ts";
 import { type OvaManifest, parseOvaXml, type XvaDisk } from "./ova.ts";
-import { tarFileMembers, type TarMember, TarReader } from "./tar.ts";
+import { shownName, tarFileMembers, type TarMember, TarReader } from "./tar.ts";
 
 /** Where an XVA disk's size comes from, as messages name it. */
 export const OVA_SIZE = "ova.xml's virtual_size";
@@ -59,6 +59,7 @@ class Inventory {
 
   add(m: TarMember): void {
     if (m.type === "5") return;
+    if (m.name === "ova.xml") throw secondOva(m);
     const p = parseMemberName(m.name);
     const disk = p && this.#disks.get(p.prefix);
     if (!p || !disk) {
@@ -93,8 +94,16 @@ function parseOva(body: Uint8Array): OvaManifest {
 function notOva(m: TarMember | null, label: string): CorruptImageError {
   return new CorruptImageError(
     `${label} is not an XVA: its first member should be ova.xml, ` +
-      (m ? `found ${JSON.stringify(m.name)}` : "it holds no member"),
+      (m ? `found ${shownName(JSON.stringify(m.name))}` : "it holds no member"),
     m?.headerOffset ?? 0,
+  );
+}
+
+function secondOva(m: TarMember): CorruptImageError {
+  return new CorruptImageError(
+    "the XVA holds a second ova.xml: an XVA holds one, its first member (which one holds " +
+      "the truth cannot be told)",
+    m.headerOffset,
   );
 }
 
@@ -232,13 +241,15 @@ export async function walkXvaDisks(
   const byRef = new Map(manifest.disks.map((d) => [d.ref, d]));
   const seen = new Set<string>();
   for (let m = await reader.next(); m !== null; m = await reader.next()) {
+    if (m.name === "ova.xml") throw secondOva(m);
     const p = parseMemberName(m.name);
     const disk = p && byRef.get(p.prefix);
     if (!p || !disk || !wanted.has(disk.ref)) continue;
     if (seen.has(disk.ref)) {
       // The disk was read up to its size: this member lies past it.
       throw new CorruptImageError(
-        `member ${m.name} of disk ${disk.ref} lies past the disk's ${disk.virtualSize} bytes ` +
+        `member ${shownName(m.name)} of disk ${shownName(disk.ref)} lies past the disk's ` +
+          `${disk.virtualSize} bytes ` +
           `(${OVA_SIZE}): the XVA is out of order, or ova.xml gives the wrong size`,
         m.headerOffset,
       );
