@@ -282,3 +282,24 @@ Deno.test("export -f chunked --diff: a base of another size is refused (the stre
     assert.equal(await sha256File(`${dir}/copy.raw`), await sha256File(`${dir}/disk.raw`));
   });
 });
+
+Deno.test("vhd-tool serve --source-protocol chunked into a new or empty file asks for --destination-size", async () => {
+  await withTempDir(async (dir) => {
+    await Deno.writeFile(`${dir}/empty.raw`, new Uint8Array(0));
+    for (const dest of ["new.raw", "empty.raw"]) {
+      const r = await runCli([
+        "vhd-tool",
+        "serve",
+        "--source-protocol",
+        "chunked",
+        "--source",
+        "stdin:",
+        "--destination",
+        `file://${dir}/${dest}`,
+      ], { stdin: chunked([]) });
+      assert.equal(r.code, 2);
+      assert.match(r.stderr, /is new or empty .*: give --destination-size\n$/);
+    }
+    await assert.rejects(Deno.stat(`${dir}/new.raw`), Deno.errors.NotFound);
+  });
+});

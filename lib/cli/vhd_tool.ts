@@ -429,6 +429,12 @@ async function serve(f: ServeFlags): Promise<void> {
     }
     if (size === 0) size = undefined;
   }
+  if (size === undefined && protocol === "chunked") {
+    throw new UsageError(
+      `${escapeControls(dest.path)} is new or empty and a chunked stream does not say the ` +
+        `disk's size: give --destination-size`,
+    );
+  }
   await runImport({
     dest: dest.path,
     source,
