@@ -607,3 +607,28 @@ qemuTest("headers: backing loops and missing parents fail cleanly", async () => 
     await failsCleanly(["headers", join(dir, "nope.qcow2")], /no such file/);
   });
 });
+
+Deno.test("headers, read_headers and info refuse NBD URIs and URLs in one line saying what to use", async () => {
+  const cases: [string[], RegExp][] = [
+    [
+      ["headers", "nbd://127.0.0.1/disk"],
+      /headers reads qcow2 or VHD image files, not NBD exports.*nbdinfo --map nbd:\/\/127\.0\.0\.1\/disk/,
+    ],
+    [["read_headers", "nbd+unix:///d?socket=/tmp/x.sock"], /read_headers reads .* not NBD exports/],
+    [
+      ["vhd-tool", "read_headers_interval", "nbd://h/e"],
+      /read_headers_interval|headers reads .* not NBD exports/,
+    ],
+    [
+      ["info", "https://root:secret@127.0.0.1:1/d.qcow2"],
+      /info reads qcow2 or VHD image files, not URLs: download https:\/\/root:\*\*\*@/,
+    ],
+  ];
+  for (const [args, want] of cases) {
+    const r = await runCli(args);
+    assert.equal(r.code, 2, args.join(" "));
+    assert.match(r.stderr, want);
+    assert.doesNotMatch(r.stderr, /secret|no such file/);
+    assert.equal(r.stderr.trim().split("\n").length, 1);
+  }
+});

@@ -14,6 +14,9 @@ import type { ImageTarget } from "../io/endpoint.ts";
 /** Bytes of a chunk header. */
 export const CHUNK_HEADER_BYTES = 12;
 
+/** Pieces written (queued) between two flushes of the target at most. */
+const MAX_HELD_PIECES = 4096;
+
 /** The largest length a header can carry. */
 export const MAX_CHUNK_LENGTH = 0xffffffff;
 
@@ -118,7 +121,19 @@ export async function decodeChunkedStream(
     const offset = view.getBigUint64(0, true);
     const length = view.getUint32(8, true);
     pos += CHUNK_HEADER_BYTES;
-    if (offset === 0n && length === 0) break;
+    if (offset === 0n && length === 0) {
+      // Bytes after the end (two streams joined, or a stream written over another) would
+      // be dropped unseen; a peer that keeps its connection open sends none.
+      const extra = input.idle() ? null : await input.next();
+      if (extra !== null) {
+        throw new CorruptImageError(
+          `bytes follow the chunked stream's end header (offset 0, length 0): this is not ` +
+            `one chunked stream (two joined, or trailing garbage)`,
+          pos,
+        );
+      }
+      break;
+    }
     if (offset + BigInt(length) > BigInt(options.size)) {
       throw new CorruptImageError(
         `a chunk writes ${length} bytes at disk offset ${offset}, past the disk's size of ` +
@@ -144,7 +159,8 @@ export async function decodeChunkedStream(
       at += take;
       left -= take;
       pos += take;
-      if (target.queued >= DECODE_FLUSH_BYTES) await flush();
+      // Tiny pieces: their count bounds the memory held, not their bytes.
+      if (target.queued >= DECODE_FLUSH_BYTES || held.length >= MAX_HELD_PIECES) await flush();
     }
     dataBytes += length;
     pieces++;

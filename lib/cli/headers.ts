@@ -5,7 +5,9 @@
  * @module
  */
 import type { Command } from "commander";
-import { BrokenPipeError, describeIoError } from "../errors.ts";
+import { BrokenPipeError, describeIoError, escapeControls, UsageError } from "../errors.ts";
+import { isHttpUrl, redactUrl } from "../http/client.ts";
+import { isNbdUri } from "../nbd/uri.ts";
 
 // The readers are loaded when a command runs, so that start-up only pays for the
 // command that is used.
@@ -43,6 +45,7 @@ export function registerHeaders(program: Command): void {
     .argument("<IMAGE>", "qcow2 or VHD image")
     .option("--json", "print JSON for scripts (fields in the README)")
     .action(async (image: string, opts: { json?: boolean }) => {
+      refuseRemote(image, "info");
       const { formatImageInfo, readImageInfo } = await import("../headers/info.ts");
       const info = await readImageInfo(image);
       await writeStdout(
@@ -53,6 +56,7 @@ export function registerHeaders(program: Command): void {
 
 /** Prints the allocation JSON of the image at `path` (vhd-tool's read_headers family). */
 export async function printHeaders(path: string, legacy: boolean): Promise<void> {
+  refuseRemote(path, legacy ? "read_headers" : "headers");
   const [{ formatAllocation }, { readImageAllocation }] = await Promise.all([
     import("../alloc/allocation.ts"),
     import("../headers/image_allocation.ts"),
@@ -71,5 +75,33 @@ async function writeStdout(text: string): Promise<void> {
       throw new BrokenPipeError("stdout: the reader closed the pipe", { cause: err });
     }
     throw describeIoError(err, "stdout", "write to");
+  }
+}
+
+/**
+ * Refuses an NBD URI or an HTTP(S) URL where an image file is read (they would be
+ * looked up as file names), saying what to use instead.
+ */
+function refuseRemote(image: string, command: string): void {
+  if (!isNbdUri(image) && !isHttpUrl(image)) return;
+  let shown = image;
+  try {
+    shown = redactUrl(image);
+  } catch {
+    // not a valid URL: shown as given
+  }
+  shown = escapeControls(shown);
+  if (isNbdUri(image)) {
+    throw new UsageError(
+      `${command} reads qcow2 or VHD image files, not NBD exports: ${shown} is a raw ` +
+        `disk (its allocation: 'nbdinfo --map ${shown}'; 'diskstream export ${shown}' ` +
+        `exports only its allocated clusters)`,
+    );
+  }
+  if (isHttpUrl(image)) {
+    throw new UsageError(
+      `${command} reads qcow2 or VHD image files, not URLs: download ${shown} first ` +
+        `('diskstream import -i URL' takes a qcow2 or VHD stream over HTTP)`,
+    );
   }
 }

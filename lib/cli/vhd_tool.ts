@@ -8,7 +8,7 @@
  * @module
  */
 import { type Command, Option } from "commander";
-import { UsageError } from "../errors.ts";
+import { escapeControls, UsageError } from "../errors.ts";
 import type { Endpoint } from "../io/stream.ts";
 import type { ProgressMode } from "../progress.ts";
 import type { Allocation } from "../alloc/allocation.ts";
@@ -116,7 +116,7 @@ function endpointOf(text: string, role: "source" | "destination"): Endpoint {
   if (text === "null:") return { kind: "path", path: "/dev/null" };
   const fd = /^fd:(?:\/\/)?(\d+)$/.exec(text);
   if (fd) return { kind: "fd", fd: inheritedFd(Number(fd[1]), `--${role} ${text}`) };
-  if (text.startsWith("file://")) return { kind: "path", path: decodeURIComponent(text.slice(7)) };
+  if (text.startsWith("file://")) return { kind: "path", path: fileUrlPath(text, role) };
   const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(text);
   if (scheme && scheme[1].length > 1) {
     throw new UsageError(
@@ -125,6 +125,35 @@ function endpointOf(text: string, role: "source" | "destination"): Endpoint {
     );
   }
   return { kind: "path", path: text };
+}
+
+/**
+ * The path of a `file://` URL, %-escapes decoded (vhd-tool's `Uri.path`). A host other
+ * than `localhost` (`file://disk.raw` is not the relative path `disk.raw`), a query, a
+ * fragment, a bad %-escape or a NUL byte is refused rather than guessed at.
+ */
+function fileUrlPath(text: string, role: "source" | "destination"): string {
+  const refuse = (why: string) =>
+    new UsageError(
+      `--${role} ${escapeControls(text)}: ${why}: give file:///ABSOLUTE/PATH (three slashes; ` +
+        `'%', '?' and '#' in the path written as %25, %3F and %23)`,
+    );
+  const rest = text.slice("file://".length);
+  if (/[?#]/.test(rest)) throw refuse("a query or fragment names no file");
+  const slash = rest.indexOf("/");
+  const host = slash < 0 ? rest : rest.slice(0, slash);
+  if (host !== "" && host.toLowerCase() !== "localhost") {
+    throw refuse(`'${escapeControls(host)}' stands where a host name goes, not in the path`);
+  }
+  if (slash < 0) throw refuse("the URL holds no path");
+  let path: string;
+  try {
+    path = decodeURIComponent(rest.slice(slash));
+  } catch {
+    throw refuse("a malformed %-escape");
+  }
+  if (path.includes("\0")) throw refuse("a path cannot hold a NUL byte (%00)");
+  return path;
 }
 
 function protocolOf(p: string | undefined, flag: string, allowed: string[]): string {
@@ -399,6 +428,12 @@ async function serve(f: ServeFlags): Promise<void> {
       // a new file: its size is the stream's (raw, tar) or must be given (chunked)
     }
     if (size === 0) size = undefined;
+  }
+  if (size === undefined && protocol === "chunked") {
+    throw new UsageError(
+      `${escapeControls(dest.path)} is new or empty and a chunked stream does not say the ` +
+        `disk's size: give --destination-size`,
+    );
   }
   await runImport({
     dest: dest.path,

@@ -170,13 +170,14 @@ export interface ExportPlan {
  * Pass 1 of every format: opens `source` and decides which clusters of `clusterSize`
  * bytes to write — a cluster is planned when any byte of it is non-zero, hinted, or
  * differs from the base (see {@link StreamExportOptions}). `check` sees the virtual
- * size before anything is read (to refuse a disk the format cannot hold).
+ * size and the exact size before anything is read (to refuse a disk the format cannot
+ * hold).
  */
 export async function planExport(
   source: string | DiskSource,
   options: StreamExportOptions,
   cs: number,
-  check: (virtualSize: number) => void,
+  check: (virtualSize: number, size: number) => void,
 ): Promise<ExportPlan> {
   if (options.baseAllocation !== undefined && options.base === undefined) {
     throw new UsageError("a base allocation needs a base disk (--base-allocation needs --diff)");
@@ -197,7 +198,7 @@ export async function planExport(
     : source;
   try {
     const virtualSize = alignUp(src.size, 512);
-    check(virtualSize);
+    check(virtualSize, src.size);
     const hint = options.allocation &&
       hintClusters(options.allocation, src.size, cs, "the allocation hint", src.path);
     const sourceCandidates = await candidatesOf(src, virtualSize, cs, hint, options.zeroCheck);

@@ -205,7 +205,24 @@ export async function exportChunked(
   if (options.fillGaps && options.base !== undefined) {
     throw new UsageError("a chunked diff cannot fill the gaps with zeros: they mean unchanged");
   }
-  const plan = await planExport(source, options, WIRE_CLUSTER, () => {});
+  // The stream does not say the disk's size: applied onto a copy of a base of another
+  // size, it cannot make the source (the copy keeps its own size).
+  let baseSize: number | null = null;
+  if (options.base !== undefined) {
+    const base = await openSource(options.base, options);
+    baseSize = base.size;
+    base.close();
+  }
+  const plan = await planExport(source, options, WIRE_CLUSTER, (_, size) => {
+    if (baseSize !== null && baseSize !== size) {
+      throw new UsageError(
+        `the base ${options.base} holds ${baseSize} bytes and the disk ${size}: a chunked ` +
+          `stream does not carry the disk's size, so applied onto a copy of the base it ` +
+          `cannot make the disk (export -f qcow2 or -f vhd, which carry it, or diff against ` +
+          `a base of the disk's size)`,
+      );
+    }
+  });
   // The stream carries the source's exact size: an importer given that size (or an
   // existing copy of the disk) must not see a piece reaching past it.
   return plannedExport(plan, options, () => {

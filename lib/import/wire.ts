@@ -10,7 +10,7 @@
  * @module
  */
 import { decodeChunkedStream } from "../chunked/chunked.ts";
-import { CorruptImageError, UsageError } from "../errors.ts";
+import { CorruptImageError, DiskstreamError, UsageError } from "../errors.ts";
 import { ChunkStream, DECODE_FLUSH_BYTES } from "../io/chunk_stream.ts";
 import { openDiskSource } from "../io/disk_source.ts";
 import type { ProgressSink } from "../progress.ts";
@@ -81,6 +81,10 @@ async function run<T>(
   } catch (err) {
     await target?.abort();
     await input.cancel().catch(() => {});
+    // An existing file or device: say what the failure left in it.
+    if (err instanceof DiskstreamError && target !== null && target.kind !== "new file") {
+      err.message = `${err.message}; ${target.damage}`;
+    }
     throw err;
   }
 }
@@ -234,7 +238,11 @@ export async function importRaw(
     async (t) => {
       let at = 0;
       let held: Uint8Array[] = [];
-      for (let c = await input.next(); c !== null; c = await input.next()) {
+      for (;;) {
+        // All the bytes given: a peer that keeps its connection open sends no more.
+        if (size !== null && at === size && input.idle()) break;
+        const c = await input.next();
+        if (c === null) break;
         if (size !== null && at + c.length > size) {
           throw new CorruptImageError(
             `the raw stream holds more than the ${size} bytes given (--size)`,

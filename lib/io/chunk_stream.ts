@@ -106,12 +106,15 @@ export class ChunkStream {
   /**
    * Fills `buf` from the pipe: blocking reads while bytes are there (no thread hop per
    * pipe-full); while the pipe is empty, waits on another thread, so that signals and
-   * timers are handled meanwhile.
+   * timers are handled meanwhile. Bytes in hand are returned once the pipe stays empty
+   * for a brief wait: a peer that sent its stream's end and keeps the connection open
+   * for an answer (XAPI hands over its HTTP connection) sends nothing more.
    */
   async #fill(buf: Uint8Array): Promise<Uint8Array | null> {
     const pipe = this.pipe!;
     let filled = 0;
     while (filled < buf.length) {
+      if (filled > 0 && !pipe.ready(this.overlapIo ? 0 : BRIEF_WAIT_MS)) break;
       if (this.overlapIo) await this.#waitAside();
       else await this.waitForPipe();
       const n = pipe.read(buf.subarray(filled));
@@ -168,6 +171,17 @@ export class ChunkStream {
       this.#signal?.throwIfAborted();
       await pipe.wait(PIPE_WAIT_MS);
     } while (!pipe.ready());
+  }
+
+  /**
+   * True when reading on would wait: nothing is held in front, and the input is a pipe
+   * or socket where no byte (nor its end) came within a brief wait. A peer that keeps
+   * its connection open for an answer (XAPI hands over its HTTP connection) is then
+   * done sending: a decoder at its stream's end must not wait for more.
+   */
+  idle(): boolean {
+    return this.#back.length === 0 && this.pipe !== null && !this.#ended &&
+      !this.pipe.ready(BRIEF_WAIT_MS);
   }
 
   /** True when no byte read from the input waits in front (the next byte is the input's). */

@@ -25,12 +25,18 @@ import { errnoMessage } from "./errno.ts";
 import {
   EINTR,
   EINVAL,
+  F_GETPIPE_SZ,
+  F_SETPIPE_SZ,
   loadLibc,
   O_CLOEXEC,
   O_RDONLY,
   O_RDWR,
+  PIPE_BYTES,
   POSIX_FADV_DONTNEED,
   readErrno,
+  REFUSED_ERRNOS,
+  SPLICE_F_MORE,
+  SPLICE_F_MOVE,
 } from "./libc.ts";
 
 /** Alignment of direct transfers: offsets, lengths and buffer addresses. */
@@ -57,6 +63,15 @@ const SYMBOLS = {
     result: "isize",
     nonblocking: true,
   },
+  splice: { parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"], result: "isize" },
+  splice_async: {
+    name: "splice",
+    parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"],
+    result: "isize",
+    nonblocking: true,
+  },
+  pipe2: { parameters: ["buffer", "i32"], result: "i32" },
+  fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
   fdatasync: { parameters: ["i32"], result: "i32" },
   posix_fadvise: { parameters: ["i32", "i64", "i64", "i32"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
@@ -84,6 +99,9 @@ export function alignedBuffer(size: number): Uint8Array {
   const pad = Number((BigInt(DIRECT_ALIGN) - at % BigInt(DIRECT_ALIGN)) % BigInt(DIRECT_ALIGN));
   return raw.subarray(pad, pad + size);
 }
+
+/** Pipes, hence reads running at once, of {@link DirectFile.spliceTo}. */
+const SPLICE_PIPES = 4;
 
 /** The most {@link DirectFile.readView} returns at once. */
 export const DIRECT_VIEW = DIRECT_CHUNK - DIRECT_ALIGN;
@@ -114,6 +132,22 @@ export interface DirectFile {
    * for running writes.
    */
   readView(position: number, length: number): Uint8Array;
+  /**
+   * Moves `length` bytes at `position` into the pipe or socket `out` without copying
+   * them through memory: the kernel reads them with O_DIRECT into pages it then hands
+   * to `out` (`splice`), several reads at once, each into a pipe of its own, taken in
+   * order. Resolves false, having moved nothing, when the kernel refuses it for these
+   * descriptors or this alignment (the caller reads and writes instead); fewer bytes
+   * are moved only at the end of the file. `moved` is told each piece moved; a failed
+   * write to `out` calls `outError` with its errno (which throws); a failed read throws.
+   */
+  spliceTo(
+    out: number,
+    position: number,
+    length: number,
+    moved: (n: number) => void,
+    outError: (errno: number) => never,
+  ): Promise<boolean>;
   /**
    * Writes `bytes` at `position` (any alignment). The bytes are copied before this
    * returns; the direct write of the copy may still be running: {@link DirectFile.drain}
@@ -315,6 +349,172 @@ class Direct implements DirectFile {
     }
   }
 
+  /** spliceTo's pipes `[read end, write end]`, made on first use; null once refused. */
+  #pipes: [number, number][] | null | undefined;
+  /** Bytes each of those pipes holds. */
+  #pipeBytes = 0;
+
+  async spliceTo(
+    out: number,
+    position: number,
+    length: number,
+    moved: (n: number) => void,
+    outError: (errno: number) => never,
+  ): Promise<boolean> {
+    if (!this.direct || position % DIRECT_ALIGN !== 0 || length % DIRECT_ALIGN !== 0) return false;
+    const pipes = this.#pipes === undefined ? this.#openPipes() : this.#pipes;
+    if (pipes === null || length === 0) return pipes !== null;
+    const slice = this.#pipeBytes;
+    const count = Math.ceil(length / slice);
+    const sizeOf = (k: number) => Math.min(slice, length - k * slice);
+    // The first slice synchronously: a refusal (this device's alignment, a file system
+    // without direct splices) is seen here, with nothing moved yet.
+    const first = this.#fillSync(pipes[0][1], position, sizeOf(0), 0);
+    if (first < 0) {
+      if (!REFUSED_ERRNOS.has(-first)) this.#readFailed(-first, position);
+      this.#closePipes();
+      this.#pipes = null;
+      return false;
+    }
+    this.#touch(position, length);
+    const filling = new Map<number, Promise<number>>([[0, Promise.resolve(first)]]);
+    const start = (k: number) => {
+      if (k >= count) return;
+      const p = this.#fill(pipes[k % pipes.length][1], position + k * slice, sizeOf(k));
+      p.catch(() => {}); // awaited in turn
+      filling.set(k, p);
+    };
+    for (let k = 1; k < pipes.length; k++) start(k);
+    try {
+      for (let k = 0; k < count; k++) {
+        const n = await filling.get(k)!;
+        filling.delete(k);
+        this.#drain(pipes[k % pipes.length][0], out, n, moved, outError);
+        if (n < sizeOf(k)) return true; // the end of the file
+        start(k + pipes.length);
+      }
+      return true;
+    } catch (err) {
+      // Pipes still being filled, or holding bytes: not to be used again.
+      await Promise.allSettled(filling.values());
+      this.#closePipes();
+      this.#pipes = null;
+      throw err;
+    }
+  }
+
+  /** SPLICE_PIPES pipes of PIPE_BYTES (or whatever size the kernel grants), or null. */
+  #openPipes(): [number, number][] | null {
+    const pipes: [number, number][] = [];
+    const ends = new Int32Array(2);
+    for (let k = 0; k < SPLICE_PIPES; k++) {
+      if (this.#c.pipe2(new Uint8Array(ends.buffer), O_CLOEXEC) < 0) break;
+      pipes.push([ends[0], ends[1]]);
+      this.#c.fcntl(ends[1], F_SETPIPE_SZ, PIPE_BYTES); // optional: fails quietly
+    }
+    const size = pipes.length ? this.#c.fcntl(pipes[0][1], F_GETPIPE_SZ, 0) : -1;
+    this.#pipes = pipes;
+    // Every pipe must hold a whole slice, a multiple of the alignment.
+    this.#pipeBytes = Math.min(
+      size,
+      ...pipes.map(([, w]) => this.#c.fcntl(w, F_GETPIPE_SZ, 0)),
+    );
+    this.#pipeBytes -= this.#pipeBytes % DIRECT_ALIGN;
+    if (pipes.length < 2 || this.#pipeBytes <= 0) {
+      this.#closePipes();
+      this.#pipes = null;
+    }
+    return this.#pipes;
+  }
+
+  #closePipes(): void {
+    for (const [r, w] of this.#pipes ?? []) {
+      this.#c.close(r);
+      this.#c.close(w);
+    }
+  }
+
+  /**
+   * Splices `n` bytes at `at` of the O_DIRECT descriptor into the pipe end `w` on this
+   * thread; returns the bytes in the pipe (fewer at the end of the file), or `-errno`
+   * when the first splice fails (`done` bytes were already there).
+   */
+  #fillSync(w: number, at: number, n: number, done: number): number {
+    const offset = new BigInt64Array(1);
+    while (done < n) {
+      offset[0] = BigInt(at + done);
+      const r = Number(
+        this.#c.splice(this.#fd, new Uint8Array(offset.buffer), w, null, BigInt(n - done), 0),
+      );
+      if (r === 0) break;
+      if (r > 0) {
+        done += r;
+        continue;
+      }
+      const e = this.#errno();
+      if (e !== EINTR) return -e;
+    }
+    return done;
+  }
+
+  /** {@link Direct.#fillSync} on one of Deno's blocking threads (errors read here). */
+  async #fill(w: number, at: number, n: number): Promise<number> {
+    const offset = new BigInt64Array(1);
+    let done = 0;
+    while (done < n) {
+      offset[0] = BigInt(at + done);
+      const r = Number(
+        await this.#c.splice_async(
+          this.#fd,
+          new Uint8Array(offset.buffer),
+          w,
+          null,
+          BigInt(n - done),
+          0,
+        ),
+      );
+      if (r === 0) return done;
+      if (r > 0) {
+        done += r;
+        continue;
+      }
+      // errno belongs to the other thread: the same splice again here, to read it.
+      const got = this.#fillSync(w, at, n, done);
+      if (got >= 0) return got;
+      this.#readFailed(-got, at + done);
+    }
+    return done;
+  }
+
+  #readFailed(e: number, at: number): never {
+    throw new DiskstreamError(`cannot read ${this.path} at byte ${at}: ${errnoMessage(e)}`);
+  }
+
+  /** Moves the `n` bytes pipe end `r` holds into `out`. */
+  #drain(
+    r: number,
+    out: number,
+    n: number,
+    moved: (n: number) => void,
+    outError: (errno: number) => never,
+  ): void {
+    for (let left = n; left > 0;) {
+      const k = Number(
+        this.#c.splice(r, null, out, null, BigInt(left), SPLICE_F_MOVE | SPLICE_F_MORE),
+      );
+      if (k > 0) {
+        left -= k;
+        moved(k);
+        continue;
+      }
+      if (k === 0) {
+        throw new DiskstreamError(`cannot move the bytes read from ${this.path}: none left`);
+      }
+      const e = this.#errno();
+      if (e !== EINTR) outError(e);
+    }
+  }
+
   async write(bytes: Uint8Array, position: number): Promise<void> {
     if (this.#failed) throw this.#failed;
     this.#touch(position, bytes.length);
@@ -395,6 +595,7 @@ class Direct implements DirectFile {
       if (hi > lo) c.posix_fadvise(plain, BigInt(lo), BigInt(hi - lo), POSIX_FADV_DONTNEED);
       c.close(fd);
       c.close(plain);
+      this.#closePipes();
     };
     // A write still queued for another thread must not meet a closed (or reused) number.
     if (this.#running.every((r) => r === null)) end();

@@ -28,6 +28,8 @@ import {
   F_GETFL,
   F_GETPIPE_SZ,
   F_SETPIPE_SZ,
+  GETSOCKOPT,
+  isSocket,
   loadLibc,
   O_CLOEXEC,
   O_NONBLOCK,
@@ -40,7 +42,7 @@ import {
   WRITE_SIDE_ERRNOS,
 } from "./libc.ts";
 import { errnoMessage } from "./errno.ts";
-import { DIRECT_VIEW, type DirectFile, openDirectFile } from "./direct_io.ts";
+import { DIRECT_ALIGN, DIRECT_VIEW, type DirectFile, openDirectFile } from "./direct_io.ts";
 
 /** Bytes moved per call. */
 export const COPY_STEP = 8 * 1024 * 1024;
@@ -67,6 +69,7 @@ const SYMBOLS = {
   },
   fdatasync: { parameters: ["i32"], result: "i32" },
   sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32" },
+  getsockopt: GETSOCKOPT,
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
@@ -157,7 +160,8 @@ export function openKernelCopy(
     return null;
   }
   let method: Method = "copy_file_range";
-  if (c.fcntl(outFd, F_GETPIPE_SZ, 0) > 0) {
+  const outIsPipe = c.fcntl(outFd, F_GETPIPE_SZ, 0) > 0;
+  if (outIsPipe) {
     method = "splice";
     c.fcntl(outFd, F_SETPIPE_SZ, PIPE_BYTES); // a larger pipe: fewer wake-ups; optional
   }
@@ -208,6 +212,9 @@ export function openKernelCopy(
 
   /** A direct output's write of the last step, awaited before the next step. */
   let writing: void | Promise<void>;
+  const shrank = (at: number) =>
+    new SourceChangedError(`${source} ended at byte ${at}: the source shrank during the export`);
+
   /** One call: moves up to `length` bytes at `at`; 0 = the source ended. */
   const step = (at: number, length: number): number => {
     offset[0] = BigInt(at);
@@ -242,9 +249,7 @@ export function openKernelCopy(
         return n;
       }
       if (n === 0) {
-        throw new SourceChangedError(
-          `${source} ended at byte ${at}: the source shrank during the export`,
-        );
+        throw shrank(at);
       }
       const e = errno();
       if (e === EINTR) continue;
@@ -269,6 +274,26 @@ export function openKernelCopy(
   };
 
   /**
+   * A direct source into a pipe or socket: spliced from the O_DIRECT descriptor (the
+   * kernel reads into pages it hands to the output, several reads at once: no copy
+   * through memory), else read and written ({@link copySync}).
+   */
+  const spliceOut = directIn && !directOut && (outIsPipe || isSocket(c.getsockopt, outFd));
+  const copySpliced = async (at: number, length: number) => {
+    // The aligned part spliced, an unaligned tail (the end of the disk) read and written.
+    const aligned = at % DIRECT_ALIGN === 0 ? length - (length % DIRECT_ALIGN) : 0;
+    let done = 0;
+    const spliced = aligned > 0 &&
+      await directIn!.spliceTo(outFd, at, aligned, (n) => {
+        done += n;
+        moved(n);
+      }, (e) => fail(e, `cannot write to ${name}`));
+    if (!spliced) return copySync(at, length);
+    if (done < aligned) throw shrank(at + done);
+    if (aligned < length) copySync(at + aligned, length - aligned);
+  };
+
+  /**
    * {@link copySync} into a direct output: each step's bytes (in a buffer the next step
    * reuses) are taken by the output before the next step reads.
    */
@@ -281,7 +306,7 @@ export function openKernelCopy(
 
   return {
     write: writeAll,
-    copy: directOut ? copyDirect : copySync,
+    copy: directOut ? copyDirect : spliceOut ? copySpliced : copySync,
     async finish(sync) {
       if (directOut) {
         await (sync ? directOut.sync() : directOut.drain());

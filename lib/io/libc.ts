@@ -81,3 +81,26 @@ export const REFUSED_ERRNOS: ReadonlySet<number> = new Set([1, 9, 18, 22, 38, 95
  * gone (EPIPE).
  */
 export const WRITE_SIDE_ERRNOS: ReadonlySet<number> = new Set([28, 122, 27, 30, 32]);
+
+/** getsockopt(2) as declared through FFI: `(fd, level, name, value, length)`. */
+export type Getsockopt = (
+  fd: number,
+  level: number,
+  name: number,
+  value: Uint8Array,
+  length: Uint8Array,
+) => number;
+
+/** The FFI declaration of getsockopt(2) for {@link isSocket}. */
+export const GETSOCKOPT = {
+  parameters: ["i32", "i32", "i32", "buffer", "buffer"],
+  result: "i32",
+} as const;
+
+/** True when `fd` is a socket (its SO_TYPE can be read). */
+export function isSocket(getsockopt: Getsockopt, fd: number): boolean {
+  const SOL_SOCKET = 1;
+  const SO_TYPE = 3;
+  return getsockopt(fd, SOL_SOCKET, SO_TYPE, new Uint8Array(4), new Uint8Array([4, 0, 0, 0])) ===
+    0;
+}

@@ -15,8 +15,6 @@ import { errnoMessage } from "./errno.ts";
 
 const SYNC_FILE_RANGE_WRITE = 2;
 const POLLIN = 1;
-const SOL_SOCKET = 1;
-const SO_TYPE = 3;
 /** Bytes asked per splice call. */
 const SPLICE_STEP = 16 * 1024 * 1024;
 
@@ -27,7 +25,7 @@ const SYMBOLS = {
   read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
   splice: { parameters: ["i32", "buffer", "i32", "buffer", "usize", "u32"], result: "isize" },
   sync_file_range: { parameters: ["i32", "i64", "i64", "u32"], result: "i32" },
-  getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
+  getsockopt: libc.GETSOCKOPT,
   poll: { parameters: ["buffer", "u64", "i32"], result: "i32" },
   poll_waiting: {
     name: "poll",
@@ -140,8 +138,7 @@ export function openPipeInput(
   const isPipe = c.fcntl(fd, libc.F_GETPIPE_SZ, 0) > 0;
   // A socket (XAPI hands over its HTTP connection as stdin) is read the same way, so
   // that a signal is handled while it is silent; splice refuses it (data is read).
-  const isSocket = !isPipe &&
-    c.getsockopt(fd, SOL_SOCKET, SO_TYPE, new Uint8Array(4), new Uint8Array([4, 0, 0, 0])) === 0;
+  const isSocket = !isPipe && libc.isSocket(c.getsockopt, fd);
   if (flags < 0 || (flags & libc.O_NONBLOCK) !== 0 || !(isPipe || isSocket)) {
     if (own) c.close(fd);
     return null; // not a blocking pipe or socket

@@ -2,15 +2,16 @@
  * The checksums of XVA disk members: `<member>.xxhash` holds XXH64 (seed 0) of the
  * member as 16 upper-case hex digits (XAPI's default since 2023), `<member>.checksum`
  * holds SHA-1 as 40 lower-case hex digits (older XAPI, vhd-tool). SHA-1 comes from
- * `node:crypto`. XXH64 comes from `@node-rs/xxhash` (native code through Node-API,
- * about 10 GB/s, hashing the caller's bytes in place) on Linux x86-64 when FFI is
- * permitted, else from the `xxhash-wasm` package (WebAssembly: each piece is first
- * copied into its memory, and the code starts in V8's baseline tier).
- *
- * An import hashes each member on another thread while it reads the next ones
- * ({@link loadThreadedXxh64}): XXH64 from the system's xxHash library (`libxxhash.so.0`,
- * Debian's libxxhash0, the reference implementation) called through FFI without
- * blocking. Where it is missing the import hashes on its own thread as above.
+ * `node:crypto`. XXH64 comes, in this order of preference, from:
+ * - the system's xxHash library (`libxxhash.so.0`, Debian's libxxhash0: the reference
+ *   implementation) through FFI, when FFI is permitted: it loads in about a millisecond,
+ *   hashes the caller's bytes in place, and can hash on one of Deno's blocking threads
+ *   ({@link loadThreadedXxh64}: an import hashes each member there while it reads the
+ *   next ones);
+ * - `@node-rs/xxhash` (native code through Node-API, about 10 GB/s, in place) on Linux
+ *   x86-64 when FFI is permitted (loading it takes Node's module loader, 5-15 ms);
+ * - the `xxhash-wasm` package (WebAssembly: each piece is first copied into its memory,
+ *   and the code starts in V8's baseline tier).
  *
  * @module
  */
@@ -57,13 +58,64 @@ function nativeXxhash(): NativeXxhash | null {
   }
 }
 
-/** The XXH64 implementations: native code, or WebAssembly (see the module comment). */
-export type Xxh64Implementation = "native" | "wasm";
+const XXHASH_SYMBOLS = {
+  XXH64: { parameters: ["buffer", "usize", "u64"], result: "u64" },
+  XXH64_threaded: {
+    name: "XXH64",
+    parameters: ["buffer", "usize", "u64"],
+    result: "u64",
+    nonblocking: true,
+  },
+  XXH64_createState: { parameters: [], result: "pointer" },
+  XXH64_freeState: { parameters: ["pointer"], result: "i32" },
+  XXH64_reset: { parameters: ["pointer", "u64"], result: "i32" },
+  XXH64_update: { parameters: ["pointer", "buffer", "usize"], result: "i32" },
+  XXH64_update_threaded: {
+    name: "XXH64_update",
+    parameters: ["pointer", "buffer", "usize"],
+    result: "i32",
+    nonblocking: true,
+  },
+  XXH64_digest: { parameters: ["pointer"], result: "u64" },
+} as const;
+
+type LibXxhash = Deno.DynamicLibrary<typeof XXHASH_SYMBOLS>["symbols"];
+let libxxhashLoaded: LibXxhash | null | undefined;
+
+/** The system's xxHash library through FFI, or null (no FFI permission, not Linux, missing). */
+function libxxhash(): LibXxhash | null {
+  if (libxxhashLoaded !== undefined) return libxxhashLoaded;
+  libxxhashLoaded = null;
+  try {
+    if (Deno.build.os !== "linux") return null;
+    if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return null;
+    libxxhashLoaded = Deno.dlopen("libxxhash.so.0", XXHASH_SYMBOLS).symbols;
+  } catch {
+    libxxhashLoaded = null;
+  }
+  return libxxhashLoaded;
+}
+
+/** A libxxhash state (seed 0), freed after `use` (for hashes of several pieces). */
+function withState(x: LibXxhash, use: (state: Deno.PointerObject) => void): bigint {
+  const state = x.XXH64_createState();
+  if (state === null) throw new Error("XXH64_createState: out of memory");
+  try {
+    x.XXH64_reset(state, 0n);
+    use(state);
+    return BigInt(x.XXH64_digest(state));
+  } finally {
+    x.XXH64_freeState(state);
+  }
+}
+
+/** The XXH64 implementations (see the module comment). */
+export type Xxh64Implementation = "libxxhash" | "native" | "wasm";
 
 /**
- * XXH64 (seed 0) as a {@link Checksum}: the native implementation where it loads (or
- * only it: null where it does not), else (or only) the WebAssembly one. For tests and
- * measurements; {@link loadChecksum} picks.
+ * XXH64 (seed 0) as a {@link Checksum}: the first implementation that loads in the
+ * module comment's order, or `only` that one (null where it does not load). For tests
+ * and measurements; {@link loadChecksum} picks.
  *
  * @example
  * ```ts
@@ -79,6 +131,21 @@ export type Xxh64Implementation = "native" | "wasm";
 export async function loadXxh64(
   only?: Xxh64Implementation,
 ): Promise<{ implementation: Xxh64Implementation; checksum: Checksum } | null> {
+  const x = only === undefined || only === "libxxhash" ? libxxhash() : null;
+  if (x !== null) {
+    return {
+      implementation: "libxxhash",
+      checksum: (...pieces) =>
+        hex16(
+          pieces.length === 1
+            ? BigInt(x.XXH64(pieces[0], BigInt(pieces[0].length), 0n))
+            : withState(x, (st) => {
+              for (const p of pieces) x.XXH64_update(st, p, BigInt(p.length));
+            }),
+        ),
+    };
+  }
+  if (only === "libxxhash") return null;
   const native = only === "wasm" ? null : nativeXxhash();
   if (native !== null) {
     return {
@@ -108,21 +175,6 @@ export async function loadXxh64(
 /** XXH64 of pieces computed on another thread; see {@link loadThreadedXxh64}. */
 export type ThreadedChecksum = (...pieces: Uint8Array[]) => Promise<string>;
 
-const XXHASH_SYMBOLS = {
-  XXH64: { parameters: ["buffer", "usize", "u64"], result: "u64", nonblocking: true },
-  XXH64_createState: { parameters: [], result: "pointer" },
-  XXH64_freeState: { parameters: ["pointer"], result: "i32" },
-  XXH64_reset: { parameters: ["pointer", "u64"], result: "i32" },
-  XXH64_update: {
-    parameters: ["pointer", "buffer", "usize"],
-    result: "i32",
-    nonblocking: true,
-  },
-  XXH64_digest: { parameters: ["pointer"], result: "u64" },
-} as const;
-
-let threaded: ThreadedChecksum | null | undefined;
-
 /**
  * XXH64 (seed 0, as 16 upper-case hex digits) computed on one of Deno's blocking
  * threads by the system's xxHash library (`libxxhash.so.0`), so that the caller goes
@@ -143,30 +195,23 @@ let threaded: ThreadedChecksum | null | undefined;
  * ```
  */
 export function loadThreadedXxh64(): ThreadedChecksum | null {
-  if (threaded !== undefined) return threaded;
-  threaded = null;
-  try {
-    if (Deno.build.os !== "linux") return null;
-    if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") return null;
-    const x = Deno.dlopen("libxxhash.so.0", XXHASH_SYMBOLS).symbols;
-    threaded = async (...pieces) => {
-      if (pieces.length === 1) {
-        return hex16(BigInt(await x.XXH64(pieces[0], BigInt(pieces[0].length), 0n)));
-      }
-      const state = x.XXH64_createState();
-      if (state === null) throw new Error("XXH64_createState: out of memory");
-      try {
-        x.XXH64_reset(state, 0n);
-        for (const p of pieces) await x.XXH64_update(state, p, BigInt(p.length));
-        return hex16(BigInt(x.XXH64_digest(state)));
-      } finally {
-        x.XXH64_freeState(state);
-      }
-    };
-  } catch {
-    threaded = null;
-  }
-  return threaded;
+  const x = libxxhash();
+  if (x === null) return null;
+  return async (...pieces) => {
+    if (pieces.length === 1) {
+      return hex16(BigInt(await x.XXH64_threaded(pieces[0], BigInt(pieces[0].length), 0n)));
+    }
+    // Several pieces (a member across two input buffers): one after another, in a state.
+    const state = x.XXH64_createState();
+    if (state === null) throw new Error("XXH64_createState: out of memory");
+    try {
+      x.XXH64_reset(state, 0n);
+      for (const p of pieces) await x.XXH64_update_threaded(state, p, BigInt(p.length));
+      return hex16(BigInt(x.XXH64_digest(state)));
+    } finally {
+      x.XXH64_freeState(state);
+    }
+  };
 }
 
 async function loadSha1(): Promise<Checksum> {
