@@ -114,7 +114,7 @@ export class ChunkStream {
     const pipe = this.pipe!;
     let filled = 0;
     while (filled < buf.length) {
-      if (filled > 0 && !pipe.ready(this.overlapIo ? 0 : BRIEF_WAIT_MS)) break;
+      if (filled > 0 && !(await this.#moreSoon())) break;
       if (this.overlapIo) await this.#waitAside();
       else await this.waitForPipe();
       const n = pipe.read(buf.subarray(filled));
@@ -127,6 +127,21 @@ export class ChunkStream {
     }
     this.#lent.set(buf.buffer, 1);
     return buf.subarray(0, filled);
+  }
+
+  /**
+   * True when the pipe has bytes (or its end) now or within a brief wait: on another
+   * thread when reads overlap writes (the event loop runs meanwhile), in place
+   * otherwise. A writer that is only slow (a busy machine) keeps the chunks whole, so
+   * that they are not cut where they need not be (zeros left as holes are found
+   * within each piece).
+   */
+  async #moreSoon(): Promise<boolean> {
+    const pipe = this.pipe!;
+    if (pipe.ready(this.overlapIo ? 0 : BRIEF_WAIT_MS)) return true;
+    if (!this.overlapIo) return false;
+    await pipe.wait(BRIEF_WAIT_MS);
+    return pipe.ready();
   }
 
   /** Passes over the next `n` bytes of a seekable input without reading them. */
