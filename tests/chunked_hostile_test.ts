@@ -12,6 +12,7 @@ import type { ImageTarget } from "../lib/io/endpoint.ts";
 import {
   CLI,
   CLI_SH,
+  concat,
   pseudoRandom,
   run,
   runCli,
@@ -30,13 +31,7 @@ const PY = "/usr/bin/python3";
 function chunked(pieces: [number, Uint8Array][], after: Uint8Array = new Uint8Array(0)) {
   const parts = pieces.flatMap(([at, b]) => [encodeChunkHeader(at, b.length), b]);
   parts.push(encodeChunkHeader(0, 0), after);
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
+  return concat(parts);
 }
 
 /**

@@ -204,6 +204,17 @@ export function toolTest(
   });
 }
 
+/** The bytes of `parts`, one after another. */
+export function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
 /** The CLI as a shell command, for pipelines run with {@link sh}. */
 export const CLI_SH = `${Deno.execPath()} run -A ${CLI}`;
 

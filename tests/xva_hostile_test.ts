@@ -10,22 +10,12 @@ import { ChunkStream } from "../lib/io/chunk_stream.ts";
 import { loadChecksum } from "../lib/xva/checksum.ts";
 import { parseOvaXml, parseXmlRpc } from "../lib/xva/ova.ts";
 import { TAR_END, tarHeader, tarPadding, TarReader } from "../lib/xva/tar.ts";
-import { pseudoRandom, runCli, sha256, sha256File, withTempDir } from "./helpers.ts";
+import { concat, pseudoRandom, runCli, sha256, sha256File, withTempDir } from "./helpers.ts";
 
 const MiB = 1 << 20;
 const ESC = String.fromCharCode(27);
 const enc = new TextEncoder();
 const xxh = await loadChecksum("xxhash");
-
-function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
 
 /** A header with `patch` applied (field offset → bytes), its checksum made again. */
 function header(name: string, size: number, patch: Record<number, Uint8Array | string> = {}) {
