@@ -262,6 +262,9 @@ Deno.test("xva extract: a failure removes every file the extraction created, the
         stdinFile: file,
       });
       refused(r, /checksum mismatch in member Ref:2\/00000001/);
+      if (format === "raw") {
+        assert.match(r.stderr, /files this extraction had written were removed \(.*Ref_1\.raw\)/);
+      }
       // (-f qcow2 verifies every checksum before it makes DIR.)
       const left = await Array.fromAsync(Deno.readDir(out)).catch(() => []);
       assert.deepEqual(left, [], `${format} ${input}`);

@@ -115,7 +115,7 @@ export async function extractXvaFileAs(
         verified,
       });
     } catch (err) {
-      await removeCreated(created);
+      await removeCreated(created, err);
       throw err;
     } finally {
       src.close();

@@ -163,7 +163,7 @@ export async function extractXva(
     return { manifest, extracted, absent };
   } catch (err) {
     await input.cancel().catch(() => {});
-    await removeCreated(created);
+    await removeCreated(created, err);
     throw err;
   }
 }
@@ -197,9 +197,17 @@ export async function outputPaths(
   return paths;
 }
 
-/** Removes the files a failed extraction created (complete ones too: it failed). */
-export async function removeCreated(paths: string[]): Promise<void> {
+/**
+ * Removes the files a failed extraction created (complete ones too: it failed), and
+ * says so at the end of `err`'s message.
+ */
+export async function removeCreated(paths: string[], err: unknown): Promise<void> {
   for (const path of paths) await Deno.remove(path).catch(() => {});
+  if (err instanceof DiskstreamError && paths.length > 0) {
+    err.message += `; the files this extraction had written were removed (${
+      paths.map((p) => escapeControls(p)).join(", ")
+    })`;
+  }
 }
 
 /** Creates the output directory `dir` (and its parents), refusing a file in the way. */
