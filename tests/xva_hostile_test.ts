@@ -335,3 +335,15 @@ Deno.test("TarReader: a pax size applies to the member after it only", async () 
   assert.equal(await reader.next(), null);
   assert.ok(reader.ended);
 });
+
+Deno.test("xva: an ova.xml over 16 MiB is refused before it is read (its parsing takes ~30 × its size)", async () => {
+  await withTempDir(async (dir) => {
+    const big = new Uint8Array(17 * MiB).fill(0x20);
+    const file = `${dir}/big.xva`;
+    await Deno.writeFile(file, concat([member("ova.xml", big), new Uint8Array(1024)]));
+    for (const args of [["list", file], ["list", "-"], ["extract", "-", "-o", `${dir}/out`]]) {
+      const r = await runCli(["xva", ...args], { stdinFile: file });
+      refused(r, /its ova\.xml holds 17825792 bytes, more than the 16777216 bytes \(16 MiB\)/);
+    }
+  });
+});

@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { CorruptImageError } from "../errors.ts";
+import { CorruptImageError, LimitError } from "../errors.ts";
 import { withImageFile } from "../io/image_file.ts";
 import type { ChunkStream } from "../io/chunk_stream.ts";
 import type { ChecksumKind } from "./checksum.ts";
@@ -17,8 +17,21 @@ import { shownName, tarFileMembers, type TarMember, TarReader } from "./tar.ts";
 /** Where an XVA disk's size comes from, as messages name it. */
 export const OVA_SIZE = "ova.xml's virtual_size";
 
-/** The largest `ova.xml` read (bytes). */
-export const MAX_OVA_XML = 64 * 1024 * 1024;
+/**
+ * The largest `ova.xml` read (bytes): a bound on the memory its parsing takes (~30 ×
+ * its size). XAPI's are kilobytes to a few megabytes.
+ */
+export const MAX_OVA_XML = 16 * 1024 * 1024;
+
+/** Refuses an `ova.xml` of `size` bytes past {@link MAX_OVA_XML}, naming `where`. */
+function checkOvaSize(size: number, where: string): void {
+  if (size <= MAX_OVA_XML) return;
+  throw new LimitError(
+    `${where}: its ova.xml holds ${size} bytes, more than the ${MAX_OVA_XML} bytes ` +
+      `(16 MiB) diskstream reads (a bound on the memory its parsing takes; XAPI's ova.xml ` +
+      `files hold kilobytes to a few megabytes)`,
+  );
+}
 
 /** A disk of an XVA with what its members say. */
 export interface XvaDiskListing extends XvaDisk {
@@ -134,6 +147,7 @@ function notTar<T>(label: string, read: () => T): T {
 export async function readOvaMember(reader: TarReader): Promise<OvaManifest> {
   const m = await notTar(reader.label, () => reader.next());
   if (m === null || m.name !== "ova.xml") throw notOva(m, reader.label);
+  checkOvaSize(m.size, reader.label);
   return parseOva(await reader.readBody(MAX_OVA_XML));
 }
 
@@ -209,9 +223,7 @@ export function listXvaFile(path: string): Promise<XvaListing> {
     const first = notTar(path, () => members.next());
     const ova = first.done ? null : first.value;
     if (ova === null || ova.name !== "ova.xml") throw notOva(ova, path);
-    if (ova.size > MAX_OVA_XML) {
-      throw new CorruptImageError(`${path}: ova.xml holds ${ova.size} bytes, too many`, 0);
-    }
+    checkOvaSize(ova.size, path);
     const inv = new Inventory(parseOva(file.readAtSync(ova.dataOffset, ova.size, "ova.xml")));
     for (const m of members) inv.add(m);
     return Promise.resolve(inv.listing());
