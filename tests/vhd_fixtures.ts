@@ -17,6 +17,8 @@ export interface HandVhd {
   blocks: number[];
   locators?: [code: string, path: string][];
   parentName?: string;
+  /** Default 2 MiB; block `b` holds `pseudoRandom(blockSize, b + 100)`. */
+  blockSize?: number;
 }
 
 /**
@@ -25,7 +27,9 @@ export interface HandVhd {
  * create differencing VHDs ("Backing file not supported for file format 'vpc'").
  */
 export async function writeVhd(path: string, v: HandVhd): Promise<void> {
-  const entries = Math.ceil(v.size / BLOCK);
+  const bs = v.blockSize ?? BLOCK;
+  const bitmap = Math.ceil(bs / 512 / 8 / 512) * 512;
+  const entries = Math.ceil(v.size / bs);
   const batBytes = Math.ceil((entries * 4) / 512) * 512;
   const locData = (v.locators ?? []).map(([code, p]) => encodeParentLocator(code, p));
   let offset = 1536 + batBytes;
@@ -45,6 +49,7 @@ export async function writeVhd(path: string, v: HandVhd): Promise<void> {
     maxTableEntries: entries,
     parentUnicodeName: v.parentName,
     parentLocators: locators,
+    blockSize: bs,
     parentUuid: v.diskType === DISK_TYPE_DIFFERENCING ? new Uint8Array(16).fill(1) : undefined,
   });
   const bat = new Uint8Array(batBytes).fill(0xff);
@@ -56,8 +61,8 @@ export async function writeVhd(path: string, v: HandVhd): Promise<void> {
   }
   for (const b of v.blocks) {
     new DataView(bat.buffer).setUint32(b * 4, offset / 512);
-    parts.push(new Uint8Array(512).fill(0xff), pseudoRandom(BLOCK, b + 100));
-    offset += 512 + BLOCK;
+    parts.push(new Uint8Array(bitmap).fill(0xff), pseudoRandom(bs, b + 100));
+    offset += bitmap + bs;
   }
   parts.push(footer);
   await Deno.writeFile(path, new Uint8Array());
