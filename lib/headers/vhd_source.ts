@@ -28,6 +28,7 @@ export class VhdChainSource implements DiskSource {
   readonly kernelCopy = false;
   readonly #layers: Layer[];
   readonly #extents: [number, number][];
+  #closed = false;
 
   private constructor(
     readonly path: string,
@@ -40,8 +41,8 @@ export class VhdChainSource implements DiskSource {
   }
 
   /**
-   * Opens the VHD at `path` and its parents (looked up in `searchDirs` first, then
-   * next to each child). Refuses a chain with a layer that is not a VHD.
+   * Opens the VHD at `path` and its parents (looked up next to each child first, then
+   * in `searchDirs`). Refuses a chain with a layer that is not a VHD.
    */
   static async open(path: string, searchDirs: string[] = []): Promise<VhdChainSource> {
     const chain = await readImageChain(path, false, searchDirs);
@@ -89,7 +90,11 @@ export class VhdChainSource implements DiskSource {
     }
   }
 
-  /** Fills `buf` for disk bytes `[from, to)` of one block, layer by layer. */
+  /**
+   * Fills `buf` for disk bytes `[from, to)` of one block of the top layer, layer by
+   * layer. A parent's blocks need not be the top's size; what lies beyond a layer's own
+   * virtual size (a parent smaller than its child) reads as zeros.
+   */
   #readBlockPart(buf: Uint8Array, position: number, from: number, to: number): void {
     const firstSector = Math.floor(from / SECTOR_SIZE);
     const lastSector = Math.ceil(to / SECTOR_SIZE); // exclusive
@@ -98,37 +103,61 @@ export class VhdChainSource implements DiskSource {
     for (const layer of this.#layers) {
       if (left === 0) return;
       const { vhd, file } = layer;
+      const layerSize = vhd.footer.currentSize;
       const copy = (fileOffset: number, s0: number, s1: number) => {
         // Disk sectors [s0, s1) of this layer, at `fileOffset` for sector s0.
         const a = Math.max(from, s0 * SECTOR_SIZE);
-        const b = Math.min(to, s1 * SECTOR_SIZE);
-        file.readInto(
-          fileOffset + (a - s0 * SECTOR_SIZE),
-          buf.subarray(a - position, b - position),
-          `VHD data of ${file.path}`,
-        );
+        const b = Math.min(to, s1 * SECTOR_SIZE, layerSize);
+        if (b > a) {
+          file.readInto(
+            fileOffset + (a - s0 * SECTOR_SIZE),
+            buf.subarray(a - position, b - position),
+            `VHD data of ${file.path}`,
+          );
+        }
         for (let s = s0; s < s1; s++) need[s - firstSector] = 0;
         left -= s1 - s0;
       };
       if (vhd.footer.diskType === DISK_TYPE_FIXED) {
-        for (const [s0, s1] of runsOf(need, firstSector)) copy(s0 * SECTOR_SIZE, s0, s1);
+        for (const [s0, s1] of runsOf(need, firstSector, firstSector, lastSector)) {
+          copy(s0 * SECTOR_SIZE, s0, s1);
+        }
         return;
       }
-      const block = Math.floor(from / vhd.blockSize);
-      const entry = vhd.bat![block] ?? BAT_UNUSED;
-      if (entry !== BAT_UNUSED) {
+      const perBlock = vhd.blockSize / SECTOR_SIZE;
+      const layerEnd = Math.min(to, layerSize);
+      for (
+        let block = Math.floor(from / vhd.blockSize);
+        block * vhd.blockSize < layerEnd;
+        block++
+      ) {
+        const entry = vhd.bat![block] ?? BAT_UNUSED;
+        if (entry === BAT_UNUSED) continue;
         const bitmap = file.readAtSync(entry * SECTOR_SIZE, layer.bitmapBytes, "VHD bitmap");
         const dataAt = entry * SECTOR_SIZE + layer.bitmapBytes;
-        const blockSector = block * (vhd.blockSize / SECTOR_SIZE);
+        const blockSector = block * perBlock;
         const set = (s: number) => {
           const i = s - blockSector;
           return (bitmap[i >> 3] & (0x80 >> (i & 7))) !== 0;
         };
-        for (const [s0, s1] of runsOf(need, firstSector, set)) {
+        const lo = Math.max(firstSector, blockSector);
+        const hi = Math.min(lastSector, blockSector + perBlock);
+        for (const [s0, s1] of runsOf(need, firstSector, lo, hi, set)) {
           copy(dataAt + (s0 - blockSector) * SECTOR_SIZE, s0, s1);
         }
       }
       if (vhd.footer.diskType === DISK_TYPE_DYNAMIC) return; // no parent: the rest is zeros
+      // Sectors past this layer's end read as zeros, whatever its parents hold.
+      for (
+        let s = Math.max(firstSector, Math.floor(layerSize / SECTOR_SIZE));
+        s < lastSector;
+        s++
+      ) {
+        if (need[s - firstSector] === 1 && s * SECTOR_SIZE >= layerSize) {
+          need[s - firstSector] = 0;
+          left--;
+        }
+      }
     }
   }
 
@@ -142,23 +171,31 @@ export class VhdChainSource implements DiskSource {
     return Promise.resolve(this.size);
   }
 
+  /** Closes every layer's file; a second call (an export that failed) does nothing. */
   close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
     for (const l of this.#layers) l.file.close();
   }
 }
 
-/** Runs `[s0, s1)` of needed sectors (numbered from `first`) for which `ok` holds. */
+/**
+ * Runs `[s0, s1)` of needed sectors among sectors `[lo, hi)` (`need` numbers them from
+ * `first`) for which `ok` holds.
+ */
 function* runsOf(
   need: Uint8Array,
   first: number,
+  lo: number,
+  hi: number,
   ok: (sector: number) => boolean = () => true,
 ): Generator<[number, number]> {
   let start = -1;
-  for (let i = 0; i <= need.length; i++) {
-    const take = i < need.length && need[i] === 1 && ok(first + i);
-    if (take && start < 0) start = i;
+  for (let s = lo; s <= hi; s++) {
+    const take = s < hi && need[s - first] === 1 && ok(s);
+    if (take && start < 0) start = s;
     if (!take && start >= 0) {
-      yield [first + start, first + i];
+      yield [start, s];
       start = -1;
     }
   }
