@@ -37,6 +37,14 @@ export class ImageFile {
   static async open(path: string, base = 0): Promise<ImageFile> {
     let file: Deno.FsFile;
     try {
+      // Opening a FIFO waits for a writer (forever, deaf to SIGTERM): look first.
+      const st = await Deno.stat(path);
+      if (!st.isFile && !st.isBlockDevice && !st.isDirectory) {
+        throw new UnsupportedError(
+          `cannot read ${path}: it is ${kindOf(st)}, and an image is read at random ` +
+            `offsets: give a regular file or a block device`,
+        );
+      }
       file = await Deno.open(path, { read: true });
     } catch (err) {
       throw describeIoError(err, path, "open");
@@ -109,6 +117,14 @@ export class ImageFile {
   close(): void {
     this.#file.close();
   }
+}
+
+/** What a path that is neither a file nor a block device nor a directory is. */
+function kindOf(st: Deno.FileInfo): string {
+  if (st.isFifo) return "a FIFO (named pipe)";
+  if (st.isSocket) return "a socket";
+  if (st.isCharDevice) return "a character device";
+  return "not a regular file";
 }
 
 /** Opens `path`, runs `fn` with it and closes it, whatever happens. */
