@@ -72,8 +72,8 @@ function commonOptions(c: Command): Command {
     .option("--unbuffered", "the same as --direct")
     .option(
       "--path <DIRS>",
-      "colon-separated directories where VHD parents are looked up first (then next to " +
-        "the child), as vhd-tool does",
+      "colon-separated directories where VHD parents are looked up when they are not " +
+        "next to the child, as vhd-tool does",
       ".",
     )
     .option("--progress", "report progress (a bar, or with --machine 3-digit percentages)")

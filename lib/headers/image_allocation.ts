@@ -56,8 +56,8 @@ export const MAX_CHAIN_DEPTH = 256;
  * Reads one layer. `format` is what the layer above says it is (qcow2 backing format);
  * without it the file is probed, and a file that is neither qcow2 nor VHD is refused
  * (`allowRaw` false, the top of a chain) or taken as raw (a backing file). Raw layers
- * use `rawClusterSize` as their granularity. A VHD's parent is looked up in
- * `searchDirs` first (vhd-tool's `--path`), then next to the file.
+ * use `rawClusterSize` as their granularity. A VHD's parent is looked up next to the
+ * file first, then in `searchDirs` (vhd-tool's `--path`).
  */
 export async function readImageLayer(
   path: string,
@@ -185,8 +185,8 @@ async function identity(path: string): Promise<string> {
  * Reads the image at `path` and every file below it, top first. Throws a
  * {@link DiskstreamError} for a missing backing file or parent (unless `allowMissing`:
  * the chain then ends with the layer whose `backing.path` is undefined) and a
- * {@link CorruptImageError} for a loop in the chain. VHD parents are looked up in
- * `searchDirs` first, then next to each child.
+ * {@link CorruptImageError} for a loop in the chain. VHD parents are looked up next
+ * to each child first, then in `searchDirs`.
  */
 export async function readImageChain(
   path: string,
@@ -299,7 +299,7 @@ export async function readImageAllocation(
  * What changed in the image at `path` since its ancestor `base` (vhd-tool's
  * `--relative-to`): the clusters that read data from a layer above `base` in the chain
  * of `path`, at the image's own cluster or block size. Refuses a `base` that is not in
- * the chain. VHD parents are looked up in `searchDirs` first, then next to each child.
+ * the chain. VHD parents are looked up next to each child first, then in `searchDirs`.
  */
 export async function readAllocationAbove(
   path: string,

@@ -203,7 +203,7 @@ const PATH_PLATFORMS = [PLATFORM_MACX, PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_WI
 /**
  * Candidate paths of a differencing disk's parent: every path-bearing locator (MacX
  * first, as vhd-tool; then the Windows ones), then the parent unicode name, each
- * resolved against the child's folder. A Windows absolute path (`C:\…`) is tried by
+ * resolved against the child's folder, then against each of `searchDirs`. A Windows absolute path (`C:\…`) is tried by
  * its last component in the child's folder.
  */
 export async function parentCandidates(
@@ -226,7 +226,10 @@ export async function parentCandidates(
     if (name) names.push(name);
   }
   if (header.parentUnicodeName) names.push(header.parentUnicodeName);
-  const dirs = [...searchDirs, dirname(file.path)];
+  // The child's folder first, then the search path: vhd-tool's order (`dirname child ::
+  // path`), so that a same-named file in a --path folder (the default, '.') never
+  // stands in for the parent next to the child.
+  const dirs = [dirname(file.path), ...searchDirs];
   const paths: string[] = [];
   for (const name of names) {
     let p = name.startsWith("/") ? name : name.replaceAll("\\", "/");
