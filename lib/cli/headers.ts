@@ -55,13 +55,17 @@ export function registerHeaders(program: Command): void {
 }
 
 /** Prints the allocation JSON of the image at `path` (vhd-tool's read_headers family). */
-export async function printHeaders(path: string, legacy: boolean): Promise<void> {
+export async function printHeaders(
+  path: string,
+  legacy: boolean,
+  searchDirs: string[] = [],
+): Promise<void> {
   refuseRemote(path, legacy ? "read_headers" : "headers");
   const [{ formatAllocation }, { readImageAllocation }] = await Promise.all([
     import("../alloc/allocation.ts"),
     import("../headers/image_allocation.ts"),
   ]);
-  await writeStdout(formatAllocation(await readImageAllocation(path), legacy));
+  await writeStdout(formatAllocation(await readImageAllocation(path, searchDirs), legacy));
 }
 
 /** Writes all of `text` to stdout; a closed pipe ends quietly. */

@@ -247,7 +247,10 @@ export function registerVhdTool(program: Command): void {
       group.command(name)
         .description(`vhd-tool ${name} FILE: the allocation JSON of a VHD (or qcow2) image.`)
         .argument("<FILE>", "VHD or qcow2 image"),
-    ).action(async (file: string) => await printHeaders(file, legacy));
+    ).action(async (file: string, f: CommonFlags) =>
+      // Parents are looked up in --path too, as stream does.
+      await printHeaders(file, legacy, f.path.split(":").filter((d) => d !== ""))
+    );
   }
 }
 
