@@ -16,6 +16,8 @@ import {
   CLI,
   CLI_SH,
   pseudoRandom,
+  qemu,
+  qemuTest,
   run,
   runCli,
   sha256,
@@ -208,3 +210,37 @@ Deno.test("vhd-tool read_headers and read_headers_interval look parents up in --
     }
   });
 });
+
+qemuTest(
+  "vhd-tool stream --relative-to: a base that does not exist says so; one outside the chain is named",
+  async () => {
+    await withTempDir(async (dir) => {
+      await qemu(["create", "-q", "-f", "vpc", "-o", "subformat=dynamic", `${dir}/c.vhd`, "8M"]);
+      await Deno.copyFile(`${dir}/c.vhd`, `${dir}/other.vhd`);
+      const stream = (base: string) =>
+        runCli([
+          "vhd-tool",
+          "stream",
+          "--source-protocol",
+          "none",
+          "--source-format",
+          "vhd",
+          "--source",
+          `${dir}/c.vhd`,
+          "--relative-to",
+          base,
+          "--destination-format",
+          "vhd",
+          "--destination-protocol",
+          "none",
+          "--destination",
+          "null:",
+        ]);
+      assertOneLineError(
+        await stream(`${dir}/nope.vhd`),
+        /cannot read the base image .*nope\.vhd: no such file or directory/,
+      );
+      assertOneLineError(await stream(`${dir}/other.vhd`), /other\.vhd is not in the parent chain/);
+    });
+  },
+);

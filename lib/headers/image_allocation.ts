@@ -8,7 +8,12 @@
  */
 import type { Allocation } from "../alloc/allocation.ts";
 import { ClusterSet } from "../alloc/cluster_set.ts";
-import { CorruptImageError, DiskstreamError, UnsupportedError } from "../errors.ts";
+import {
+  CorruptImageError,
+  describeIoError,
+  DiskstreamError,
+  UnsupportedError,
+} from "../errors.ts";
 import { ImageFile, inFile, isImagePath, rawDataClusters } from "../io/image_file.ts";
 import { isQcow2 } from "../qcow2/header.ts";
 import { qcow2BackingPath, type Qcow2Map, readQcow2Map } from "../qcow2/image.ts";
@@ -307,6 +312,10 @@ export async function readAllocationAbove(
   searchDirs: string[] = [],
 ): Promise<Allocation> {
   const layers = await readImageChain(path, false, searchDirs);
+  // A base that does not exist is that, not "not in the chain".
+  await Deno.stat(base).catch((err) => {
+    throw describeIoError(err, base, "read the base image");
+  });
   const baseId = await identity(base);
   const at = (await Promise.all(layers.map((l) => identity(l.path)))).indexOf(baseId);
   if (at < 0) {
