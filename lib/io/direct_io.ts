@@ -412,14 +412,10 @@ class Direct implements DirectFile {
       pipes.push([ends[0], ends[1]]);
       this.#c.fcntl(ends[1], F_SETPIPE_SZ, PIPE_BYTES); // optional: fails quietly
     }
-    const size = pipes.length ? this.#c.fcntl(pipes[0][1], F_GETPIPE_SZ, 0) : -1;
     this.#pipes = pipes;
     // Every pipe must hold a whole slice, a multiple of the alignment.
-    this.#pipeBytes = Math.min(
-      size,
-      ...pipes.map(([, w]) => this.#c.fcntl(w, F_GETPIPE_SZ, 0)),
-    );
-    this.#pipeBytes -= this.#pipeBytes % DIRECT_ALIGN;
+    const least = Math.min(...pipes.map(([, w]) => this.#c.fcntl(w, F_GETPIPE_SZ, 0)));
+    this.#pipeBytes = least - (least % DIRECT_ALIGN);
     if (pipes.length < 2 || this.#pipeBytes <= 0) {
       this.#closePipes();
       this.#pipes = null;
