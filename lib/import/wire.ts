@@ -68,6 +68,12 @@ async function existingSize(dest: string): Promise<number | null> {
   return src.size;
 }
 
+/**
+ * Opens the destination and runs `body`, which ends with the destination's `finish`
+ * (its last writes and its sync can fail too): on any failure the destination is
+ * aborted (a file this import created is removed) and an existing one is named with
+ * what was left in it.
+ */
 async function run<T>(
   input: ChunkStream,
   open: () => Promise<RawDestination>,
@@ -128,13 +134,15 @@ export async function importChunked(
   const [target, r] = await run(
     input,
     () => RawDestination.open(dest, size, 65536, { ...options, delta: true }),
-    (t) =>
-      decodeChunkedStream(input, t, {
+    async (t) => {
+      const r = await decodeChunkedStream(input, t, {
         size,
         onProgress: (done) => options.progress?.update(Math.min(done, size)),
-      }),
+      });
+      await t.finish();
+      return r;
+    },
   );
-  await target.finish();
   options.progress?.finish();
   return { format: "chunked", virtualSize: size, dataBytes: r.dataBytes, destination: target.kind };
 }
@@ -194,10 +202,10 @@ export async function importTar(
           r.next.headerOffset,
         );
       }
+      await t.finish(r.size);
       return r;
     },
   );
-  await target.finish(r.size);
   options.progress?.finish();
   return {
     format: "tar",
@@ -265,10 +273,10 @@ export async function importRaw(
           at,
         );
       }
+      await t.finish(at);
       return at;
     },
   );
-  await target.finish(total);
   options.progress?.finish();
   return {
     format: "raw",
