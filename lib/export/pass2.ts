@@ -60,7 +60,13 @@ export function plannedExport<Layout>(
       sourceSize: src.size,
     }, [
       ["source", src.path],
+      ...(src.files ?? []).map((f): [string, string] => ["source's parent", f]),
       ...(options.base === undefined ? [] : [["base", options.base]] as [string, string][]),
+      ...(options.allocation?.files ?? []).map((f): [string, string] => ["allocation hint", f]),
+      ...(options.baseAllocation?.files ?? []).map((f): [string, string] => [
+        "base's allocation hint",
+        f,
+      ]),
     ]);
     return {
       // Made on first use: a ReadableStream starts pulling (prefetching) at once.
