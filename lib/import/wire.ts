@@ -10,7 +10,7 @@
  * @module
  */
 import { decodeChunkedStream } from "../chunked/chunked.ts";
-import { CorruptImageError, DiskstreamError, UsageError } from "../errors.ts";
+import { CorruptImageError, DiskstreamError, InterruptedError, UsageError } from "../errors.ts";
 import { ChunkStream, DECODE_FLUSH_BYTES } from "../io/chunk_stream.ts";
 import { openDiskSource } from "../io/disk_source.ts";
 import type { ProgressSink } from "../progress.ts";
@@ -75,6 +75,7 @@ async function existingSize(dest: string): Promise<number | null> {
  * what was left in it.
  */
 async function run<T>(
+  dest: string,
   input: ChunkStream,
   open: () => Promise<RawDestination>,
   body: (target: RawDestination) => Promise<T>,
@@ -87,6 +88,12 @@ async function run<T>(
   } catch (err) {
     await target?.abort();
     await input.cancel().catch(() => {});
+    if (err instanceof InterruptedError) {
+      throw err.retell(
+        `import into ${dest} interrupted by ${err.signal}: ` +
+          (target ? target.damage : `nothing was written to ${dest}`),
+      );
+    }
     // An existing file or device: say what the failure left in it.
     if (err instanceof DiskstreamError && target !== null && target.kind !== "new file") {
       err.message = `${err.message}; ${target.damage}`;
@@ -132,6 +139,7 @@ export async function importChunked(
   }
   options.progress?.setTotal(size);
   const [target, r] = await run(
+    dest,
     input,
     () => RawDestination.open(dest, size, 65536, { ...options, delta: true }),
     async (t) => {
@@ -183,6 +191,7 @@ export async function importTar(
   if (size !== null) options.progress?.setTotal(size);
   const reader = new TarReader(input);
   const [target, r] = await run(
+    dest,
     input,
     () => RawDestination.open(dest, size, 1 << 20, options),
     async (t) => {
@@ -241,6 +250,7 @@ export async function importRaw(
   const size = options.size ?? null;
   if (size !== null) options.progress?.setTotal(size);
   const [target, total] = await run(
+    dest,
     input,
     () => RawDestination.open(dest, size, 65536, options),
     async (t) => {
