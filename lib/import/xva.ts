@@ -5,7 +5,13 @@
  * @module
  */
 import { join } from "node:path";
-import { describeIoError, DiskstreamError, escapeControls, UsageError } from "../errors.ts";
+import {
+  describeIoError,
+  DiskstreamError,
+  escapeControls,
+  InterruptedError,
+  UsageError,
+} from "../errors.ts";
 import { ChunkStream } from "../io/chunk_stream.ts";
 import type { ProgressSink } from "../progress.ts";
 import type { ChecksumKind } from "../xva/checksum.ts";
@@ -25,6 +31,11 @@ export interface XvaExtractOptions {
   progress?: ProgressSink;
   /** Names the input in messages. */
   label?: string;
+  /**
+   * Stops the extraction when aborted (with an `InterruptedError` as its reason): the
+   * files it created are removed and the error says so.
+   */
+  signal?: AbortSignal;
 }
 
 /** A disk written by {@link extractXva}. */
@@ -85,7 +96,7 @@ export async function extractXva(
   dir: string,
   options: XvaExtractOptions = {},
 ): Promise<XvaExtractResult> {
-  const input = stream instanceof ChunkStream ? stream : new ChunkStream(stream);
+  const input = stream instanceof ChunkStream ? stream : new ChunkStream(stream, options.signal);
   const reader = new TarReader(input, options.label ?? "the XVA");
   const created: string[] = []; // the files this extraction made, removed if it fails
   try {
@@ -110,7 +121,9 @@ export async function extractXva(
     const seen = await walkXvaDisks(reader, manifest, wanted, async (disk, first) => {
       const path = paths.get(disk.ref)!;
       await refuseExisting(path);
-      const target = await RawDestination.open(path, disk.virtualSize, 1 << 20);
+      const target = await RawDestination.open(path, disk.virtualSize, 1 << 20, {
+        signal: options.signal,
+      });
       created.push(path);
       try {
         const r = await decodeXvaDisk(reader, first, target, {
@@ -130,8 +143,7 @@ export async function extractXva(
           verified: r.verified,
         });
       } catch (err) {
-        created.pop();
-        await target.abort();
+        await target.abort(); // removes it; listed with the others below
         throw err;
       }
       before += disk.virtualSize;
@@ -163,8 +175,14 @@ export async function extractXva(
     return { manifest, extracted, absent };
   } catch (err) {
     await input.cancel().catch(() => {});
-    await removeCreated(created, err);
-    throw err;
+    const e = err instanceof InterruptedError
+      ? err.retell(
+        `extraction of ${options.label ?? "the XVA"} into ${dir} interrupted by ${err.signal}` +
+          (created.length === 0 ? ": no disk file was created" : ""),
+      )
+      : err;
+    await removeCreated(created, e);
+    throw e;
   }
 }
 
