@@ -198,7 +198,14 @@ class Pass2<Layout> {
     } catch (err) {
       this.src.close();
       if (created) await Deno.remove(target.path).catch(() => {});
-      if (!(err instanceof InterruptedError)) throw err;
+      if (!(err instanceof InterruptedError)) {
+        // An existing file was truncated when opened: say so, as an import does.
+        if (err instanceof DiskstreamError && !created && target.kind === "path") {
+          err.message += `; ${name} (an existing file) is partly written from byte 0 on: ` +
+            `it holds an incomplete image`;
+        }
+        throw err;
+      }
       throw err.retell(
         `export of ${this.src.path} to ${name} interrupted by ${err.signal}: ` +
           (created
