@@ -443,6 +443,9 @@ async function serve(f: ServeFlags): Promise<void> {
       | "chunked"
       | "tar",
     size,
+    sizeOrigin: f.destinationSize !== undefined
+      ? "--destination-size"
+      : `the size of ${escapeControls(dest.path)}`,
     prezeroed: f.prezeroed,
     progress: progressOf(f),
     // vhd-tool strips the prefix and takes the basename: an empty one accepts any.

@@ -25,6 +25,8 @@ import {
 
 /** Options of the wire-format imports. */
 export interface WireImportOptions extends DestinationOptions {
+  /** Where `size` came from, for messages (default `--size`). */
+  sizeOrigin?: string;
   /** Receives progress in bytes of the disk. */
   progress?: ProgressSink;
 }
@@ -248,6 +250,7 @@ export async function importRaw(
 ): Promise<WireImportResult> {
   const input = chunkStream(stream, options.signal);
   const size = options.size ?? null;
+  const origin = options.sizeOrigin ?? "--size";
   if (size !== null) options.progress?.setTotal(size);
   const [target, total] = await run(
     dest,
@@ -263,7 +266,7 @@ export async function importRaw(
         if (c === null) break;
         if (size !== null && at + c.length > size) {
           throw new CorruptImageError(
-            `the raw stream holds more than the ${size} bytes given (--size)`,
+            `the raw stream holds more than the ${size} bytes given (${origin})`,
             size,
           );
         }
@@ -279,7 +282,8 @@ export async function importRaw(
       }
       if (size !== null && at < size) {
         throw new CorruptImageError(
-          `the raw stream ended after ${at} of the ${size} bytes given (--size): it was cut short`,
+          `the raw stream ended after ${at} of the ${size} bytes given (${origin}): it was cut ` +
+            `short`,
           at,
         );
       }
