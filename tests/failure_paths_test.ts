@@ -166,7 +166,9 @@ async function xvaOfOneDisk(dir: string): Promise<Uint8Array> {
         "objects",
         "<array><data>" +
           `<value><struct>${m("class", "VDI")}${m("id", "Ref:5")}` +
-          `${m("snapshot", `<struct>${m("virtual_size", String(size))}</struct>`)}</struct></value>` +
+          `${
+            m("snapshot", `<struct>${m("virtual_size", String(size))}</struct>`)
+          }</struct></value>` +
           "</data></array>",
       )
     }</struct></value>`,
