@@ -191,7 +191,7 @@ Deno.test("failure paths: SIGTERM during xva extract from a silent pipe removes 
     assert.equal(code, 128 + 15, stderr);
     assertOneLine(
       stderr,
-      /^diskstream: extraction of stdin into \S*out interrupted by SIGTERM; the files this extraction had written were removed \(\S*out\/Ref_5\.raw\)$/,
+      /^diskstream: extraction of stdin into \S*out interrupted by SIGTERM: \S*out\/Ref_5\.raw \(being written\) was removed$/,
     );
     assert.ok(ms < 5000, `stopped after ${ms} ms`);
     // A sparse file at the disk's full size would look complete: it must be gone.

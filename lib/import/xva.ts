@@ -99,6 +99,7 @@ export async function extractXva(
   const input = stream instanceof ChunkStream ? stream : new ChunkStream(stream, options.signal);
   const reader = new TarReader(input, options.label ?? "the XVA");
   const created: string[] = []; // the files this extraction made, removed if it fails
+  let writing: string | null = null; // the file being written (removed if it fails)
   try {
     const manifest = await readOvaMember(reader);
     const byRef = new Map(manifest.disks.map((d) => [d.ref, d]));
@@ -125,6 +126,7 @@ export async function extractXva(
         signal: options.signal,
       });
       created.push(path);
+      writing = path;
       try {
         const r = await decodeXvaDisk(reader, first, target, {
           prefix: disk.ref,
@@ -143,9 +145,11 @@ export async function extractXva(
           verified: r.verified,
         });
       } catch (err) {
-        await target.abort(); // removes it; listed with the others below
+        created.pop();
+        await target.abort();
         throw err;
       }
+      writing = null;
       before += disk.virtualSize;
     });
     // A disk of 0 bytes has no member (XAPI writes none): it is an empty file.
@@ -178,7 +182,11 @@ export async function extractXva(
     const e = err instanceof InterruptedError
       ? err.retell(
         `extraction of ${options.label ?? "the XVA"} into ${dir} interrupted by ${err.signal}` +
-          (created.length === 0 ? ": no disk file was created" : ""),
+          (writing !== null
+            ? `: ${writing} (being written) was removed`
+            : created.length === 0
+            ? ": no disk file was created"
+            : ""),
       )
       : err;
     await removeCreated(created, e);
