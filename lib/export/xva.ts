@@ -28,6 +28,11 @@ export interface XvaConvertOptions {
   ignoreChecksums?: boolean;
   /** Receives progress: the verifying pass, then each export. */
   progress?: ProgressSink;
+  /**
+   * Stops the extraction when aborted (with an `InterruptedError` as its reason): the
+   * files it created are removed and the error says so.
+   */
+  signal?: AbortSignal;
 }
 
 /**
@@ -74,7 +79,10 @@ export async function extractXvaFileAs(
   progress?.setTotal((await Deno.stat(path)).size);
   const index = await indexXvaFile(path, wanted, {
     ignoreChecksums: options.ignoreChecksums,
-    onProgress: (b) => progress?.update(b), // disk bytes: about the file's
+    onProgress: (b) => {
+      options.signal?.throwIfAborted();
+      progress?.update(b); // disk bytes: about the file's
+    },
   });
   // A disk of 0 bytes has no member (XAPI writes none): it is an empty image.
   for (const disk of index.manifest.disks) {
@@ -99,7 +107,10 @@ export async function extractXvaFileAs(
     await refuseExisting(out);
     const src = await XvaDiskSource.open(path, disk.virtualSize, members);
     try {
-      const planned = format === "qcow2" ? await exportQcow2(src) : await exportVhd(src);
+      const opts = { signal: options.signal };
+      const planned = format === "qcow2"
+        ? await exportQcow2(src, opts)
+        : await exportVhd(src, opts);
       created.push(out);
       await planned.writeTo({ kind: "path", path: out });
       extracted.push({
