@@ -97,8 +97,19 @@ export function describeIoError(err: unknown, path: string, action: string): Dis
       cause: err,
     });
   }
+  return new DiskstreamError(`cannot ${action} ${path}: ${osErrorText(err)}`, { cause: err });
+}
+
+/**
+ * The message of what Deno threw, its errno told by name as elsewhere
+ * (`No space left on device (ENOSPC)`, not `(os error 28)`).
+ */
+function osErrorText(err: unknown): string {
   const msg = err instanceof Error ? err.message : String(err);
-  return new DiskstreamError(`cannot ${action} ${path}: ${msg}`, { cause: err });
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" && /^E[A-Z0-9]+$/.test(code)
+    ? msg.replace(/\(os error \d+\)/, `(${code})`)
+    : msg;
 }
 
 /**

@@ -24,6 +24,24 @@ export interface ProgressSink {
 
 const encoder = new TextEncoder();
 
+/** True while a bar has drawn on a terminal a line it has not ended yet. */
+let lineOpen = false;
+
+/**
+ * Ends the line a progress bar left open on a terminal, so that what is printed next
+ * (an error) starts on a line of its own. Call it before writing to stderr when work
+ * stops early.
+ */
+export function endProgressLine(): void {
+  if (!lineOpen) return;
+  lineOpen = false;
+  try {
+    Deno.stderr.writeSync(encoder.encode("\n"));
+  } catch {
+    // stderr is gone: nothing to tidy
+  }
+}
+
 /** Creates a sink for `mode`; `label` names the work on the bar (e.g. "export"). */
 export function createProgress(mode: ProgressMode, label = ""): ProgressSink {
   if (mode === "machine") return new MachineProgress();
@@ -92,6 +110,7 @@ class BarProgress implements ProgressSink {
     }`;
     const out = this.#tty ? `\r\x1b[K${line}${final ? "\n" : ""}` : `${line}\n`;
     Deno.stderr.writeSync(encoder.encode(out));
+    lineOpen = this.#tty && !final;
   }
 }
 

@@ -17,6 +17,11 @@ export interface Allocation {
   virtualSize: number;
   /** The clusters that may hold data. */
   clusters: ClusterSet;
+  /**
+   * The files it was read from (allocation JSON, or an image and its backing chain):
+   * an export must not write its output over them.
+   */
+  files?: string[];
 }
 
 /** What `qemu-img info --output=json` says, the part an allocation needs. */

@@ -52,6 +52,8 @@ export interface ImportRun {
   source: Endpoint;
   format: ImportRunFormat;
   size?: number;
+  /** Where `size` came from, for messages (default `--size`). */
+  sizeOrigin?: string;
   prezeroed?: boolean;
   delta?: boolean;
   maxBuffer?: number;
@@ -388,6 +390,7 @@ async function importWire(
   const stream = new ChunkStream(input, signal);
   const opts = {
     size: run.size,
+    sizeOrigin: run.sizeOrigin,
     prezeroed: run.prezeroed,
     progress,
     sync: run.sync,

@@ -16,6 +16,9 @@ export async function runCli(args: string[]): Promise<number> {
     await program.parseAsync(args.filter((a) => a !== "--debug"), { from: "user" });
     return 0;
   } catch (err) {
+    // A progress bar cut short keeps its line; the message starts on the next one.
+    const { endProgressLine } = await import("../progress.ts");
+    endProgressLine();
     return report(err, debug);
   }
 }

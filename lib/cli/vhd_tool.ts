@@ -307,9 +307,7 @@ async function stream(f: StreamFlags): Promise<void> {
           ? await readImageAllocation(image, dirs)
           : await readAllocationAbove(image, base, dirs);
         const set = a.clusters;
-        return set.clusterSize === cs
-          ? a
-          : { virtualSize: a.virtualSize, clusters: set.remap(cs, a.virtualSize) };
+        return set.clusterSize === cs ? a : { ...a, clusters: set.remap(cs, a.virtualSize) };
       };
       if (base !== undefined && format === "raw") {
         throw new UsageError(
@@ -363,7 +361,7 @@ async function stream(f: StreamFlags): Promise<void> {
         allocation = async () => {
           const { readAllocationAbove } = await import("../headers/image_allocation.ts");
           const a = await readAllocationAbove(f.source, base, dirs);
-          return { virtualSize: a.virtualSize, clusters: a.clusters.remap(cs, a.virtualSize) };
+          return { ...a, clusters: a.clusters.remap(cs, a.virtualSize) };
         };
       }
       break;
@@ -445,6 +443,9 @@ async function serve(f: ServeFlags): Promise<void> {
       | "chunked"
       | "tar",
     size,
+    sizeOrigin: f.destinationSize !== undefined
+      ? "--destination-size"
+      : `the size of ${escapeControls(dest.path)}`,
     prezeroed: f.prezeroed,
     progress: progressOf(f),
     // vhd-tool strips the prefix and takes the basename: an empty one accepts any.

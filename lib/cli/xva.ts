@@ -140,35 +140,62 @@ async function extract(xva: string, f: ExtractFlags): Promise<void> {
           `from a pipe, extract raw`,
       );
     }
-    const [{ extractXvaFileAs }, { createProgress }] = await Promise.all([
+    const [{ extractXvaFileAs }, { createProgress }, { stoppableBySignals }] = await Promise.all([
       import("../export/xva.ts"),
       import("../progress.ts"),
+      import("./signals.ts"),
     ]);
     report(
-      await extractXvaFileAs(xva, f.output, f.format as "qcow2" | "vhd", {
-        disks: f.disk,
-        ignoreChecksums: f.ignoreChecksums,
-        progress: createProgress(progressMode(f), "extract"),
-      }),
+      await stoppableBySignals((signal) =>
+        extractXvaFileAs(xva, f.output, f.format as "qcow2" | "vhd", {
+          disks: f.disk,
+          ignoreChecksums: f.ignoreChecksums,
+          progress: createProgress(progressMode(f), "extract"),
+          signal,
+        })
+      ),
     );
     return;
   }
   if (xva === "-") refuseTerminal();
-  const [{ extractXva }, { openInput }, { createProgress }] = await Promise.all([
+  const [
+    { extractXva },
+    { openInput },
+    { openPipeInput },
+    { ChunkStream },
+    { createProgress },
+    { stoppableBySignals },
+  ] = await Promise.all([
     import("../import/xva.ts"),
     import("../io/stream.ts"),
+    import("../io/pipe_input.ts"),
+    import("../io/chunk_stream.ts"),
     import("../progress.ts"),
+    import("./signals.ts"),
   ]);
-  const input = await openInput(xva === "-" ? { kind: "std" } : { kind: "path", path: xva }, {
-    blocking: true,
-  });
-  const r = await extractXva(input.stream, f.output, {
-    disks: f.disk,
-    ignoreChecksums: f.ignoreChecksums,
-    progress: createProgress(progressMode(f), "extract"),
-    label: xva === "-" ? "stdin" : xva,
-  });
-  report(r);
+  // A pipe is waited on with poll (with FFI), so that a signal is handled while it is
+  // silent; blocking reads would hold the signal until the next bytes arrive.
+  const pipe = xva === "-" ? openPipeInput({ fd: 0 }, "stdin") : null;
+  // SIGINT, SIGTERM, SIGHUP: the disk files made so far (sparse, at their full size,
+  // so they would look complete) are removed and the error says so.
+  try {
+    const input = pipe ??
+      (await openInput(xva === "-" ? { kind: "std" } : { kind: "path", path: xva }, {
+        blocking: true,
+      })).stream;
+    const r = await stoppableBySignals((signal) =>
+      extractXva(new ChunkStream(input, signal), f.output, {
+        disks: f.disk,
+        ignoreChecksums: f.ignoreChecksums,
+        progress: createProgress(progressMode(f), "extract"),
+        label: xva === "-" ? "stdin" : xva,
+        signal,
+      })
+    );
+    report(r);
+  } finally {
+    pipe?.close();
+  }
 }
 
 function report(r: import("../import/xva.ts").XvaExtractResult): void {

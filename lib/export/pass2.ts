@@ -60,7 +60,13 @@ export function plannedExport<Layout>(
       sourceSize: src.size,
     }, [
       ["source", src.path],
+      ...(src.files ?? []).map((f): [string, string] => ["source's parent", f]),
       ...(options.base === undefined ? [] : [["base", options.base]] as [string, string][]),
+      ...(options.allocation?.files ?? []).map((f): [string, string] => ["allocation hint", f]),
+      ...(options.baseAllocation?.files ?? []).map((f): [string, string] => [
+        "base's allocation hint",
+        f,
+      ]),
     ]);
     return {
       // Made on first use: a ReadableStream starts pulling (prefetching) at once.
@@ -192,7 +198,14 @@ class Pass2<Layout> {
     } catch (err) {
       this.src.close();
       if (created) await Deno.remove(target.path).catch(() => {});
-      if (!(err instanceof InterruptedError)) throw err;
+      if (!(err instanceof InterruptedError)) {
+        // An existing file was truncated when opened: say so, as an import does.
+        if (err instanceof DiskstreamError && !created && target.kind === "path") {
+          err.message += `; ${name} (an existing file) is partly written from byte 0 on: ` +
+            `it holds an incomplete image`;
+        }
+        throw err;
+      }
       throw err.retell(
         `export of ${this.src.path} to ${name} interrupted by ${err.signal}: ` +
           (created

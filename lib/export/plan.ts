@@ -186,7 +186,9 @@ export async function planExport(
   const stopped = (err: unknown) =>
     err instanceof InterruptedError
       ? err.retell(
-        `export of ${source} interrupted by ${err.signal} while reading what to export: ` +
+        `export of ${
+          typeof source === "string" ? source : source.path
+        } interrupted by ${err.signal} while reading what to export: ` +
           `nothing was written`,
       )
       : err;

@@ -144,7 +144,10 @@ export async function resolveAllocationSpec(
     throw describeIoError(err, spec, "read");
   }
   if (looksLikeJson(head) || (whole && isOtherJson(head))) {
-    return parseAllocation(await readSpecText(spec), clusterSize, where, info, diskSize);
+    return {
+      ...parseAllocation(await readSpecText(spec), clusterSize, where, info, diskSize),
+      files: [path],
+    };
   }
   const image = await readImageAllocation(path);
   if (
@@ -158,7 +161,7 @@ export async function resolveAllocationSpec(
   }
   const set = image.clusters;
   return set.clusterSize === clusterSize ? image : {
-    virtualSize: image.virtualSize,
+    ...image,
     clusters: set.remap(clusterSize, image.virtualSize),
   };
 }

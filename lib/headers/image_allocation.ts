@@ -255,7 +255,7 @@ export function combineChain(layers: ImageLayer[]): Allocation {
     set.addAll(l.data);
     acc = set;
   }
-  return { virtualSize: layers[0].virtualSize, clusters: acc! };
+  return { virtualSize: layers[0].virtualSize, clusters: acc!, files: layers.map((l) => l.path) };
 }
 
 /**
@@ -328,7 +328,8 @@ export async function readAllocationAbove(
   if (at === 0) {
     const top = layers[0];
     const none = new ClusterSet(Math.ceil(top.virtualSize / top.clusterSize), top.clusterSize);
-    return { virtualSize: top.virtualSize, clusters: none };
+    return { virtualSize: top.virtualSize, clusters: none, files: [top.path] };
   }
-  return combineChain(layers.slice(0, at));
+  // The base and what lies under it are read too (to find the base): keep them all.
+  return { ...combineChain(layers.slice(0, at)), files: layers.map((l) => l.path) };
 }

@@ -26,6 +26,8 @@ interface Layer {
 export class VhdChainSource implements DiskSource {
   readonly isFile = false;
   readonly kernelCopy = false;
+  /** The parents its bytes are also read from. */
+  files: readonly string[] = [];
   readonly #layers: Layer[];
   readonly #extents: [number, number][];
   #closed = false;
@@ -72,7 +74,9 @@ export class VhdChainSource implements DiskSource {
     for (const [first, last] of setRuns(all)) {
       extents.push([first * bs, Math.min(size, (last + 1) * bs)]);
     }
-    return new VhdChainSource(path, size, layers, extents);
+    const source = new VhdChainSource(path, size, layers, extents);
+    source.files = chain.slice(1).map((l) => l.path);
+    return source;
   }
 
   readAt(buf: Uint8Array, position: number, limit = this.size): Promise<void> {

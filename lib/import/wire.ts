@@ -10,7 +10,7 @@
  * @module
  */
 import { decodeChunkedStream } from "../chunked/chunked.ts";
-import { CorruptImageError, DiskstreamError, UsageError } from "../errors.ts";
+import { CorruptImageError, DiskstreamError, InterruptedError, UsageError } from "../errors.ts";
 import { ChunkStream, DECODE_FLUSH_BYTES } from "../io/chunk_stream.ts";
 import { openDiskSource } from "../io/disk_source.ts";
 import type { ProgressSink } from "../progress.ts";
@@ -25,6 +25,8 @@ import {
 
 /** Options of the wire-format imports. */
 export interface WireImportOptions extends DestinationOptions {
+  /** Where `size` came from, for messages (default `--size`). */
+  sizeOrigin?: string;
   /** Receives progress in bytes of the disk. */
   progress?: ProgressSink;
 }
@@ -68,7 +70,14 @@ async function existingSize(dest: string): Promise<number | null> {
   return src.size;
 }
 
+/**
+ * Opens the destination and runs `body`, which ends with the destination's `finish`
+ * (its last writes and its sync can fail too): on any failure the destination is
+ * aborted (a file this import created is removed) and an existing one is named with
+ * what was left in it.
+ */
 async function run<T>(
+  dest: string,
   input: ChunkStream,
   open: () => Promise<RawDestination>,
   body: (target: RawDestination) => Promise<T>,
@@ -81,6 +90,12 @@ async function run<T>(
   } catch (err) {
     await target?.abort();
     await input.cancel().catch(() => {});
+    if (err instanceof InterruptedError) {
+      throw err.retell(
+        `import into ${dest} interrupted by ${err.signal}: ` +
+          (target ? target.damage : `nothing was written to ${dest}`),
+      );
+    }
     // An existing file or device: say what the failure left in it.
     if (err instanceof DiskstreamError && target !== null && target.kind !== "new file") {
       err.message = `${err.message}; ${target.damage}`;
@@ -126,15 +141,18 @@ export async function importChunked(
   }
   options.progress?.setTotal(size);
   const [target, r] = await run(
+    dest,
     input,
     () => RawDestination.open(dest, size, 65536, { ...options, delta: true }),
-    (t) =>
-      decodeChunkedStream(input, t, {
+    async (t) => {
+      const r = await decodeChunkedStream(input, t, {
         size,
         onProgress: (done) => options.progress?.update(Math.min(done, size)),
-      }),
+      });
+      await t.finish();
+      return r;
+    },
   );
-  await target.finish();
   options.progress?.finish();
   return { format: "chunked", virtualSize: size, dataBytes: r.dataBytes, destination: target.kind };
 }
@@ -175,6 +193,7 @@ export async function importTar(
   if (size !== null) options.progress?.setTotal(size);
   const reader = new TarReader(input);
   const [target, r] = await run(
+    dest,
     input,
     () => RawDestination.open(dest, size, 1 << 20, options),
     async (t) => {
@@ -194,10 +213,10 @@ export async function importTar(
           r.next.headerOffset,
         );
       }
+      await t.finish(r.size);
       return r;
     },
   );
-  await target.finish(r.size);
   options.progress?.finish();
   return {
     format: "tar",
@@ -231,8 +250,10 @@ export async function importRaw(
 ): Promise<WireImportResult> {
   const input = chunkStream(stream, options.signal);
   const size = options.size ?? null;
+  const origin = options.sizeOrigin ?? "--size";
   if (size !== null) options.progress?.setTotal(size);
   const [target, total] = await run(
+    dest,
     input,
     () => RawDestination.open(dest, size, 65536, options),
     async (t) => {
@@ -245,7 +266,7 @@ export async function importRaw(
         if (c === null) break;
         if (size !== null && at + c.length > size) {
           throw new CorruptImageError(
-            `the raw stream holds more than the ${size} bytes given (--size)`,
+            `the raw stream holds more than the ${size} bytes given (${origin})`,
             size,
           );
         }
@@ -261,14 +282,15 @@ export async function importRaw(
       }
       if (size !== null && at < size) {
         throw new CorruptImageError(
-          `the raw stream ended after ${at} of the ${size} bytes given (--size): it was cut short`,
+          `the raw stream ended after ${at} of the ${size} bytes given (${origin}): it was cut ` +
+            `short`,
           at,
         );
       }
+      await t.finish(at);
       return at;
     },
   );
-  await target.finish(total);
   options.progress?.finish();
   return {
     format: "raw",

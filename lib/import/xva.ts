@@ -5,7 +5,13 @@
  * @module
  */
 import { join } from "node:path";
-import { describeIoError, DiskstreamError, escapeControls, UsageError } from "../errors.ts";
+import {
+  describeIoError,
+  DiskstreamError,
+  escapeControls,
+  InterruptedError,
+  UsageError,
+} from "../errors.ts";
 import { ChunkStream } from "../io/chunk_stream.ts";
 import type { ProgressSink } from "../progress.ts";
 import type { ChecksumKind } from "../xva/checksum.ts";
@@ -25,6 +31,11 @@ export interface XvaExtractOptions {
   progress?: ProgressSink;
   /** Names the input in messages. */
   label?: string;
+  /**
+   * Stops the extraction when aborted (with an `InterruptedError` as its reason): the
+   * files it created are removed and the error says so.
+   */
+  signal?: AbortSignal;
 }
 
 /** A disk written by {@link extractXva}. */
@@ -85,9 +96,10 @@ export async function extractXva(
   dir: string,
   options: XvaExtractOptions = {},
 ): Promise<XvaExtractResult> {
-  const input = stream instanceof ChunkStream ? stream : new ChunkStream(stream);
+  const input = stream instanceof ChunkStream ? stream : new ChunkStream(stream, options.signal);
   const reader = new TarReader(input, options.label ?? "the XVA");
   const created: string[] = []; // the files this extraction made, removed if it fails
+  let writing: string | null = null; // the file being written (removed if it fails)
   try {
     const manifest = await readOvaMember(reader);
     const byRef = new Map(manifest.disks.map((d) => [d.ref, d]));
@@ -110,8 +122,11 @@ export async function extractXva(
     const seen = await walkXvaDisks(reader, manifest, wanted, async (disk, first) => {
       const path = paths.get(disk.ref)!;
       await refuseExisting(path);
-      const target = await RawDestination.open(path, disk.virtualSize, 1 << 20);
+      const target = await RawDestination.open(path, disk.virtualSize, 1 << 20, {
+        signal: options.signal,
+      });
       created.push(path);
+      writing = path;
       try {
         const r = await decodeXvaDisk(reader, first, target, {
           prefix: disk.ref,
@@ -134,6 +149,7 @@ export async function extractXva(
         await target.abort();
         throw err;
       }
+      writing = null;
       before += disk.virtualSize;
     });
     // A disk of 0 bytes has no member (XAPI writes none): it is an empty file.
@@ -163,8 +179,18 @@ export async function extractXva(
     return { manifest, extracted, absent };
   } catch (err) {
     await input.cancel().catch(() => {});
-    await removeCreated(created, err);
-    throw err;
+    const e = err instanceof InterruptedError
+      ? err.retell(
+        `extraction of ${options.label ?? "the XVA"} into ${dir} interrupted by ${err.signal}` +
+          (writing !== null
+            ? `: ${writing} (being written) was removed`
+            : created.length === 0
+            ? ": no disk file was created"
+            : ""),
+      )
+      : err;
+    await removeCreated(created, e);
+    throw e;
   }
 }
 

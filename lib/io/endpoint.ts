@@ -39,6 +39,11 @@ export interface DiskSource {
    */
   readonly kernelCopy?: boolean;
   /**
+   * Other files its bytes are read from (a VHD's parents): an export must not write
+   * its output over them.
+   */
+  readonly files?: readonly string[];
+  /**
    * True when reads bypass the page cache (O_DIRECT): there is no readahead, so each
    * read is one request to the device — read in large pieces, not small probes.
    */
