@@ -420,3 +420,25 @@ Deno.test("vhd-tool refuses descriptors this process did not inherit (fd://N, --
     }
   });
 });
+
+Deno.test("xva extract of a missing file names it, whatever the output format", async () => {
+  await withTempDir(async (dir) => {
+    for (const format of ["raw", "qcow2", "vhd"]) {
+      const r = await runCli([
+        "xva",
+        "extract",
+        `${dir}/none.xva`,
+        "-o",
+        `${dir}/out`,
+        "-f",
+        format,
+      ]);
+      assert.equal(r.code, 1, format);
+      assert.equal(
+        r.stderr,
+        `diskstream: cannot open ${dir}/none.xva: no such file or directory\n`,
+      );
+      await assert.rejects(Deno.stat(`${dir}/out`)); // nothing made
+    }
+  });
+});

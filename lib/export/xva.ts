@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { DiskstreamError } from "../errors.ts";
+import { describeIoError, DiskstreamError } from "../errors.ts";
 import type { ProgressSink } from "../progress.ts";
 import { XvaDiskSource } from "../xva/disk_source.ts";
 import { indexXvaFile } from "../xva/xva.ts";
@@ -76,7 +76,11 @@ export async function extractXvaFileAs(
 ): Promise<XvaExtractResult> {
   const wanted = options.disks && new Set(options.disks);
   const progress = options.progress;
-  progress?.setTotal((await Deno.stat(path)).size);
+  // A missing or unreadable XVA is named like any input, before anything is made.
+  const size = await Deno.stat(path).then((s) => s.size, (err) => {
+    throw describeIoError(err, path, "open");
+  });
+  progress?.setTotal(size);
   const index = await indexXvaFile(path, wanted, {
     ignoreChecksums: options.ignoreChecksums,
     onProgress: (b) => {
