@@ -442,3 +442,22 @@ Deno.test("xva extract of a missing file names it, whatever the output format", 
     }
   });
 });
+
+Deno.test("vhd-tool read_headers takes vhd-tool's common options and refuses stream/serve's by name", async () => {
+  await withTempDir(async (dir) => {
+    await writeVhd(`${dir}/d.vhd`, { diskType: DISK_TYPE_DYNAMIC, size: 8 * MiB, blocks: [1] });
+    const want = '{"virtual_size":8388608,"cluster_bits":21,"data_clusters":[1]}';
+    for (const extra of [[], ["-v", "--direct", "--unbuffered", "--path", `.:${dir}`, "--debug"]]) {
+      const r = await runCli(["vhd-tool", "read_headers", `${dir}/d.vhd`, ...extra]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(new TextDecoder().decode(r.stdout), want);
+    }
+    // vhd-tool itself does not know these on read_headers: never accepted and ignored.
+    for (const flag of ["--prezeroed", "--progress", "--machine", "--tar-filename-prefix=x"]) {
+      const r = await runCli(["vhd-tool", "read_headers_interval", `${dir}/d.vhd`, flag]);
+      assert.equal(r.code, 2, flag);
+      assert.match(r.stderr, new RegExp(`unknown option '${flag.replace(/=.*/, "")}`));
+      assert.equal(r.stdout.length, 0);
+    }
+  });
+});
