@@ -230,6 +230,12 @@ export function registerExport(program: Command): void {
         url !== undefined,
         "-o/--output",
       );
+      if (flags.connections !== undefined && !usesNbd) {
+        throw new UsageError(
+          "--connections applies to NBD URIs only (a source, --diff BASE or --allocation " +
+            "given as nbd://, nbds:// or nbd+unix://)",
+        );
+      }
       await runExport({
         source,
         target: endpointFrom(

@@ -172,10 +172,24 @@ export function registerImport(program: Command): void {
         throw new UsageError("--tar-prefix and --ignore-checksums apply to -f tar only");
       }
       const wire = format === "raw" || format === "chunked" || format === "tar";
-      if (wire && (flags.delta || flags.maxBuffer !== undefined)) {
+      const imageOnly = [
+        flags.delta && "--delta",
+        flags.maxBuffer !== undefined && "--max-buffer",
+        flags.spoolDir !== undefined && "--spool-dir",
+        flags.spool === false && "--no-spool",
+      ].filter((f): f is string => typeof f === "string");
+      if (wire && imageOnly.length > 0) {
         throw new UsageError(
-          `--delta and --max-buffer apply to qcow2 and VHD only (a chunked stream always ` +
-            `leaves what it does not carry untouched)`,
+          `${imageOnly.join(", ")} ${imageOnly.length === 1 ? "applies" : "apply"} to qcow2 ` +
+            `and VHD images only, not to -f ${format}` +
+            (flags.delta && format === "chunked"
+              ? " (a chunked stream always leaves what it does not carry untouched)"
+              : ""),
+        );
+      }
+      if (flags.connections !== undefined && !isNbdUri(dest)) {
+        throw new UsageError(
+          "--connections applies to an NBD destination (nbd://, nbds://, nbd+unix://) only",
         );
       }
       if (flags.delta && flags.prezeroed) {
