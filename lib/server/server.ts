@@ -660,6 +660,7 @@ async function serveImport(
   const release = ctx.acquireStream();
   (req as IncomingMessage & { [CONTINUE]?: () => void })[CONTINUE]?.();
   disk.writer = true;
+  const stateBefore = disk.state;
   disk.state = "importing";
   const body = incomingBody(req, length, (got, why, cause) => {
     return new DiskstreamError(
@@ -692,15 +693,17 @@ async function serveImport(
       disk.path,
       `disk '${name}'`,
     );
-    disk.state = `import failed: ${why}`;
+    // Refused (or failed) before its first write: the disk is as it was, not incomplete.
+    const untouched = err instanceof DiskstreamError && err.nothingWritten === true;
+    disk.state = untouched ? stateBefore : `import failed: ${why}`;
+    const text = untouched
+      ? `import of '${name}' failed, the disk is unchanged: ${why}`
+      : `import of '${name}' failed, the disk is incomplete: ${why}`;
     // The client went away (not: its body ended, which also destroys `req`).
     if (res.destroyed || req.socket.destroyed || req.readableAborted) {
-      throw new Reply(499, `import of '${name}' failed, the disk is incomplete: ${why}`);
+      throw new Reply(499, text);
     }
-    throw new Reply(
-      failureReply(err).status,
-      `import of '${name}' failed, the disk is incomplete: ${why}`,
-    );
+    throw new Reply(failureReply(err).status, text);
   } finally {
     ctx.running.delete(abort);
     disk.writer = false;
