@@ -74,6 +74,10 @@ toolTest("curl imports qcow2 (from qemu-img) into a disk; answers after the sync
       const answer = JSON.parse(put.body);
       assert.deepEqual([answer.vdi, answer.format, answer.virtual_size], ["b", "qcow2", 32 * MiB]);
       assert.ok(answer.data_bytes >= 3 * MiB && answer.data_bytes < 4 * MiB);
+      // The access log counts the answer's body bytes (it said 0 for an import's JSON).
+      await server.waitLog(
+        new RegExp(`"PUT /import_raw_vdi\\?vdi=b&format=qcow2" 200 ${put.stdout.length} \\d+ms`),
+      );
       assert.equal(await sha256File(`${dir}/b.raw`), await sha256File(`${dir}/src.raw`));
 
       // An image larger than the disk is refused before anything is written.

@@ -460,7 +460,9 @@ async function handle(ctx: Context, req: IncomingMessage, res: ServerResponse): 
       note = r.note;
     } else if (route === "/import_raw_vdi") {
       allow(req, ["PUT"]);
-      note = await serveImport(ctx, req, res, url, peer);
+      const r = await serveImport(ctx, req, res, url, peer);
+      sent = r.sent;
+      note = r.note;
     } else {
       throw new Reply(
         404,
@@ -632,7 +634,7 @@ async function serveImport(
   res: ServerResponse,
   url: URL,
   peer: string,
-): Promise<string> {
+): Promise<{ sent: number; note: string }> {
   if (ctx.readOnly) throw new Reply(403, "the server is read-only (--read-only): no imports");
   const [name, disk] = diskOf(ctx, url);
   const [formatName, format] = formatOf(url);
@@ -686,7 +688,7 @@ async function serveImport(
     });
     res.writeHead(200, { "content-type": "application/json", "content-length": text.length + 1 });
     res.end(text + "\n");
-    return "";
+    return { sent: text.length + 1, note: "" }; // ASCII: names and formats are checked
   } catch (err) {
     // Clients know the disk by its name, not by its path on this host.
     const why = (err instanceof Error ? err.message : String(err)).replaceAll(
