@@ -275,8 +275,18 @@ export function registerExport(program: Command): void {
     )
     .argument("<input_file>", "raw disk image or block device")
     .option("-f <input_format>", "format of the input file (only raw)", "raw")
-    .option("-c <cluster_size>", "qcow2 cluster size", clusterSizeOption, DEFAULT_CLUSTER_SIZE)
-    .option("-r <refcount_bits>", "refcount width", refcountBitsOption, DEFAULT_REFCOUNT_BITS)
+    .option(
+      "-c <cluster_size>",
+      "qcow2 cluster size in bytes, a power of two from 512 to 2097152 (64K, 2M accepted too)",
+      clusterSizeOption,
+      DEFAULT_CLUSTER_SIZE,
+    )
+    .option(
+      "-r <refcount_bits>",
+      "refcount width in bits: 1, 2, 4, 8, 16, 32 or 64",
+      refcountBitsOption,
+      DEFAULT_REFCOUNT_BITS,
+    )
     .option("--diff <diff_file_name>", "export only the clusters that differ from this file")
     .option(
       "--json-header-map <FD>",

@@ -108,7 +108,9 @@ export function registerImport(program: Command): void {
     )
     .option(
       "--size <BYTES>",
-      "usable size of DEST: a larger image is refused before writing",
+      "the size of DEST in bytes (K, M, G suffixes): a larger qcow2/VHD image is refused " +
+        "before writing; -f raw: the exact length of the stream; -f chunked: the disk's " +
+        "size (needed for a new file); -f tar: the disk's size, where the import stops",
       sizeOption("--size"),
     )
     .option("--prezeroed", "DEST already reads as zeros: write only the image's data")

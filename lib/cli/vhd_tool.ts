@@ -212,7 +212,10 @@ export function registerVhdTool(program: Command): void {
         "raw",
       )
       .option("--source-protocol <P>", "none")
-      .option("--relative-to <BASE>", "hybrid: only what changed since this ancestor VHD")
+      .option(
+        "--relative-to <BASE>",
+        "hybrid or vhd: only what changed since this ancestor VHD (in the chain)",
+      )
       .option("--destination <DEST>", "stdout:, null:, fd://N, file://PATH or a path", "stdout:")
       .addOption(
         new Option("--destination-fd <N>", "write to inherited descriptor N")
