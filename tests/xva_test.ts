@@ -20,6 +20,7 @@ import {
   writeSparse,
 } from "./helpers.ts";
 import { writeVhd } from "./vhd_fixtures.ts";
+import { extractXvaFileAs } from "../lib/export/xva.ts";
 import { DISK_TYPE_DIFFERENCING, DISK_TYPE_DYNAMIC, PLATFORM_MACX } from "../lib/vhd/constants.ts";
 
 const MiB = 1 << 20;
@@ -175,6 +176,18 @@ toolTest(
           assert.ok(await imagesEqual(d.path, out, "raw", qemuFormat), `${format} ${d.ref}`);
         }
       }
+      // Progress: the file's bytes (verified), then each disk's (exported), never past
+      // the total nor backwards, ending at the total.
+      const seen: number[] = [];
+      let total = 0;
+      await extractXvaFileAs(`${dir}/vm.xva`, `${dir}/progress`, "qcow2", {
+        progress: { setTotal: (t) => total = t, update: (d) => seen.push(d), finish() {} },
+      });
+      const fileSize = (await Deno.stat(`${dir}/vm.xva`)).size;
+      assert.equal(total, fileSize + disks.reduce((t, d) => t + d.size, 0));
+      assert.ok(seen.some((d) => d > 0 && d <= fileSize), "the verifying pass is reported");
+      assert.ok(seen.every((d, i) => d <= total && (i === 0 || d >= seen[i - 1])), `${seen}`);
+      assert.equal(seen.at(-1), total);
       const piped = await runCli(["xva", "extract", "-", "-o", `${dir}/p`, "-f", "qcow2"], {
         stdinFile: `${dir}/vm.xva`,
       });

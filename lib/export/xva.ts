@@ -36,6 +36,23 @@ export interface XvaConvertOptions {
 }
 
 /**
+ * The progress of one disk's export as a slice of the extraction's: the export's own
+ * work (which it sizes itself) scaled to the disk's virtual size, from `base` on.
+ */
+function slice(outer: ProgressSink, base: number, disk: { virtualSize: number }): ProgressSink {
+  let total = 0;
+  let part = 0; // never backwards, though the export may size its work again
+  return {
+    setTotal: (t) => total = t,
+    update: (done) => {
+      part = Math.max(part, total > 0 ? Math.min(1, done / total) : 0);
+      outer.update(base + part * disk.virtualSize);
+    },
+    finish: () => outer.update(base + disk.virtualSize),
+  };
+}
+
+/**
  * Writes the disks of the XVA file at `path` into `dir` as `format` images
  * (`Ref:3` → `Ref_3.qcow2`), each a valid qcow2 v3 or dynamic VHD holding the non-zero
  * clusters of its members. Refuses what `extractXva` refuses.
@@ -76,16 +93,20 @@ export async function extractXvaFileAs(
 ): Promise<XvaExtractResult> {
   const wanted = options.disks && new Set(options.disks);
   const progress = options.progress;
+  // The work: the file's bytes (the verifying pass), then each disk's bytes (its export).
   // A missing or unreadable XVA is named like any input, before anything is made.
-  const size = await Deno.stat(path).then((s) => s.size, (err) => {
+  const fileSize = await Deno.stat(path).then((s) => s.size, (err) => {
     throw describeIoError(err, path, "open");
   });
-  progress?.setTotal(size);
   const index = await indexXvaFile(path, wanted, {
     ignoreChecksums: options.ignoreChecksums,
+    onManifest: (m) =>
+      progress?.setTotal(
+        m.disks.reduce((t, d) => (wanted && !wanted.has(d.ref) ? t : t + d.virtualSize), fileSize),
+      ),
     onProgress: (b) => {
       options.signal?.throwIfAborted();
-      progress?.update(b); // disk bytes: about the file's
+      progress?.update(b);
     },
   });
   // A disk of 0 bytes has no member (XAPI writes none): it is an empty image.
@@ -102,16 +123,22 @@ export async function extractXvaFileAs(
       throw new DiskstreamError(`the XVA holds no member of ${ref}`);
     }
   }
+  // Disks ova.xml names that have no member here are not exported: less work.
+  progress?.setTotal(index.disks.reduce((t, d) => t + d.disk.virtualSize, fileSize));
   await makeOutputDir(dir);
   const paths = await outputPaths(dir, index.disks.map((d) => d.disk.ref), format);
   const extracted: XvaExtracted[] = [];
   const created: string[] = []; // removed if a later disk fails
+  let exported = fileSize;
   for (const { disk, members, verified } of index.disks) {
     const out = paths.get(disk.ref)!;
     await refuseExisting(out);
     const src = await XvaDiskSource.open(path, disk.virtualSize, members);
     try {
-      const opts = { signal: options.signal };
+      const opts = {
+        signal: options.signal,
+        progress: progress && slice(progress, exported, disk),
+      };
       const planned = format === "qcow2"
         ? await exportQcow2(src, opts)
         : await exportVhd(src, opts);
@@ -129,6 +156,7 @@ export async function extractXvaFileAs(
         ),
         verified,
       });
+      exported += disk.virtualSize;
     } catch (err) {
       await removeCreated(created, err);
       throw err;

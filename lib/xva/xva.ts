@@ -289,7 +289,13 @@ export interface XvaDiskIndex {
 export async function indexXvaFile(
   path: string,
   wanted?: ReadonlySet<string>,
-  options: { ignoreChecksums?: boolean; onProgress?: (bytes: number) => void } = {},
+  options: {
+    ignoreChecksums?: boolean;
+    /** Called with the manifest once `ova.xml` is read, before any disk member. */
+    onManifest?: (manifest: OvaManifest) => void;
+    /** Called with the bytes of the file read and verified so far. */
+    onProgress?: (fileBytes: number) => void;
+  } = {},
 ): Promise<{ manifest: OvaManifest; disks: XvaDiskIndex[] }> {
   const { ChunkStream } = await import("../io/chunk_stream.ts");
   const { openInput } = await import("../io/stream.ts");
@@ -297,6 +303,7 @@ export async function indexXvaFile(
   try {
     const reader = new TarReader(input, path);
     const manifest = await readOvaMember(reader);
+    options.onManifest?.(manifest);
     const disks: XvaDiskIndex[] = [];
     const target = { queued: 0, write() {}, zero() {}, flush: () => Promise.resolve() };
     let before = 0;
@@ -311,10 +318,11 @@ export async function indexXvaFile(
           size: disk.virtualSize,
           origin: OVA_SIZE,
           ignoreChecksums: options.ignoreChecksums,
-          onMember: (m, at) => members.push({ at, length: m.size, fileOffset: m.dataOffset }),
-          onProgress: (done) => options.onProgress?.(before + done),
+          onMember: (m, at) => {
+            members.push({ at, length: m.size, fileOffset: m.dataOffset });
+            options.onProgress?.(m.dataOffset + m.size);
+          },
         });
-        before += disk.virtualSize;
         disks.push({ disk, members, verified: r.verified });
       },
     );
