@@ -19,6 +19,7 @@ import {
   fdOption,
   type NbdFlags,
   nbdOptionsFrom,
+  noteDirectWithoutFfi,
   powerOfTwoOption,
   progressMode,
 } from "./options.ts";
@@ -398,6 +399,7 @@ async function diskSize(
 
 /** Runs one export (also used by `vhd-tool stream`). */
 export async function runExport(run: ExportRun): Promise<void> {
+  noteDirectWithoutFfi(run.direct);
   if (run.progress === "machine" && run.target.kind === "std" && !run.url) {
     throw new UsageError(
       "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",

@@ -16,6 +16,7 @@ import {
   fdOption,
   type NbdFlags,
   nbdOptionsFrom,
+  noteDirectWithoutFfi,
   progressMode,
   sizeOption,
 } from "./options.ts";
@@ -247,6 +248,7 @@ export function registerImport(program: Command): void {
 
 /** Runs one import (also used by `vhd-tool serve`). */
 export async function runImport(run: ImportRun): Promise<void> {
+  noteDirectWithoutFfi(run.direct);
   if (run.url) return await importFromUrl(run, run.url);
   if (run.source.kind === "std" && Deno.stdin.isTerminal()) {
     throw new UsageError(
