@@ -26,7 +26,16 @@ import {
   readImageLayer,
 } from "../lib/headers/image_allocation.ts";
 import { dataExtents } from "../lib/io/seek_data.ts";
-import { pseudoRandom, qemu, qemuTest, runCli, withTempDir, writeSparse } from "./helpers.ts";
+import {
+  ourAllocation as ours,
+  pseudoRandom,
+  qemu,
+  qemuAllocation as qemuSays,
+  qemuTest,
+  runCli,
+  withTempDir,
+  writeSparse,
+} from "./helpers.ts";
 import { writeVhd } from "./vhd_fixtures.ts";
 
 const MiB = 1024 * 1024;
@@ -163,20 +172,6 @@ qemuTest("VHD footer and header parse what qemu-img writes", async () => {
 // ---------------------------------------------------------------- helpers for image tests
 
 const BLOCK = 2 * MiB;
-
-/** Allocation JSON straight from the library. */
-async function ours(path: string, legacy = false): Promise<string> {
-  return formatAllocation(await readImageAllocation(path), legacy);
-}
-
-/** What `qemu-img map` says, as allocation JSON at the image's cluster size (ends rounded up). */
-async function qemuSays(path: string, clusterSize?: number): Promise<string> {
-  const info = JSON.parse(await qemu(["info", "--output=json", path]));
-  const cs = clusterSize ?? info["cluster-size"];
-  return formatAllocation(
-    parseAllocation(await qemu(["map", "--output=json", path]), cs, "qemu-img map", info),
-  );
-}
 
 /** A raw file of `blocks` chunks of `unit` bytes: random where `data(i)`, zeros elsewhere. */
 async function rawFile(

@@ -6,6 +6,8 @@
  * developer machine without it, but **failing** in CI (CI=true) when it is missing.
  */
 import { createHash } from "node:crypto";
+import { formatAllocation, parseAllocation } from "../lib/alloc/allocation.ts";
+import { readImageAllocation } from "../lib/headers/image_allocation.ts";
 
 /** True when running under CI. */
 export const IN_CI = Deno.env.get("CI") === "true";
@@ -223,4 +225,26 @@ export async function sh(script: string): Promise<string> {
   const r = await run("bash", ["-o", "pipefail", "-c", script]);
   if (r.code !== 0) throw new Error(`${script}\n→ ${r.code}: ${r.stderr}`);
   return new TextDecoder().decode(r.stdout);
+}
+
+/** The allocation JSON of the image at `path`, straight from the library (`headers`). */
+export async function ourAllocation(path: string, legacy = false): Promise<string> {
+  return formatAllocation(await readImageAllocation(path), legacy);
+}
+
+/**
+ * What `qemu-img map` says of the image at `path` (format `fmt`, probed if not given),
+ * as allocation JSON at the image's cluster size (or `clusterSize`), ends rounded up.
+ */
+export async function qemuAllocation(
+  path: string,
+  clusterSize?: number,
+  fmt?: string,
+): Promise<string> {
+  const f = fmt ? ["-f", fmt] : [];
+  const info = JSON.parse(await qemu(["info", ...f, "--output=json", path]));
+  const cs = clusterSize ?? info["cluster-size"];
+  return formatAllocation(
+    parseAllocation(await qemu(["map", ...f, "--output=json", path]), cs, "qemu-img map", info),
+  );
 }

@@ -306,7 +306,6 @@ export async function indexXvaFile(
     options.onManifest?.(manifest);
     const disks: XvaDiskIndex[] = [];
     const target = { queued: 0, write() {}, zero() {}, flush: () => Promise.resolve() };
-    let before = 0;
     await walkXvaDisks(
       reader,
       manifest,
