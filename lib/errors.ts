@@ -23,6 +23,11 @@ export function escapeControls(text: string): string {
 export class DiskstreamError extends Error {
   /** The exit status the command line uses for this error. */
   readonly exitCode: number = 1;
+  /**
+   * Set by a failed import that wrote no byte to its destination (refused before
+   * writing, or failed before its first write): an existing disk is as it was.
+   */
+  nothingWritten?: boolean;
   constructor(message: string, options?: ErrorOptions) {
     super(message, options);
     this.name = new.target.name;

@@ -4,6 +4,7 @@
  */
 import assert from "node:assert/strict";
 import {
+  CLI,
   imagesEqual,
   IN_CI,
   pseudoRandom,
@@ -13,6 +14,7 @@ import {
   sha256,
   sha256File,
   withTempDir,
+  writeSparse,
 } from "./helpers.ts";
 import { openDiskSource } from "../lib/io/disk_source.ts";
 import { openDirectFile } from "../lib/io/direct_io.ts";
@@ -370,3 +372,38 @@ qemuTest(
     });
   },
 );
+
+Deno.test("--direct without --allow-ffi says on stderr that the page cache is used (not ignored silently)", async () => {
+  await withTempDir(async (dir) => {
+    await writeSparse(`${dir}/s.raw`, 1 << 20, [[4096, pseudoRandom(70000, 3)]]);
+    const noFfi = ["run", "--allow-read", "--allow-write", CLI];
+    const note =
+      "diskstream: note: --direct needs --allow-ffi (or -A); without it the page cache " +
+      "is used as usual\n";
+    const exp = await run(Deno.execPath(), [
+      ...noFfi,
+      "export",
+      `${dir}/s.raw`,
+      "--direct",
+      "-o",
+      `${dir}/o.qcow2`,
+    ]);
+    assert.equal(exp.code, 0, exp.stderr);
+    assert.equal(exp.stderr, note);
+    const imp = await run(Deno.execPath(), [
+      ...noFfi,
+      "import",
+      `${dir}/o.raw`,
+      "--direct",
+      "-i",
+      `${dir}/o.qcow2`,
+    ]);
+    assert.equal(imp.code, 0, imp.stderr);
+    assert.equal(imp.stderr, note);
+    assert.equal(await sha256File(`${dir}/o.raw`), await sha256File(`${dir}/s.raw`));
+    // With FFI there is nothing to say.
+    const all = await runCli(["export", `${dir}/s.raw`, "--direct", "-o", `${dir}/p.qcow2`]);
+    assert.equal(all.code, 0, all.stderr);
+    assert.equal(all.stderr, "");
+  });
+});

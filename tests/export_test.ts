@@ -345,6 +345,9 @@ Deno.test("export CLI: bad input gives one line and the right status", async () 
       [["export", src, "-o", out, "--allocation", `${dir}/nope.json`], 1, /nope\.json/],
       [["export", src, "-o", out, "--allocation", "fd:x"], 2, /not a file descriptor/],
       [["export", src, "-o", src], 2, /is the source itself/],
+      // Flags for what this export does not use are refused, never ignored.
+      [["export", src, "-o", out, "--connections", "2"], 2, /--connections applies to NBD URIs/],
+      [["export", src, "-o", out, "--insecure"], 2, /--insecure applies to an http/],
     ];
     for (const [args, code, message] of cases) {
       const r = await runCli(args);

@@ -192,7 +192,7 @@ nginxTest("basic auth from the URL's user-info; --header is sent", [], async (di
   assert.equal(bad.code, 2);
   const notUrl = await runCli(["export", `${dir}/disk.raw`, "-o", `${dir}/f`, "--insecure"]);
   assert.equal(notUrl.code, 2);
-  assert.match(notUrl.stderr, /--insecure apply to an http\(s\):\/\/ -o\/--output only/);
+  assert.match(notUrl.stderr, /--insecure applies to an http\(s\):\/\/ -o\/--output only/);
 });
 
 /** A server that answers each connection with `answer` (raw bytes), then closes. */

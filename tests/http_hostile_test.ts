@@ -693,16 +693,22 @@ Deno.test("server: imports whose body lies about its length, or holds more than 
       // A qcow2 upload that announces a petabyte: nothing is sized by it.
       const before = await rss(server.pid);
       await raw(server.port, put("qcow2", "Content-Length: 1000000000000000\r\n", "QFI\xfb"), 1000);
-      await server.waitLog(/"PUT \/import_raw_vdi\?vdi=a&format=qcow2" 499 /);
+      await server.waitLog(
+        /"PUT \/import_raw_vdi\?vdi=a&format=qcow2" 499 .*the disk is unchanged: .*broke after 4 of 1000000000000000 bytes/,
+      );
       assert.ok((await rss(server.pid)) - before < 64 * MiB);
-      assert.match(await state(), /^import failed: .*broke after 4 of 1000000000000000 bytes/);
+      // It broke before its first write: the disk is as it was, not marked failed.
+      assert.equal(await sha256File(`${dir}/a.raw`), hash);
+      assert.equal(await state(), "ready");
 
-      // Shorter than its length, then gone: the import failed, and says so.
+      // Shorter than its length, then gone: the import failed, and says so (its 5 bytes
+      // never reached the disk, which is left as it was).
       await raw(server.port, put("raw", "Content-Length: 1000\r\n", "short"), 1000);
       await server.waitLog(
-        /"PUT \/import_raw_vdi\?vdi=a&format=raw" 499 .*broke after 5 of 1000 bytes/,
+        /"PUT \/import_raw_vdi\?vdi=a&format=raw" 499 .*failed, the disk is unchanged: .*broke after 5 of 1000 bytes/,
       );
-      assert.match(await state(), /^import failed: .*broke after 5 of 1000 bytes/);
+      assert.equal(await sha256File(`${dir}/a.raw`), hash);
+      assert.equal(await state(), "ready");
 
       // A chunked raw body longer than the disk: 400, and nothing past its end.
       const longer = await raw(

@@ -240,5 +240,28 @@ qemuTest("import refuses a destination smaller than the image before writing", a
     // Bad usage is status 2.
     const r = await runCli(["import", dest, "-f", "vmdk"], { stdinFile: img });
     assert.equal(r.code, 2, r.stderr);
+    // Flags this import would not use are refused by name, never ignored; DEST untouched.
+    for (
+      const [args, want] of [
+        [
+          ["-f", "raw", "--spool-dir", dir],
+          /^diskstream: --spool-dir applies to qcow2 and VHD images only, not to -f raw$/,
+        ],
+        [
+          ["-f", "tar", "--no-spool"],
+          /^diskstream: --no-spool applies to qcow2 and VHD images only, not to -f tar$/,
+        ],
+        [
+          ["-f", "chunked", "--delta", "--max-buffer", "1M"],
+          /^diskstream: --delta, --max-buffer apply to qcow2 .* -f chunked/,
+        ],
+        [["--connections", "2"], /^diskstream: --connections applies to an NBD destination/],
+      ] as const
+    ) {
+      const u = await runCli(["import", dest, ...args], { stdinFile: img });
+      assert.equal(u.code, 2, `${args.join(" ")}: ${u.stderr}`);
+      assert.match(u.stderr.trim(), want);
+      assert.deepEqual(await Deno.readFile(dest), before);
+    }
   });
 });

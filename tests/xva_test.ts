@@ -433,3 +433,44 @@ Deno.test("vhd-tool refuses descriptors this process did not inherit (fd://N, --
     }
   });
 });
+
+Deno.test("xva extract of a missing file names it, whatever the output format", async () => {
+  await withTempDir(async (dir) => {
+    for (const format of ["raw", "qcow2", "vhd"]) {
+      const r = await runCli([
+        "xva",
+        "extract",
+        `${dir}/none.xva`,
+        "-o",
+        `${dir}/out`,
+        "-f",
+        format,
+      ]);
+      assert.equal(r.code, 1, format);
+      assert.equal(
+        r.stderr,
+        `diskstream: cannot open ${dir}/none.xva: no such file or directory\n`,
+      );
+      await assert.rejects(Deno.stat(`${dir}/out`)); // nothing made
+    }
+  });
+});
+
+Deno.test("vhd-tool read_headers takes vhd-tool's common options and refuses stream/serve's by name", async () => {
+  await withTempDir(async (dir) => {
+    await writeVhd(`${dir}/d.vhd`, { diskType: DISK_TYPE_DYNAMIC, size: 8 * MiB, blocks: [1] });
+    const want = '{"virtual_size":8388608,"cluster_bits":21,"data_clusters":[1]}';
+    for (const extra of [[], ["-v", "--direct", "--unbuffered", "--path", `.:${dir}`, "--debug"]]) {
+      const r = await runCli(["vhd-tool", "read_headers", `${dir}/d.vhd`, ...extra]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.equal(new TextDecoder().decode(r.stdout), want);
+    }
+    // vhd-tool itself does not know these on read_headers: never accepted and ignored.
+    for (const flag of ["--prezeroed", "--progress", "--machine", "--tar-filename-prefix=x"]) {
+      const r = await runCli(["vhd-tool", "read_headers_interval", `${dir}/d.vhd`, flag]);
+      assert.equal(r.code, 2, flag);
+      assert.match(r.stderr, new RegExp(`unknown option '${flag.replace(/=.*/, "")}`));
+      assert.equal(r.stdout.length, 0);
+    }
+  });
+});

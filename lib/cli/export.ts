@@ -19,6 +19,7 @@ import {
   fdOption,
   type NbdFlags,
   nbdOptionsFrom,
+  noteDirectWithoutFfi,
   powerOfTwoOption,
   progressMode,
 } from "./options.ts";
@@ -230,6 +231,12 @@ export function registerExport(program: Command): void {
         url !== undefined,
         "-o/--output",
       );
+      if (flags.connections !== undefined && !usesNbd) {
+        throw new UsageError(
+          "--connections applies to NBD URIs only (a source, --diff BASE or --allocation " +
+            "given as nbd://, nbds:// or nbd+unix://)",
+        );
+      }
       await runExport({
         source,
         target: endpointFrom(
@@ -269,8 +276,18 @@ export function registerExport(program: Command): void {
     )
     .argument("<input_file>", "raw disk image or block device")
     .option("-f <input_format>", "format of the input file (only raw)", "raw")
-    .option("-c <cluster_size>", "qcow2 cluster size", clusterSizeOption, DEFAULT_CLUSTER_SIZE)
-    .option("-r <refcount_bits>", "refcount width", refcountBitsOption, DEFAULT_REFCOUNT_BITS)
+    .option(
+      "-c <cluster_size>",
+      "qcow2 cluster size in bytes, a power of two from 512 to 2097152 (64K, 2M accepted too)",
+      clusterSizeOption,
+      DEFAULT_CLUSTER_SIZE,
+    )
+    .option(
+      "-r <refcount_bits>",
+      "refcount width in bits: 1, 2, 4, 8, 16, 32 or 64",
+      refcountBitsOption,
+      DEFAULT_REFCOUNT_BITS,
+    )
     .option("--diff <diff_file_name>", "export only the clusters that differ from this file")
     .option(
       "--json-header-map <FD>",
@@ -382,6 +399,7 @@ async function diskSize(
 
 /** Runs one export (also used by `vhd-tool stream`). */
 export async function runExport(run: ExportRun): Promise<void> {
+  noteDirectWithoutFfi(run.direct);
   if (run.progress === "machine" && run.target.kind === "std" && !run.url) {
     throw new UsageError(
       "--machine prints progress on stdout, so the image must go elsewhere: use -o FILE or --output-fd N",

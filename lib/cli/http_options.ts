@@ -50,6 +50,9 @@ export function checkHttpFlags(flags: HttpFlags, isUrl: boolean, option: string)
   ]
     .filter(Boolean);
   if (given.length > 0) {
-    throw new UsageError(`${given.join(", ")} apply to an http(s):// ${option} only`);
+    throw new UsageError(
+      `${given.join(", ")} ${given.length === 1 ? "applies" : "apply"} to an http(s):// ` +
+        `${option} only`,
+    );
   }
 }

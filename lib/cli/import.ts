@@ -16,6 +16,7 @@ import {
   fdOption,
   type NbdFlags,
   nbdOptionsFrom,
+  noteDirectWithoutFfi,
   progressMode,
   sizeOption,
 } from "./options.ts";
@@ -108,7 +109,9 @@ export function registerImport(program: Command): void {
     )
     .option(
       "--size <BYTES>",
-      "usable size of DEST: a larger image is refused before writing",
+      "the size of DEST in bytes (K, M, G suffixes): a larger qcow2/VHD image is refused " +
+        "before writing; -f raw: the exact length of the stream; -f chunked: the disk's " +
+        "size (needed for a new file); -f tar: the disk's size, where the import stops",
       sizeOption("--size"),
     )
     .option("--prezeroed", "DEST already reads as zeros: write only the image's data")
@@ -172,10 +175,24 @@ export function registerImport(program: Command): void {
         throw new UsageError("--tar-prefix and --ignore-checksums apply to -f tar only");
       }
       const wire = format === "raw" || format === "chunked" || format === "tar";
-      if (wire && (flags.delta || flags.maxBuffer !== undefined)) {
+      const imageOnly = [
+        flags.delta && "--delta",
+        flags.maxBuffer !== undefined && "--max-buffer",
+        flags.spoolDir !== undefined && "--spool-dir",
+        flags.spool === false && "--no-spool",
+      ].filter((f): f is string => typeof f === "string");
+      if (wire && imageOnly.length > 0) {
         throw new UsageError(
-          `--delta and --max-buffer apply to qcow2 and VHD only (a chunked stream always ` +
-            `leaves what it does not carry untouched)`,
+          `${imageOnly.join(", ")} ${imageOnly.length === 1 ? "applies" : "apply"} to qcow2 ` +
+            `and VHD images only, not to -f ${format}` +
+            (flags.delta && format === "chunked"
+              ? " (a chunked stream always leaves what it does not carry untouched)"
+              : ""),
+        );
+      }
+      if (flags.connections !== undefined && !isNbdUri(dest)) {
+        throw new UsageError(
+          "--connections applies to an NBD destination (nbd://, nbds://, nbd+unix://) only",
         );
       }
       if (flags.delta && flags.prezeroed) {
@@ -231,6 +248,7 @@ export function registerImport(program: Command): void {
 
 /** Runs one import (also used by `vhd-tool serve`). */
 export async function runImport(run: ImportRun): Promise<void> {
+  noteDirectWithoutFfi(run.direct);
   if (run.url) return await importFromUrl(run, run.url);
   if (run.source.kind === "std" && Deno.stdin.isTerminal()) {
     throw new UsageError(

@@ -96,3 +96,16 @@ export const DIRECT_HELP =
   "keep the disk's data out of the host's page cache (vhd-tool's --direct): disks and\n" +
   "output files are read and written with O_DIRECT, or where that is refused dropped\n" +
   "from the cache a few MiB behind the transfer (needs --allow-ffi)";
+
+/**
+ * `--direct` needs FFI (O_DIRECT descriptors, `posix_fadvise`): without it the transfer
+ * goes through the page cache as usual. Says so on stderr rather than ignoring the flag
+ * silently (the transfer itself goes on: XAPI's calls run with every permission).
+ */
+export function noteDirectWithoutFfi(direct: boolean | undefined): void {
+  if (!direct || Deno.permissions.querySync({ name: "ffi" }).state === "granted") return;
+  console.error(
+    "diskstream: note: --direct needs --allow-ffi (or -A); without it the page cache is " +
+      "used as usual",
+  );
+}

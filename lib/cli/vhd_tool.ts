@@ -24,13 +24,16 @@ interface CommonFlags {
   direct?: boolean;
   unbuffered?: boolean;
   path: string;
+}
+
+interface TransferFlags extends CommonFlags {
   progress?: boolean;
   machine?: boolean;
   prezeroed?: boolean;
   tarFilenamePrefix?: string;
 }
 
-interface StreamFlags extends CommonFlags {
+interface StreamFlags extends TransferFlags {
   source: string;
   relativeTo?: string;
   sourceFormat: string;
@@ -41,7 +44,7 @@ interface StreamFlags extends CommonFlags {
   destinationProtocol?: string;
 }
 
-interface ServeFlags extends CommonFlags {
+interface ServeFlags extends TransferFlags {
   source: string;
   sourceFd?: number;
   sourceFormat: string;
@@ -75,7 +78,15 @@ function commonOptions(c: Command): Command {
       "colon-separated directories where VHD parents are looked up when they are not " +
         "next to the child, as vhd-tool does",
       ".",
-    )
+    );
+}
+
+/**
+ * vhd-tool's options of `stream` and `serve` only: `read_headers` refuses them as
+ * vhd-tool does (unknown options), rather than accepting and ignoring them.
+ */
+function transferOptions(c: Command): Command {
+  return c
     .option("--progress", "report progress (a bar, or with --machine 3-digit percentages)")
     .option("--machine", "with --progress: vhd-tool's 000…100 on stdout, for XAPI")
     .option("--prezeroed", "the destination already reads as zeros")
@@ -105,7 +116,7 @@ function refuseOptions(c: Command): Command {
 }
 
 /** vhd-tool's progress: only with --progress; --machine picks the 3-digit form. */
-function progressOf(f: CommonFlags): ProgressMode {
+function progressOf(f: TransferFlags): ProgressMode {
   if (!f.progress) return "none";
   return f.machine ? "machine" : "bar";
 }
@@ -180,7 +191,7 @@ export function registerVhdTool(program: Command): void {
         "'exec diskstream vhd-tool \"$@\"' can take its place.",
     );
 
-  refuseOptions(commonOptions(
+  refuseOptions(transferOptions(commonOptions(
     group.command("stream")
       .description(
         "Export: vhd-tool stream. --source-format raw (SOURCE is a raw file or device), vhd " +
@@ -201,7 +212,10 @@ export function registerVhdTool(program: Command): void {
         "raw",
       )
       .option("--source-protocol <P>", "none")
-      .option("--relative-to <BASE>", "hybrid: only what changed since this ancestor VHD")
+      .option(
+        "--relative-to <BASE>",
+        "hybrid or vhd: only what changed since this ancestor VHD (in the chain)",
+      )
       .option("--destination <DEST>", "stdout:, null:, fd://N, file://PATH or a path", "stdout:")
       .addOption(
         new Option("--destination-fd <N>", "write to inherited descriptor N")
@@ -210,10 +224,10 @@ export function registerVhdTool(program: Command): void {
       )
       .option("--destination-format <FMT>", "raw, vhd or qcow2", "raw")
       .option("--destination-protocol <P>", "none, chunked or tar"),
-  ))
+  )))
     .action(async (f: StreamFlags) => await stream(f));
 
-  refuseOptions(commonOptions(
+  refuseOptions(transferOptions(commonOptions(
     group.command("serve")
       .description(
         "Import: vhd-tool serve. Reads --source-fd N (or --source) in --source-format raw " +
@@ -237,7 +251,7 @@ export function registerVhdTool(program: Command): void {
         sizeOption("--destination-size"),
       )
       .option("--ignore-checksums", "tar: do not verify the checksum members"),
-  ))
+  )))
     .action(async (f: ServeFlags) => await serve(f));
 
   for (

@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { DiskstreamError } from "../errors.ts";
+import { describeIoError, DiskstreamError } from "../errors.ts";
 import type { ProgressSink } from "../progress.ts";
 import { XvaDiskSource } from "../xva/disk_source.ts";
 import { indexXvaFile } from "../xva/xva.ts";
@@ -94,7 +94,10 @@ export async function extractXvaFileAs(
   const wanted = options.disks && new Set(options.disks);
   const progress = options.progress;
   // The work: the file's bytes (the verifying pass), then each disk's bytes (its export).
-  const fileSize = (await Deno.stat(path)).size;
+  // A missing or unreadable XVA is named like any input, before anything is made.
+  const fileSize = await Deno.stat(path).then((s) => s.size, (err) => {
+    throw describeIoError(err, path, "open");
+  });
   const index = await indexXvaFile(path, wanted, {
     ignoreChecksums: options.ignoreChecksums,
     onManifest: (m) =>

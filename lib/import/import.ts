@@ -256,6 +256,7 @@ async function importChunks(
     if (err instanceof DiskstreamError && t !== null && t.kind !== "new file") {
       err.message = `${err.message}; ${t.damage}`;
     }
+    if (err instanceof DiskstreamError) err.nothingWritten = t === null || !t.written;
     throw err;
   } finally {
     spool?.close();

@@ -385,6 +385,11 @@ export class RawDestination implements DiskTarget {
     this.#close();
   }
 
+  /** Whether any byte of the destination was changed (or a file extended). */
+  get written(): boolean {
+    return this.#lowest !== Infinity;
+  }
+
   /**
    * What a failed import left in the destination, for messages (after
    * {@link RawDestination.abort}): removed, not written, or partly written from

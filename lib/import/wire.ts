@@ -100,6 +100,7 @@ async function run<T>(
     if (err instanceof DiskstreamError && target !== null && target.kind !== "new file") {
       err.message = `${err.message}; ${target.damage}`;
     }
+    if (err instanceof DiskstreamError) err.nothingWritten = target === null || !target.written;
     throw err;
   }
 }

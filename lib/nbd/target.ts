@@ -241,6 +241,11 @@ export class NbdTarget implements DiskTarget {
     await this.#export.close();
   }
 
+  /** Whether any byte of the destination was changed (or a file extended). */
+  get written(): boolean {
+    return this.#lowest !== Infinity;
+  }
+
   /** What a failed import left in the export, for messages. */
   get damage(): string {
     return this.#lowest === Infinity

@@ -460,7 +460,9 @@ async function handle(ctx: Context, req: IncomingMessage, res: ServerResponse): 
       note = r.note;
     } else if (route === "/import_raw_vdi") {
       allow(req, ["PUT"]);
-      note = await serveImport(ctx, req, res, url, peer);
+      const r = await serveImport(ctx, req, res, url, peer);
+      sent = r.sent;
+      note = r.note;
     } else {
       throw new Reply(
         404,
@@ -632,7 +634,7 @@ async function serveImport(
   res: ServerResponse,
   url: URL,
   peer: string,
-): Promise<string> {
+): Promise<{ sent: number; note: string }> {
   if (ctx.readOnly) throw new Reply(403, "the server is read-only (--read-only): no imports");
   const [name, disk] = diskOf(ctx, url);
   const [formatName, format] = formatOf(url);
@@ -660,6 +662,7 @@ async function serveImport(
   const release = ctx.acquireStream();
   (req as IncomingMessage & { [CONTINUE]?: () => void })[CONTINUE]?.();
   disk.writer = true;
+  const stateBefore = disk.state;
   disk.state = "importing";
   const body = incomingBody(req, length, (got, why, cause) => {
     return new DiskstreamError(
@@ -685,22 +688,24 @@ async function serveImport(
     });
     res.writeHead(200, { "content-type": "application/json", "content-length": text.length + 1 });
     res.end(text + "\n");
-    return "";
+    return { sent: text.length + 1, note: "" }; // ASCII: names and formats are checked
   } catch (err) {
     // Clients know the disk by its name, not by its path on this host.
     const why = (err instanceof Error ? err.message : String(err)).replaceAll(
       disk.path,
       `disk '${name}'`,
     );
-    disk.state = `import failed: ${why}`;
+    // Refused (or failed) before its first write: the disk is as it was, not incomplete.
+    const untouched = err instanceof DiskstreamError && err.nothingWritten === true;
+    disk.state = untouched ? stateBefore : `import failed: ${why}`;
+    const text = untouched
+      ? `import of '${name}' failed, the disk is unchanged: ${why}`
+      : `import of '${name}' failed, the disk is incomplete: ${why}`;
     // The client went away (not: its body ended, which also destroys `req`).
     if (res.destroyed || req.socket.destroyed || req.readableAborted) {
-      throw new Reply(499, `import of '${name}' failed, the disk is incomplete: ${why}`);
+      throw new Reply(499, text);
     }
-    throw new Reply(
-      failureReply(err).status,
-      `import of '${name}' failed, the disk is incomplete: ${why}`,
-    );
+    throw new Reply(failureReply(err).status, text);
   } finally {
     ctx.running.delete(abort);
     disk.writer = false;
