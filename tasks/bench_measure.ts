@@ -50,6 +50,8 @@ export interface BenchCase {
   cleanup?: () => Promise<void>;
   /** Timed runs (default: --runs), for the long cases. */
   runs?: number;
+  /** At least this many timed runs when --runs is more than 1 (a noisy device). */
+  minRuns?: number;
   /** Drop the page cache before every run of this case (needs root; else not run). */
   cold?: boolean;
   /** Record the peak page cache use of these files or devices during each run. */
