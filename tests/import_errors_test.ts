@@ -1,7 +1,9 @@
 /**
  * `diskstream import` refusing bad streams: truncated at several points, L2 entries
  * pointing into metadata, at the same host cluster, past the end, reserved bits,
- * corrupt compressed data, bad magic, encryption, external data files, extended L2,
+ * corrupt compressed data, bad magic, encryption, external data files, extended L2
+ * entries that are invalid (a subcluster both allocated and zero, allocated without a
+ * host cluster, clusters under 16 KiB),
  * a backing file without --delta, a too small --max-buffer, and a destination too
  * small for the image. Each fails with status 1, one line on stderr, and leaves no
  * half-written new file behind.
@@ -123,7 +125,7 @@ qemuTest("import refuses corrupt compressed data", async () => {
   });
 });
 
-qemuTest("import refuses bad magic, encryption, external data, extended L2", async () => {
+qemuTest("import refuses bad magic, encryption, external data", async () => {
   await withTempDir(async (dir) => {
     const junk = `${dir}/junk`;
     await Deno.writeFile(junk, new TextEncoder().encode("this is not a disk image at all"));
@@ -137,10 +139,50 @@ qemuTest("import refuses bad magic, encryption, external data, extended L2", asy
     const ext = `${dir}/ext.qcow2`;
     await qemu(["create", "-q", "-f", "qcow2", "-o", `data_file=${dir}/ext.data`, ext, "1M"]);
     await refused(dir, ext, /external data file/);
+  });
+});
 
-    const l2x = `${dir}/l2x.qcow2`;
-    await qemu(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", l2x, "1M"]);
-    await refused(dir, l2x, /extended L2/);
+qemuTest("import refuses invalid extended L2 entries, naming the entry (pipe and -i)", async () => {
+  await withTempDir(async (dir) => {
+    const make = async (name: string) => {
+      const img = `${dir}/${name}.qcow2`;
+      const o = "cluster_size=16384,extended_l2=on";
+      await qemu(["create", "-q", "-f", "qcow2", "-o", o, img, "1M"]);
+      await qemu(["-f", "qcow2", "-c", "write -P 0x22 0 5000", img], "qemu-io");
+      return { img, l2: (await qcow2Tables(img)).l2[0] };
+    };
+    /** Refused through a pipe and with -i, the same one line both ways. */
+    const bothWays = async (img: string, re: RegExp) => {
+      await refused(dir, img, re);
+      assertOneLineError(await runCli(["import", `${dir}/refused.raw`, "-i", img]), re);
+      await assert.rejects(Deno.stat(`${dir}/refused.raw`), Deno.errors.NotFound);
+    };
+    // Subcluster 0 of cluster 0 allocated (qemu wrote it) and, patched, also "reads as zero".
+    const both = await make("both");
+    const bitmap = await readU64At(both.img, both.l2 + 8);
+    assert.equal(bitmap & 1n, 1n, "subcluster 0 allocated");
+    await writeU64At(both.img, both.l2 + 8, bitmap | (1n << 32n));
+    await bothWays(
+      both.img,
+      new RegExp(
+        `extended L2 entry for guest cluster 0 \\(subcluster bitmap 0x00000001[0-9a-f]{8}\\) ` +
+          `marks subcluster 0 both allocated and reading as zeros.*\\(at byte offset ${both.l2}\\)$`,
+      ),
+    );
+    // Cluster 5 (never written, no host cluster): a subcluster marked allocated.
+    const none = await make("none");
+    await writeU64At(none.img, none.l2 + 5 * 16 + 8, 1n << 7n);
+    await bothWays(
+      none.img,
+      new RegExp(
+        `guest cluster 5 .* marks subcluster 7 allocated but gives no host offset.*` +
+          `\\(at byte offset ${none.l2 + 5 * 16}\\)$`,
+      ),
+    );
+    // Extended L2 with 4 KiB clusters, which QEMU does not open.
+    const small = await qcow2Image(dir, "small");
+    await patchAt(small, 79, new Uint8Array([0x10]));
+    await refused(dir, small, /extended L2 entries with 4096-byte clusters; .*at least 16384/);
   });
 });
 

@@ -3,7 +3,8 @@
  * front to back, without seeking, and writes the guest's bytes to an
  * {@link ImageTarget}. It copes with any layout: metadata first (QEMU's
  * qcow2-to-stdout.py, `diskstream export`) or L2 tables interleaved with data
- * (`qemu-img convert`), compressed clusters (deflate, zstd), ZERO entries, v2 and v3.
+ * (`qemu-img convert`), compressed clusters (deflate, zstd), ZERO entries, v2 and v3,
+ * extended L2 entries (32 subclusters per cluster, each allocated, zero or neither).
  *
  * How: the header gives the L1 table's place; the L1 table gives the L2 tables'
  * places; each L2 table gives the places of its data and compressed clusters. Those
@@ -111,6 +112,10 @@ const MAX_REFCOUNT_READ = 64 * 1024 * 1024;
 const MAX_WAITING_L2S = 1024 * 1024;
 /** Host offset bits of an L1/L2/bitmap table entry. */
 const OFFSET_HI_MASK = 0x00ffffff;
+/** Subclusters per cluster with extended L2 entries. */
+const SUBCLUSTERS = 32;
+/** QEMU's smallest cluster_bits with extended L2 entries (16 KiB clusters). */
+const MIN_EXTL2_BITS = 14;
 
 /**
  * Decompressed bytes that may wait to be written (with the compressed bytes on their
@@ -182,10 +187,12 @@ async function readHeader(input: ChunkStream, delta: boolean): Promise<Qcow2Head
       }, which a stream cannot carry; import that raw file instead`,
     );
   }
-  if ((h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n) {
-    throw new UnsupportedError(
-      "the qcow2 image uses extended L2 entries (subclusters), which import does not read; " +
-        "convert it first: qemu-img convert -O qcow2 -o extended_l2=off",
+  if ((h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n && h.clusterBits < MIN_EXTL2_BITS) {
+    // QEMU refuses to open these: a subcluster would be smaller than 512 bytes.
+    throw new CorruptImageError(
+      `the qcow2 image uses extended L2 entries with ${h.clusterSize}-byte clusters; ` +
+        `extended L2 needs clusters of at least ${2 ** MIN_EXTL2_BITS} bytes`,
+      20,
     );
   }
   if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) {
@@ -238,7 +245,18 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly #cs: number;
   readonly #size: number;
   readonly #l2Entries: number;
+  /** Extended L2 entries: 16 bytes each, the second word a subcluster bitmap. */
+  readonly #extL2: boolean;
+  /** Bytes of one L2 entry (8, or 16 with extended L2). */
+  readonly #entryBytes: number;
+  /**
+   * Grain of a DATA range's `aux` (the guest offset / unit): the cluster size, or the
+   * subcluster size with extended L2.
+   */
+  readonly #unit: number;
   readonly #clusters: number;
+  /** A diff onto its base: unallocated subclusters are left alone, not zeroed. */
+  readonly #delta: boolean;
   readonly #l1Used: number;
   readonly #csizeShift: number;
   #l1Read = false;
@@ -278,14 +296,19 @@ class Qcow2StreamReader implements WalkerFormat {
     this.#pool = pool;
     this.#cs = h.clusterSize;
     this.#size = h.size;
-    this.#l2Entries = h.clusterSize / 8;
+    this.#extL2 = (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
+    this.#entryBytes = this.#extL2 ? 16 : 8;
+    this.#l2Entries = h.clusterSize / this.#entryBytes;
+    this.#unit = this.#extL2 ? h.clusterSize / SUBCLUSTERS : h.clusterSize;
     this.#clusters = Math.ceil(h.size / h.clusterSize);
+    this.#delta = !!opts.delta;
     this.#l1Used = Math.min(h.l1Size, Math.ceil(this.#clusters / this.#l2Entries));
     this.#csizeShift = 62 - (h.clusterBits - 8);
     this.#maxBuffer = opts.maxBuffer;
     this.#track = h.nbSnapshots > 0 && (h.incompatibleFeatures & INCOMPAT_DIRTY) === 0n &&
       !tables;
-    const buffer = new StreamBuffer(opts.maxBuffer, h.clusterSize, opts.spool ?? null);
+    // Held pieces never cross a unit, so that claiming a subcluster frees its memory.
+    const buffer = new StreamBuffer(opts.maxBuffer, this.#unit, opts.spool ?? null);
     this.walker = new StreamWalker(this, h.clusterSize, buffer);
     this.#expectedEnd = h.clusterSize;
     const run = this.walker.newRun(4);
@@ -318,8 +341,11 @@ class Qcow2StreamReader implements WalkerFormat {
     this.#expect(meta, UNNEEDED, h.l1TableOffset, this.#l1Used * 8, UNNEEDED_L1);
     const l1 = new Uint8Array(this.#l1Used * 8);
     file.readInto(h.l1TableOffset, l1, "the qcow2 L1 table");
-    // The ranges the tables name take memory that follows the L2 tables the file holds.
-    this.walker.allowMetadata(4 * Math.min(this.#l1Used * cs, file.size));
+    // The ranges the tables name take memory that follows the L2 tables the file holds:
+    // one range per 8-byte entry, or up to 16 per 16-byte extended entry (its allocated
+    // subclusters in runs), RecordRun.SLOT_BYTES (25) each.
+    const perByte = this.#extL2 ? 32 : 4;
+    this.walker.allowMetadata(perByte * Math.min(this.#l1Used * cs, file.size));
     const refs = this.#l2Refs(l1);
     refs.sort();
     this.#l2Offsets = refs.start.slice(0, refs.count); // sorted above
@@ -353,11 +379,12 @@ class Qcow2StreamReader implements WalkerFormat {
     for (let i = 0; i < data.count; i++) {
       const end = data.start[i] + data.length[i];
       if (data.kind[i] === DATA && end > file.size) {
-        // The first cluster of the (merged) range that the file does not hold whole.
-        const k = Math.floor(Math.max(0, file.size - data.start[i]) / cs);
-        const at = data.start[i] + k * cs;
+        // The first cluster (subcluster) of the (merged) range the file does not hold whole.
+        const unit = this.#unit;
+        const k = Math.floor(Math.max(0, file.size - data.start[i]) / unit);
+        const at = data.start[i] + k * unit;
         throw new CorruptImageError(
-          `${this.describe(DATA, data.aux[i] + k)} lies at bytes ${at}–${at + cs - 1}, past ` +
+          `${this.describe(DATA, data.aux[i] + k)} lies at bytes ${at}–${at + unit - 1}, past ` +
             `the end of the ${file.size}-byte file: the image is truncated`,
           file.size,
         );
@@ -397,9 +424,9 @@ class Qcow2StreamReader implements WalkerFormat {
       const last = run.count - 1;
       if (
         kind === DATA && last >= 0 && run.kind[last] === DATA &&
-        (aux + 1) * this.#cs <= this.#size && // the cluster cut by the end stays apart
+        aux * this.#unit + length <= this.#size && // the cluster cut by the end stays apart
         run.start[last] + run.length[last] === start &&
-        run.aux[last] + run.length[last] / this.#cs === aux
+        run.aux[last] + run.length[last] / this.#unit === aux
       ) {
         // The next guest cluster in the next host cluster: one longer range (an image
         // whose data follows its tables in order costs one range per table, not per cluster).
@@ -436,7 +463,7 @@ class Qcow2StreamReader implements WalkerFormat {
     }
     if (got === undefined) throw this.#missing(kind, aux, start);
     if (kind === DATA) {
-      if (got === ZERO_RANGE) this.#zero(aux, length);
+      if (got === ZERO_RANGE) this.#zeroAt(aux * this.#unit, length);
       else this.onBytes(DATA, aux, 0, got, 0, got.length);
     } else if (kind === L2 && got !== ZERO_RANGE) {
       this.#readL2(got, aux, start);
@@ -447,14 +474,14 @@ class Qcow2StreamReader implements WalkerFormat {
 
   /** Stream-mode bytes: data clusters go straight to the destination. */
   onBytes(_kind: number, aux: number, at: number, chunk: Uint8Array, from: number, to: number) {
-    const guest = aux * this.#cs + at;
+    const guest = aux * this.#unit + at;
     const end = Math.min(guest + (to - from), this.#size);
     if (end > guest) this.#target.write(guest, chunk, from, from + (end - guest));
   }
 
   /** Data clusters (not the one cut by the end of the disk) may be spliced. */
   directOffset(kind: number, aux: number, at: number, length: number): number {
-    const guest = aux * this.#cs + at;
+    const guest = aux * this.#unit + at;
     return kind === DATA && guest + length <= this.#size ? guest : -1;
   }
 
@@ -466,7 +493,11 @@ class Qcow2StreamReader implements WalkerFormat {
       case L1:
         return this.#readL1(bytes);
       case COMPRESSED: {
-        const write = (data: Uint8Array) => this.onBytes(DATA, aux, 0, data, 0, data.length);
+        const guest = aux * this.#cs;
+        const write = (data: Uint8Array) => {
+          const end = Math.min(guest + data.length, this.#size);
+          if (end > guest) this.#target.write(guest, data, 0, end - guest);
+        };
         if (this.walker.buffer === null) {
           // Every table is known, so no byte after the compressed data can belong to a
           // range still unknown: the length it used does not matter, and a worker may
@@ -496,9 +527,10 @@ class Qcow2StreamReader implements WalkerFormat {
     }
   }
 
-  #zero(cluster: number, length = this.#cs) {
-    const guest = cluster * this.#cs;
-    this.#target.zero(guest, Math.min(length, this.#size - guest));
+  /** Guest bytes `[guest, guest + length)` read as zeros (clipped to the virtual size). */
+  #zeroAt(guest: number, length: number) {
+    const n = Math.min(length, this.#size - guest);
+    if (n > 0) this.#target.zero(guest, n);
   }
 
   /** The L2 tables the L1 table in `bytes` points to (aux: the L1 index), checked. */
@@ -542,24 +574,30 @@ class Qcow2StreamReader implements WalkerFormat {
   }
 
   /**
-   * Reads one L2 table: its data and compressed clusters join the agenda (`into`, or a
-   * run of their own added at once), its ZERO clusters are zeroed.
+   * Reads one L2 table: its data and compressed clusters (or subclusters) join the
+   * agenda (`into`, or a run of their own added at once), its ZERO ones are zeroed.
    */
   #readL2(bytes: Uint8Array, l1Index: number, start: number, into?: RecordRun) {
     const v = viewOf(bytes);
     const cs = this.#cs;
+    const ext = this.#extL2;
+    const eb = this.#entryBytes;
     const first = l1Index * this.#l2Entries;
     const n = Math.min(this.#l2Entries, this.#clusters - first);
     const run = into ?? this.walker.newRun(64);
     const shift = this.#csizeShift - 32;
     const offMask = 2 ** shift - 1;
     for (let j = 0; j < n; j++) {
-      const hi = v.getUint32(j * 8);
-      const lo = v.getUint32(j * 8 + 4);
-      if ((hi | lo) === 0) continue;
+      const hi = v.getUint32(j * eb);
+      const lo = v.getUint32(j * eb + 4);
+      // Extended L2: bitmap bits 32–63 "reads as zeros", bits 0–31 "allocated".
+      const zeros = ext ? v.getUint32(j * eb + 8) : 0;
+      const alloc = ext ? v.getUint32(j * eb + 12) : 0;
+      if ((hi | lo | zeros | alloc) === 0) continue;
       const cluster = first + j;
       if ((hi & 0x40000000) !== 0) {
-        // Compressed: host byte offset in bits 0..x-1, extra sectors in bits x..61.
+        // Compressed: host byte offset in bits 0..x-1, extra sectors in bits x..61. With
+        // extended L2 the whole cluster: its bitmap has no meaning (QEMU reads it so).
         const offHi = hi & offMask;
         const sectors = (hi & 0x3fffffff) >>> shift;
         if (offHi >= 2 ** 21) {
@@ -572,13 +610,14 @@ class Qcow2StreamReader implements WalkerFormat {
       if ((hi & 0x3f000000) !== 0 || (lo & 0x1fe) !== 0) {
         throw this.#badEntry(start, j, cluster, hi, lo, "reserved bits set");
       }
-      if ((lo & 1) !== 0) {
-        // ZERO (or ZERO_ALLOC: the host cluster's stale bytes must not be read).
-        this.#zero(cluster);
+      if ((lo & 1) !== 0 && !ext) {
+        // ZERO (or ZERO_ALLOC: the host cluster's stale bytes must not be read). With
+        // extended L2 bit 0 is "always 0" (qcow2.rst) and QEMU ignores it: the bitmap says.
+        this.#zeroAt(cluster * cs, cs);
         continue;
       }
       const host = (hi & 0x00ffffff) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
-      if (host === 0) continue;
+      if (host === 0 && !ext) continue;
       if (host % cs !== 0) {
         throw this.#badEntry(
           start,
@@ -589,11 +628,70 @@ class Qcow2StreamReader implements WalkerFormat {
           "a host offset that is not cluster aligned",
         );
       }
-      this.#expect(run, DATA, host, cs, cluster);
+      if (ext) this.#readSubclusters(run, start + j * eb, cluster, host, zeros, alloc);
+      else this.#expect(run, DATA, host, cs, cluster);
     }
     if (into) return;
     this.walker.add(run);
     this.#checkAllKnown();
+  }
+
+  /**
+   * The subclusters of an extended L2 entry (at stream offset `at`) for a standard
+   * cluster at `host` (0: none): runs of allocated ones join the agenda, their bytes
+   * at the same place in the host cluster; "reads as zeros" ones are zeroed. Those
+   * neither allocated nor zero read from the backing file: left alone with `delta`,
+   * else zeroed as well when the entry has any other subcluster, so that every
+   * subcluster of a cluster written is written (the destination fills whole clusters).
+   */
+  #readSubclusters(
+    run: RecordRun,
+    at: number,
+    cluster: number,
+    host: number,
+    zeros: number,
+    alloc: number,
+  ) {
+    const unit = this.#unit;
+    const both = (zeros & alloc) >>> 0;
+    if (both !== 0) {
+      throw new CorruptImageError(
+        `the extended L2 entry for guest cluster ${cluster} (subcluster bitmap ` +
+          `0x${hex(zeros, alloc)}) marks subcluster ${lowestBit(both)} both allocated and ` +
+          "reading as zeros; the image is corrupt (qemu-img check)",
+        at,
+      );
+    }
+    if (alloc !== 0 && host === 0) {
+      throw new CorruptImageError(
+        `the extended L2 entry for guest cluster ${cluster} (subcluster bitmap ` +
+          `0x${hex(zeros, alloc)}) marks subcluster ${lowestBit(alloc)} allocated but gives ` +
+          "no host offset; the image is corrupt (qemu-img check)",
+        at,
+      );
+    }
+    const base = cluster * SUBCLUSTERS;
+    for (let i = 0; i < SUBCLUSTERS;) {
+      if (((alloc >>> i) & 1) === 0) {
+        i++;
+        continue;
+      }
+      let k = i + 1;
+      while (k < SUBCLUSTERS && ((alloc >>> k) & 1) !== 0) k++;
+      this.#expect(run, DATA, host + i * unit, (k - i) * unit, base + i);
+      i = k;
+    }
+    const zero = this.#delta ? zeros : (alloc | zeros) === 0 ? 0 : ~alloc >>> 0;
+    for (let i = 0; i < SUBCLUSTERS;) {
+      if (((zero >>> i) & 1) === 0) {
+        i++;
+        continue;
+      }
+      let k = i + 1;
+      while (k < SUBCLUSTERS && ((zero >>> k) & 1) !== 0) k++;
+      this.#zeroAt(cluster * this.#cs + i * unit, (k - i) * unit);
+      i = k;
+    }
   }
 
   /**
@@ -711,7 +809,7 @@ class Qcow2StreamReader implements WalkerFormat {
     const v = viewOf(bytes);
     const cs = this.#cs;
     const offsets: number[] = [];
-    for (let i = 0; i + 8 <= bytes.length; i += 8) {
+    for (let i = 0; i + 8 <= bytes.length; i += this.#entryBytes) {
       const hi = v.getUint32(i);
       if ((hi & 0x40000000) !== 0) continue; // compressed: host clusters may be shared
       const off = (hi & OFFSET_HI_MASK) * 2 ** 32 + ((v.getUint32(i + 4) & 0xfffffe00) >>> 0);
@@ -792,14 +890,19 @@ class Qcow2StreamReader implements WalkerFormat {
    */
   metadataAhead(): number {
     if (!this.#l1Read) return Infinity;
-    return (this.#pendingL2 + 1) * this.#l2Entries * RecordRun.SLOT_BYTES * 2;
+    // An extended entry names up to 16 ranges: its allocated subclusters in runs.
+    const perEntry = this.#extL2 ? SUBCLUSTERS / 2 : 1;
+    return (this.#pendingL2 + 1) * this.#l2Entries * perEntry * RecordRun.SLOT_BYTES * 2;
   }
 
   describe(kind: number, aux: number): string {
     const cs = this.#cs;
     switch (kind) {
       case DATA:
-        return `the data of guest cluster ${aux} (guest offset ${aux * cs})`;
+        return this.#extL2
+          ? `the data of guest cluster ${Math.floor(aux / SUBCLUSTERS)} subcluster ` +
+            `${aux % SUBCLUSTERS} (guest offset ${aux * this.#unit})`
+          : `the data of guest cluster ${aux} (guest offset ${aux * cs})`;
       case COMPRESSED:
         return `the compressed data of guest cluster ${aux} (guest offset ${aux * cs})`;
       case L2: {
@@ -888,9 +991,14 @@ class Qcow2StreamReader implements WalkerFormat {
   ): CorruptImageError {
     return new CorruptImageError(
       `the L2 entry for guest cluster ${cluster} (0x${hex(hi, lo)}) has ${what}`,
-      l2Start + j * 8,
+      l2Start + j * this.#entryBytes,
     );
   }
+}
+
+/** Index of the lowest set bit of the 32-bit `x` (not 0). */
+function lowestBit(x: number): number {
+  return 31 - Math.clz32(x & -x);
 }
 
 function hex(hi: number, lo: number): string {
