@@ -5,9 +5,14 @@
  * diskstream's own export, for the metadata-first layout). Each case takes one image
  * and mutates what its metadata says — header fields, L1/L2/BAT entries, offsets,
  * sizes, cluster bits, VHD fields with their checksums recomputed so parsing goes
- * deeper, truncation at every metadata boundary — and runs the CLI on it:
+ * deeper, truncation at every metadata boundary, L2 tables moved after the data; for
+ * extended L2 images (16-byte entries, 32 subclusters a cluster) the subcluster bitmaps
+ * and host offsets, bits past the disk's end, truncation inside a subcluster — and runs
+ * the CLI on it:
  *
- * - `import` (the image through a pipe into a new raw file),
+ * - `import` (the image through a pipe, or with `-i FILE`, into a new raw file or one
+ *   full of 0xAA bytes; sometimes with a small --max-buffer, so that data met before its
+ *   L2 table goes to the spool file),
  * - `headers` and `info`,
  * - `alloc`: hostile (and valid) allocation JSON given to `export --allocation`.
  *
@@ -971,6 +976,8 @@ interface Mutated {
    * met before its L2 table (tables moved after the data) goes to the spool file.
    */
   maxBuffer: string;
+  /** import reads the image with `-i FILE` (tables by random access), not from a pipe. */
+  fromFile: boolean;
 }
 
 function mutateImage(rng: Rng, images: Image[]): Mutated {
@@ -998,7 +1005,8 @@ function mutateImage(rng: Rng, images: Image[]): Mutated {
   }
   const prefill = rng.chance(0.35);
   const maxBuffer = rng.chance(0.3) ? rng.pick(["64K", "256K", "1M"]) : MAX_BUFFER;
-  return { image, bytes, mutations, prefill, maxBuffer };
+  const fromFile = rng.chance(0.25);
+  return { image, bytes, mutations, prefill, maxBuffer, fromFile };
 }
 
 // ---------------------------------------------------------------- oracles per family
@@ -1009,6 +1017,8 @@ interface CaseResult {
   prefill?: boolean;
   /** import: its --max-buffer (replayed the same way). */
   maxBuffer?: string;
+  /** import: with `-i FILE` rather than from a pipe (replayed the same way). */
+  fromFile?: boolean;
   /** Exit status of diskstream. */
   code: number;
   /** Whether the byte/allocation oracle ran (qemu-img read the image too). */
@@ -1093,8 +1103,9 @@ async function importCase(m: Mutated, dir: string): Promise<CaseResult> {
     dir,
     ...(fixed ? ["-f", "vhd"] : []),
     ...(delta ? ["--delta"] : []),
+    ...(m.fromFile ? ["-i", path] : []),
   ];
-  const o = await diskstream(args, m.bytes);
+  const o = await diskstream(args, m.fromFile ? undefined : m.bytes);
   const res: CaseResult = {
     family: "import",
     code: o.code,
@@ -1105,15 +1116,18 @@ async function importCase(m: Mutated, dir: string): Promise<CaseResult> {
     description: [
       `${m.image.name}: ${m.mutations.join("; ") || "unchanged"}${
         prefill ? " (into an existing file of 0xAA bytes)" : ""
-      }${m.maxBuffer !== MAX_BUFFER ? ` (--max-buffer ${m.maxBuffer})` : ""}`,
+      }${m.maxBuffer !== MAX_BUFFER ? ` (--max-buffer ${m.maxBuffer})` : ""}${
+        m.fromFile ? " (-i FILE)" : ""
+      }`,
     ],
     prefill,
     maxBuffer: m.maxBuffer,
+    fromFile: m.fromFile,
     args: [
       ...args.slice(0, 1),
       "DEST",
-      ...args.slice(2).map((a) => a === dir ? "SPOOL_DIR" : a),
-      "< image",
+      ...args.slice(2).map((a) => a === dir ? "SPOOL_DIR" : a === path ? "image" : a),
+      ...(m.fromFile ? [] : ["< image"]),
     ],
   };
   if (res.failure) return res;
@@ -1499,6 +1513,7 @@ async function saveFailure(
         mutations: r.description,
         prefill: r.prefill,
         maxBuffer: r.maxBuffer,
+        fromFile: r.fromFile,
         command: `diskstream ${r.args.join(" ")}`,
         replay: `deno task fuzz --replay ${folder}`,
         regenerate: `deno task fuzz --seed ${seed} --family ${families.join(",")} --case ${index}`,
@@ -1526,6 +1541,7 @@ async function replay(folder: string, dir: string, corpus: { images: Image[]; so
     mutations: ["replayed"],
     prefill: meta.prefill === true,
     maxBuffer: meta.maxBuffer ?? MAX_BUFFER,
+    fromFile: meta.fromFile === true,
   };
   return meta.family === "import"
     ? await importCase(m, dir)
