@@ -10,8 +10,15 @@ import assert from "node:assert/strict";
 import { ClusterSet } from "../lib/alloc/cluster_set.ts";
 import { buildVhdDynamicHeader, buildVhdFooter } from "../mod.ts";
 import { runMeasured } from "../tasks/fuzz_run.ts";
-import { assertOneLineError, patchAt, qcow2Tables } from "./import_fixtures.ts";
-import { CLI, qemu, qemuTest, withTempDir } from "./helpers.ts";
+import {
+  assertOneLineError,
+  patchAt,
+  qcow2Tables,
+  qemuRaw,
+  readU64At,
+  writeU64At,
+} from "./import_fixtures.ts";
+import { CLI, qemu, qemuTest, sha256File, withTempDir } from "./helpers.ts";
 
 const MiB = 2 ** 20;
 /** Bounds of every run here: the fixed code stays far below them. */
@@ -264,3 +271,54 @@ Deno.test("import: a VHD BAT naming blocks far away counts against --max-buffer"
     assert.ok(r.peakRss < 8 * MiB + 150 * MiB, `peak RSS ${r.peakRss}`);
   });
 });
+
+qemuTest(
+  "import: extended L2 bits for subclusters past the disk's end are ignored, as QEMU does " +
+    "(pipe and -i)",
+  async () => {
+    await withTempDir(async (dir) => {
+      // 64 KiB clusters, 2 KiB subclusters; the disk ends 4 KiB into cluster 1 (two of its
+      // 32 subclusters). qemu-io writes subcluster 0 of cluster 1: the file ends there.
+      const make = async (name: string, writes: string[]) => {
+        const img = `${dir}/${name}.qcow2`;
+        await qemu(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", img, "69632"]);
+        await qemu(["-f", "qcow2", ...writes.flatMap((w) => ["-c", w]), img], "qemu-io");
+        return { img, l2: (await qcow2Tables(img)).l2[0] };
+      };
+      const same = async (img: string, what: string) => {
+        const want = await sha256File(await qemuRaw(img, "qcow2", `${dir}/want.raw`));
+        for (const how of ["pipe", "-i"]) {
+          const out = `${dir}/out.raw`;
+          const r = await cli(
+            ["import", out, ...(how === "-i" ? ["-i", img] : [])],
+            how === "pipe" ? await Deno.readFile(img) : undefined,
+          );
+          assert.equal(r.code, 0, `${what}, ${how}: ${r.stderr}`);
+          assert.equal(await sha256File(out), want, `${what}, ${how}`);
+          await Deno.remove(out);
+        }
+      };
+      // Subcluster 0 of cluster 1 and the 30 past the end marked allocated: those are not
+      // in the file (it used to be refused as truncated).
+      const all = await make("all", ["write -P 0x11 0 8K", "write -P 0x22 64K 2K"]);
+      const entry1 = all.l2 + 16;
+      assert.equal(await readU64At(all.img, entry1 + 8), 1n, "subcluster 0 allocated");
+      await writeU64At(all.img, entry1 + 8, 0xfffffffdn);
+      await same(all.img, "allocated past the end");
+      // No host cluster, a bit allocated only past the end: QEMU finds the cluster
+      // invalid (any allocated bit without a host cluster), and so does import.
+      const none = await make("none", ["write -P 0x11 0 8K"]);
+      await writeU64At(none.img, none.l2 + 16 + 8, 1n << 9n);
+      await assert.rejects(qemuRaw(none.img, "qcow2", `${dir}/x.raw`));
+      const n = await cli(["import", `${dir}/out.raw`], await Deno.readFile(none.img));
+      assertOneLineError(n, /marks subcluster 9 allocated but gives no host offset/);
+      // With a host cluster, one subcluster both allocated and zero past the end: QEMU
+      // finds the whole cluster invalid, and so does import.
+      const both = await make("both", ["write -P 0x22 64K 2K"]);
+      await writeU64At(both.img, both.l2 + 16 + 8, (1n << 40n) | (1n << 8n) | 1n);
+      await assert.rejects(qemuRaw(both.img, "qcow2", `${dir}/x.raw`));
+      const r = await cli(["import", `${dir}/out.raw`], await Deno.readFile(both.img));
+      assertOneLineError(r, /marks subcluster 8 both allocated and reading as zeros/);
+    });
+  },
+);

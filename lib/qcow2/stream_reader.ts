@@ -643,6 +643,8 @@ class Qcow2StreamReader implements WalkerFormat {
    * neither allocated nor zero read from the backing file: left alone with `delta`,
    * else zeroed as well when the entry has any other subcluster, so that every
    * subcluster of a cluster written is written (the destination fills whole clusters).
+   * Allocated subclusters past the disk's end are not read (their bits still count
+   * when the bitmap is checked, as QEMU counts them).
    */
   #readSubclusters(
     run: RecordRun,
@@ -653,6 +655,8 @@ class Qcow2StreamReader implements WalkerFormat {
     alloc: number,
   ) {
     const unit = this.#unit;
+    // QEMU finds the whole cluster invalid when any of its subclusters, even past the
+    // disk's end, is both allocated and zero, or allocated with no host cluster.
     const both = (zeros & alloc) >>> 0;
     if (both !== 0) {
       throw new CorruptImageError(
@@ -670,18 +674,22 @@ class Qcow2StreamReader implements WalkerFormat {
         at,
       );
     }
+    // Allocated subclusters past the disk's end are never read (nor by QEMU): their bytes
+    // need not be in the stream.
+    const inside = Math.ceil((this.#size - cluster * this.#cs) / unit);
+    const used = inside < SUBCLUSTERS ? (alloc & (2 ** inside - 1)) >>> 0 : alloc;
     const base = cluster * SUBCLUSTERS;
     for (let i = 0; i < SUBCLUSTERS;) {
-      if (((alloc >>> i) & 1) === 0) {
+      if (((used >>> i) & 1) === 0) {
         i++;
         continue;
       }
       let k = i + 1;
-      while (k < SUBCLUSTERS && ((alloc >>> k) & 1) !== 0) k++;
+      while (k < SUBCLUSTERS && ((used >>> k) & 1) !== 0) k++;
       this.#expect(run, DATA, host + i * unit, (k - i) * unit, base + i);
       i = k;
     }
-    const zero = this.#delta ? zeros : (alloc | zeros) === 0 ? 0 : ~alloc >>> 0;
+    const zero = this.#delta ? zeros : (used | zeros) === 0 ? 0 : ~used >>> 0;
     for (let i = 0; i < SUBCLUSTERS;) {
       if (((zero >>> i) & 1) === 0) {
         i++;
