@@ -343,8 +343,10 @@ class Qcow2StreamReader implements WalkerFormat {
     file.readInto(h.l1TableOffset, l1, "the qcow2 L1 table");
     // The ranges the tables name take memory that follows the L2 tables the file holds:
     // one range per 8-byte entry, or up to 16 per 16-byte extended entry (its allocated
-    // subclusters in runs), RecordRun.SLOT_BYTES (25) each.
-    const perByte = this.#extL2 ? 32 : 4;
+    // subclusters in runs), RecordRun.SLOT_BYTES (25) each, in a run that grows by
+    // doubling (up to twice what it holds).
+    const perEntry = this.#extL2 ? SUBCLUSTERS / 2 : 1;
+    const perByte = 2 * RecordRun.SLOT_BYTES * perEntry / this.#entryBytes;
     this.walker.allowMetadata(perByte * Math.min(this.#l1Used * cs, file.size));
     const refs = this.#l2Refs(l1);
     refs.sort();
