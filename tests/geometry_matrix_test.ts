@@ -413,6 +413,44 @@ toolTest(
           await Deno.remove(out);
         }
       };
+      await t.step(
+        "last cluster: bitmap bits past the end, file ends at the disk's end",
+        async () => {
+          // 64 KiB clusters, 2 KiB subclusters: the disk ends after subcluster 3 of cluster 3,
+          // and qemu's file ends there too (it writes whole subclusters, not clusters).
+          const cs = 65536;
+          const size = 3 * cs + 4 * (cs / 32);
+          const img = `${dir}/end.qcow2`;
+          await qemu([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            `cluster_size=${cs},extended_l2=on`,
+            img,
+            `${size}`,
+          ]);
+          await qemu(["-f", "qcow2", "-c", `write -P 0x3c 0 ${size}`, img], "qemu-io");
+          const l2 = (await qcow2Tables(img)).l2[0];
+          const entry = await readU64At(img, l2 + 3 * 16);
+          assert.equal(
+            (await Deno.stat(img)).size,
+            Number(entry & 0x00fffffffffffe00n) + size - 3 * cs,
+          );
+          assert.equal(
+            await readU64At(img, l2 + 3 * 16 + 8),
+            0xfn,
+            "qemu allocated subclusters 0-3",
+          );
+          // As `qemu-img resize --shrink` leaves it: every subcluster allocated, the ones
+          // past the disk's end not in the file. QEMU never reads them; qemu-img check is clean.
+          await writeU64At(img, l2 + 3 * 16 + 8, 0xffffffffn);
+          await qemu(["check", "-q", img]);
+          await bothWays(img, "", "bits past the end");
+          await Deno.remove(img);
+        },
+      );
       await t.step("-i: every entry allocates every other subcluster (16 runs)", async () => {
         // 3072 clusters of 16 KiB: 3 L2 tables (48 KiB) naming 49152 ranges, 1.2 MiB of
         // agenda in a run of capacity 65536 (1.6 MiB), over the 32 bytes per table byte
