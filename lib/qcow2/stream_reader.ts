@@ -905,9 +905,11 @@ class Qcow2StreamReader implements WalkerFormat {
    */
   metadataAhead(): number {
     if (!this.#l1Read) return Infinity;
-    // An extended entry names up to 16 ranges: its allocated subclusters in runs.
+    // An extended entry names up to 16 ranges: its allocated subclusters in runs. Entries
+    // past the disk's end name none (a small disk's one table maps a few clusters).
     const perEntry = this.#extL2 ? SUBCLUSTERS / 2 : 1;
-    return (this.#pendingL2 + 1) * this.#l2Entries * perEntry * RecordRun.SLOT_BYTES * 2;
+    const entries = Math.min((this.#pendingL2 + 1) * this.#l2Entries, this.#clusters);
+    return entries * perEntry * RecordRun.SLOT_BYTES * 2;
   }
 
   describe(kind: number, aux: number): string {
