@@ -10,7 +10,13 @@
  */
 import assert from "node:assert/strict";
 import { readImageInfo } from "../lib/headers/info.ts";
-import { assertOneLineError, qemuRaw } from "./import_fixtures.ts";
+import {
+  assertOneLineError,
+  qcow2Tables,
+  qemuRaw,
+  readU64At,
+  writeU64At,
+} from "./import_fixtures.ts";
 import {
   CLI_SH,
   imagesEqual,
@@ -382,6 +388,97 @@ toolTest(
         assertOneLineError(r, /before the metadata that maps it .*needs --max-buffer \d+M/);
         await sh(`${DS} import ${out} -i ${img} --max-buffer 4K --no-spool`);
         assert.equal(await sha256File(out), want, "-i");
+      });
+    });
+  },
+);
+
+toolTest(
+  "geometry: extended L2 edges — allocated subclusters past the virtual size (not in the file) " +
+    "are not needed; with -i, tables whose every entry names 16 runs fit their allowance",
+  QEMU,
+  INSTALL,
+  async (t) => {
+    await withTempDir(async (dir) => {
+      const out = `${dir}/out.raw`;
+      /** Imports `img` through a pipe and with -i (`flags` with -i only), as qemu-img reads it. */
+      const bothWays = async (img: string, flags: string, what: string) => {
+        const want = await sha256File(await qemuRaw(img, "qcow2", `${dir}/want.raw`));
+        for (const how of ["pipe", "-i"]) {
+          const r = how === "pipe"
+            ? await sh(`cat ${img} | ${DS} import ${out}`)
+            : await sh(`${DS} import ${out} -i ${img} ${flags}`);
+          assert.equal(r, "", `${what}, ${how}`);
+          assert.equal(await sha256File(out), want, `${what}, ${how}`);
+          await Deno.remove(out);
+        }
+      };
+      await t.step(
+        "last cluster: bitmap bits past the end, file ends at the disk's end",
+        async () => {
+          // 64 KiB clusters, 2 KiB subclusters: the disk ends after subcluster 3 of cluster 3,
+          // and qemu's file ends there too (it writes whole subclusters, not clusters).
+          const cs = 65536;
+          const size = 3 * cs + 4 * (cs / 32);
+          const img = `${dir}/end.qcow2`;
+          await qemu([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            `cluster_size=${cs},extended_l2=on`,
+            img,
+            `${size}`,
+          ]);
+          await qemu(["-f", "qcow2", "-c", `write -P 0x3c 0 ${size}`, img], "qemu-io");
+          const l2 = (await qcow2Tables(img)).l2[0];
+          const entry = await readU64At(img, l2 + 3 * 16);
+          assert.equal(
+            (await Deno.stat(img)).size,
+            Number(entry & 0x00fffffffffffe00n) + size - 3 * cs,
+          );
+          assert.equal(
+            await readU64At(img, l2 + 3 * 16 + 8),
+            0xfn,
+            "qemu allocated subclusters 0-3",
+          );
+          // As `qemu-img resize --shrink` leaves it: every subcluster allocated, the ones
+          // past the disk's end not in the file. QEMU never reads them; qemu-img check is clean.
+          await writeU64At(img, l2 + 3 * 16 + 8, 0xffffffffn);
+          await qemu(["check", "-q", img]);
+          await bothWays(img, "", "bits past the end");
+          await Deno.remove(img);
+        },
+      );
+      await t.step("-i: every entry allocates every other subcluster (16 runs)", async () => {
+        // 3072 clusters of 16 KiB: 3 L2 tables (48 KiB) naming 49152 ranges, 1.2 MiB of
+        // agenda in a run of capacity 65536 (1.6 MiB), over the 32 bytes per table byte
+        // allowed before; a sparse file, a few subclusters with data.
+        const cs = 16384;
+        const n = 3072;
+        const pre = `${dir}/pre.qcow2`;
+        const o = `cluster_size=${cs},extended_l2=on,preallocation=metadata`;
+        await qemu(["create", "-q", "-f", "qcow2", "-o", o, pre, `${n * cs}`]);
+        const bytes = await Deno.readFile(pre);
+        await Deno.remove(pre);
+        const v = new DataView(bytes.buffer);
+        const l1 = Number(v.getBigUint64(40));
+        const writes: [number, Uint8Array][] = [];
+        let metaEnd = 0;
+        for (let c = 0; c < n; c++) {
+          const table = Number(v.getBigUint64(l1 + Math.floor(c / 1024) * 8) & 0x00fffffffffffe00n);
+          const at = table + (c % 1024) * 16;
+          v.setUint32(at + 12, 0x55555555);
+          metaEnd = Math.max(metaEnd, table + cs);
+          const host = Number(v.getBigUint64(at) & 0x00fffffffffffe00n);
+          if (c % 97 === 0) writes.push([host + 2 * 512, pseudoRandom(512, c)]);
+        }
+        const img = `${dir}/runs.qcow2`;
+        await writeSparse(img, bytes.length, [[0, bytes.subarray(0, metaEnd)], ...writes]);
+        await qemu(["check", "-q", img]);
+        await bothWays(img, "--max-buffer 64K", "16 runs per entry");
+        await Deno.remove(img);
       });
     });
   },

@@ -278,6 +278,8 @@ class Qcow2StreamReader implements WalkerFormat {
   readonly #maxBuffer: number;
   /** Host offsets of the L2 tables, ascending, for messages. */
   #l2Offsets = new Float64Array(0);
+  /** The size of the file the tables were read from (see {@link #readTables}). */
+  #fileSize = Infinity;
   #expectedEnd: number;
 
   /**
@@ -342,10 +344,16 @@ class Qcow2StreamReader implements WalkerFormat {
     const l1 = new Uint8Array(this.#l1Used * 8);
     file.readInto(h.l1TableOffset, l1, "the qcow2 L1 table");
     // The ranges the tables name take memory that follows the L2 tables the file holds:
-    // one range per 8-byte entry, or up to 16 per 16-byte extended entry (its allocated
-    // subclusters in runs), RecordRun.SLOT_BYTES (25) each.
-    const perByte = this.#extL2 ? 32 : 4;
-    this.walker.allowMetadata(perByte * Math.min(this.#l1Used * cs, file.size));
+    // one range per entry, and with extended L2 up to 15 more (its allocated subclusters
+    // in runs), each of those a subcluster or more of the file (a range past its end is
+    // refused as it is named, see #expect; overlapping ones are refused later);
+    // RecordRun.SLOT_BYTES (25) each, in a run that grows by doubling.
+    this.#fileSize = file.size;
+    const entries = Math.min(this.#l1Used * cs, file.size) / this.#entryBytes;
+    const more = this.#extL2
+      ? Math.min(entries * (SUBCLUSTERS / 2 - 1), file.size / this.#unit)
+      : 0;
+    this.walker.allowMetadata(2 * RecordRun.SLOT_BYTES * (entries + more));
     const refs = this.#l2Refs(l1);
     refs.sort();
     this.#l2Offsets = refs.start.slice(0, refs.count); // sorted above
@@ -375,21 +383,6 @@ class Qcow2StreamReader implements WalkerFormat {
       }
       i = j;
     }
-    // A truncated file is refused before anything is written.
-    for (let i = 0; i < data.count; i++) {
-      const end = data.start[i] + data.length[i];
-      if (data.kind[i] === DATA && end > file.size) {
-        // The first cluster (subcluster) of the (merged) range the file does not hold whole.
-        const unit = this.#unit;
-        const k = Math.floor(Math.max(0, file.size - data.start[i]) / unit);
-        const at = data.start[i] + k * unit;
-        throw new CorruptImageError(
-          `${this.describe(DATA, data.aux[i] + k)} lies at bytes ${at}–${at + unit - 1}, past ` +
-            `the end of the ${file.size}-byte file: the image is truncated`,
-          file.size,
-        );
-      }
-    }
     this.walker.add(data);
     this.#l1Read = true;
     this.walker.stopBuffering();
@@ -416,9 +409,27 @@ class Qcow2StreamReader implements WalkerFormat {
     if (end > pos) run.add(UNNEEDED, Math.max(start, pos), end - Math.max(start, pos), aux);
   }
 
+  /**
+   * A data range that the file read by {@link #readTables} does not hold whole: the
+   * image is truncated, refused as the range is named (before anything is written, and
+   * before the ranges of a hostile table take memory).
+   */
+  #pastFile(start: number, aux: number): CorruptImageError {
+    // The first cluster (subcluster) of the range that the file does not hold whole.
+    const unit = this.#unit;
+    const k = Math.floor(Math.max(0, this.#fileSize - start) / unit);
+    const at = start + k * unit;
+    return new CorruptImageError(
+      `${this.describe(DATA, aux + k)} lies at bytes ${at}–${at + unit - 1}, past ` +
+        `the end of the ${this.#fileSize}-byte file: the image is truncated`,
+      this.#fileSize,
+    );
+  }
+
   /** Queues a future range, or claims a past one from the buffer right away. */
   #expect(run: RecordRun, kind: number, start: number, length: number, aux: number) {
     const end = start + length;
+    if (kind === DATA && end > this.#fileSize) throw this.#pastFile(start, aux);
     if (end > this.#expectedEnd && kind !== UNNEEDED) this.#expectedEnd = end;
     if (start >= this.walker.pos) {
       const last = run.count - 1;
@@ -679,6 +690,10 @@ class Qcow2StreamReader implements WalkerFormat {
     const inside = Math.ceil((this.#size - cluster * this.#cs) / unit);
     const used = inside < SUBCLUSTERS ? (alloc & (2 ** inside - 1)) >>> 0 : alloc;
     const base = cluster * SUBCLUSTERS;
+    // Subclusters wholly past the virtual size are never read (QEMU neither), as
+    // entries past it are not: their bytes need not be in the stream.
+    const inDisk = Math.ceil((this.#size - cluster * this.#cs) / unit);
+    if (inDisk < SUBCLUSTERS) alloc = (alloc & ((1 << inDisk) - 1)) >>> 0;
     for (let i = 0; i < SUBCLUSTERS;) {
       if (((used >>> i) & 1) === 0) {
         i++;
@@ -898,9 +913,11 @@ class Qcow2StreamReader implements WalkerFormat {
    */
   metadataAhead(): number {
     if (!this.#l1Read) return Infinity;
-    // An extended entry names up to 16 ranges: its allocated subclusters in runs.
+    // An extended entry names up to 16 ranges: its allocated subclusters in runs. Entries
+    // past the disk's end name none (a small disk's one table maps a few clusters).
     const perEntry = this.#extL2 ? SUBCLUSTERS / 2 : 1;
-    return (this.#pendingL2 + 1) * this.#l2Entries * perEntry * RecordRun.SLOT_BYTES * 2;
+    const entries = Math.min((this.#pendingL2 + 1) * this.#l2Entries, this.#clusters);
+    return entries * perEntry * RecordRun.SLOT_BYTES * 2;
   }
 
   describe(kind: number, aux: number): string {
