@@ -690,10 +690,6 @@ class Qcow2StreamReader implements WalkerFormat {
     const inside = Math.ceil((this.#size - cluster * this.#cs) / unit);
     const used = inside < SUBCLUSTERS ? (alloc & (2 ** inside - 1)) >>> 0 : alloc;
     const base = cluster * SUBCLUSTERS;
-    // Subclusters wholly past the virtual size are never read (QEMU neither), as
-    // entries past it are not: their bytes need not be in the stream.
-    const inDisk = Math.ceil((this.#size - cluster * this.#cs) / unit);
-    if (inDisk < SUBCLUSTERS) alloc = (alloc & ((1 << inDisk) - 1)) >>> 0;
     for (let i = 0; i < SUBCLUSTERS;) {
       if (((used >>> i) & 1) === 0) {
         i++;
