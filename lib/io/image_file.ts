@@ -13,7 +13,6 @@ import {
   UnsupportedError,
 } from "../errors.ts";
 import { dataExtents } from "./seek_data.ts";
-import { openPositionalReader, type PositionalReader } from "./pread.ts";
 
 /** A read-only image file (regular file or block device) with positional reads. */
 export class ImageFile {
@@ -23,11 +22,6 @@ export class ImageFile {
   readonly size: number;
   readonly #file: Deno.FsFile;
   readonly #base: number;
-  /**
-   * One `pread` per read where FFI is allowed (a seek and a read otherwise: the 1,758
-   * L2 tables of a 1 TiB qcow2 with data scattered over it are as many reads).
-   */
-  #pread: PositionalReader | null | undefined;
 
   private constructor(path: string, file: Deno.FsFile, size: number, base: number) {
     this.path = path;
@@ -106,17 +100,6 @@ export class ImageFile {
    */
   readSome(offset: number, target: Uint8Array): number {
     try {
-      if (this.#pread === undefined) this.#pread = openPositionalReader(this.path, this.#file);
-      const pread = this.#pread;
-      if (pread) {
-        let done = 0;
-        while (done < target.length) {
-          const n = pread.read(target.subarray(done), this.#base + offset + done);
-          if (n === 0) break;
-          done += n;
-        }
-        return done;
-      }
       this.#file.seekSync(this.#base + offset, Deno.SeekMode.Start);
       let done = 0;
       while (done < target.length) {
@@ -132,7 +115,6 @@ export class ImageFile {
 
   /** Closes the file. */
   close(): void {
-    this.#pread?.close();
     this.#file.close();
   }
 }

@@ -13,7 +13,6 @@ import { ClusterSet } from "../alloc/cluster_set.ts";
 import { CorruptImageError, UnsupportedError } from "../errors.ts";
 import type { ImageFile } from "../io/image_file.ts";
 import { CHUNK_SIZE } from "../io/stream.ts";
-import { type RegionTest, zeroTest } from "../zero.ts";
 import { INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, OFFSET_MASK } from "./constants.ts";
 import { HEADER_PROBE_BYTES, parseQcow2Header, type Qcow2Header } from "./header.ts";
 
@@ -79,13 +78,12 @@ export async function readQcow2Map(file: ImageFile): Promise<Qcow2Map> {
   const scan: TableScan = { map, extL2, hasDataFile, entryBytes, nbClusters };
   const groups = groupAdjacent(tables, cs);
   const buffer = new Uint8Array(groups.reduce((m, g) => Math.max(m, g.length), 0) * cs);
-  const zero = zeroTest(buffer);
   for (const group of groups) {
     const bytes = buffer.subarray(0, group.length * cs);
     file.readInto(group[0].offset, bytes, "qcow2 L2 tables");
     for (let t = 0; t < group.length; t++) {
       map.l2Tables++;
-      scanTable(scan, bytes, zero, t * cs, group[t].l1Index * l2Entries, l2Entries);
+      scanTable(scan, bytes, t * cs, group[t].l1Index * l2Entries, l2Entries);
     }
   }
   counts.unallocated = nbClusters - counts.normal - counts.compressed - counts.zero;
@@ -100,21 +98,15 @@ interface TableScan {
   nbClusters: number;
 }
 
-/** Bytes of an L2 table checked for zeros at once (natively) before its entries are read. */
-const ZERO_SPAN = 4096;
-
 /**
  * Classifies the `l2Entries` entries of the L2 table at `base` in `bytes`, which map
  * the guest clusters from `firstCluster` on. Empty entries (most of a sparse table)
- * are skipped: {@link ZERO_SPAN} bytes at a time when `zero` (a zero test of `bytes`)
- * finds them all zero, else a 64-bit word at a time: an all-zero entry reads as the
- * double 0 (and an entry with only COPIED set, also unallocated without a data file,
- * as -0).
+ * are skipped a 64-bit word at a time: an all-zero entry reads as the double 0 (and an
+ * entry with only COPIED set, also unallocated without a data file, as -0).
  */
 function scanTable(
   s: TableScan,
   bytes: Uint8Array,
-  zero: RegionTest,
   base: number,
   firstCluster: number,
   l2Entries: number,
@@ -131,19 +123,8 @@ function scanTable(
     : step === 1
     ? (e: number) => nextNonZero(doubles, e, end)
     : (e: number) => nextNonZeroPair(doubles, e, end);
-  /** The first entry from `e` on that may be set, skipping all-zero spans. */
-  const skip = hasDataFile ? (e: number) => e : (e: number) => {
-    // Spans start at multiples of ZERO_SPAN / 8 words (entries never straddle them).
-    const words = ZERO_SPAN >>> 3;
-    while (e < end) {
-      const spanEnd = Math.min(end, (Math.floor(e / words) + 1) * words);
-      if (!zero(e << 3, spanEnd << 3)) return next(e);
-      e = spanEnd;
-    }
-    return end;
-  };
   const counts = map.counts;
-  for (let e = skip(first); e < end; e = skip(e + step)) {
+  for (let e = next(first); e < end; e = next(e + step)) {
     const p = e << 3;
     const c = firstCluster + (e - first) / step;
     const hi = view.getUint32(p);
