@@ -4,18 +4,14 @@
  *
  * @module
  */
-import {
-  CorruptImageError,
-  DiskstreamError,
-  InterruptedError,
-  UnsupportedError,
-} from "../errors.ts";
+import { CorruptImageError, UnsupportedError } from "../errors.ts";
 import type { ProgressSink } from "../progress.ts";
 import type { PipeInput } from "../io/pipe_input.ts";
 import { decodeQcow2Stream, type StreamImageInfo } from "../qcow2/stream_reader.ts";
 import {
   type DestinationKind,
   type DestinationOptions,
+  failedImport,
   RawDestination,
 } from "./raw_destination.ts";
 import { ChunkStream } from "../io/stream_walker.ts";
@@ -243,21 +239,7 @@ async function importChunks(
       releasedBytes: spool?.punched ?? 0,
     };
   } catch (err) {
-    const t = target as RawDestination | NbdTarget | null;
-    await t?.abort();
-    await input.cancel().catch(() => {});
-    if (err instanceof InterruptedError) {
-      throw err.retell(
-        `import into ${dest} interrupted by ${err.signal}: ` +
-          (t ? t.damage : `nothing was written to ${dest}`),
-      );
-    }
-    // An existing file or device: say what the failure left in it.
-    if (err instanceof DiskstreamError && t !== null && t.kind !== "new file") {
-      err.message = `${err.message}; ${t.damage}`;
-    }
-    if (err instanceof DiskstreamError) err.nothingWritten = t === null || !t.written;
-    throw err;
+    throw await failedImport(err, dest, target as RawDestination | NbdTarget | null, input);
   } finally {
     spool?.close();
   }

@@ -15,7 +15,7 @@
  * @module
  */
 import { ClusterSet } from "../alloc/cluster_set.ts";
-import { describeIoError, DiskstreamError } from "../errors.ts";
+import { describeIoError, DiskstreamError, InterruptedError } from "../errors.ts";
 import { formatBytes } from "../size.ts";
 import { zeroTest } from "../zero.ts";
 import { openPageCache, type PageCache } from "../io/page_cache.ts";
@@ -416,4 +416,41 @@ export class RawDestination implements DiskTarget {
       // already closed
     }
   }
+}
+
+/** What {@link failedImport} needs of a destination (a file, a device or an NBD export). */
+interface ImportDestination {
+  readonly kind: string;
+  readonly damage: string;
+  readonly written: boolean;
+  abort(): Promise<void>;
+}
+
+/**
+ * The error an import into `dest` ends with after `err`: the destination (null when it
+ * was never opened) is aborted, so a file the import created is removed, and the input
+ * cancelled; a signal is told with what was left, an existing file or device is named
+ * with what the failure left in it, and `nothingWritten` is set for the server.
+ */
+export async function failedImport(
+  err: unknown,
+  dest: string,
+  target: ImportDestination | null,
+  input: { cancel(): Promise<unknown> },
+): Promise<unknown> {
+  await target?.abort();
+  await input.cancel().catch(() => {});
+  if (err instanceof InterruptedError) {
+    return err.retell(
+      `import into ${dest} interrupted by ${err.signal}: ` +
+        (target ? target.damage : `nothing was written to ${dest}`),
+    );
+  }
+  if (err instanceof DiskstreamError) {
+    if (target !== null && target.kind !== "new file") {
+      err.message = `${err.message}; ${target.damage}`;
+    }
+    err.nothingWritten = target === null || !target.written;
+  }
+  return err;
 }

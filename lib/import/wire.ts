@@ -10,7 +10,7 @@
  * @module
  */
 import { decodeChunkedStream } from "../chunked/chunked.ts";
-import { CorruptImageError, DiskstreamError, InterruptedError, UsageError } from "../errors.ts";
+import { CorruptImageError, UsageError } from "../errors.ts";
 import { ChunkStream, DECODE_FLUSH_BYTES } from "../io/chunk_stream.ts";
 import { openDiskSource } from "../io/disk_source.ts";
 import type { ProgressSink } from "../progress.ts";
@@ -20,6 +20,7 @@ import { shownName, TarReader } from "../xva/tar.ts";
 import {
   type DestinationKind,
   type DestinationOptions,
+  failedImport,
   RawDestination,
 } from "./raw_destination.ts";
 
@@ -88,20 +89,7 @@ async function run<T>(
     const out = await body(target);
     return [target, out];
   } catch (err) {
-    await target?.abort();
-    await input.cancel().catch(() => {});
-    if (err instanceof InterruptedError) {
-      throw err.retell(
-        `import into ${dest} interrupted by ${err.signal}: ` +
-          (target ? target.damage : `nothing was written to ${dest}`),
-      );
-    }
-    // An existing file or device: say what the failure left in it.
-    if (err instanceof DiskstreamError && target !== null && target.kind !== "new file") {
-      err.message = `${err.message}; ${target.damage}`;
-    }
-    if (err instanceof DiskstreamError) err.nothingWritten = target === null || !target.written;
-    throw err;
+    throw await failedImport(err, dest, target, input);
   }
 }
 
