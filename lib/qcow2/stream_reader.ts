@@ -690,26 +690,12 @@ class Qcow2StreamReader implements WalkerFormat {
     const inside = Math.ceil((this.#size - cluster * this.#cs) / unit);
     const used = inside < SUBCLUSTERS ? (alloc & (2 ** inside - 1)) >>> 0 : alloc;
     const base = cluster * SUBCLUSTERS;
-    for (let i = 0; i < SUBCLUSTERS;) {
-      if (((used >>> i) & 1) === 0) {
-        i++;
-        continue;
-      }
-      let k = i + 1;
-      while (k < SUBCLUSTERS && ((used >>> k) & 1) !== 0) k++;
+    for (const [i, k] of bitRuns(used)) {
       this.#expect(run, DATA, host + i * unit, (k - i) * unit, base + i);
-      i = k;
     }
     const zero = this.#delta ? zeros : (used | zeros) === 0 ? 0 : ~used >>> 0;
-    for (let i = 0; i < SUBCLUSTERS;) {
-      if (((zero >>> i) & 1) === 0) {
-        i++;
-        continue;
-      }
-      let k = i + 1;
-      while (k < SUBCLUSTERS && ((zero >>> k) & 1) !== 0) k++;
+    for (const [i, k] of bitRuns(zero)) {
       this.#zeroAt(cluster * this.#cs + i * unit, (k - i) * unit);
-      i = k;
     }
   }
 
@@ -1018,6 +1004,20 @@ class Qcow2StreamReader implements WalkerFormat {
 }
 
 /** Index of the lowest set bit of the 32-bit `x` (not 0). */
+/** The runs `[first, end)` of set bits in the 32-bit word `bits`, lowest first. */
+function* bitRuns(bits: number): Generator<[number, number]> {
+  for (let i = 0; i < 32;) {
+    if (((bits >>> i) & 1) === 0) {
+      i++;
+      continue;
+    }
+    let k = i + 1;
+    while (k < 32 && ((bits >>> k) & 1) !== 0) k++;
+    yield [i, k];
+    i = k;
+  }
+}
+
 function lowestBit(x: number): number {
   return 31 - Math.clz32(x & -x);
 }
