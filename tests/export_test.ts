@@ -118,6 +118,34 @@ qemuTest("export: data only late in a cluster, zeros written out (not holes)", a
   });
 });
 
+qemuTest(
+  "export: probes in batches — zero first 4 KiB at batch edges, zero runs across them",
+  async () => {
+    await withTempDir(async (dir) => {
+      // 700 clusters of 64 KiB written in full (no holes): the probes go 256 at a time.
+      const cs = 65536;
+      const bytes = new Uint8Array(700 * cs + 777);
+      for (let c = 0; c < 700; c++) if (c % 3 !== 2) bytes[c * cs + (c * 7) % 4096] = 1;
+      for (const c of [255, 256, 511, 512, 600]) {
+        bytes.fill(0, c * cs, (c + 1) * cs);
+        bytes[c * cs + 4096 + c] = 2; // data only after the probed 4 KiB
+      }
+      bytes.fill(0, 240 * cs, 330 * cs); // a zero run read whole, past a batch's end
+      bytes[300 * cs + 65535] = 3; // inside it, the last byte of a cluster
+      bytes[bytes.length - 1] = 4; // the last, partial cluster
+      const src = `${dir}/batches.raw`;
+      await Deno.writeFile(src, bytes);
+      for (const clusterSize of [16384, cs]) {
+        const e = await exportTo(src, `${dir}/batches.qcow2`, { clusterSize });
+        const expected = new Set<number>();
+        bytes.forEach((b, i) => b !== 0 && expected.add(Math.floor(i / clusterSize)));
+        assert.deepEqual([...e.clusters], [...expected].sort((a, b) => a - b), `cs ${clusterSize}`);
+        assert.ok(await imagesEqual(src, `${dir}/batches.qcow2`, "raw", "qcow2"));
+      }
+    });
+  },
+);
+
 qemuTest("export: a 1 TiB sparse disk (and an allocation hint for it)", async () => {
   await withTempDir(async (dir) => {
     const src = `${dir}/big.raw`;

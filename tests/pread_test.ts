@@ -2,10 +2,11 @@
  * Positional reads through FFI (lib/io/pread.ts) and a file source's synchronous reads
  * that use them: the bytes at every offset, the end of the file, a path replaced
  * after the file was opened (never read), zeros past the limit, a source that shrank
- * (named).
+ * (named); batched reads through io_uring (lib/io/uring.ts) against single ones.
  */
 import assert from "node:assert/strict";
-import { openPositionalReader } from "../lib/io/pread.ts";
+import { BATCH_READS, openPositionalReader } from "../lib/io/pread.ts";
+import { openReadRing } from "../lib/io/uring.ts";
 import { openDiskSource } from "../lib/io/disk_source.ts";
 import { pseudoRandom, withTempDir } from "./helpers.ts";
 
@@ -56,6 +57,75 @@ Deno.test("file source: synchronous reads give the file's bytes, zeros past the 
       assert.throws(
         () => src.readAtSync!(buf, 0, 1 << 20),
         /d\.raw ended at byte 4096 while 1048576 bytes were expected: the source shrank/,
+      );
+    } finally {
+      src.close();
+    }
+  });
+});
+
+/** True where the kernel lets unprivileged processes use io_uring (the tests need it there). */
+function uringAllowed(): boolean {
+  try {
+    return Deno.readTextFileSync("/proc/sys/kernel/io_uring_disabled").trim() === "0";
+  } catch {
+    return false;
+  }
+}
+
+Deno.test("pread: batched reads give the bytes of single reads, short at the end, an errno for a bad descriptor", async () => {
+  await withTempDir(async (dir) => {
+    const data = pseudoRandom(300_001, 6);
+    await Deno.writeFile(`${dir}/d.raw`, data);
+    using file = await Deno.open(`${dir}/d.raw`);
+    const reader = openPositionalReader(`${dir}/d.raw`, file)!;
+    const positions = new Float64Array([0, 1, 65_536, 299_000, 299_999, 300_001, 5, 0]);
+    const length = 4096;
+    const into = new Uint8Array(positions.length * length).fill(0xee);
+    const results = new Int32Array(positions.length);
+    const batched = reader.readMany(into, length, positions, positions.length, results);
+    assert.equal(batched, uringAllowed(), "io_uring is used wherever the kernel allows it");
+    if (batched) {
+      positions.forEach((at, i) => {
+        const n = Math.max(0, Math.min(length, data.length - at));
+        assert.equal(results[i], n, `read ${i} at ${at}`);
+        assert.deepEqual(into.subarray(i * length, i * length + n), data.subarray(at, at + n));
+      });
+    }
+    reader.close();
+    assert.throws(() => reader.readMany(into, length, positions, 1, results), /after close/);
+    const ring = openReadRing(4);
+    if (ring) {
+      ring.read(-1, into, 16, [0, 16], 2, results);
+      assert.deepEqual([...results.subarray(0, 2)], [-9, -9]); // EBADF each, nothing thrown
+      assert.throws(() => ring.read(-1, into, 16, [0, 1, 2, 3, 4], 5, results), RangeError);
+      ring.close();
+      assert.throws(() => ring.read(-1, into, 16, [0], 1, results), /after close/);
+    }
+  });
+});
+
+Deno.test("file source: many reads at once give the bytes of one at a time, zeros past the limit, and name a shrink", async () => {
+  await withTempDir(async (dir) => {
+    const data = pseudoRandom(3 << 20, 10);
+    await Deno.writeFile(`${dir}/d.raw`, data);
+    const src = await openDiskSource(`${dir}/d.raw`);
+    try {
+      const count = BATCH_READS * 2 + 3; // more than a batch
+      const positions = new Float64Array(count).map((_, i) => i * 12_289);
+      const length = 4096;
+      const into = new Uint8Array(count * length).fill(0xee);
+      src.readManySync!(into, length, positions, count, 2 << 20);
+      const one = new Uint8Array(length);
+      positions.forEach((at, i) => {
+        src.readAtSync!(one, at, 2 << 20);
+        assert.deepEqual(into.subarray(i * length, (i + 1) * length), one, `read ${i} at ${at}`);
+      });
+      assert.ok(into.subarray((count - 1) * length).every((b) => b === 0), "past the limit: zeros");
+      await Deno.truncate(`${dir}/d.raw`, 8192);
+      assert.throws(
+        () => src.readManySync!(into, length, positions, count, 3 << 20),
+        /d\.raw ended at byte 12289 while 3145728 bytes were expected: the source shrank/,
       );
     } finally {
       src.close();

@@ -279,7 +279,7 @@ class Pass2<Layout> {
       }
       const end = piece.offset + piece.length;
       for (let at = piece.offset; at < end;) {
-        const step = Math.min(COPY_STEP, end - at);
+        const step = Math.min(copier.step, end - at);
         const real = Math.max(0, Math.min(step, src.size - at));
         if (real > 0) await copier.copy(at, real);
         if (real < step) await copier.write(new Uint8Array(step - real)); // the last cluster's padding

@@ -22,6 +22,8 @@
  */
 import { DiskstreamError } from "../errors.ts";
 import { errnoMessage } from "./errno.ts";
+import { lazyReadRing } from "./uring.ts";
+import { BATCH_READS } from "./pread.ts";
 import {
   EINTR,
   EINVAL,
@@ -100,8 +102,11 @@ export function alignedBuffer(size: number): Uint8Array {
   return raw.subarray(pad, pad + size);
 }
 
-/** Pipes, hence reads running at once, of {@link DirectFile.spliceTo}. */
-const SPLICE_PIPES = 4;
+/**
+ * Pipes, hence reads running at once, of {@link DirectFile.spliceTo}: a cold 2 GiB loop
+ * device was exported in 1.25–1.33 s with 2, 1.12–1.17 s with 8 (the disk in one call).
+ */
+const SPLICE_PIPES = 8;
 
 /** The most {@link DirectFile.readView} returns at once. */
 export const DIRECT_VIEW = DIRECT_CHUNK - DIRECT_ALIGN;
@@ -132,6 +137,22 @@ export interface DirectFile {
    * for running writes.
    */
   readView(position: number, length: number): Uint8Array;
+  /** True when {@link DirectFile.readMany} reads in batches (io_uring is there). */
+  batched(): boolean;
+  /**
+   * Many small direct reads at once, as {@link PositionalReader.readMany}: one system
+   * call submits them all, so the device has them all queued (a cold disk's probes,
+   * which one at a time would each wait for the device). `into`, `length` and the
+   * positions must be multiples of {@link DIRECT_ALIGN}, or the kernel fails those
+   * reads (negative `results`). Returns false, reading nothing, without io_uring.
+   */
+  readMany(
+    into: Uint8Array,
+    length: number,
+    positions: ArrayLike<number>,
+    count: number,
+    results: Int32Array,
+  ): boolean;
   /**
    * Moves `length` bytes at `position` into the pipe or socket `out` without copying
    * them through memory: the kernel reads them with O_DIRECT into pages it then hands
@@ -220,6 +241,7 @@ class Direct implements DirectFile {
   /** The range transferred, `[lo, hi)`: dropped from the page cache at the end. */
   #lo = Infinity;
   #hi = 0;
+  #ring = lazyReadRing(BATCH_READS);
 
   #touch(at: number, length: number): void {
     this.#lo = Math.min(this.#lo, at);
@@ -255,6 +277,24 @@ class Direct implements DirectFile {
       if (done) return more;
       got = more;
     }
+  }
+
+  batched(): boolean {
+    return this.#fd >= 0 && this.#ring.get() !== null;
+  }
+
+  readMany(
+    into: Uint8Array,
+    length: number,
+    positions: ArrayLike<number>,
+    count: number,
+    results: Int32Array,
+  ): boolean {
+    const batches = this.#ring.get();
+    if (batches === null) return false;
+    for (let i = 0; i < count; i++) this.#touch(positions[i], length);
+    batches.read(this.#for(false), into, length, positions, count, results);
+    return true;
   }
 
   readView(position: number, length: number): Uint8Array {
@@ -592,6 +632,7 @@ class Direct implements DirectFile {
       c.close(fd);
       c.close(plain);
       this.#closePipes();
+      this.#ring.close();
     };
     // A write still queued for another thread must not meet a closed (or reused) number.
     if (this.#running.every((r) => r === null)) end();

@@ -11,7 +11,7 @@ import type { DiskSource } from "./endpoint.ts";
 import { dataExtents } from "./seek_data.ts";
 import { openPageCache, type PageCache } from "./page_cache.ts";
 import { type DirectFile, openDirectFile } from "./direct_io.ts";
-import { openPositionalReader, type PositionalReader } from "./pread.ts";
+import { BATCH_READS, openPositionalReader, type PositionalReader } from "./pread.ts";
 
 export type { DiskSource } from "./endpoint.ts";
 
@@ -69,6 +69,8 @@ class FileSource implements DiskSource {
   #closed = false;
   /** The file position, when known: a read where it already is needs no seek. */
   #position = -1;
+  /** Results of batched reads ({@link readManySync}). */
+  #results: Int32Array | null = null;
   /** The last queued operation: seek + read pairs must not interleave. */
   #queue: Promise<unknown> = Promise.resolve();
 
@@ -163,6 +165,47 @@ class FileSource implements DiskSource {
     if (want > 0) this.#position = position + got;
     this.cache?.read(position, got);
     this.#check(got, want, position, limit);
+  }
+
+  get batchedReads(): boolean {
+    return (this.directFile ?? this.pread)?.batched() ?? false;
+  }
+
+  readManySync(
+    into: Uint8Array,
+    length: number,
+    positions: Float64Array,
+    count: number,
+    limit = this.size,
+  ): void {
+    const results = this.#results ??= new Int32Array(BATCH_READS);
+    const reader = this.directFile ?? this.pread;
+    let done = 0;
+    // In batches through io_uring, where the kernel has it.
+    while (done < count && reader) {
+      const n = Math.min(BATCH_READS, count - done);
+      const slots = into.subarray(done * length);
+      const at = positions.subarray(done, done + n);
+      try {
+        if (!reader.readMany(slots, length, at, n, results)) break;
+      } catch (err) {
+        throw describeIoError(err, this.path, "read");
+      }
+      for (let i = 0; i < n; i++) {
+        const want = Math.max(0, Math.min(length, limit - at[i]));
+        const slot = slots.subarray(i * length, (i + 1) * length);
+        // A short or failed read is read again alone: that finds the end or the error.
+        if (results[i] !== want) this.readAtSync(slot, at[i], limit);
+        else {
+          if (want < length) slot.fill(0, want);
+          this.cache?.read(at[i], want);
+        }
+      }
+      done += n;
+    }
+    for (; done < count; done++) {
+      this.readAtSync(into.subarray(done * length, (done + 1) * length), positions[done], limit);
+    }
   }
 
   /** See {@link sharedFileOf}; null when the file cannot be inspected. */

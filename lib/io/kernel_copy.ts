@@ -46,6 +46,12 @@ import { DIRECT_ALIGN, DIRECT_VIEW, type DirectFile, openDirectFile } from "./di
 
 /** Bytes moved per call. */
 export const COPY_STEP = 8 * 1024 * 1024;
+/**
+ * Bytes moved per call when a direct source is spliced into a pipe or socket: long
+ * calls keep the device's reads queued (8 MiB calls measured 1.70 s for a cold 2 GiB
+ * loop device, 64 MiB calls 1.25–1.42 s, the buffered export 1.39–1.52 s).
+ */
+export const DIRECT_SPLICE_STEP = 64 * 1024 * 1024;
 const O_CREAT = 0o100;
 const O_TRUNC = 0o1000;
 const EPIPE = 32;
@@ -107,6 +113,12 @@ export interface KernelCopy {
   finish(sync: boolean): Promise<void>;
   /** Closes what was opened here (an inherited output descriptor stays open). */
   close(): void;
+  /**
+   * The bytes to hand to one {@link KernelCopy.copy}: {@link COPY_STEP}, or
+   * {@link DIRECT_SPLICE_STEP} when a direct source is spliced (its reads run several
+   * at once within a call, and a call's end leaves none running).
+   */
+  readonly step: number;
   /** True when the source is read with O_DIRECT (`direct`), past the page cache. */
   readonly readsDirect: boolean;
   /** True when the output is written with O_DIRECT (`direct`), past the page cache. */
@@ -324,6 +336,7 @@ export function openKernelCopy(
       directOut?.close();
       if (ownOut) c.close(outFd);
     },
+    step: spliceOut ? DIRECT_SPLICE_STEP : COPY_STEP,
     readsDirect: directIn !== null,
     writesDirect: directOut !== null,
   };

@@ -14,6 +14,10 @@
  */
 import { EINTR, loadLibc, O_CLOEXEC, O_RDONLY, readErrno } from "./libc.ts";
 import { errnoMessage } from "./errno.ts";
+import { lazyReadRing } from "./uring.ts";
+
+/** The most reads {@link PositionalReader.readMany} takes. */
+export const BATCH_READS = 256;
 
 /** Bytes of `struct stat` (144 on x86-64, 128 on arm64), with room to spare. */
 const STAT_BYTES = 256;
@@ -33,6 +37,21 @@ export interface PositionalReader {
    * (fewer only at the end of the file). Throws an `Error` naming errno on failure.
    */
   read(buf: Uint8Array, offset: number): number;
+  /**
+   * Reads `length` bytes at each of `positions[0 .. count)` into consecutive slots of
+   * `into` in one system call (io_uring, see uring.ts), at most {@link BATCH_READS} at a
+   * time; `results[i]` is then the bytes read into slot `i` or a negative errno.
+   * Returns false, reading nothing, where io_uring is unavailable.
+   */
+  readMany(
+    into: Uint8Array,
+    length: number,
+    positions: ArrayLike<number>,
+    count: number,
+    results: Int32Array,
+  ): boolean;
+  /** True when {@link readMany} reads in batches (io_uring is there): opens the ring. */
+  batched(): boolean;
   /** Closes the descriptor; later reads throw. */
   close(): void;
 }
@@ -80,6 +99,7 @@ export function openPositionalReader(path: string, file: Deno.FsFile): Positiona
     return null;
   }
   let open = true;
+  const ring = lazyReadRing(BATCH_READS);
   return {
     read(buf, offset) {
       if (!open) throw new Error("read after close");
@@ -90,8 +110,16 @@ export function openPositionalReader(path: string, file: Deno.FsFile): Positiona
         if (e !== EINTR) throw new Error(`${errnoMessage(e)} at byte ${offset}`);
       }
     },
+    batched: () => open && ring.get() !== null,
+    readMany(into, length, positions, count, results) {
+      if (!open) throw new Error("read after close");
+      const batches = ring.get();
+      batches?.read(fd, into, length, positions, count, results);
+      return batches !== null;
+    },
     close() {
       if (open) c.close(fd);
+      ring.close();
       open = false;
     },
   };
