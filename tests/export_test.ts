@@ -119,7 +119,7 @@ qemuTest("export: data only late in a cluster, zeros written out (not holes)", a
 });
 
 qemuTest(
-  "export: probes in batches — zero first 4 KiB at batch edges, zero runs across them",
+  "export: probes in batches (and --direct) — zero first 4 KiB at batch edges, zero runs across them",
   async () => {
     await withTempDir(async (dir) => {
       // 700 clusters of 64 KiB written in full (no holes): the probes go 256 at a time.
@@ -135,12 +135,14 @@ qemuTest(
       bytes[bytes.length - 1] = 4; // the last, partial cluster
       const src = `${dir}/batches.raw`;
       await Deno.writeFile(src, bytes);
-      for (const clusterSize of [16384, cs]) {
-        const e = await exportTo(src, `${dir}/batches.qcow2`, { clusterSize });
+      // --direct: the probes are O_DIRECT reads, queued together.
+      for (const [clusterSize, direct] of [[16384, false], [cs, false], [cs, true]] as const) {
+        const e = await exportTo(src, `${dir}/batches.qcow2`, { clusterSize, direct });
         const expected = new Set<number>();
         bytes.forEach((b, i) => b !== 0 && expected.add(Math.floor(i / clusterSize)));
-        assert.deepEqual([...e.clusters], [...expected].sort((a, b) => a - b), `cs ${clusterSize}`);
-        assert.ok(await imagesEqual(src, `${dir}/batches.qcow2`, "raw", "qcow2"));
+        const what = `cs ${clusterSize}${direct ? " --direct" : ""}`;
+        assert.deepEqual([...e.clusters], [...expected].sort((a, b) => a - b), what);
+        assert.ok(await imagesEqual(src, `${dir}/batches.qcow2`, "raw", "qcow2"), what);
       }
     });
   },
