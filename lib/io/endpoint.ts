@@ -60,15 +60,15 @@ export interface DiskSource {
    */
   readAtSync?(buf: Uint8Array, position: number, limit?: number): void;
   /**
-   * {@link readAtSync} of `length` bytes at each of `positions[0 .. count)` into
-   * consecutive slots of `into`, in as few system calls as the kernel allows: for many
-   * small scattered reads (an export's probes).
-   */
-  /**
    * True when {@link readManySync} does many reads per system call (else it reads one
    * at a time, which for a source read with O_DIRECT means one device request each).
    */
   readonly batchedReads?: boolean;
+  /**
+   * {@link readAtSync} of `length` bytes at each of `positions[0 .. count)` into
+   * consecutive slots of `into`, in as few system calls as the kernel allows: for many
+   * small scattered reads (an export's probes).
+   */
   readManySync?(
     into: Uint8Array,
     length: number,
