@@ -148,6 +148,83 @@ qemuTest(
   },
 );
 
+qemuTest(
+  "export: probed cluster decisions against every byte — random clusters, holes, zero runs, odd tails",
+  async () => {
+    await withTempDir(async (dir) => {
+      let x = 4242;
+      const random = (n: number) => (x = (x * 1_103_515_245 + 12_345) % 2 ** 31) % n;
+      for (const [cs, clusters] of [[16384, 1200], [65536, 700], [2 * MiB, 12]]) {
+        const size = clusters * cs + [1, 777, 4095, 4097, cs - 1][random(5)];
+        const bytes = new Uint8Array(size);
+        const writes: [number, Uint8Array][] = [];
+        for (let c = 0; c * cs < size;) {
+          // Mostly clusters decided by their probe, so that batches run full; now and
+          // then one whose probe is zero (read whole), a zero run or a hole.
+          const r = random(40);
+          const kind = [0, 3, 1, 2, 6, 4, 5][[28, 32, 34, 36, 38, 39, 40].findIndex((w) => r < w)];
+          const run = kind === 4 || kind === 5 ? 1 + random(300) : 1; // past batches
+          const end = Math.min(c + run, Math.ceil(size / cs));
+          for (; c < end; c++) {
+            const [lo, hi] = [c * cs, Math.min((c + 1) * cs, size)];
+            if (kind === 0) bytes[lo + random(Math.min(4096, hi - lo))] = 1; // in the probe
+            if (kind === 1 && hi - lo > 4096) bytes[lo + 4096 + random(hi - lo - 4096)] = 2;
+            if (kind === 2) bytes[hi - 1] = 3; // the cluster's (or the disk's) last byte
+            if (kind === 3) bytes.set(pseudoRandom(hi - lo, c), lo);
+            if (kind !== 5) writes.push([lo, bytes.subarray(lo, hi)]); // 5: a hole, else written
+          }
+        }
+        const src = `${dir}/random.raw`;
+        await writeSparse(src, size, writes);
+        const expected = new Set<number>();
+        bytes.forEach((b, i) => b !== 0 && expected.add(Math.floor(i / cs)));
+        for (const direct of [false, true]) {
+          const e = await exportTo(src, `${dir}/random.qcow2`, { clusterSize: cs, direct });
+          const what = `cs ${cs}, ${size} bytes${direct ? ", --direct" : ""}`;
+          assert.deepEqual([...e.clusters], [...expected].sort((a, b) => a - b), what);
+          assert.ok(await imagesEqual(src, `${dir}/random.qcow2`, "raw", "qcow2"), what);
+        }
+      }
+    });
+  },
+);
+
+qemuTest(
+  "export: probes of full batches — a zero cluster at the first, middle and last probe of a batch",
+  async () => {
+    await withTempDir(async (dir) => {
+      // Every cluster has data in its probe but a few zero ones: a probe read at the wrong
+      // place, or left from the batch before, would make a zero cluster data. Where they
+      // sit follows the batches (256 probes; a zero probe reads 4 MiB of clusters whole):
+      // at 64 KiB, batch 0 is clusters 0–255 and batch 1 starts at 319 (after 255's read);
+      // at 16 KiB, batch 1 starts at 511 and batch 2 at 856.
+      const layouts = [
+        { cs: 65536, clusters: 600, zero: [255, 319, 500, 574], late: [400] },
+        { cs: 16384, clusters: 1200, zero: [255, 600, 1111], late: [] },
+      ];
+      for (const { cs, clusters, zero, late } of layouts) {
+        const bytes = new Uint8Array(clusters * cs + 777);
+        // Data somewhere in each probe (its first and last byte too), in the last cluster's 777.
+        const at = (c: number) => c * cs + (c * 389) % (c === clusters ? 777 : 4096);
+        for (let c = 0; c <= clusters; c++) bytes[at(c)] = zero.includes(c) ? 0 : 1;
+        for (const c of late) {
+          bytes[at(c)] = 0;
+          bytes[c * cs + cs - 1] = 2; // not in the probe: read whole
+        }
+        const src = `${dir}/full.raw`;
+        await Deno.writeFile(src, bytes);
+        const expected = [...Array(clusters + 1).keys()].filter((c) => !zero.includes(c));
+        for (const direct of [false, true]) {
+          const e = await exportTo(src, `${dir}/full.qcow2`, { clusterSize: cs, direct });
+          const what = `cs ${cs}${direct ? ", --direct" : ""}`;
+          assert.deepEqual([...e.clusters], expected, what);
+          assert.ok(await imagesEqual(src, `${dir}/full.qcow2`, "raw", "qcow2"), what);
+        }
+      }
+    });
+  },
+);
+
 qemuTest("export: a 1 TiB sparse disk (and an allocation hint for it)", async () => {
   await withTempDir(async (dir) => {
     const src = `${dir}/big.raw`;

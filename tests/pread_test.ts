@@ -5,10 +5,11 @@
  * (named); batched reads through io_uring (lib/io/uring.ts) against single ones.
  */
 import assert from "node:assert/strict";
+import { Buffer } from "node:buffer";
 import { BATCH_READS, openPositionalReader } from "../lib/io/pread.ts";
 import { openReadRing } from "../lib/io/uring.ts";
 import { openDiskSource } from "../lib/io/disk_source.ts";
-import { pseudoRandom, withTempDir } from "./helpers.ts";
+import { pseudoRandom, withTempDir, writeSparse } from "./helpers.ts";
 
 Deno.test("pread: the bytes at any offset, short at the end of the file", async () => {
   await withTempDir(async (dir) => {
@@ -135,5 +136,71 @@ Deno.test("file source: many reads at once give the bytes of one at a time, zero
     } finally {
       src.close();
     }
+  });
+});
+
+Deno.test("pread: batched reads past 2^32 and 2^40 (a sparse file), into slots at an odd address, batch after batch around the ring", async () => {
+  await withTempDir(async (dir) => {
+    const path = `${dir}/big.raw`;
+    const island = 65_536;
+    const size = 2 ** 40 + 2 ** 33 + 1000;
+    // Data islands across 2^32 and 2^40 and at the end (offsets whose high 32 bits count).
+    const starts = [
+      0,
+      2 ** 32 - island / 2,
+      2 ** 40 - island / 2,
+      2 ** 40 + 2 ** 32,
+      size - island,
+    ];
+    const islands = starts.map((at, k): [number, Uint8Array] => [at, pseudoRandom(island, 20 + k)]);
+    await writeSparse(path, size, islands);
+    const expected = (at: number, length: number) => {
+      const out = new Uint8Array(Math.max(0, Math.min(length, size - at)));
+      for (const [start, bytes] of islands) {
+        const lo = Math.max(at, start);
+        const hi = Math.min(at + out.length, start + island);
+        if (lo < hi) out.set(bytes.subarray(lo - start, hi - start), lo - at);
+      }
+      return out;
+    };
+    using file = await Deno.open(path);
+    const reader = openPositionalReader(path, file)!;
+    const results = new Int32Array(BATCH_READS);
+    const raw = new Uint8Array(BATCH_READS * 4096 + 8);
+    const bytes = Buffer.from(raw.buffer);
+    const untouched = Buffer.alloc(raw.length, 0xee);
+    if (!reader.readMany(raw, 1, [0], 1, results)) {
+      assert.equal(await uringAllowed(), false, "io_uring is used wherever the kernel allows it");
+      return reader.close();
+    }
+    let x = 12_345;
+    const random = (n: number) => (x = (x * 1_103_515_245 + 12_345) % 2 ** 31) % n;
+    // 1000 batches of 1 to 256 reads: the 256-entry ring goes round hundreds of times.
+    for (let batch = 0; batch < 1000; batch++) {
+      const length = [512, 4096, 1000, 1][batch % 4];
+      const count = 1 + random(BATCH_READS);
+      const positions = new Float64Array(count).map(() => {
+        const [start] = islands[random(islands.length)];
+        return Math.max(0, Math.min(size + 10, start - 5000 + random(island + 10_000)));
+      });
+      raw.fill(0xee);
+      const into = raw.subarray(3, 3 + count * length); // an odd address
+      assert.ok(reader.readMany(into, length, positions, count, results));
+      for (let i = 0; i < count; i++) {
+        const want = expected(positions[i], length);
+        const what = `batch ${batch} read ${i} at ${positions[i]}`;
+        assert.equal(results[i], want.length, what);
+        const slot = bytes.subarray(3 + i * length, 3 + (i + 1) * length);
+        assert.ok(slot.subarray(0, want.length).equals(want), what);
+        assert.ok(
+          slot.subarray(want.length).equals(untouched.subarray(0, length - want.length)),
+          `${what}: past its end`,
+        );
+      }
+      assert.ok(bytes.subarray(0, 3).equals(untouched.subarray(0, 3)), "before the slots");
+      const after = bytes.subarray(3 + count * length);
+      assert.ok(after.equals(untouched.subarray(0, after.length)), "after the slots");
+    }
+    reader.close();
   });
 });
