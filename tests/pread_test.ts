@@ -5,8 +5,8 @@
  * (named); batched reads through io_uring (lib/io/uring.ts) against single ones.
  */
 import assert from "node:assert/strict";
-import { BATCH_READS, openPositionalReader } from "../lib/io/pread.ts";
-import { openReadRing } from "../lib/io/uring.ts";
+import { openPositionalReader } from "../lib/io/pread.ts";
+import { BATCH_READS, openReadRing } from "../lib/io/uring.ts";
 import { openDiskSource } from "../lib/io/disk_source.ts";
 import { pseudoRandom, withTempDir } from "./helpers.ts";
 
