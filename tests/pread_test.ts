@@ -6,8 +6,8 @@
  */
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
-import { BATCH_READS, openPositionalReader } from "../lib/io/pread.ts";
-import { openReadRing } from "../lib/io/uring.ts";
+import { openPositionalReader } from "../lib/io/pread.ts";
+import { BATCH_READS, openReadRing } from "../lib/io/uring.ts";
 import { openDiskSource } from "../lib/io/disk_source.ts";
 import { pseudoRandom, withTempDir, writeSparse } from "./helpers.ts";
 

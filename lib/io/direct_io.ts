@@ -22,8 +22,7 @@
  */
 import { DiskstreamError } from "../errors.ts";
 import { errnoMessage } from "./errno.ts";
-import { lazyReadRing } from "./uring.ts";
-import { BATCH_READS } from "./pread.ts";
+import { BATCH_READS, type BatchReads, lazyReadRing } from "./uring.ts";
 import {
   EINTR,
   EINVAL,
@@ -114,8 +113,14 @@ export const DIRECT_VIEW = DIRECT_CHUNK - DIRECT_ALIGN;
 const down = (x: number) => x - (x % DIRECT_ALIGN);
 const up = (x: number) => down(x + DIRECT_ALIGN - 1);
 
-/** A file or block device opened with `O_DIRECT`; see the module comment. */
-export interface DirectFile {
+/**
+ * A file or block device opened with `O_DIRECT`; see the module comment. Its batched
+ * reads ({@link BatchReads}) are direct too: the device has them all queued at once
+ * (a cold disk's probes, which one at a time would each wait for the device); `into`,
+ * `length` and the positions must be multiples of {@link DIRECT_ALIGN}, or the kernel
+ * fails those reads (negative `results`).
+ */
+export interface DirectFile extends BatchReads {
   readonly path: string;
   /** False once the kernel refused a direct transfer and the descriptor went buffered. */
   readonly direct: boolean;
@@ -137,22 +142,6 @@ export interface DirectFile {
    * for running writes.
    */
   readView(position: number, length: number): Uint8Array;
-  /** True when {@link DirectFile.readMany} reads in batches (io_uring is there). */
-  batched(): boolean;
-  /**
-   * Many small direct reads at once, as {@link PositionalReader.readMany}: one system
-   * call submits them all, so the device has them all queued (a cold disk's probes,
-   * which one at a time would each wait for the device). `into`, `length` and the
-   * positions must be multiples of {@link DIRECT_ALIGN}, or the kernel fails those
-   * reads (negative `results`). Returns false, reading nothing, without io_uring.
-   */
-  readMany(
-    into: Uint8Array,
-    length: number,
-    positions: ArrayLike<number>,
-    count: number,
-    results: Int32Array,
-  ): boolean;
   /**
    * Moves `length` bytes at `position` into the pipe or socket `out` without copying
    * them through memory: the kernel reads them with O_DIRECT into pages it then hands
@@ -283,19 +272,13 @@ class Direct implements DirectFile {
     return this.#fd >= 0 && this.#ring.get() !== null;
   }
 
-  readMany(
-    into: Uint8Array,
-    length: number,
-    positions: ArrayLike<number>,
-    count: number,
-    results: Int32Array,
-  ): boolean {
+  readMany: BatchReads["readMany"] = (into, length, positions, count, results) => {
     const batches = this.#ring.get();
     if (batches === null) return false;
     for (let i = 0; i < count; i++) this.#touch(positions[i], length);
     batches.read(this.#for(false), into, length, positions, count, results);
     return true;
-  }
+  };
 
   readView(position: number, length: number): Uint8Array {
     const slot = this.#slot(2);

@@ -11,7 +11,8 @@ import type { DiskSource } from "./endpoint.ts";
 import { dataExtents } from "./seek_data.ts";
 import { openPageCache, type PageCache } from "./page_cache.ts";
 import { type DirectFile, openDirectFile } from "./direct_io.ts";
-import { BATCH_READS, openPositionalReader, type PositionalReader } from "./pread.ts";
+import { openPositionalReader, type PositionalReader } from "./pread.ts";
+import { BATCH_READS } from "./uring.ts";
 
 export type { DiskSource } from "./endpoint.ts";
 

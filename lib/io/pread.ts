@@ -14,10 +14,7 @@
  */
 import { EINTR, loadLibc, O_CLOEXEC, O_RDONLY, readErrno } from "./libc.ts";
 import { errnoMessage } from "./errno.ts";
-import { lazyReadRing } from "./uring.ts";
-
-/** The most reads {@link PositionalReader.readMany} takes. */
-export const BATCH_READS = 256;
+import { BATCH_READS, type BatchReads, lazyReadRing } from "./uring.ts";
 
 /** Bytes of `struct stat` (144 on x86-64, 128 on arm64), with room to spare. */
 const STAT_BYTES = 256;
@@ -30,28 +27,16 @@ const SYMBOLS = {
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
-/** Reads at offsets of one open file with single `pread` calls. */
-export interface PositionalReader {
+/**
+ * Reads at offsets of one open file with single `pread` calls, or many small ones in
+ * batches ({@link BatchReads}, io_uring: see uring.ts).
+ */
+export interface PositionalReader extends BatchReads {
   /**
    * Reads up to `buf.length` bytes at `offset` into `buf`; returns how many were read
    * (fewer only at the end of the file). Throws an `Error` naming errno on failure.
    */
   read(buf: Uint8Array, offset: number): number;
-  /**
-   * Reads `length` bytes at each of `positions[0 .. count)` into consecutive slots of
-   * `into` in one system call (io_uring, see uring.ts), at most {@link BATCH_READS} at a
-   * time; `results[i]` is then the bytes read into slot `i` or a negative errno.
-   * Returns false, reading nothing, where io_uring is unavailable.
-   */
-  readMany(
-    into: Uint8Array,
-    length: number,
-    positions: ArrayLike<number>,
-    count: number,
-    results: Int32Array,
-  ): boolean;
-  /** True when {@link readMany} reads in batches (io_uring is there): opens the ring. */
-  batched(): boolean;
   /** Closes the descriptor; later reads throw. */
   close(): void;
 }

@@ -43,6 +43,28 @@ const SYMBOLS = {
   __errno_location: { parameters: [], result: "pointer" },
 } as const;
 
+/** The most reads {@link BatchReads.readMany} takes at once. */
+export const BATCH_READS = 256;
+
+/** A reader of one file that can read many small pieces in one system call. */
+export interface BatchReads {
+  /** True when {@link BatchReads.readMany} reads in batches (io_uring is there): opens the ring. */
+  batched(): boolean;
+  /**
+   * Reads `length` bytes at each of `positions[0 .. count)` into consecutive slots of
+   * `into` in one system call, at most {@link BATCH_READS} at a time; `results[i]` is
+   * then the bytes read into slot `i` or a negative errno. Returns false, reading
+   * nothing, where io_uring is unavailable.
+   */
+  readMany(
+    into: Uint8Array,
+    length: number,
+    positions: ArrayLike<number>,
+    count: number,
+    results: Int32Array,
+  ): boolean;
+}
+
 /** Batches of positional reads; see the module comment. */
 export interface ReadRing {
   /** The most reads one {@link ReadRing.read} takes. */
