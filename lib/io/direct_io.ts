@@ -273,7 +273,7 @@ class Direct implements DirectFile {
   }
 
   readMany: BatchReads["readMany"] = (into, length, positions, count, results) => {
-    const batches = this.#ring.get();
+    const batches = this.#fd >= 0 ? this.#ring.get() : null; // none opened once closed
     if (batches === null) return false;
     for (let i = 0; i < count; i++) this.#touch(positions[i], length);
     batches.read(this.#for(false), into, length, positions, count, results);

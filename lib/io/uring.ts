@@ -24,6 +24,8 @@ const SYS_IO_URING_SETUP = 425n;
 const SYS_IO_URING_ENTER = 426n;
 const IORING_ENTER_GETEVENTS = 1n;
 const IORING_FEAT_SINGLE_MMAP = 1;
+/** Came with IORING_OP_READ (Linux 5.6): a kernel without it cannot read this way. */
+const IORING_FEAT_RW_CUR_POS = 8;
 const IORING_OFF_SQES = 0x10000000n;
 const IORING_OP_READ = 22;
 const PROT_READ_WRITE = 3;
@@ -64,6 +66,9 @@ export interface BatchReads {
     results: Int32Array,
   ): boolean;
 }
+
+/** Buffers a failed ring may still write into: kept for the life of the process. */
+const PINNED: Uint8Array[] = [];
 
 /** Batches of positional reads; see the module comment. */
 export interface ReadRing {
@@ -118,7 +123,8 @@ export function openReadRing(capacity = 256): ReadRing | null {
   // struct io_sqring_offsets at 40, struct io_cqring_offsets at 80.
   const sq = { head: u32(40), tail: u32(44), mask: u32(48), array: u32(64) };
   const cq = { head: u32(80), tail: u32(84), mask: u32(88), cqes: u32(100) };
-  if ((u32(20) & IORING_FEAT_SINGLE_MMAP) === 0 || sqEntries < capacity) {
+  const needed = IORING_FEAT_SINGLE_MMAP | IORING_FEAT_RW_CUR_POS;
+  if ((u32(20) & needed) !== needed || sqEntries < capacity) {
     c.close(ringFd);
     return null;
   }
@@ -170,7 +176,7 @@ export function openReadRing(capacity = 256): ReadRing | null {
         }
         prepared = { fd, length };
       }
-      let tail = ring[sq.tail / 4];
+      let tail = Atomics.load(ring, sq.tail / 4);
       for (let i = 0; i < count; i++, tail = (tail + 1) >>> 0) {
         const entry = (tail & sqMask) * (SQE_BYTES / 4);
         const position = positions[i];
@@ -181,7 +187,7 @@ export function openReadRing(capacity = 256): ReadRing | null {
         sqes[entry + 5] = Math.floor(slot / 0x1_0000_0000);
         sqes[entry + 8] = i; // user_data
       }
-      ring[sq.tail / 4] = tail; // the system call below orders this store
+      Atomics.store(ring, sq.tail / 4, tail); // a release store, as the ABI asks
       let submitted = 0;
       let reaped = 0;
       while (reaped < count) {
@@ -197,18 +203,20 @@ export function openReadRing(capacity = 256): ReadRing | null {
         else {
           const e = readErrno(c.__errno_location);
           if (e !== EINTR && e !== EAGAIN && e !== EBUSY) {
-            // Reads may still be in flight into `into`: the ring cannot be trusted again.
+            // Reads may still be in flight into `into`: the ring cannot be trusted again,
+            // and `into` must outlive them.
             broken = true;
+            PINNED.push(into);
             throw new Error(`io_uring_enter failed: ${errnoMessage(e)}`);
           }
         }
-        let head = ring[cq.head / 4];
-        const end = ring[cq.tail / 4];
+        let head = Atomics.load(ring, cq.head / 4);
+        const end = Atomics.load(ring, cq.tail / 4); // an acquire load, as the ABI asks
         for (; head !== end; head = (head + 1) >>> 0, reaped++) {
           const at = (cq.cqes + (head & cqMask) * CQE_BYTES) / 4;
           results[ring[at]] = ringSigned[at + 2];
         }
-        ring[cq.head / 4] = head;
+        Atomics.store(ring, cq.head / 4, head);
       }
     },
     close() {
