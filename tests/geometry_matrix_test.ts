@@ -38,6 +38,14 @@ const TiB = 2 ** 40;
 const QEMU = [["qemu-img", "--version"], ["qemu-io", "--version"]];
 const INSTALL = "apt-get install -y qemu-utils";
 const DS = CLI_SH;
+
+/** The qemu-img options of an extended L2 image with `cs`-byte clusters (plus `more`). */
+const extL2 = (cs: number, more = "") => `cluster_size=${cs},extended_l2=on${more}`;
+
+/** Creates an extended L2 qcow2 of `size` bytes at `img` with qemu-img (`more`: options). */
+async function createExtL2(img: string, cs: number, size: number, more = ""): Promise<void> {
+  await qemu(["create", "-q", "-f", "qcow2", "-o", extL2(cs, more), img, `${size}`]);
+}
 const ALL_FORMATS = ["qcow2", "vhd", "raw", "chunked", "tar"];
 /** The sizes every wire format is tried at. */
 const WIRE_SIZES = [1, 2 * MiB + 1, 3 * MiB + 4097];
@@ -314,10 +322,10 @@ toolTest(
             `write -P 0x77 ${2 * cs - 3 * sc} ${6 * sc}`,
             `write -P 0x11 ${size - 700} 300`,
           ].flatMap((w) => ["-c", w]);
-          const opts = `cluster_size=${cs},extended_l2=on`;
+          const opts = extL2(cs);
           const plain = `${dir}/x${cs}.qcow2`;
           const over = `${dir}/o${cs}.qcow2`;
-          await qemu(["create", "-q", "-f", "qcow2", "-o", opts, plain, `${size}`]);
+          await createExtL2(plain, cs, size);
           await qemu(["create", "-q", "-f", "qcow2", "-o", opts, "-b", base, "-F", "raw", over]);
           for (const img of [plain, over]) {
             await qemu(["-f", "qcow2", ...writes, img], "qemu-io");
@@ -353,16 +361,7 @@ toolTest(
       }
       await t.step("data before its tables: spooled, or --no-spool naming enough", async () => {
         const img = `${dir}/r.qcow2`;
-        await qemu([
-          "create",
-          "-q",
-          "-f",
-          "qcow2",
-          "-o",
-          "cluster_size=16K,extended_l2=on",
-          img,
-          "4M",
-        ]);
+        await createExtL2(img, 16 * 1024, 4 * MiB);
         await qemu([
           "-f",
           "qcow2",
@@ -421,16 +420,7 @@ toolTest(
           const cs = 65536;
           const size = 3 * cs + 4 * (cs / 32);
           const img = `${dir}/end.qcow2`;
-          await qemu([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            `cluster_size=${cs},extended_l2=on`,
-            img,
-            `${size}`,
-          ]);
+          await createExtL2(img, cs, size);
           await qemu(["-f", "qcow2", "-c", `write -P 0x3c 0 ${size}`, img], "qemu-io");
           const l2 = (await qcow2Tables(img)).l2[0];
           const entry = await readU64At(img, l2 + 3 * 16);
@@ -458,8 +448,7 @@ toolTest(
         const cs = 16384;
         const n = 3072;
         const pre = `${dir}/pre.qcow2`;
-        const o = `cluster_size=${cs},extended_l2=on,preallocation=metadata`;
-        await qemu(["create", "-q", "-f", "qcow2", "-o", o, pre, `${n * cs}`]);
+        await createExtL2(pre, cs, n * cs, ",preallocation=metadata");
         const bytes = await Deno.readFile(pre);
         await Deno.remove(pre);
         const v = new DataView(bytes.buffer);

@@ -12,7 +12,7 @@ import { dataExtents } from "./seek_data.ts";
 import { openPageCache, type PageCache } from "./page_cache.ts";
 import { type DirectFile, openDirectFile } from "./direct_io.ts";
 import { openPositionalReader, type PositionalReader } from "./pread.ts";
-import { BATCH_READS } from "./uring.ts";
+import { BATCH_READS, type BatchReads } from "./uring.ts";
 
 export type { DiskSource } from "./endpoint.ts";
 
@@ -168,8 +168,13 @@ class FileSource implements DiskSource {
     this.#check(got, want, position, limit);
   }
 
+  /** What reads in batches: the O_DIRECT descriptor, else the positional reader. */
+  get #batcher(): BatchReads | null {
+    return this.directFile ?? this.pread;
+  }
+
   get batchedReads(): boolean {
-    return (this.directFile ?? this.pread)?.batched() ?? false;
+    return this.#batcher?.batched() ?? false;
   }
 
   readManySync(
@@ -180,7 +185,7 @@ class FileSource implements DiskSource {
     limit = this.size,
   ): void {
     const results = this.#results ??= new Int32Array(BATCH_READS);
-    const reader = this.directFile ?? this.pread;
+    const reader = this.#batcher;
     let done = 0;
     // In batches through io_uring, where the kernel has it.
     while (done < count && reader) {
